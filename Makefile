@@ -1,0 +1,28 @@
+# The two commands of the README are `make demo` and `make test`; both set everything up first.
+.PHONY: setup demo test test-fast lint bench clean
+
+VENV ?= .venv
+BIN := $(VENV)/bin
+
+setup:
+	@bash scripts/setup.sh
+
+demo: setup
+	$(BIN)/neurofm demo $(ARGS)
+
+test: setup
+	$(BIN)/ruff check src tests benchmarks
+	$(BIN)/python -m pytest -q $(ARGS)
+
+test-fast: setup
+	$(BIN)/python -m pytest -q -m "not slow" $(ARGS)
+
+lint: setup
+	$(BIN)/ruff check src tests benchmarks
+	$(BIN)/ruff format --check src tests benchmarks
+
+bench: setup
+	$(BIN)/python benchmarks/run_all.py $(ARGS)
+
+clean:
+	rm -rf $(VENV) build .pytest_cache .ruff_cache

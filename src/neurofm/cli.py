@@ -1,0 +1,116 @@
+"""``neurofm``: one command line, thin subcommands, heavy imports only when a verb runs."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+
+from neurofm.errors import NeurofmError
+
+app = typer.Typer(
+    name="neurofm",
+    help="Self-supervised foundation models for 3D multi-contrast brain MRI.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+console = Console(stderr=True, soft_wrap=True)
+
+
+def _version(value: bool) -> None:
+    if value:
+        from neurofm import __version__
+
+        typer.echo(f"neurofm {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: Annotated[
+        bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version.")
+    ] = False,
+) -> None:
+    """Self-supervised foundation models for 3D multi-contrast brain MRI."""
+
+
+@app.command()
+def prepare(
+    src: Annotated[Path, typer.Argument(help="BIDS folder, nnU-Net raw folder, or CSV/TSV manifest.")],
+    out: Annotated[Path, typer.Argument(help="Store folder to create (or resume).")],
+    spacing: Annotated[
+        str, typer.Option(help="Target voxel size in mm: one number or three, e.g. 1 or 1,1,2.")
+    ] = "1",
+    margin: Annotated[int, typer.Option(help="Background voxels kept around the foreground box.")] = 4,
+    normalize: Annotated[str, typer.Option(help="zscore (within the foreground) or none.")] = "zscore",
+    mask_images: Annotated[bool, typer.Option(help="Zero voxels outside the dataset's brain mask.")] = False,
+    workers: Annotated[int, typer.Option("--workers", "-j", help="Parallel worker processes.")] = 1,
+    shard: Annotated[
+        str, typer.Option(help="Take part i of n of the sessions, e.g. 0/8 (job arrays).")
+    ] = "0/1",
+    duplicates: Annotated[
+        str, typer.Option(help="Repeated scans of one contrast: error, or first.")
+    ] = "error",
+    progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
+) -> None:
+    """Preprocess a dataset into a compressed, chunked store (RAS, resampled, cropped, z-scored).
+
+    Exit status: 0 when every scan was prepared, 1 when some failed (see OUT/failures.csv).
+    """
+    from neurofm.preprocess import PrepareConfig
+    from neurofm.preprocess import prepare as run
+
+    sp = tuple(float(x) for x in spacing.split(",")) if "," in spacing else float(spacing)
+    cfg = PrepareConfig(spacing=sp, margin=margin, normalize=normalize, mask_images=mask_images)
+    report = run(src, out, cfg, workers=workers, shard=shard, progress=progress, duplicates=duplicates)
+    console.print(report.summary())
+    if not report.ok:
+        from rich.table import Table
+
+        table = Table("path", "reason", title=f"{len(report.failures)} scans could not be used")
+        for _, row in report.failures.head(20).iterrows():
+            table.add_row(str(row["path"]), str(row["reason"]))
+        console.print(table)
+        console.print(f"full list: {Path(out) / 'failures.csv'}")
+        raise typer.Exit(1)
+
+
+@app.command()
+def inspect(
+    path: Annotated[Path, typer.Argument(help="A store folder or a run folder.")],
+) -> None:
+    """Describe a store (sessions, contrasts, failures) or a run (model card)."""
+    from neurofm.inspect import describe
+
+    typer.echo(describe(path))
+
+
+@app.command()
+def demo(
+    out: Annotated[Path, typer.Option(help="Folder for everything the demo writes.")] = Path("neurofm-demo"),
+    workers: Annotated[int, typer.Option("--workers", "-j", help="Parallel worker processes.")] = 2,
+) -> None:
+    """Run the embedded default end to end, offline, on a CPU."""
+    from neurofm.demo import run_demo
+
+    run_demo(out, workers=workers)
+
+
+def main() -> None:
+    """Console entry point: user errors become one red line and exit status 2."""
+    try:
+        app()
+    except NeurofmError as e:
+        console.print(f"[bold red]error:[/] {e}", highlight=False)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        console.print("[yellow]interrupted[/]")
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

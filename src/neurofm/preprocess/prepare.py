@@ -1,0 +1,474 @@
+"""``neurofm prepare``: turn a dataset into a store, once, deterministically.
+
+Per session (all contrasts of one subject's visit together):
+
+1. read every scan (a bad one is recorded in the failures table and skipped);
+2. reorient the reference scan (first of T1w, T1c, T2w, FLAIR, PDw present) to RAS and
+   define the session grid: axis-aligned, ``spacing`` mm, covering its field of view;
+3. resample every contrast onto that grid by world coordinates (linear, anti-aliased
+   when downsampling; label maps nearest). Contrasts acquired on other grids — another
+   resolution, orientation or field of view — are thus brought onto one grid rather
+   than refused; a scan that barely overlaps the reference is refused;
+4. crop to a foreground box shared by all contrasts (the brain mask when the dataset
+   has one, else the union of each contrast's head foreground), plus a margin;
+5. z-score each contrast within the foreground; optionally zero outside a brain mask;
+6. write the arrays, then the session record (geometry of the store grid, and each
+   scan's original affine and shape, so predictions can go back to native space).
+
+Sessions are spread over worker processes and over shards (``--shard i/n`` takes the
+sessions whose key hashes to i), a re-run skips sessions already prepared from the same
+files, and one bad file never stops the run.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+import traceback
+from collections.abc import Iterable
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from dataclasses import asdict, dataclass, field
+from multiprocessing import get_context
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from neurofm.errors import ConfigError, ScanError
+from neurofm.io.manifest import CONTRASTS, Manifest, SessionSpec, discover, session_key
+from neurofm.io.nifti import Scan, load_scan
+from neurofm.preprocess import transforms as T
+from neurofm.store import Store, write_array
+from neurofm.utils import stable_hash, write_json
+
+MIN_OVERLAP = 0.5  # fraction of a scan's signal that must land on the session grid
+
+
+@dataclass
+class PrepareConfig:
+    """Preprocessing settings; saved in the store and in every checkpoint that uses it.
+
+    Attributes:
+        spacing: target voxel size in mm (one number, or three).
+        margin: background voxels kept around the foreground box.
+        normalize: ``"zscore"`` (within the foreground) or ``"none"``.
+        mask_images: set voxels outside the brain mask to 0 (only when a ``brain``
+            mask is part of the dataset).
+        orientation: always ``"RAS"``; recorded so that consumers can check.
+    """
+
+    spacing: float | tuple[float, float, float] = 1.0
+    margin: int = 4
+    normalize: str = "zscore"
+    mask_images: bool = False
+    orientation: str = "RAS"
+
+    def __post_init__(self) -> None:
+        sp = np.atleast_1d(np.asarray(self.spacing, dtype=float))
+        if sp.size not in (1, 3) or np.any(~np.isfinite(sp)) or np.any(sp <= 0) or np.any(sp > 20):
+            raise ConfigError(
+                f"spacing should be 1 or 3 positive numbers of mm (<= 20), got {self.spacing!r}"
+            )
+        self.spacing = float(sp[0]) if sp.size == 1 else tuple(float(s) for s in sp)  # type: ignore[assignment]
+        if self.normalize not in ("zscore", "none"):
+            raise ConfigError(f"normalize should be 'zscore' or 'none', got {self.normalize!r}")
+        if not 0 <= int(self.margin) <= 64:
+            raise ConfigError(f"margin should be in [0, 64] voxels, got {self.margin!r}")
+        if self.orientation != "RAS":
+            raise ConfigError(f"orientation should be 'RAS', got {self.orientation!r}")
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["spacing"] = list(d["spacing"]) if isinstance(d["spacing"], tuple) else d["spacing"]
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> PrepareConfig:
+        d = dict(d)
+        if isinstance(d.get("spacing"), list):
+            d["spacing"] = tuple(d["spacing"])
+        return cls(**{k: v for k, v in d.items() if k in cls.__dataclass_fields__})
+
+
+@dataclass
+class PreparedSession:
+    """A session on its store grid, in memory. Arrays are ``(X, Y, Z)``."""
+
+    images: dict[str, np.ndarray]
+    label_maps: dict[str, np.ndarray]
+    affine: np.ndarray
+    grid: dict[str, Any]
+    image_meta: dict[str, dict[str, Any]]
+    label_meta: dict[str, dict[str, Any]]
+    reference: str
+    failures: list[dict[str, str]] = field(default_factory=list)
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        return next(iter(self.images.values())).shape  # type: ignore[return-value]
+
+
+def contrast_order(names: Iterable[str]) -> list[str]:
+    """Known contrasts first in :data:`CONTRASTS` order, then the rest alphabetically."""
+    names = list(names)
+    known = [c for c in CONTRASTS if c in names]
+    return known + sorted(n for n in names if n not in known)
+
+
+def _native_meta(scan: Scan) -> dict[str, Any]:
+    return {
+        "source": scan.path,
+        "native_affine": scan.affine.tolist(),
+        "native_shape": list(scan.shape),
+        "native_spacing": [round(s, 6) for s in scan.spacing],
+        "native_orientation": scan.orientation,
+    }
+
+
+def _to_grid(scan: Scan, grid: T.Grid, order: int) -> np.ndarray:
+    """Sample a scan on the session grid. Reorientation is part of the same mapping (a flip
+    is exact at integer positions), so no reoriented copy is made."""
+    return T.resample(scan.data[0], scan.affine, grid, order=order)
+
+
+def preprocess_scans(
+    images: dict[str, Scan],
+    label_maps: dict[str, Scan] | None = None,
+    cfg: PrepareConfig | None = None,
+) -> PreparedSession:
+    """Preprocess one session's loaded scans (see module docstring).
+
+    Args:
+        images: contrast name -> scan.
+        label_maps: label name -> integer label map (masks, segmentations).
+        cfg: settings; defaults to :class:`PrepareConfig()`.
+
+    Raises:
+        ScanError: when no image of the session is usable.
+    """
+    cfg = cfg or PrepareConfig()
+    label_maps = label_maps or {}
+    failures: list[dict[str, str]] = []
+    order = contrast_order(images)
+    if not order:
+        raise ScanError("", "session has no images")
+    ref_name = order[0]
+    ref = images[ref_name]
+    grid = T.target_grid(ref.shape, ref.affine, cfg.spacing)  # RAS-aligned whatever the scan's orientation
+
+    resampled: dict[str, np.ndarray] = {}
+    meta: dict[str, dict[str, Any]] = {}
+    for name in order:
+        scan = images[name]
+        try:
+            arr = _to_grid(scan, grid, order=1)
+            src_mass = float(np.abs(scan.data).sum() * np.prod(scan.spacing))
+            out_mass = float(np.abs(arr).sum() * np.prod(np.sqrt((grid[1][:3, :3] ** 2).sum(0))))
+            if name != ref_name and out_mass < MIN_OVERLAP * src_mass:
+                raise ScanError(
+                    scan.path,
+                    f"lies outside the {ref_name} scan's field of view "
+                    f"({100 * out_mass / max(src_mass, 1e-12):.0f}% overlap)",
+                )
+        except ScanError as e:
+            failures.append({"name": name, "path": e.path or scan.path, "reason": e.reason})
+            continue
+        resampled[name] = arr
+        other_grid = not T.same_grid((scan.shape, scan.affine), (ref.shape, ref.affine))
+        meta[name] = {**_native_meta(scan), "resampled_to_reference": other_grid}
+
+    labels_rs: dict[str, np.ndarray] = {}
+    lmeta: dict[str, dict[str, Any]] = {}
+    for name, scan in label_maps.items():
+        arr = _to_grid(scan, grid, order=0)
+        if not arr.any() and scan.data.any():
+            failures.append(
+                {"name": name, "path": scan.path, "reason": f"lies outside the {ref_name} scan's grid"}
+            )
+            continue
+        labels_rs[name] = arr
+        lmeta[name] = _native_meta(scan)
+
+    brain = labels_rs.get("brain")
+    if brain is not None and brain.any():
+        fg = brain > 0
+    else:
+        fg = np.zeros(grid[0], dtype=bool)
+        for arr in resampled.values():
+            fg |= T.foreground_mask(arr)
+    box = T.bounding_box(fg, margin=int(cfg.margin))
+    fg_crop = fg[box]
+    out_images: dict[str, np.ndarray] = {}
+    for name, arr in resampled.items():
+        crop = arr[box]
+        if cfg.normalize == "zscore":
+            try:
+                crop, mean, std = T.zscore(crop, fg_crop)
+            except ValueError as e:
+                failures.append({"name": name, "path": meta[name]["source"], "reason": str(e)})
+                continue
+            meta[name].update(mean=mean, std=std)
+        if cfg.mask_images and brain is not None:
+            crop = np.where(fg_crop, crop, 0).astype(np.float32)
+        out_images[name] = np.ascontiguousarray(crop, dtype=np.float32)
+    if not out_images:
+        raise ScanError(ref.path, "no usable image in this session")
+    out_labels = {}
+    for name, arr in labels_rs.items():
+        crop = arr[box]
+        top = float(crop.max()) if crop.size else 0.0
+        dtype = np.uint8 if top < 256 else np.uint16 if top < 65536 else np.int32
+        out_labels[name] = np.ascontiguousarray(crop.astype(dtype))
+        lmeta[name]["values"] = [int(v) for v in np.unique(out_labels[name])[:256]]
+    return PreparedSession(
+        images=out_images,
+        label_maps=out_labels,
+        affine=T.crop_affine(grid[1], box),
+        grid={"shape": list(grid[0]), "affine": grid[1].tolist(), "crop": [[s.start, s.stop] for s in box]},
+        image_meta={k: meta[k] for k in out_images},
+        label_meta=lmeta,
+        reference=ref_name,
+        failures=failures,
+    )
+
+
+def label_volumes(label_map: np.ndarray, affine: np.ndarray) -> dict[str, float]:
+    """Volume in mm^3 of every non-zero label of a label map (regional volumes)."""
+    voxel = float(abs(np.linalg.det(affine[:3, :3])))
+    counts = np.bincount(label_map.astype(np.int64).ravel())
+    return {str(i): float(c) * voxel for i, c in enumerate(counts) if i > 0 and c > 0}
+
+
+def _fingerprint(spec: SessionSpec) -> dict[str, list[int]]:
+    fp = {}
+    for p in [*spec.images.values(), *spec.labels_maps.values()]:
+        try:
+            st = os.stat(p)
+            fp[p] = [st.st_size, st.st_mtime_ns]
+        except OSError:
+            fp[p] = [-1, -1]
+    return fp
+
+
+def prepare_session(spec: SessionSpec, store_root: str, cfg_dict: dict[str, Any]) -> dict[str, Any]:
+    """Prepare one session into the store (runs in a worker process). Never raises for bad data."""
+    cfg = PrepareConfig.from_dict(cfg_dict)
+    root = Path(store_root)
+    key = spec.key
+    failures: list[dict[str, str]] = []
+    record = None
+    try:
+        images, maps = {}, {}
+        for name, path in spec.images.items():
+            try:
+                images[name] = load_scan(path)
+            except ScanError as e:
+                failures.append({"name": name, "path": e.path, "reason": e.reason})
+        for name, path in spec.labels_maps.items():
+            try:
+                maps[name] = load_scan(path, kind="label")
+            except ScanError as e:
+                failures.append({"name": name, "path": e.path, "reason": e.reason})
+        if images:
+            prepared = preprocess_scans(images, maps, cfg)
+            failures.extend(prepared.failures)
+            record = _write_session(root, spec, prepared, maps)
+    except ScanError as e:
+        failures.append({"name": "*", "path": e.path, "reason": e.reason})
+    except Exception as e:  # a bug or a file nobody anticipated must not stop the run
+        tb = traceback.extract_tb(e.__traceback__)[-1]
+        failures.append(
+            {
+                "name": "*",
+                "path": next(iter(spec.images.values()), ""),
+                "reason": f"unexpected {type(e).__name__}: {e} (at {Path(tb.filename).name}:{tb.lineno})",
+            }
+        )
+    fail_path = root / "failures" / f"{key}.json"
+    if failures:
+        rows = [{"subject": spec.subject, "session": spec.session, **f} for f in failures]
+        write_json(fail_path, rows)
+    else:
+        fail_path.unlink(missing_ok=True)
+    if record is not None:
+        write_json(root / "records" / f"{key}.json", record)
+    return {"key": key, "ok": record is not None, "failures": len(failures)}
+
+
+def _write_session(
+    root: Path, spec: SessionSpec, p: PreparedSession, maps: dict[str, Scan]
+) -> dict[str, Any]:
+    key = spec.key
+    images = {}
+    for name, arr in p.images.items():
+        rel = f"arrays/{key}/{name}.b2nd"
+        write_array(root / rel, arr)
+        images[name] = {"array": rel, **p.image_meta[name]}
+    label_entries = {}
+    for name, arr in p.label_maps.items():
+        rel = f"arrays/{key}/label-{name}.b2nd"
+        write_array(root / rel, arr)
+        label_entries[name] = {"array": rel, **p.label_meta[name]}
+    volumes = spec.volumes
+    volume_source = "table" if volumes is not None else None
+    if volumes is None and "dseg" in maps:
+        volumes = label_volumes(maps["dseg"].data[0], maps["dseg"].affine)
+        volume_source = "dseg"
+    return {
+        "key": key,
+        "subject": spec.subject,
+        "session": spec.session,
+        "labels": spec.labels,
+        "volumes": volumes,
+        "volume_source": volume_source,
+        "shape": list(p.shape),
+        "spacing": [float(s) for s in np.sqrt((p.affine[:3, :3] ** 2).sum(0))],
+        "affine": p.affine.tolist(),
+        "grid": p.grid,
+        "reference": p.reference,
+        "images": images,
+        "label_maps": label_entries,
+        "fingerprint": _fingerprint(spec),
+    }
+
+
+@dataclass
+class PrepareReport:
+    """What one ``prepare`` run did."""
+
+    store: Path
+    total: int  # sessions in this shard
+    prepared: int
+    skipped: int  # already prepared from the same files
+    failed_sessions: int  # sessions with no usable image
+    failures: pd.DataFrame  # every failed scan of this shard
+    seconds: float
+
+    @property
+    def ok(self) -> bool:
+        return self.failures.empty
+
+    def summary(self) -> str:
+        return (
+            f"{self.prepared} sessions prepared, {self.skipped} already done, "
+            f"{self.failed_sessions} failed entirely, {len(self.failures)} scans failed "
+            f"({self.seconds:.1f} s) -> {self.store}"
+        )
+
+
+def parse_shard(text: str | tuple[int, int] | None) -> tuple[int, int]:
+    """``"2/8"`` -> (2, 8): this process takes the sessions whose key hashes to 2 mod 8."""
+    if text is None:
+        return 0, 1
+    if isinstance(text, tuple):
+        i, n = text
+    else:
+        try:
+            i, n = (int(x) for x in str(text).split("/"))
+        except ValueError:
+            raise ConfigError(f"shard should look like i/n (e.g. 0/4), got {text!r}") from None
+    if n < 1 or not 0 <= i < n:
+        raise ConfigError(f"shard i/n needs 0 <= i < n, got {i}/{n}")
+    return i, n
+
+
+def prepare(
+    src: str | Path | Manifest,
+    out: str | Path,
+    cfg: PrepareConfig | None = None,
+    *,
+    workers: int = 1,
+    shard: str | tuple[int, int] | None = None,
+    progress: bool = True,
+    duplicates: str = "error",
+) -> PrepareReport:
+    """Prepare a dataset (BIDS folder, nnU-Net raw folder, CSV/TSV, or a Manifest) into a store."""
+    t0 = time.time()
+    cfg = cfg or PrepareConfig()
+    manifest = src if isinstance(src, Manifest) else discover(src, duplicates=duplicates)
+    store = Store.create(out, cfg.to_dict())
+    i, n = parse_shard(shard)
+    specs = [s for s in manifest.sessions() if stable_hash(s.key) % n == i]
+    todo, skipped = [], 0
+    for s in specs:
+        rec = store.record_path(s.key)
+        if rec.is_file():
+            try:
+                done = store.record(s.key).get("fingerprint") == _fingerprint(s)
+            except Exception:
+                done = False
+            if done:
+                skipped += 1
+                continue
+        todo.append(s)
+    if workers < 1:
+        raise ConfigError(f"workers should be >= 1, got {workers}")
+    results = list(_run(todo, str(store.root), cfg.to_dict(), workers, progress))
+    _, all_failures = store.rebuild_index()
+    keys = {s.key for s in specs}
+    mine = _shard_failures(all_failures, keys)
+    return PrepareReport(
+        store=store.root,
+        total=len(specs),
+        prepared=sum(r["ok"] for r in results),
+        skipped=skipped,
+        failed_sessions=sum(not r["ok"] for r in results),
+        failures=mine,
+        seconds=time.time() - t0,
+    )
+
+
+def _shard_failures(failures: pd.DataFrame, keys: set[str]) -> pd.DataFrame:
+    if failures.empty:
+        return failures
+    mask = [
+        session_key(str(s), str(ses) if ses == ses else "") in keys
+        for s, ses in zip(failures["subject"], failures["session"], strict=True)
+    ]
+    return failures[mask].reset_index(drop=True)
+
+
+def _run(todo: list[SessionSpec], root: str, cfg: dict[str, Any], workers: int, progress: bool):
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    columns = [
+        TextColumn("[bold]prepare"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("sessions"),
+        TimeRemainingColumn(),
+    ]
+    with Progress(*columns, disable=not progress or not todo, transient=False) as bar:
+        task = bar.add_task("prepare", total=len(todo))
+        if workers == 1 or len(todo) <= 1:
+            for spec in todo:
+                yield prepare_session(spec, root, cfg)
+                bar.advance(task)
+            return
+        # spawn: workers start clean (no inherited threads or locks from the parent).
+        ctx = get_context("spawn")
+        with ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=_init_worker) as pool:
+            futures = {pool.submit(prepare_session, spec, root, cfg): spec for spec in todo}
+            for fut in as_completed(futures):
+                spec = futures[fut]
+                try:
+                    yield fut.result()
+                except Exception as e:  # the worker process itself died (e.g. out of memory)
+                    fail = [
+                        {
+                            "subject": spec.subject,
+                            "session": spec.session,
+                            "name": "*",
+                            "path": next(iter(spec.images.values()), ""),
+                            "reason": f"worker failed: {type(e).__name__}: {e}",
+                        }
+                    ]
+                    write_json(Path(root) / "failures" / f"{spec.key}.json", fail)
+                    yield {"key": spec.key, "ok": False, "failures": 1}
+                bar.advance(task)
+
+
+def _init_worker() -> None:
+    for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
+        os.environ[var] = "1"

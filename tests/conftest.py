@@ -1,0 +1,42 @@
+"""Shared fixtures: tiny volumes, a real scan that ships with nibabel, dataset trees."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import nibabel as nib
+import pytest
+
+os.environ.setdefault("OMP_NUM_THREADS", "2")
+
+ANATOMICAL = Path(nib.__file__).parent / "tests" / "data" / "anatomical.nii"
+
+
+@pytest.fixture(scope="session")
+def anatomical() -> Path:
+    """A real T1 scan (33x41x25 voxels, 2 mm, LAS) that ships with nibabel."""
+    assert ANATOMICAL.is_file()
+    return ANATOMICAL
+
+
+@pytest.fixture
+def run_cli(capsys):
+    """Run ``neurofm ARGS`` in-process; returns (exit code, stdout, stderr)."""
+    from neurofm.cli import main
+
+    def run(*args: str) -> tuple[int, str, str]:
+        old = sys.argv
+        sys.argv = ["neurofm", *map(str, args)]
+        try:
+            main()
+            code = 0
+        except SystemExit as e:
+            code = int(e.code or 0) if not isinstance(e.code, str) else 1
+        finally:
+            sys.argv = old
+        out = capsys.readouterr()
+        return code, out.out, out.err
+
+    return run
