@@ -1,0 +1,171 @@
+from __future__ import annotations
+
+import hashlib
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from neurofm.errors import ConfigError
+from neurofm.io.manifest import discover
+from neurofm.io.nifti import load_scan
+from neurofm.preprocess import transforms as T
+from neurofm.synth import SynthConfig, synthesize
+from neurofm.synth.template import CSF_LABEL, WM_LABEL, cerebra_regions, load_template
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    """12 subjects x 2 sessions at 2 mm, every pathology and site."""
+    out = tmp_path_factory.mktemp("synth") / "bids"
+    synthesize(
+        out, SynthConfig(subjects=12, sessions=2, seed=5, resolution=2, sites=3), workers=2, progress=False
+    )
+    return out
+
+
+def _digest(root):
+    return {
+        str(p.relative_to(root)): hashlib.sha1(p.read_bytes()).hexdigest()
+        for p in sorted(root.rglob("*"))
+        if p.is_file()
+    }
+
+
+def test_one_seed_gives_identical_bytes(tmp_path):
+    cfg = SynthConfig(subjects=3, sessions=1, seed=11, resolution=2)
+    synthesize(tmp_path / "a", cfg, workers=1, progress=False)
+    synthesize(tmp_path / "b", cfg, workers=2, progress=False)
+    a, b = _digest(tmp_path / "a"), _digest(tmp_path / "b")
+    assert len(a) > 20 and a == b
+    synthesize(tmp_path / "c", SynthConfig(subjects=3, sessions=1, seed=12, resolution=2), progress=False)
+    c = _digest(tmp_path / "c")
+    assert sum(a[k] != c.get(k) for k in a if k.endswith(".nii.gz")) > 10
+
+
+def test_bids_layout_labels_and_discovery(dataset):
+    m = discover(dataset)
+    assert m.source == "bids"
+    sessions = m.sessions()
+    assert len(sessions) == 24
+    assert all(set(s.images) == {"T1w", "T1c", "T2w", "FLAIR", "PDw"} for s in sessions)
+    assert all({"brain", "lesion", "dseg"} <= set(s.labels_maps) for s in sessions)
+    assert all(s.volumes is not None and s.volumes["total intracranial"] > 0 for s in sessions)
+    part = pd.read_csv(dataset / "participants.tsv", sep="\t")
+    assert set(part["diagnosis"]) == {"healthy", "tumour", "infarct", "wmh"}
+    assert set(part["site"]) == {"site-0", "site-1", "site-2"}
+    tum = part[part.diagnosis == "tumour"]
+    assert set(tum["molecular"]) <= {"mutant", "wildtype"}
+    assert (part[part.diagnosis != "tumour"]["molecular"].isna()).all()  # written as n/a
+    assert (part["healthy"] == (part["diagnosis"] == "healthy")).all()
+    # a mix of orientations and voxel sizes, as real data
+    orient = {load_scan(p).orientation for s in sessions[:12] for p in s.images.values()}
+    assert len(orient) >= 3
+    zooms = {tuple(np.round(load_scan(s.images["FLAIR"]).spacing, 1)) for s in sessions}
+    assert any(max(z) >= 4 for z in zooms) and any(max(z) <= 2 for z in zooms)
+
+
+def test_lesion_masks_lie_inside_the_brain(dataset):
+    m = discover(dataset)
+    n_lesion = 0
+    for s in m.sessions():
+        brain = load_scan(s.labels_maps["brain"], kind="label").data[0] > 0
+        lesion = load_scan(s.labels_maps["lesion"], kind="label").data[0] > 0
+        assert not (lesion & ~brain).any()
+        healthy = s.labels["diagnosis"] == "healthy"
+        assert lesion.any() != healthy, s.key
+        n_lesion += lesion.any()
+    assert n_lesion > 0
+
+
+def test_tissue_orderings_per_contrast(dataset):
+    regions = cerebra_regions()
+    cortex = [r.label for r in regions if r.kind == "cortex"]
+    vent = [r.label for r in regions if r.kind == "ventricle"]
+    for s in discover(dataset).sessions()[::5]:
+        dseg = load_scan(s.labels_maps["dseg"], kind="label")
+        lesion = load_scan(s.labels_maps["lesion"], kind="label")
+        means = {}
+        for c, path in s.images.items():
+            img = load_scan(path)
+            grid = (img.shape, img.affine)
+            lab = T.resample(dseg.data[0], dseg.affine, grid, order=0)
+            les = T.resample(lesion.data[0], lesion.affine, grid, order=0) > 0
+            v = img.data[0]
+            means[c] = {
+                t: float(v[np.isin(lab, ids) & ~les].mean())
+                for t, ids in (("wm", [WM_LABEL]), ("gm", cortex), ("csf", vent))
+            }
+        t1, t2, fl = means["T1w"], means["T2w"], means["FLAIR"]
+        assert t1["wm"] > t1["gm"] > t1["csf"], (s.key, t1)
+        assert t2["csf"] > t2["gm"] > t2["wm"], (s.key, t2)
+        assert fl["csf"] < 0.6 * min(fl["gm"], fl["wm"]), (s.key, fl)
+
+
+def test_age_correlates_with_ventricle_volume(dataset):
+    vol = pd.read_csv(dataset / "derivatives/neurofm-synth/volumes.csv")
+    ages = []
+    for _, row in vol.iterrows():
+        ses = pd.read_csv(dataset / row["subject"] / f"{row['subject']}_sessions.tsv", sep="\t")
+        ages.append(float(ses.set_index("session_id").loc[row["session"], "age"]))
+    vent_cols = [c for c in vol.columns if "Ventricle" in c]
+    ventricles = vol[vent_cols].sum(1) / vol["total intracranial"]
+    rho = pd.Series(ages).corr(pd.Series(ventricles.values), method="spearman")
+    assert rho > 0.6, rho
+
+
+def test_sessions_of_a_subject_share_anatomy(dataset):
+    vol = pd.read_csv(dataset / "derivatives/neurofm-synth/volumes.csv")
+    regions = [r.name for r in cerebra_regions() if r.kind in ("cortex", "subcortical")]
+    norm = vol[regions].div(vol["total intracranial"], axis=0)
+    norm.index = pd.MultiIndex.from_frame(vol[["subject", "session"]])
+    subjects = sorted(vol["subject"].unique())
+    within = [np.linalg.norm(norm.loc[(s, "ses-1")] - norm.loc[(s, "ses-2")]) for s in subjects]
+    across = [
+        np.linalg.norm(norm.loc[(a, "ses-1")] - norm.loc[(b, "ses-1")])
+        for a in subjects
+        for b in subjects
+        if a < b
+    ]
+    assert np.median(within) < 0.5 * np.median(across)
+    icv = vol.pivot(index="subject", columns="session", values="total intracranial")
+    assert ((icv["ses-1"] - icv["ses-2"]).abs() / icv["ses-1"]).max() < 0.02
+
+
+def test_template_fields_are_consistent():
+    t = load_template(2)
+    assert t.fractions.shape == (3, *t.shape)
+    inside = t.brain > 0.99
+    np.testing.assert_allclose(t.fractions[:, inside].sum(0), 1.0, atol=1e-4)
+    assert set(np.unique(t.labels)) >= {0, WM_LABEL, CSF_LABEL}
+    assert len(cerebra_regions()) == 102
+
+
+def test_bad_settings_are_refused():
+    with pytest.raises(ConfigError, match="pathology"):
+        SynthConfig(pathology=("glioma",))
+    with pytest.raises(ConfigError, match="resolution"):
+        SynthConfig(resolution=3)
+    with pytest.raises(ConfigError, match="T1w"):
+        SynthConfig(contrasts=("T2w",))
+
+
+def test_cli_synth_with_montage(tmp_path, run_cli):
+    code, _, err = run_cli(
+        "synth",
+        tmp_path / "d",
+        "--subjects",
+        "2",
+        "--pathology",
+        "tumour",
+        "--healthy-fraction",
+        "0.5",
+        "--montage",
+        tmp_path / "m.png",
+        "--no-progress",
+    )
+    assert code == 0, err
+    assert (tmp_path / "m.png").stat().st_size > 10_000
+    assert len(list((tmp_path / "d").glob("sub-*/ses-1/anat/*.nii.gz"))) == 10
