@@ -64,9 +64,7 @@ def main() -> None:
             dt = time.perf_counter() - t
             assert rep.ok and rep.prepared == args.volumes, rep.summary()
             size = sum(f.stat().st_size for f in (out / "arrays").rglob("*.b2nd"))
-            runs.append(
-                {"workers": w, "seconds": dt, "volumes_per_s": args.volumes / dt, "store_bytes": size}
-            )
+            runs.append({"workers": w, "seconds": dt, "volumes_per_s": args.volumes / dt, "store_bytes": size})
             print(f"workers={w}: {args.volumes / dt:.2f} volumes/s ({dt:.1f} s for {args.volumes})")
         base = runs[0]["volumes_per_s"]
         for r in runs:

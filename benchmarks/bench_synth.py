@@ -56,10 +56,7 @@ def main() -> None:
                     "contrasts": 5,
                 }
             )
-            print(
-                f"{res} mm: {rows[-1]['seconds_per_subject']:.2f} s per subject "
-                f"(template load {load_s:.1f} s, once)"
-            )
+            print(f"{res} mm: {rows[-1]['seconds_per_subject']:.2f} s per subject (template load {load_s:.1f} s, once)")
         save("synth", {"subjects": args.subjects, "runs": rows})
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

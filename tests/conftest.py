@@ -40,3 +40,20 @@ def run_cli(capsys):
         return code, out.out, out.err
 
     return run
+
+
+@pytest.fixture(scope="session")
+def tiny_store(tmp_path_factory) -> Path:
+    """A 2 mm store of 6 synthetic subjects x 2 sessions (all contrasts, volumes, masks)."""
+    from neurofm.preprocess import PrepareConfig, prepare
+    from neurofm.synth import SynthConfig, synthesize
+
+    root = tmp_path_factory.mktemp("tiny")
+    synthesize(
+        root / "bids",
+        SynthConfig(subjects=6, sessions=2, seed=1, resolution=2, missing_rate=0.15),
+        workers=2,
+        progress=False,
+    )
+    prepare(root / "bids", root / "store", PrepareConfig(spacing=2.0), workers=2, progress=False)
+    return root / "store"

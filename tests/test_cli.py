@@ -16,9 +16,7 @@ def test_version_and_help(run_cli):
 def test_prepare_then_inspect(tmp_path, run_cli):
     write_nifti(tmp_path / "bids/sub-01/anat/sub-01_T1w.nii.gz", blob_volume((20, 20, 20)))
     write_nifti(tmp_path / "bids/sub-01/anat/sub-01_FLAIR.nii.gz", blob_volume((20, 20, 20), seed=1))
-    code, _, err = run_cli(
-        "prepare", tmp_path / "bids", tmp_path / "store", "--no-progress", "--spacing", "2"
-    )
+    code, _, err = run_cli("prepare", tmp_path / "bids", tmp_path / "store", "--no-progress", "--spacing", "2")
     assert code == 0, err
     code, out, _ = run_cli("inspect", tmp_path / "store")
     assert code == 0

@@ -42,19 +42,13 @@ def _root(
 def prepare(
     src: Annotated[Path, typer.Argument(help="BIDS folder, nnU-Net raw folder, or CSV/TSV manifest.")],
     out: Annotated[Path, typer.Argument(help="Store folder to create (or resume).")],
-    spacing: Annotated[
-        str, typer.Option(help="Target voxel size in mm: one number or three, e.g. 1 or 1,1,2.")
-    ] = "1",
+    spacing: Annotated[str, typer.Option(help="Target voxel size in mm: one number or three, e.g. 1 or 1,1,2.")] = "1",
     margin: Annotated[int, typer.Option(help="Background voxels kept around the foreground box.")] = 4,
     normalize: Annotated[str, typer.Option(help="zscore (within the foreground) or none.")] = "zscore",
     mask_images: Annotated[bool, typer.Option(help="Zero voxels outside the dataset's brain mask.")] = False,
     workers: Annotated[int, typer.Option("--workers", "-j", help="Parallel worker processes.")] = 1,
-    shard: Annotated[
-        str, typer.Option(help="Take part i of n of the sessions, e.g. 0/8 (job arrays).")
-    ] = "0/1",
-    duplicates: Annotated[
-        str, typer.Option(help="Repeated scans of one contrast: error, or first.")
-    ] = "error",
+    shard: Annotated[str, typer.Option(help="Take part i of n of the sessions, e.g. 0/8 (job arrays).")] = "0/1",
+    duplicates: Annotated[str, typer.Option(help="Repeated scans of one contrast: error, or first.")] = "error",
     progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
 ) -> None:
     """Preprocess a dataset into a compressed, chunked store (RAS, resampled, cropped, z-scored).
@@ -89,17 +83,11 @@ def synth(
     pathology: Annotated[
         str, typer.Option(help="Lesion kinds for patients: tumour,infarct,wmh (empty: none).")
     ] = "tumour,infarct,wmh",
-    sites: Annotated[
-        int, typer.Option(help="Number of scanner sites (intensity, resolution, orientation).")
-    ] = 3,
+    sites: Annotated[int, typer.Option(help="Number of scanner sites (intensity, resolution, orientation).")] = 3,
     healthy_fraction: Annotated[float, typer.Option(help="Share of subjects without a lesion.")] = 0.4,
-    missing_rate: Annotated[
-        float, typer.Option(help="Probability that a non-T1w contrast is missing.")
-    ] = 0.0,
+    missing_rate: Annotated[float, typer.Option(help="Probability that a non-T1w contrast is missing.")] = 0.0,
     workers: Annotated[int, typer.Option("--workers", "-j", help="Parallel worker processes.")] = 1,
-    montage: Annotated[
-        Path | None, typer.Option(help="Also save a montage PNG of a few subjects x contrasts.")
-    ] = None,
+    montage: Annotated[Path | None, typer.Option(help="Also save a montage PNG of a few subjects x contrasts.")] = None,
     progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
 ) -> None:
     """Build a BIDS dataset of synthetic multi-contrast subjects on real anatomy (ICBM 2009c + CerebrA)."""
@@ -121,6 +109,59 @@ def synth(
         from neurofm.synth.montage import montage as make_montage
 
         console.print(f"montage: {make_montage(out, montage)}")
+
+
+def _preset_help() -> str:
+    from neurofm.train.presets import PRESET_HELP
+
+    return "Recipe: " + "; ".join(f"{k} ({v})" for k, v in PRESET_HELP.items()) + ". Add -tiny for a CPU-sized version."
+
+
+@app.command()
+def pretrain(
+    out: Annotated[Path, typer.Option("--out", "-o", help="Run folder (checkpoints, logs, figures).")],
+    preset: Annotated[str | None, typer.Option(help=_preset_help())] = None,
+    data: Annotated[
+        Path | None, typer.Option(help="Store made by `neurofm prepare` (default on --resume: the run's).")
+    ] = None,
+    set_: Annotated[
+        list[str] | None, typer.Option("--set", help="Override a setting: section.key=value (repeatable).")
+    ] = None,
+    config: Annotated[
+        Path | None, typer.Option(help="YAML file of settings (applied after the preset, before --set).")
+    ] = None,
+    resume: Annotated[
+        bool, typer.Option(help="Continue the run in --out from its newest complete checkpoint.")
+    ] = False,
+    devices: Annotated[str | None, typer.Option(help="Devices per node (e.g. 4) or auto.")] = None,
+    num_nodes: Annotated[int | None, typer.Option(help="Number of nodes (DDP).")] = None,
+    accelerator: Annotated[str | None, typer.Option(help="auto, cpu or gpu.")] = None,
+    max_steps: Annotated[int | None, typer.Option(help="Stop after this many optimiser steps.")] = None,
+    progress: Annotated[
+        bool | None, typer.Option(help="Progress bar (default: when the terminal is interactive).")
+    ] = None,
+) -> None:
+    """Pretrain a recipe on a store: neurofm pretrain --preset fomo25 --data STORE --out RUN."""
+    from neurofm.train.trainer import pretrain as run
+
+    overrides = list(set_ or [])
+    if devices is not None:
+        overrides.append(f"trainer.devices={devices}")
+    if num_nodes is not None:
+        overrides.append(f"trainer.num_nodes={num_nodes}")
+    if accelerator is not None:
+        overrides.append(f"trainer.accelerator={accelerator}")
+    if max_steps is not None:
+        overrides.append(f"trainer.max_steps={max_steps}")
+    folder = run(data, out, preset, config=config, overrides=overrides, resume=resume, progress=progress)
+    from lightning.pytorch.utilities import rank_zero_only
+
+    if rank_zero_only.rank != 0:  # DDP: every rank runs this command; one reports
+        return
+    from neurofm.train.checkpoint import describe_run
+
+    console.print(describe_run(folder))
+    console.print(f"run: {folder}")
 
 
 @app.command()

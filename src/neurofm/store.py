@@ -99,16 +99,12 @@ class Store:
         self.root = Path(root)
         meta = self.root / "store.json"
         if not meta.is_file():
-            raise StoreError(
-                f"{self.root}: not a neurofm store (no store.json); create one with `neurofm prepare`"
-            )
+            raise StoreError(f"{self.root}: not a neurofm store (no store.json); create one with `neurofm prepare`")
         info = read_json(meta)
         if info.get("format") != FORMAT:
             raise StoreError(f"{meta}: not a neurofm store file")
         if int(info.get("version", 0)) > VERSION:
-            raise StoreError(
-                f"{meta}: store version {info['version']} is newer than this neurofm ({VERSION})"
-            )
+            raise StoreError(f"{meta}: store version {info['version']} is newer than this neurofm ({VERSION})")
         self.info = info
         self.config: dict[str, Any] = info.get("config", {})
         self._records: dict[str, dict] | None = None

@@ -23,9 +23,7 @@ def bids(tmp_path):
         _touch(anat / f"sub-{sub}_ses-{ses}_FLAIR.nii.gz")
     _touch(root / "sub-01/ses-1/anat/sub-01_ses-1_ce-gadolinium_T1w.nii.gz")
     _touch(root / "sub-01/ses-1/anat/sub-01_ses-1_defacemask.nii.gz")  # not an image we use
-    (root / "participants.tsv").write_text(
-        "participant_id\tage\tdiagnosis\nsub-01\t61\ttumour\nsub-02\tn/a\thealthy\n"
-    )
+    (root / "participants.tsv").write_text("participant_id\tage\tdiagnosis\nsub-01\t61\ttumour\nsub-02\tn/a\thealthy\n")
     (root / "sub-01" / "sub-01_sessions.tsv").write_text("session_id\tage\nses-1\t61\nses-2\t63\n")
     der = root / "derivatives" / "neurofm"
     _touch(der / "sub-01/ses-1/anat/sub-01_ses-1_desc-brain_mask.nii.gz")

@@ -29,9 +29,7 @@ def real_bids(tmp_path, anatomical):
     write_nifti(root / "sub-01/ses-1/anat/sub-01_ses-1_T2w.nii.gz", coarse, lps_aff @ np.diag([2.0, 2, 2, 1]))
     lesion = np.zeros(data.shape, np.uint8)
     lesion[12:18, 20:26, 10:14] = 1
-    write_nifti(
-        root / "derivatives/x/sub-03/ses-1/anat/sub-03_ses-1_label-lesion_mask.nii.gz", lesion, img.affine
-    )
+    write_nifti(root / "derivatives/x/sub-03/ses-1/anat/sub-03_ses-1_label-lesion_mask.nii.gz", lesion, img.affine)
     (root / "participants.tsv").write_text("participant_id\tage\nsub-01\t30\nsub-02\t40\nsub-03\t50\n")
     return root
 
@@ -54,9 +52,7 @@ def test_prepare_real_bids_and_geometry_round_trips(real_bids, tmp_path, anatomi
     # Put the stored T1 back on its native grid: it must equal the original scan.
     t1 = store.read("sub-02_ses-1", "T1w")
     meta = store.record("sub-02_ses-1")["images"]["T1w"]
-    native = T.resample(
-        t1, aff, (tuple(meta["native_shape"]), np.asarray(meta["native_affine"])), anti_alias=False
-    )
+    native = T.resample(t1, aff, (tuple(meta["native_shape"]), np.asarray(meta["native_affine"])), anti_alias=False)
     native = native * meta["std"] + meta["mean"]
     original = nib.load(str(anatomical)).get_fdata()
     np.testing.assert_allclose(native, original, atol=1e-2 * original.max())

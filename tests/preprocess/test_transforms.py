@@ -82,9 +82,7 @@ def test_nearest_keeps_label_values():
     lab = np.zeros((20, 20, 20), np.uint8)
     lab[5:12, 5:12, 5:12] = 3
     lab[12:15, 5:9, 5:9] = 7
-    out = T.resample(
-        lab, np.diag([2.0, 2, 2, 1]), T.target_grid(lab.shape, np.diag([2.0, 2, 2, 1]), 1.0), order=0
-    )
+    out = T.resample(lab, np.diag([2.0, 2, 2, 1]), T.target_grid(lab.shape, np.diag([2.0, 2, 2, 1]), 1.0), order=0)
     assert set(np.unique(out)) == {0, 3, 7}
     assert out.dtype == np.uint8
 

@@ -20,9 +20,7 @@ pytestmark = pytest.mark.slow
 def dataset(tmp_path_factory):
     """12 subjects x 2 sessions at 2 mm, every pathology and site."""
     out = tmp_path_factory.mktemp("synth") / "bids"
-    synthesize(
-        out, SynthConfig(subjects=12, sessions=2, seed=5, resolution=2, sites=3), workers=2, progress=False
-    )
+    synthesize(out, SynthConfig(subjects=12, sessions=2, seed=5, resolution=2, sites=3), workers=2, progress=False)
     return out
 
 
@@ -124,10 +122,7 @@ def test_sessions_of_a_subject_share_anatomy(dataset):
     subjects = sorted(vol["subject"].unique())
     within = [np.linalg.norm(norm.loc[(s, "ses-1")] - norm.loc[(s, "ses-2")]) for s in subjects]
     across = [
-        np.linalg.norm(norm.loc[(a, "ses-1")] - norm.loc[(b, "ses-1")])
-        for a in subjects
-        for b in subjects
-        if a < b
+        np.linalg.norm(norm.loc[(a, "ses-1")] - norm.loc[(b, "ses-1")]) for a in subjects for b in subjects if a < b
     ]
     assert np.median(within) < 0.5 * np.median(across)
     icv = vol.pivot(index="subject", columns="session", values="total intracranial")

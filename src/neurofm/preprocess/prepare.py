@@ -67,9 +67,7 @@ class PrepareConfig:
     def __post_init__(self) -> None:
         sp = np.atleast_1d(np.asarray(self.spacing, dtype=float))
         if sp.size not in (1, 3) or np.any(~np.isfinite(sp)) or np.any(sp <= 0) or np.any(sp > 20):
-            raise ConfigError(
-                f"spacing should be 1 or 3 positive numbers of mm (<= 20), got {self.spacing!r}"
-            )
+            raise ConfigError(f"spacing should be 1 or 3 positive numbers of mm (<= 20), got {self.spacing!r}")
         self.spacing = float(sp[0]) if sp.size == 1 else tuple(float(s) for s in sp)  # type: ignore[assignment]
         if self.normalize not in ("zscore", "none"):
             raise ConfigError(f"normalize should be 'zscore' or 'none', got {self.normalize!r}")
@@ -183,9 +181,7 @@ def preprocess_scans(
     for name, scan in label_maps.items():
         arr = _to_grid(scan, grid, order=0)
         if not arr.any() and scan.data.any():
-            failures.append(
-                {"name": name, "path": scan.path, "reason": f"lies outside the {ref_name} scan's grid"}
-            )
+            failures.append({"name": name, "path": scan.path, "reason": f"lies outside the {ref_name} scan's grid"})
             continue
         labels_rs[name] = arr
         lmeta[name] = _native_meta(scan)
@@ -296,9 +292,7 @@ def prepare_session(spec: SessionSpec, store_root: str, cfg_dict: dict[str, Any]
     return {"key": key, "ok": record is not None, "failures": len(failures)}
 
 
-def _write_session(
-    root: Path, spec: SessionSpec, p: PreparedSession, maps: dict[str, Scan]
-) -> dict[str, Any]:
+def _write_session(root: Path, spec: SessionSpec, p: PreparedSession, maps: dict[str, Scan]) -> dict[str, Any]:
     key = spec.key
     images = {}
     for name, arr in p.images.items():

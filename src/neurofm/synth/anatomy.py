@@ -57,9 +57,7 @@ def coarse_grid(shape: tuple[int, int, int]) -> tuple[int, int, int]:
     return tuple(int(np.ceil(s / COARSE)) + 1 for s in shape)  # type: ignore[return-value]
 
 
-def draw_anatomy(
-    rng: np.random.Generator, template: Template, sex: str, deformation_mm: float = 2.5
-) -> AnatomyPlan:
+def draw_anatomy(rng: np.random.Generator, template: Template, sex: str, deformation_mm: float = 2.5) -> AnatomyPlan:
     """Head size (larger on average for males), orientation and a smooth random deformation."""
     base = 1.0 if sex == "F" else 1.05
     scale = base * rng.normal(1.0, 0.035, 3).clip(0.9, 1.1) * 0.93  # MNI brains are ~7 % larger than average
@@ -115,11 +113,7 @@ def template_coords(
     """
     shape = template.shape
     cshape = coarse_grid(shape)
-    idx = (
-        np.stack(np.meshgrid(*[np.arange(c) * COARSE for c in cshape], indexing="ij"))
-        .reshape(3, -1)
-        .astype(float)
-    )
+    idx = np.stack(np.meshgrid(*[np.arange(c) * COARSE for c in cshape], indexing="ij")).reshape(3, -1).astype(float)
     world = template.affine[:3, :3] @ idx + template.affine[:3, 3:4]
     center = template.affine[:3, :3] @ (np.array(shape)[:, None] / 2.0) + template.affine[:3, 3:4]
     # session pose: the head sits differently in the scanner at every visit
@@ -128,9 +122,7 @@ def template_coords(
     # subject anatomy: head size and orientation, then the smooth deformation
     head = rotation(plan.rotation_deg)
     tmpl = (head.T @ (subj - center)) / plan.scale[:, None] + center
-    disp = np.stack(
-        [ndi.zoom(c, np.array(cshape) / np.array(c.shape), order=3, mode="nearest") for c in plan.control]
-    )
+    disp = np.stack([ndi.zoom(c, np.array(cshape) / np.array(c.shape), order=3, mode="nearest") for c in plan.control])
     tmpl = tmpl + disp.reshape(3, -1)
     inv = np.linalg.inv(template.affine)
     vox = inv[:3, :3] @ tmpl + inv[:3, 3:4]

@@ -145,9 +145,7 @@ def make_site(index: int, seed: int) -> Site:
     )
 
 
-def tissue_means(
-    contrast: str, site: Site, rng: np.random.Generator, subject_jitter: float = 0.03
-) -> dict[str, float]:
+def tissue_means(contrast: str, site: Site, rng: np.random.Generator, subject_jitter: float = 0.03) -> dict[str, float]:
     """The means of :data:`MEANS` perturbed per site and per subject (orderings are kept)."""
     site_rng = np.random.default_rng([site.index, 31, CONTRASTS.index(contrast)])
     out = {}
@@ -168,10 +166,7 @@ def bias_field(shape: tuple[int, int, int], strength: float, rng: np.random.Gene
                     continue
                 c = strength * rng.normal() / (i + j + k)
                 field += (
-                    c
-                    * (axes[0][:, None, None] ** i)
-                    * (axes[1][None, :, None] ** j)
-                    * (axes[2][None, None, :] ** k)
+                    c * (axes[0][:, None, None] ** i) * (axes[1][None, :, None] ** j) * (axes[2][None, None, :] ** k)
                 )
     return np.exp(field)
 

@@ -91,8 +91,7 @@ class SynthConfig:
         self.contrasts = tuple(self.contrasts)
         if self.subjects < 1 or self.sessions < 1 or self.sites < 1:
             raise ConfigError(
-                "subjects, sessions and sites must be >= 1, "
-                f"got {self.subjects}, {self.sessions}, {self.sites}"
+                f"subjects, sessions and sites must be >= 1, got {self.subjects}, {self.sessions}, {self.sites}"
             )
         if self.resolution not in (1, 2):
             raise ConfigError(f"resolution should be 1 or 2 (mm), got {self.resolution!r}")
@@ -101,9 +100,7 @@ class SynthConfig:
             raise ConfigError(f"unknown pathology {bad}; choose from {list(PATHOLOGIES)}")
         bad = [c for c in self.contrasts if c not in CONTRASTS]
         if bad or "T1w" not in self.contrasts:
-            raise ConfigError(
-                f"contrasts must include T1w and come from {list(CONTRASTS)}, got {list(self.contrasts)}"
-            )
+            raise ConfigError(f"contrasts must include T1w and come from {list(CONTRASTS)}, got {list(self.contrasts)}")
         if not 0 <= self.healthy_fraction <= 1 or not 0 <= self.missing_rate < 1:
             raise ConfigError("healthy_fraction should be in [0, 1] and missing_rate in [0, 1)")
 
@@ -136,9 +133,7 @@ def plan_subjects(cfg: SynthConfig, template: Template) -> list[SubjectPlan]:
     """Draw every subject's plan from the seed."""
     master = np.random.default_rng([cfg.seed, 1])
     n_healthy = round(cfg.subjects * cfg.healthy_fraction) if cfg.pathology else cfg.subjects
-    kinds = ["healthy"] * n_healthy + [
-        cfg.pathology[i % len(cfg.pathology)] for i in range(cfg.subjects - n_healthy)
-    ]
+    kinds = ["healthy"] * n_healthy + [cfg.pathology[i % len(cfg.pathology)] for i in range(cfg.subjects - n_healthy)]
     kinds = [kinds[i] for i in master.permutation(len(kinds))]
     plans = []
     for i, dx in enumerate(kinds):
@@ -204,9 +199,7 @@ def _put_max(target: np.ndarray, box: tuple[slice, ...], values: np.ndarray) -> 
     np.maximum(target[box], values, out=target[box])
 
 
-def _lesion_box(
-    les: A.Lesion, radius: float, lcoords: np.ndarray, template: Template
-) -> tuple[slice, ...] | None:
+def _lesion_box(les: A.Lesion, radius: float, lcoords: np.ndarray, template: Template) -> tuple[slice, ...] | None:
     """Output voxels that can hold the lesion, found on every 4th voxel (lesions are smooth blobs)."""
     step = 4
     extent = radius * (1 + les.shape_amps.sum()) * max(les.oedema if les.kind == "tumour" else 1.0, 1.0) + 8.0
@@ -216,9 +209,7 @@ def _lesion_box(
     if not near.any():
         return None
     box = T.bounding_box(near, margin=1)
-    return tuple(
-        slice(sl.start * step, min(sl.stop * step, n)) for sl, n in zip(box, template.shape, strict=True)
-    )
+    return tuple(slice(sl.start * step, min(sl.stop * step, n)) for sl, n in zip(box, template.shape, strict=True))
 
 
 def render_session(plan: SubjectPlan, session: int, template: Template) -> SessionRender:
@@ -243,9 +234,7 @@ def render_session(plan: SubjectPlan, session: int, template: Template) -> Sessi
     lost = frac[1] * (0.22 * atrophy) * cortex
     frac[1] -= lost
     frac[0] += lost
-    mem = {
-        k: np.zeros(template.shape, np.float32) for k in ("necrosis", "enhancing", "oedema", "infarct", "wmh")
-    }
+    mem = {k: np.zeros(template.shape, np.float32) for k in ("necrosis", "enhancing", "oedema", "infarct", "wmh")}
     if lesions:
         wm_like = np.clip(frac[2] + 0.3 * frac[1], 0, 1)
         tissue = np.clip(frac[1] + frac[2], 0, 1)
@@ -333,9 +322,7 @@ def render_subject(plan: SubjectPlan, cfg_dict: dict[str, Any], out: str) -> lis
         ses = f"ses-{s + 1}"
         r = render_session(plan, s, template)
         rng = np.random.default_rng([plan.seeds[s], 13])
-        subj_rng = np.random.default_rng(
-            [cfg.seed, 3, plan.index]
-        )  # subject-level contrast jitter, same every session
+        subj_rng = np.random.default_rng([cfg.seed, 3, plan.index])  # subject-level contrast jitter, same every session
         anat = root / plan.subject / ses / "anat"
         stem = f"{plan.subject}_{ses}"
         for contrast in CONTRASTS:  # fixed order keeps the random streams identical whatever is missing
@@ -360,18 +347,14 @@ def render_subject(plan: SubjectPlan, cfg_dict: dict[str, Any], out: str) -> lis
         ):
             on_t1 = T.resample(arr, template.affine, t1_grid, order=0)
             data, aff = to_orientation(on_t1, t1_grid[1], t1_orient)
-            save_scan(
-                deriv / f"{stem}_{suffix}.nii.gz", data, aff, dtype=np.uint8 if suffix != "dseg" else np.int16
-            )
+            save_scan(deriv / f"{stem}_{suffix}.nii.gz", data, aff, dtype=np.uint8 if suffix != "dseg" else np.int16)
         vols = region_volumes(r, template)
         vols["lesion"] = float(r.lesion_mask.sum() * template.spacing**3)
         rows.append({"subject": plan.subject, "session": ses, **vols})
     return rows
 
 
-def synthesize(
-    out: str | Path, cfg: SynthConfig | None = None, *, workers: int = 1, progress: bool = True
-) -> Path:
+def synthesize(out: str | Path, cfg: SynthConfig | None = None, *, workers: int = 1, progress: bool = True) -> Path:
     """Write a synthetic BIDS dataset to ``out`` (see module docstring). Returns ``out``."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
@@ -399,9 +382,7 @@ def synthesize(
                 rows.extend(render_subject(p, cfg_dict, str(out)))
                 bar.advance(task)
         else:
-            with ProcessPoolExecutor(
-                workers, mp_context=get_context("spawn"), initializer=_init_worker
-            ) as pool:
+            with ProcessPoolExecutor(workers, mp_context=get_context("spawn"), initializer=_init_worker) as pool:
                 futs = [pool.submit(render_subject, p, cfg_dict, str(out)) for p in plans]
                 for f in as_completed(futs):
                     rows.extend(f.result())

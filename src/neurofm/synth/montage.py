@@ -11,9 +11,7 @@ from neurofm.io.nifti import load_scan
 from neurofm.preprocess import transforms as T
 
 
-def axial_slice(
-    path: str, z_mm: float = 10.0, mask: str | None = None
-) -> tuple[np.ndarray, np.ndarray | None]:
+def axial_slice(path: str, z_mm: float = 10.0, mask: str | None = None) -> tuple[np.ndarray, np.ndarray | None]:
     """The axial slice nearest world z = ``z_mm`` at 1 mm in-plane, RAS, display-ready (rows = A->P)."""
     scan = load_scan(path)
     grid = T.target_grid(scan.shape, scan.affine, (1.0, 1.0, 1.0))
@@ -52,9 +50,7 @@ def montage(bids: str | Path, png: str | Path, subjects: int = 4, z_mm: float = 
     chosen += [s for s in sessions if s not in chosen]
     chosen = chosen[:subjects]
     cols = [c for c in CONTRASTS if any(c in s.images for s in chosen)]
-    fig, axes = plt.subplots(
-        len(chosen), len(cols), figsize=(2.1 * len(cols), 2.5 * len(chosen)), squeeze=False
-    )
+    fig, axes = plt.subplots(len(chosen), len(cols), figsize=(2.1 * len(cols), 2.5 * len(chosen)), squeeze=False)
     for i, s in enumerate(chosen):
         for j, c in enumerate(cols):
             ax = axes[i][j]

@@ -1,0 +1,1 @@
+"""Analyses and figures: reconstructions, latent similarity, probes, label efficiency."""

@@ -1,0 +1,1 @@
+"""Datasets and loaders that stream from the store."""

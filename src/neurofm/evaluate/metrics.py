@@ -1,0 +1,142 @@
+"""Metrics from MONAI, scikit-learn, torchmetrics and SciPy, with bootstrap intervals.
+
+Segmentation (per case): Dice, normalised surface Dice (NSD, tolerance in mm) and the 95th
+percentile Hausdorff distance (mm), from MONAI. Classification (over cases): AUROC, accuracy,
+balanced accuracy, F1 (scikit-learn) and expected calibration error (torchmetrics).
+Regression: MAE, RMSE and Pearson r. Every summary carries a bootstrap 95 % interval over cases.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import torch
+
+
+def _onehot(label: np.ndarray, classes: int) -> torch.Tensor:
+    t = torch.as_tensor(label.astype(np.int64))
+    return torch.nn.functional.one_hot(t, classes).permute(3, 0, 1, 2)[None].float()  # (1, K, X, Y, Z)
+
+
+def segmentation_case(
+    pred: np.ndarray,
+    truth: np.ndarray,
+    spacing: tuple[float, ...],
+    classes: int = 2,
+    nsd_tolerance_mm: float = 2.0,
+) -> dict[str, float]:
+    """Dice, NSD and HD95 of one case, averaged over foreground classes.
+
+    Both empty: Dice = NSD = 1 and HD95 = 0. One empty: Dice = NSD = 0 and HD95 = NaN.
+    """
+    from monai.metrics import compute_dice, compute_hausdorff_distance, compute_surface_dice
+
+    out: dict[str, list[float]] = {"dice": [], "nsd": [], "hd95": []}
+    p1, t1 = _onehot(pred, classes), _onehot(truth, classes)
+    for c in range(1, classes):
+        pe, te = not p1[0, c].any(), not t1[0, c].any()
+        if pe and te:
+            out["dice"].append(1.0)
+            out["nsd"].append(1.0)
+            out["hd95"].append(0.0)
+            continue
+        if pe or te:
+            out["dice"].append(0.0)
+            out["nsd"].append(0.0)
+            out["hd95"].append(float("nan"))
+            continue
+        pc, tc = p1[:, [0, c]], t1[:, [0, c]]
+        out["dice"].append(float(compute_dice(pc, tc, include_background=False)[0, 0]))
+        out["nsd"].append(
+            float(compute_surface_dice(pc, tc, class_thresholds=[nsd_tolerance_mm], spacing=list(spacing))[0, 0])
+        )
+        out["hd95"].append(float(compute_hausdorff_distance(pc, tc, percentile=95, spacing=list(spacing))[0, 0]))
+    return {k: float(np.nanmean(v)) if not np.all(np.isnan(v)) else float("nan") for k, v in out.items()}
+
+
+def expected_calibration_error(prob: np.ndarray, y: np.ndarray, bins: int = 15) -> float:
+    """Top-label ECE (torchmetrics), for ``prob`` ``(N, K)`` and integer labels ``y``."""
+    from torchmetrics.functional.classification import multiclass_calibration_error
+
+    p = torch.as_tensor(prob, dtype=torch.float32)
+    return float(
+        multiclass_calibration_error(
+            p, torch.as_tensor(y, dtype=torch.long), num_classes=p.shape[1], n_bins=bins, norm="l1"
+        )
+    )
+
+
+def classification_metrics(prob: np.ndarray, y: np.ndarray) -> dict[str, float]:
+    """AUROC (one-vs-rest macro for >2 classes), accuracy, balanced accuracy, F1, ECE."""
+    from sklearn.metrics import accuracy_score, balanced_accuracy_score, f1_score, roc_auc_score
+
+    prob = np.asarray(prob, dtype=float)
+    y = np.asarray(y, dtype=int)
+    k = prob.shape[1]
+    pred = prob.argmax(1)
+    out = {
+        "accuracy": accuracy_score(y, pred),
+        "balanced_accuracy": balanced_accuracy_score(y, pred),
+        "f1": f1_score(y, pred, average="binary" if k == 2 else "macro", zero_division=0),
+        "ece": expected_calibration_error(prob, y),
+    }
+    present = np.unique(y)
+    if len(present) < 2:
+        out["auroc"] = float("nan")
+    elif k == 2:
+        out["auroc"] = roc_auc_score(y, prob[:, 1])
+    else:
+        out["auroc"] = roc_auc_score(y, prob, multi_class="ovr", average="macro", labels=list(range(k)))
+    return {m: float(v) for m, v in out.items()}
+
+
+def regression_metrics(pred: np.ndarray, y: np.ndarray) -> dict[str, float]:
+    from scipy.stats import pearsonr
+
+    pred, y = np.asarray(pred, float), np.asarray(y, float)
+    err = pred - y
+    r = float(pearsonr(pred, y)[0]) if len(y) > 2 and np.std(pred) > 0 and np.std(y) > 0 else float("nan")
+    return {"mae": float(np.abs(err).mean()), "rmse": float(np.sqrt((err**2).mean())), "pearson_r": r}
+
+
+def bootstrap(
+    fn: Callable[[np.ndarray], dict[str, float]], n: int, reps: int = 1000, seed: int = 0
+) -> dict[str, dict[str, float]]:
+    """Point estimate and percentile 95 % interval of ``fn(indices)`` over ``reps`` resamples of n cases."""
+    rng = np.random.default_rng(seed)
+    point = fn(np.arange(n))
+    samples: dict[str, list[float]] = {k: [] for k in point}
+    for _ in range(reps):
+        try:
+            res = fn(rng.integers(0, n, n))
+        except ValueError:
+            continue  # e.g. a resample with one class only
+        for k, v in res.items():
+            if v == v:  # not NaN
+                samples[k].append(v)
+    out = {}
+    for k, v in point.items():
+        s = samples[k]
+        lo, hi = np.percentile(s, [2.5, 97.5]) if len(s) >= 20 else (float("nan"), float("nan"))
+        out[k] = {"value": float(v), "ci_low": float(lo), "ci_high": float(hi), "n": n}
+    return out
+
+
+def summarize(task: str, cases: list[dict[str, Any]], reps: int = 1000, seed: int = 0) -> dict[str, dict[str, float]]:
+    """Summary metrics with intervals from per-case rows (as written to the per-case CSV)."""
+    n = len(cases)
+    if n == 0:
+        return {}
+    if task == "seg":
+        keys = ["dice", "nsd", "hd95"]
+        vals = np.array([[c[k] for k in keys] for c in cases], float)
+        return bootstrap(lambda idx: {k: float(np.nanmean(vals[idx, i])) for i, k in enumerate(keys)}, n, reps, seed)
+    if task == "cls":
+        prob = np.array([c["prob"] for c in cases], float)
+        y = np.array([c["target"] for c in cases], int)
+        return bootstrap(lambda idx: classification_metrics(prob[idx], y[idx]), n, reps, seed)
+    pred = np.array([c["prediction"] for c in cases], float)
+    y = np.array([c["target"] for c in cases], float)
+    return bootstrap(lambda idx: regression_metrics(pred[idx], y[idx]), n, reps, seed)

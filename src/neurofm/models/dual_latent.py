@@ -1,0 +1,165 @@
+"""The fomo25 dual-latent U-Net: one encoder for all contrasts, anatomy and contrast latents.
+
+Encoder: a plain 3D U-Net encoder (dynamic-network-architectures ``PlainConvEncoder``),
+5 levels of 2 x (Conv3d 3^3 -> InstanceNorm(affine) -> LeakyReLU 0.01), max-pool
+downsampling, 32/64/128/256/512 filters. Every stage's output is average-pooled to the
+bottleneck grid and concatenated; two 1x1x1 convolutions give the mean and log-variance
+of a *subject* (anatomy) latent and a *contrast* latent (256 channels each).
+
+Decoder (reconstruction only, no skips): transposed-convolution upsampling of
+``[z_subject, z_contrast]`` back to the input size. ~19 M parameters at full size.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from dynamic_network_architectures.building_blocks.plain_conv_encoder import PlainConvEncoder
+from dynamic_network_architectures.building_blocks.simple_conv_blocks import StackedConvBlocks
+from torch import nn
+
+from neurofm.errors import ConfigError
+from neurofm.models.layers import conv_kwargs, he_init
+from neurofm.models.registry import register_model
+
+LOGVAR_RANGE = (-10.0, 10.0)
+
+
+class DualLatentUNet(nn.Module):
+    """Dual-latent U-Net (see module docstring).
+
+    Args:
+        in_channels: input channels (1: each contrast is encoded separately).
+        features: filters per encoder level; the bottleneck is ``2**(len-1)`` times smaller.
+        latent: channels of each latent (subject, contrast).
+        n_conv: convolutions per encoder level.
+        out_channels: reconstruction channels.
+    """
+
+    stem_keys = ("encoder.stages.0.0.convs.0.conv.weight", "encoder.stages.0.0.convs.0.all_modules.0.weight")
+    encoder_prefixes = ("encoder.", "subject_head.", "contrast_head.")
+    pretext_prefixes = ("decoder.",)
+
+    def __init__(
+        self,
+        in_channels: int = 1,
+        features: tuple[int, ...] = (32, 64, 128, 256, 512),
+        latent: int = 256,
+        n_conv: int = 2,
+        out_channels: int = 1,
+    ):
+        super().__init__()
+        features = tuple(int(f) for f in features)
+        if len(features) < 2 or min(features) < 1:
+            raise ConfigError(f"features should list >= 2 positive filter counts, got {features}")
+        if latent < 1:
+            raise ConfigError(f"latent should be >= 1, got {latent}")
+        self.config: dict[str, Any] = {
+            "in_channels": in_channels,
+            "features": list(features),
+            "latent": latent,
+            "n_conv": n_conv,
+            "out_channels": out_channels,
+        }
+        self.in_channels = in_channels
+        self.latent = latent
+        self.downsampling = 2 ** (len(features) - 1)
+        kw = conv_kwargs()
+        self.encoder = PlainConvEncoder(
+            in_channels,
+            len(features),
+            features,
+            kernel_sizes=3,
+            strides=[1] + [2] * (len(features) - 1),
+            n_conv_per_stage=n_conv,
+            return_skips=True,
+            pool="max",
+            **kw,
+        )
+        pooled = sum(features)
+        self.subject_head = nn.Conv3d(pooled, 2 * latent, 1)
+        self.contrast_head = nn.Conv3d(pooled, 2 * latent, 1)
+        ups, blocks = [], []
+        ch = 2 * latent
+        for f in reversed(features[:-1]):
+            ups.append(nn.ConvTranspose3d(ch, f, 2, 2))
+            blocks.append(
+                StackedConvBlocks(
+                    1,
+                    nn.Conv3d,
+                    f,
+                    f,
+                    3,
+                    1,
+                    kw["conv_bias"],
+                    kw["norm_op"],
+                    kw["norm_op_kwargs"],
+                    None,
+                    None,
+                    kw["nonlin"],
+                    kw["nonlin_kwargs"],
+                )
+            )
+            ch = f
+        self.decoder = nn.ModuleDict(
+            {
+                "ups": nn.ModuleList(ups),
+                "blocks": nn.ModuleList(blocks),
+                "out": nn.Conv3d(ch, out_channels, 1),
+            }
+        )
+        he_init(self)
+        # Start the posteriors narrow (sigma ~ 0.08): with unit variance the sampled latents are mostly
+        # noise and the decoder learns nothing for hundreds of steps; the KL term widens them as needed.
+        for head in (self.subject_head, self.contrast_head):
+            nn.init.constant_(head.bias[latent:], -5.0)
+
+    @property
+    def feature_channels(self) -> list[int]:
+        return list(self.encoder.output_channels)
+
+    def check_input(self, x: torch.Tensor) -> None:
+        if x.ndim != 5 or x.shape[1] != self.in_channels:
+            raise ValueError(f"expected (B, {self.in_channels}, X, Y, Z), got {tuple(x.shape)}")
+        if any(s % self.downsampling for s in x.shape[2:]):
+            raise ValueError(f"spatial size {tuple(x.shape[2:])} must be divisible by {self.downsampling}")
+
+    def forward_features(self, x: torch.Tensor) -> dict[str, Any]:
+        """Encode ``x`` (B, C, X, Y, Z).
+
+        Returns:
+            ``skips`` (encoder stage outputs), ``mu_s``/``logvar_s`` and ``mu_c``/``logvar_c``,
+            each ``(B, latent, X/16, Y/16, Z/16)`` at full size.
+        """
+        self.check_input(x)
+        skips = self.encoder(x)
+        grid = skips[-1].shape[2:]
+        pooled = torch.cat([F.adaptive_avg_pool3d(s, grid) for s in skips], dim=1)
+        mu_s, logvar_s = self.subject_head(pooled).chunk(2, dim=1)
+        mu_c, logvar_c = self.contrast_head(pooled).chunk(2, dim=1)
+        return {
+            "skips": skips,
+            "mu_s": mu_s,
+            "logvar_s": logvar_s.clamp(*LOGVAR_RANGE),
+            "mu_c": mu_c,
+            "logvar_c": logvar_c.clamp(*LOGVAR_RANGE),
+        }
+
+    def decode(self, z_s: torch.Tensor, z_c: torch.Tensor) -> torch.Tensor:
+        """Reconstruct from a subject and a contrast latent: ``(B, out_channels, X, Y, Z)``."""
+        h = torch.cat([z_s, z_c], dim=1)
+        for up, block in zip(self.decoder["ups"], self.decoder["blocks"], strict=True):
+            h = block(up(h))
+        return self.decoder["out"](h)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Deterministic reconstruction from the latent means."""
+        f = self.forward_features(x)
+        return self.decode(f["mu_s"], f["mu_c"])
+
+
+@register_model("dual_latent_unet")
+def dual_latent_unet(**kwargs: Any) -> DualLatentUNet:
+    return DualLatentUNet(**kwargs)

@@ -1,0 +1,28 @@
+"""Layer choices shared by the convolutional backbones (injected as classes + kwargs, DNA-style)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from torch import nn
+
+
+def conv_kwargs(negative_slope: float = 0.01) -> dict[str, Any]:
+    """Conv3d -> InstanceNorm3d(affine) -> LeakyReLU, as nnU-Net and the challenge models use."""
+    return {
+        "conv_op": nn.Conv3d,
+        "conv_bias": True,
+        "norm_op": nn.InstanceNorm3d,
+        "norm_op_kwargs": {"eps": 1e-5, "affine": True},
+        "dropout_op": None,
+        "dropout_op_kwargs": None,
+        "nonlin": nn.LeakyReLU,
+        "nonlin_kwargs": {"negative_slope": negative_slope, "inplace": True},
+    }
+
+
+def he_init(module: nn.Module) -> None:
+    """nnU-Net's initialisation (Kaiming normal for LeakyReLU(0.01), zero biases)."""
+    from dynamic_network_architectures.initialization.weight_init import InitWeights_He
+
+    module.apply(InitWeights_He(1e-2))

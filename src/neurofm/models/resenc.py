@@ -1,0 +1,156 @@
+"""nnU-Net ResEnc U-Nets from dynamic-network-architectures, with the ssl3d pretext heads.
+
+The encoder and decoder are DNA's own ``ResidualEncoder`` / ``UNetDecoder`` under the
+attribute names ``encoder`` / ``decoder``, so their state-dict keys are exactly those of
+nnU-Net and nnssl checkpoints (``encoder.stem...``, ``encoder.stages...``, ``decoder...``)
+and weights move between the three without renaming.
+
+ResEnc-L: 6 stages, 32/64/128/256/320/320 filters, 1/3/4/6/6/6 residual blocks, strides
+1,2,2,2,2,2, InstanceNorm, LeakyReLU (~102 M parameters with its decoder).
+
+ssl3d splits the bottleneck (the last encoder stage) by channel: the first ``anatomy``
+fraction feeds an anatomy projector (avg-pool to 2^3 -> MLP with LayerNorm -> one output
+per region), the next ``health`` fraction a healthy / not-healthy classifier, the rest
+is free.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from dynamic_network_architectures.architectures.unet import ResidualEncoderUNet
+from torch import nn
+
+from neurofm.errors import ConfigError
+from neurofm.models.layers import conv_kwargs, he_init
+from neurofm.models.registry import register_model
+
+RESENC_L = {"features": (32, 64, 128, 256, 320, 320), "blocks": (1, 3, 4, 6, 6, 6)}
+
+
+class AnatomyProjector(nn.Module):
+    """avg-pool to 2^3 -> Linear -> LayerNorm -> GELU -> Linear: a vector per sample."""
+
+    def __init__(self, in_channels: int, out_features: int, hidden: int = 512):
+        super().__init__()
+        self.mlp = nn.Sequential(
+            nn.Flatten(),
+            nn.Linear(in_channels * 8, hidden),
+            nn.LayerNorm(hidden),
+            nn.GELU(),
+            nn.Linear(hidden, out_features),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.mlp(F.adaptive_avg_pool3d(x, 2))
+
+
+class ResEncUNet(nn.Module):
+    """ResEnc U-Net (encoder + decoder from DNA) with optional ssl3d pretext heads.
+
+    Args:
+        in_channels: input channels.
+        out_channels: decoder outputs (1 for reconstruction, classes for segmentation).
+        features: filters per stage.
+        blocks: residual blocks per stage.
+        anatomy_outputs: size of the regional-volume vector (0: no anatomy projector).
+        anatomy_fraction / health_fraction: bottleneck channel split for the heads.
+        dense_classes: > 0 adds a dense anatomy head predicting a label map from the
+            anatomy channels (the ssl3d dense variant).
+    """
+
+    stem_keys = ("encoder.stem.convs.0.conv.weight", "encoder.stem.convs.0.all_modules.0.weight")
+    encoder_prefixes = ("encoder.",)
+    pretext_prefixes = ("decoder.", "anatomy_head.", "health_head.", "dense_head.")
+
+    def __init__(
+        self,
+        in_channels: int = 1,
+        out_channels: int = 1,
+        features: tuple[int, ...] = RESENC_L["features"],
+        blocks: tuple[int, ...] = RESENC_L["blocks"],
+        anatomy_outputs: int = 0,
+        anatomy_fraction: float = 0.5,
+        health_fraction: float = 0.3,
+        health_classes: int = 2,
+        dense_classes: int = 0,
+    ):
+        super().__init__()
+        features, blocks = tuple(int(f) for f in features), tuple(int(b) for b in blocks)
+        if len(features) != len(blocks) or len(features) < 2:
+            raise ConfigError(f"features and blocks need one entry per stage (>= 2), got {features} / {blocks}")
+        if not (anatomy_fraction >= 0 and health_fraction >= 0 and anatomy_fraction + health_fraction <= 1):
+            raise ConfigError(
+                f"anatomy_fraction + health_fraction must be in [0, 1], got {anatomy_fraction} + {health_fraction}"
+            )
+        self.config: dict[str, Any] = {
+            "in_channels": in_channels,
+            "out_channels": out_channels,
+            "features": list(features),
+            "blocks": list(blocks),
+            "anatomy_outputs": anatomy_outputs,
+            "anatomy_fraction": anatomy_fraction,
+            "health_fraction": health_fraction,
+            "health_classes": health_classes,
+            "dense_classes": dense_classes,
+        }
+        self.in_channels = in_channels
+        self.downsampling = 2 ** (len(features) - 1)
+        kw = conv_kwargs()
+        net = ResidualEncoderUNet(
+            in_channels,
+            len(features),
+            features,
+            kw["conv_op"],
+            3,
+            [1] + [2] * (len(features) - 1),
+            blocks,
+            out_channels,
+            [1] * (len(features) - 1),
+            kw["conv_bias"],
+            kw["norm_op"],
+            kw["norm_op_kwargs"],
+            None,
+            None,
+            kw["nonlin"],
+            kw["nonlin_kwargs"],
+        )
+        ResidualEncoderUNet.initialize(net)
+        self.encoder, self.decoder = net.encoder, net.decoder
+        # DNA builds an output layer per decoder stage for deep supervision; without it only the last
+        # one is used. The others keep their keys (nnU-Net/nnssl compatibility) but are frozen, so
+        # every trainable parameter gets a gradient and DDP needs no unused-parameter search.
+        for layer in list(self.decoder.seg_layers)[:-1]:
+            layer.requires_grad_(False)
+        bott = features[-1]
+        self.n_anatomy = int(round(bott * anatomy_fraction))
+        self.n_health = int(round(bott * health_fraction))
+        self.anatomy_head = AnatomyProjector(self.n_anatomy, anatomy_outputs) if anatomy_outputs > 0 else None
+        self.health_head = nn.Linear(self.n_health, health_classes) if self.n_health > 0 and health_classes else None
+        self.dense_head = nn.Conv3d(self.n_anatomy, dense_classes, 1) if dense_classes > 0 else None
+        for head in (self.anatomy_head, self.health_head, self.dense_head):
+            if head is not None:
+                he_init(head)
+
+    @property
+    def feature_channels(self) -> list[int]:
+        return list(self.encoder.output_channels)
+
+    def forward_features(self, x: torch.Tensor) -> dict[str, Any]:
+        """Encode ``(B, C, X, Y, Z)``: ``skips`` and the bottleneck's ``anatomy``/``health``/``free`` parts."""
+        if x.ndim != 5 or x.shape[1] != self.in_channels:
+            raise ValueError(f"expected (B, {self.in_channels}, X, Y, Z), got {tuple(x.shape)}")
+        skips = self.encoder(x)
+        b = skips[-1]
+        a, h = self.n_anatomy, self.n_health
+        return {"skips": skips, "anatomy": b[:, :a], "health": b[:, a : a + h], "free": b[:, a + h :]}
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.decoder(self.encoder(x))
+
+
+@register_model("resenc_unet")
+def resenc_unet(**kwargs: Any) -> ResEncUNet:
+    return ResEncUNet(**kwargs)

@@ -1,0 +1,83 @@
+"""ssl3d: anatomy-anchored MAE on ResEnc-L (and, with its heads off, plain MAE).
+
+Loss = w_mae MSE(masked voxels) + w_anatomy (1 - cos(projection, v)) + w_health CE
+       [+ w_dense CE(dense labels)]
+
+* 75 % of 16^3 blocks are set to 0; the decoder reconstructs, scored on masked voxels.
+* v is the subject's regional-volume vector divided by intracranial volume, then
+  standardised per region over the training set (otherwise every subject's vector is
+  nearly parallel and the cosine carries no information); identical for every scan of a
+  subject. Samples without volumes are skipped for this term.
+* The health classifier sees the mean of the health channels; unknown labels (-1) are ignored.
+* Dense variant: a 1x1x1 head on the anatomy channels predicts the label map (upsampled
+  to the patch), for every contrast.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch.nn.functional as F
+from torch import nn
+
+from neurofm.errors import ConfigError
+from neurofm.objectives.masking import block_mask
+
+
+@dataclass
+class SSL3DConfig:
+    kind: str = "ssl3d"
+    block: int = 16
+    mask_ratio: float = 0.75
+    w_mae: float = 1.0
+    w_anatomy: float = 0.1
+    w_health: float = 0.1
+    w_dense: float = 0.0
+
+    def __post_init__(self) -> None:
+        for name in ("w_mae", "w_anatomy", "w_health", "w_dense"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"objective.{name} should be >= 0, got {getattr(self, name)}")
+
+
+class SSL3DLoss(nn.Module):
+    def __init__(self, cfg: SSL3DConfig):
+        super().__init__()
+        self.cfg = cfg
+
+    def forward(self, model: nn.Module, batch: dict[str, Any], progress: float = 0.0):
+        """Args:
+        batch: ``x`` (B, 1, X, Y, Z); ``volumes`` (B, D) and ``has_volumes`` (B,);
+            ``health`` (B,) long (-1 unknown); ``dseg`` (B, X, Y, Z) long for the dense variant.
+        """
+        cfg = self.cfg
+        x = batch["x"]
+        mask = block_mask(x.shape[0], tuple(x.shape[2:]), cfg.block, cfg.mask_ratio, device=x.device)
+        f = model.forward_features(x.masked_fill(mask, 0.0))
+        rec = model.decoder(f["skips"])
+        m = mask.float()
+        terms = {"mae": (((rec - x) ** 2) * m).sum() / m.sum().clamp_min(1.0)}
+        total = cfg.w_mae * terms["mae"]
+        if cfg.w_anatomy > 0 and model.anatomy_head is not None:
+            proj = model.anatomy_head(f["anatomy"])
+            has = batch["has_volumes"].float()
+            cos = F.cosine_similarity(proj, batch["volumes"].to(proj.dtype), dim=1, eps=1e-6)
+            terms["anatomy"] = ((1.0 - cos) * has).sum() / has.sum().clamp_min(1.0)
+            total = total + cfg.w_anatomy * terms["anatomy"]
+        if cfg.w_health > 0 and model.health_head is not None:
+            logits = model.health_head(f["health"].mean(dim=(2, 3, 4)))
+            target = batch["health"].long()
+            if (target >= 0).any():
+                terms["health"] = F.cross_entropy(logits, target, ignore_index=-1)
+            else:
+                terms["health"] = logits.sum() * 0.0  # keeps every parameter in the graph
+            total = total + cfg.w_health * terms["health"]
+        if cfg.w_dense > 0:
+            if model.dense_head is None:
+                raise ConfigError("objective.w_dense > 0 needs a model built with dense_classes > 0")
+            logits = F.interpolate(model.dense_head(f["anatomy"]), size=x.shape[2:], mode="trilinear")
+            terms["dense"] = F.cross_entropy(logits, batch["dseg"].long(), ignore_index=-1)
+            total = total + cfg.w_dense * terms["dense"]
+        out = {"input": x, "masked": x.masked_fill(mask, 0.0), "reconstruction": rec}
+        return total, {k: v.detach() for k, v in terms.items()}, out

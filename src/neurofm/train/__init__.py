@@ -1,0 +1,1 @@
+"""Run configuration, presets, the Trainer factory and checkpoint folders."""

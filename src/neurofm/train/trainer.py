@@ -1,0 +1,181 @@
+"""The Lightning Trainer factory and the ``pretrain`` entry point.
+
+The same call runs on a CPU, one GPU, or many GPUs and nodes: ``devices``/``num_nodes``
+select DDP, and Lightning picks up torchrun and SLURM environments by itself.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+
+from neurofm.errors import ConfigError, NeurofmError
+from neurofm.train.checkpoint import STATE, RunCheckpoint, latest_checkpoint
+from neurofm.train.config import RunConfig, TrainerConfig, flatten, load_yaml
+from neurofm.train.presets import get_preset
+from neurofm.utils import read_json, write_json
+
+
+def resolve_precision(tc: TrainerConfig) -> str:
+    """``auto``: bf16 mixed precision on GPUs that support it, fp32 elsewhere (bf16 is slow on CPUs)."""
+    if tc.precision != "auto":
+        return tc.precision
+    if tc.accelerator in ("auto", "gpu", "cuda") and torch.cuda.is_available() and torch.cuda.is_bf16_supported():
+        return "bf16-mixed"
+    return "32-true"
+
+
+def quiet_lightning() -> None:
+    """Keep Lightning's warnings, drop its banners and tips (neurofm prints its own summary)."""
+    import logging
+    import warnings
+
+    for name in ("lightning.pytorch", "lightning.fabric", "lightning"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    warnings.filterwarnings("ignore", message=".*LeafSpec.*")
+    warnings.filterwarnings("ignore", message=".*does not have many workers.*")
+    warnings.filterwarnings("ignore", message=".*Consider setting `persistent_workers=True`.*")
+    # our loaders draw random crops: resuming mid-epoch loses nothing a fresh draw would not give
+    warnings.filterwarnings("ignore", message=".*your dataloader is not resumable.*")
+
+
+def build_trainer(
+    cfg: RunConfig,
+    run_dir: Path,
+    callbacks: list | None = None,
+    progress: bool | None = None,
+    loggers: bool = True,
+) -> L.Trainer:
+    """A Lightning Trainer for ``cfg`` writing logs under ``run_dir/logs``."""
+    from lightning.pytorch.callbacks import LearningRateMonitor, RichProgressBar, TQDMProgressBar
+    from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+
+    quiet_lightning()
+    tc = cfg.trainer
+    if progress is None:
+        progress = sys.stderr.isatty()
+    devices = tc.devices
+    accel = tc.accelerator
+    if accel == "auto" and not torch.cuda.is_available():
+        accel = "cpu"
+    if accel == "cpu" and devices == "auto":
+        devices = 1
+    multi = tc.num_nodes > 1 or (isinstance(devices, int) and devices > 1) or os.environ.get("WORLD_SIZE", "1") != "1"
+    if devices == "auto" and torch.cuda.device_count() > 1:
+        multi = True
+    strategy = "ddp" if multi else "auto"
+    cbs = list(callbacks or [])
+    if progress:
+        cbs.append(RichProgressBar() if sys.stderr.isatty() else TQDMProgressBar(refresh_rate=20))
+    logger: Any = False
+    if loggers:
+        logs = run_dir / "logs"
+        # versioned folders: a resumed run adds version_N+1 instead of overwriting the earlier logs
+        logger = [CSVLogger(logs, name="csv"), TensorBoardLogger(logs, name="tensorboard")]
+        cbs.append(LearningRateMonitor(logging_interval="step"))
+    max_steps = tc.max_steps if tc.max_steps > 0 else cfg.optim.epochs * max(1, cfg.data.steps_per_epoch)
+    return L.Trainer(
+        accelerator=accel,
+        devices=devices,
+        num_nodes=tc.num_nodes,
+        strategy=strategy,
+        precision=resolve_precision(tc),
+        max_epochs=-1,
+        max_steps=max_steps,
+        gradient_clip_val=cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else None,
+        callbacks=cbs,
+        logger=logger,
+        log_every_n_steps=tc.log_every,
+        enable_progress_bar=progress,
+        enable_checkpointing=False,
+        enable_model_summary=False,
+        default_root_dir=str(run_dir),
+        use_distributed_sampler=True,
+        num_sanity_val_steps=0,
+    )
+
+
+def resolve_config(
+    preset: str | None = None,
+    config: str | Path | None = None,
+    overrides: list[str] | None = None,
+    base: dict[str, Any] | None = None,
+) -> RunConfig:
+    """preset -> YAML -> ``--set`` overrides (or a saved run config -> overrides)."""
+    if base is not None:
+        cfg = RunConfig.from_dict(base)
+    elif preset is not None:
+        cfg = get_preset(preset)
+    else:
+        raise ConfigError("give a --preset (neurofm pretrain --help lists them)")
+    if config is not None:
+        y = load_yaml(config)
+        y.pop("preset", None)
+        cfg = cfg.override(flatten(y))
+    if overrides:
+        cfg = cfg.override(overrides)
+    return cfg
+
+
+def pretrain(
+    data: str | Path | None,
+    out: str | Path,
+    preset: str | None = None,
+    *,
+    config: str | Path | None = None,
+    overrides: list[str] | None = None,
+    resume: bool = False,
+    progress: bool | None = None,
+    callbacks: list | None = None,
+) -> Path:
+    """Pretrain a recipe on a store; returns the run folder.
+
+    With ``resume=True`` the run's saved config is used (``overrides`` may still extend it,
+    e.g. ``trainer.max_steps``) and training continues from the newest complete checkpoint.
+    """
+    from neurofm.data.pretrain import make_loader, prepare_data
+    from neurofm.tasks.pretrain import PretrainModule
+
+    run = Path(out)
+    ckpt_path = None
+    if resume:
+        if not (run / "run.json").is_file():
+            raise NeurofmError(f"{run}: nothing to resume (no run.json); start without --resume")
+        saved = read_json(run / "run.json")
+        cfg = resolve_config(overrides=overrides, base=saved)
+        data = data or saved["extra"]["store"]
+        ck = latest_checkpoint(run)
+        ckpt_path = str(ck / STATE) if ck is not None else None
+    else:
+        if (run / "run.json").is_file() and latest_checkpoint(run) is not None:
+            raise NeurofmError(f"{run} already holds a run; use --resume to continue it, or another --out")
+        cfg = resolve_config(preset, config, overrides)
+    if data is None:
+        raise ConfigError("give the store to train on (--data STORE)")
+    L.seed_everything(cfg.trainer.seed, workers=True, verbose=False)
+    cfg, index = prepare_data(cfg, data)
+    run.mkdir(parents=True, exist_ok=True)
+    run_dict = cfg.to_dict()
+    from neurofm import __version__
+
+    run_dict["neurofm_version"] = __version__
+    write_json(run / "run.json", run_dict)
+    module = PretrainModule(cfg)
+    saver = RunCheckpoint(run, run_dict, cfg.trainer.checkpoint_every, cfg.trainer.keep_checkpoints)
+    trainer = build_trainer(cfg, run, callbacks=[saver, *(callbacks or [])], progress=progress)
+    loader = make_loader(data, index, cfg)
+    # Our own checkpoints hold only tensors and plain containers: load them without unpickling code.
+    trainer.fit(module, loader, ckpt_path=ckpt_path, weights_only=True)
+    if trainer.is_global_zero:
+        try:
+            from neurofm.analyze.figures import reconstruction_figure
+
+            reconstruction_figure(module, data, index, run / "figures" / "reconstructions.png")
+        except Exception as e:  # a figure must never lose a finished run
+            print(f"warning: could not draw the reconstruction figure: {e}", file=sys.stderr)
+    return run

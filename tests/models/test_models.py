@@ -1,0 +1,76 @@
+from __future__ import annotations
+
+import pytest
+import torch
+
+from neurofm.errors import ConfigError
+from neurofm.models.dual_latent import DualLatentUNet
+from neurofm.models.registry import count_parameters, create_model, list_models, transfer_map
+
+TINY = {
+    "dual_latent_unet": ({"features": [4, 8, 16], "latent": 8}, (2, 1, 16, 16, 16)),
+    "resenc_unet": (
+        {"features": [4, 8, 16], "blocks": [1, 1, 1], "anatomy_outputs": 5, "dense_classes": 3},
+        (2, 1, 16, 16, 16),
+    ),
+    "vit_autoenc": ({"size": "tiny", "img_size": 16, "patch_size": 4}, (2, 4, 16, 16, 16)),
+}
+
+
+def test_every_registered_model_has_a_tiny_case():
+    assert set(list_models()) == set(TINY)
+
+
+@pytest.mark.parametrize("name", sorted(TINY))
+def test_forward_backward_reaches_every_parameter(name):
+    kwargs, shape = TINY[name]
+    torch.manual_seed(0)
+    model = create_model(name, **kwargs)
+    x = torch.randn(shape)
+    feats = model.forward_features(x)
+    out = model(x)
+    assert out.shape[0] == shape[0] and out.shape[2:] == shape[2:]
+    loss = out.pow(2).mean()
+    if name == "resenc_unet":
+        loss = (
+            loss + model.anatomy_head(feats["anatomy"]).sum() + model.health_head(feats["health"].mean((2, 3, 4))).sum()
+        )
+        loss = loss + model.dense_head(feats["anatomy"]).sum()
+    if name == "dual_latent_unet":
+        loss = loss + feats["logvar_s"].sum() + feats["logvar_c"].sum()
+    loss.backward()
+    for n, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        assert p.grad is not None, f"{n} got no gradient"
+        assert torch.isfinite(p.grad).all(), n
+    assert all(k in model.state_dict() for k in model.stem_keys)
+    tm = transfer_map(model)
+    assert tm["in_channels"] == shape[1]
+    assert all(any(k.startswith(p) for k in model.state_dict()) for p in tm["encoder_prefixes"])
+
+
+def test_paper_sizes():
+    assert 18e6 < count_parameters(DualLatentUNet()) < 20e6  # the paper: "20 M"
+    resenc = create_model("resenc_unet")
+    assert 100e6 < count_parameters(resenc) < 104e6  # nnU-Net ResEnc-L
+    keys = list(resenc.state_dict())
+    assert keys[0].startswith("encoder.stem.") and any(k.startswith("decoder.seg_layers") for k in keys)
+
+
+def test_dual_latent_shapes():
+    m = DualLatentUNet(features=(4, 8, 16, 32), latent=6)
+    f = m.forward_features(torch.randn(1, 1, 32, 32, 32))
+    assert f["mu_s"].shape == (1, 6, 4, 4, 4) and f["mu_c"].shape == (1, 6, 4, 4, 4)
+    assert m.decode(f["mu_s"], f["mu_c"]).shape == (1, 1, 32, 32, 32)
+    with pytest.raises(ValueError, match="divisible by 8"):
+        m.forward_features(torch.randn(1, 1, 20, 32, 32))
+
+
+def test_bad_model_arguments_are_config_errors():
+    with pytest.raises(ConfigError, match="unknown model"):
+        create_model("unet9000")
+    with pytest.raises(ConfigError, match="bad arguments"):
+        create_model("dual_latent_unet", filters=3)
+    with pytest.raises(ConfigError, match="square"):
+        create_model("vit_autoenc", img_size=32, patch_size=8)

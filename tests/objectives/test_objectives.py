@@ -1,0 +1,139 @@
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from neurofm.errors import ConfigError
+from neurofm.models.dual_latent import DualLatentUNet
+from neurofm.models.resenc import ResEncUNet
+from neurofm.objectives import build_objective, objective_config
+from neurofm.objectives.fomo25 import Fomo25Config, Fomo25Loss, kl_divergence
+from neurofm.objectives.masking import block_mask, coarse_dropout, holes_for_fraction
+from neurofm.objectives.ssl3d import SSL3DConfig
+
+
+def test_block_mask_hides_the_exact_ratio_in_whole_blocks():
+    g = torch.Generator().manual_seed(0)
+    m = block_mask(3, (16, 16, 32), 4, 0.6, generator=g)
+    assert m.shape == (3, 1, 16, 16, 32) and m.dtype == torch.bool
+    n_blocks = 4 * 4 * 8
+    for b in range(3):
+        assert m[b].sum().item() == round(0.6 * n_blocks) * 64
+        blocks = m[b, 0].view(4, 4, 4, 4, 8, 4).permute(0, 2, 4, 1, 3, 5).reshape(-1, 64)
+        assert ((blocks.sum(1) == 0) | (blocks.sum(1) == 64)).all()  # whole blocks only
+    assert not torch.equal(m[0], m[1])
+    with pytest.raises(ConfigError, match="multiple of the mask block"):
+        block_mask(1, (10, 16, 16), 4, 0.5)
+    with pytest.raises(ConfigError, match=r"\(0, 1\)"):
+        block_mask(1, (16, 16, 16), 4, 1.3)
+
+
+def test_coarse_dropout_is_per_channel_and_fills_zero():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 4, 24, 24, 24) + 5
+    y, m = coarse_dropout(x, 4, 40, generator=g)
+    assert (y[m] == 0).all() and torch.equal(y[~m], x[~m])
+    assert not torch.equal(m[:, 0], m[:, 1])  # channels are dropped independently
+    one, m1 = coarse_dropout(torch.ones(1, 1, 10, 10, 10), 3, 1, generator=g)
+    assert m1.sum() == 27  # a single hole is exactly hole^3 voxels
+    frac = coarse_dropout(torch.ones(1, 1, 32, 32, 32), 4, holes_for_fraction((32,) * 3, 4))[1].float().mean()
+    assert 0.25 < frac < 0.45
+
+
+def test_kl_is_zero_for_the_prior():
+    mu, lv = torch.zeros(2, 3, 2, 2, 2), torch.zeros(2, 3, 2, 2, 2)
+    assert torch.allclose(kl_divergence(mu, lv), torch.zeros(2))
+    assert (kl_divergence(mu + 1, lv) > 0).all()
+
+
+class _ContrastPainter(nn.Module):
+    """A fake dual-latent model: decode() paints the contrast latent's value everywhere."""
+
+    def decode(self, z_s, z_c):
+        return z_c.mean(dim=(1, 2, 3, 4), keepdim=True).expand(-1, 1, 8, 8, 8)
+
+
+def test_swap_target_is_the_other_contrast():
+    loss = Fomo25Loss(Fomo25Config())
+    x_a, x_b = torch.full((2, 1, 8, 8, 8), 1.0), torch.full((2, 1, 8, 8, 8), 5.0)
+    zs = torch.zeros(2, 2, 1, 1, 1)
+    zc_a, zc_b = torch.full_like(zs, 1.0), torch.full_like(zs, 5.0)
+    s_ab, s_ba, pred_ab, pred_ba = loss.swap_terms(_ContrastPainter(), zs, zs, zc_a, zc_b, x_a, x_b)
+    # [anatomy, zc_b] renders b's contrast and is scored against x_b (and vice versa): zero loss
+    assert torch.allclose(pred_ab, x_b) and torch.allclose(pred_ba, x_a)
+    assert torch.allclose(s_ab, torch.zeros(2)) and torch.allclose(s_ba, torch.zeros(2))
+
+
+def _pair_batch(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return {
+        "x_a": torch.randn(2, 1, 16, 16, 16, generator=g),
+        "x_b": torch.randn(2, 1, 16, 16, 16, generator=g),
+        "pair_valid": torch.tensor([True, True]),
+    }
+
+
+def _grads(model, objective, batch, seed=1):
+    model.zero_grad()
+    torch.manual_seed(seed)  # same masks and reparameterisation noise in every call
+    total, terms, _ = objective(model, batch, progress=20.0)
+    total.backward()
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}, terms
+
+
+@pytest.mark.parametrize("switch", ["w_swap", "w_align", "w_repel", "w_kl"])
+def test_fomo25_ablation_switch_removes_its_term(switch):
+    torch.manual_seed(0)
+    model = DualLatentUNet(features=(4, 8, 16), latent=4)
+    batch = _pair_batch()
+    full_g, full_t = _grads(model, Fomo25Loss(Fomo25Config()), batch)
+    abl_g, abl_t = _grads(model, Fomo25Loss(Fomo25Config(**{switch: 0.0})), batch)
+    term = switch[2:]
+    assert term in full_t and term not in abl_t
+    enc = "encoder.stages.0.0.convs.0.conv.weight"
+    assert not torch.allclose(full_g[enc], abl_g[enc])
+    again_g, _ = _grads(model, Fomo25Loss(Fomo25Config()), batch)
+    assert torch.allclose(full_g[enc], again_g[enc])  # the difference is the term, not randomness
+
+
+def test_single_scan_sessions_contribute_only_reconstruction_and_kl():
+    torch.manual_seed(0)
+    model = DualLatentUNet(features=(4, 8, 16), latent=4)
+    batch = _pair_batch()
+    batch["pair_valid"] = torch.tensor([False, False])
+    _, terms = _grads(model, Fomo25Loss(Fomo25Config()), batch)
+    assert terms["swap"] == 0 and terms["align"] == 0 and terms["repel"] == 0
+    assert terms["rec"] > 0 and terms["kl"] >= 0
+
+
+def test_ssl3d_ablation_switches():
+    torch.manual_seed(0)
+    model = ResEncUNet(features=(4, 8, 16), blocks=(1, 1, 1), anatomy_outputs=6)
+    batch = {
+        "x": torch.randn(2, 1, 16, 16, 16),
+        "volumes": torch.randn(2, 6),
+        "has_volumes": torch.tensor([True, True]),
+        "health": torch.tensor([0, 1]),
+    }
+    full_g, full_t = _grads(model, build_objective(SSL3DConfig(block=4)), batch)
+    for switch in ("w_anatomy", "w_health"):
+        abl_g, abl_t = _grads(model, build_objective(SSL3DConfig(block=4, **{switch: 0.0})), batch)
+        assert switch[2:] in full_t and switch[2:] not in abl_t
+        key = "encoder.stages.2.blocks.0.conv2.conv.weight"
+        assert not torch.allclose(full_g[key], abl_g[key])
+    # unknown health labels (-1) give no gradient from the classifier
+    batch["health"] = torch.tensor([-1, -1])
+    _, t = _grads(model, build_objective(SSL3DConfig(block=4)), batch)
+    assert t["health"] == 0
+
+
+def test_objective_config_validation():
+    with pytest.raises(ConfigError, match="unknown objective kind"):
+        objective_config({"kind": "simclr"})
+    with pytest.raises(ConfigError, match="unknown objective option"):
+        objective_config({"kind": "fomo25", "w_swapp": 1.0})
+    with pytest.raises(ConfigError, match="rec_loss"):
+        Fomo25Config(rec_loss="l2")
+    with pytest.raises(ConfigError, match=">= 0"):
+        Fomo25Config(w_swap=-1)

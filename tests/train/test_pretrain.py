@@ -1,0 +1,284 @@
+from __future__ import annotations
+
+import dataclasses
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import lightning as L
+import pytest
+import torch
+
+from neurofm.data.pretrain import PretrainDataset, prepare_data
+from neurofm.errors import ConfigError
+from neurofm.models.registry import create_model
+from neurofm.objectives import build_objective
+from neurofm.tasks.pretrain import NonFiniteLossError, PretrainModule, build_optimizer, lr_factor
+from neurofm.train.checkpoint import STATE, build_model_from_checkpoint, latest_checkpoint
+from neurofm.train.config import OptimConfig
+from neurofm.train.presets import PRESETS, get_preset
+from neurofm.train.trainer import pretrain
+
+TINY_PRESETS = sorted(p for p in PRESETS if p.endswith("-tiny")) + ["ssl3d-tiny+dense"]
+
+
+def _batch(cfg, index, store):
+    dcfg = dataclasses.replace(cfg.data, augment=False)
+    ds = PretrainDataset(
+        store,
+        index,
+        dcfg,
+        length=8,
+        seed=0,
+        dense=cfg.objective.kind == "ssl3d" and cfg.objective.w_dense > 0,
+    )
+    return torch.utils.data.default_collate([ds[i] for i in range(cfg.data.batch_size)])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("preset", TINY_PRESETS)
+def test_tiny_preset_trains_loss_falls_and_every_parameter_learns(preset, tiny_store):
+    name, _, variant = preset.partition("+")
+    cfg = get_preset(name)
+    if variant == "dense":  # the ssl3d dense-anatomy variant: a label-map head on the anatomy channels
+        cfg = cfg.override(["objective.w_dense=0.1"])
+    cfg, index = prepare_data(cfg, tiny_store)
+    torch.manual_seed(0)
+    model = create_model(cfg.model.name, **cfg.model.kwargs)
+    objective = build_objective(cfg.objective)
+    batch = _batch(cfg, index, tiny_store)
+    opt = build_optimizer(model.parameters(), dataclasses.replace(cfg.optim, lr=3e-3, weight_decay=0.0))
+    losses = []
+    for step in range(40):
+        opt.zero_grad()
+        loss, terms, _ = objective(model, batch, progress=float(step))
+        loss.backward()
+        if step == 0:
+            for n, p in model.named_parameters():
+                if p.requires_grad:
+                    assert p.grad is not None and torch.isfinite(p.grad).all(), f"{preset}: {n} has no gradient"
+        opt.step()
+        losses.append(loss.item())
+    first, last = sum(losses[:5]) / 5, sum(losses[-5:]) / 5
+    assert last < 0.85 * first, f"{preset}: loss {first:.4f} -> {last:.4f}"
+
+
+def test_presets_and_overrides():
+    cfg = get_preset("fomo25")
+    assert cfg.objective.w_rec == 3.0 and cfg.objective.mask_ratio == 0.6 and cfg.objective.block == 4
+    assert cfg.optim.name == "adamw" and cfg.optim.warmup_epochs == 5 and cfg.optim.grad_clip == 1.0
+    ssl = get_preset("ssl3d")
+    assert (ssl.optim.name, ssl.optim.momentum, ssl.optim.lr, ssl.optim.weight_decay) == (
+        "sgd",
+        0.99,
+        1e-2,
+        3e-5,
+    )
+    assert (ssl.objective.block, ssl.objective.mask_ratio) == (16, 0.75)
+    lam = get_preset("lamim4")
+    assert (lam.objective.hole, lam.objective.holes, lam.data.patch, lam.data.batch_size) == (4, 6000, 96, 7)
+    mae = get_preset("mae")
+    assert mae.objective.w_swap == mae.objective.w_align == mae.objective.w_kl == 0.0
+    new = cfg.override(["optim.lr=3e-4", "objective.w_swap=0", "model.kwargs.latent=64", "trainer.devices=4"])
+    assert new.optim.lr == 3e-4 and new.objective.w_swap == 0 and new.model.kwargs["latent"] == 64
+    assert new.trainer.devices == 4
+    with pytest.raises(ConfigError, match="unknown setting 'optim.lrr'"):
+        cfg.override(["optim.lrr=1"])
+    with pytest.raises(ConfigError, match="key=value"):
+        cfg.override(["optim.lr"])
+    with pytest.raises(ConfigError, match="data.mode"):
+        cfg.override(["data.mode=triplets"])
+    with pytest.raises(ConfigError, match="unknown preset"):
+        get_preset("fomo26")
+
+
+def test_lr_schedules_known_answers():
+    cos = OptimConfig(schedule="warmup_cosine", warmup_epochs=2, warmup_start_factor=1e-3)
+    assert lr_factor(0, 100, 10, cos) == pytest.approx(1e-3)
+    assert lr_factor(10, 100, 10, cos) == pytest.approx(0.5 + 0.5e-3, rel=1e-3)
+    assert lr_factor(20, 100, 10, cos) == pytest.approx(1.0)
+    assert lr_factor(60, 100, 10, cos) == pytest.approx(0.5)
+    assert lr_factor(100, 100, 10, cos) == pytest.approx(0.0, abs=1e-9)
+    poly = OptimConfig(schedule="poly", poly_exponent=0.9)
+    assert lr_factor(50, 100, 10, poly) == pytest.approx(0.5**0.9)
+    assert lr_factor(7, 100, 10, OptimConfig(schedule="constant")) == 1.0
+
+
+def test_nan_loss_stops_with_a_clear_message():
+    module = PretrainModule(get_preset("fomo25-tiny"))
+    batch = {
+        "x_a": torch.full((1, 1, 32, 32, 32), float("nan")),
+        "x_b": torch.zeros(1, 1, 32, 32, 32),
+        "pair_valid": torch.tensor([True]),
+    }
+    with pytest.raises(NonFiniteLossError, match="lower the learning rate|Lower the learning rate"):
+        module.training_step(batch, 0)
+
+
+@pytest.mark.slow
+def test_cli_pretrain_writes_a_self_describing_run(tiny_store, tmp_path, run_cli):
+    run = tmp_path / "run"
+    code, _, err = run_cli(
+        "pretrain",
+        "--preset",
+        "fomo25-tiny",
+        "--data",
+        tiny_store,
+        "--out",
+        run,
+        "--max-steps",
+        "12",
+        "--set",
+        "trainer.checkpoint_every=5",
+        "--no-progress",
+    )
+    assert code == 0, err
+    ck = latest_checkpoint(run)
+    assert ck is not None and ck.name == "step-0000012"
+    assert sorted(p.name for p in (run / "checkpoints").glob("step-*")) == ["step-0000010", "step-0000012"]
+    for f in (
+        "model.safetensors",
+        "model.json",
+        "transfer.json",
+        "preprocessing.json",
+        "run.json",
+        "meta.json",
+        STATE,
+    ):
+        assert (ck / f).is_file(), f
+    model, info = build_model_from_checkpoint(run)
+    assert info["preprocessing"]["spacing"] == 2.0 and info["transfer"]["in_channels"] == 1
+    assert info["meta"]["step"] == 12
+    assert (run / "figures" / "reconstructions.png").stat().st_size > 5000
+    assert (run / "logs" / "csv" / "version_0" / "metrics.csv").is_file()
+    code, out, _ = run_cli("inspect", run)
+    assert code == 0 and "fomo25-tiny" in out and "parameters: 1,118,225" in out and "step 12" in out
+    code, _, err = run_cli("pretrain", "--preset", "fomo25-tiny", "--data", tiny_store, "--out", run)
+    assert code == 2 and "--resume" in err
+
+
+def test_half_written_checkpoints_are_never_picked_up(tmp_path):
+    ck = tmp_path / "run" / "checkpoints"
+    good = ck / "step-0000010"
+    good.mkdir(parents=True)
+    (good / "model.safetensors").write_bytes(b"x")
+    (good / "meta.json").write_text("{}")
+    partial = ck / "step-0000020"  # renamed but incomplete (no meta.json) cannot happen, but must not be used
+    partial.mkdir()
+    (partial / "model.safetensors").write_bytes(b"x")
+    (ck / ".tmp-step-0000030").mkdir()
+    (ck / "last").write_text("step-0000020\n")  # even a pointer to it is not trusted
+    assert latest_checkpoint(tmp_path / "run") == good
+
+
+class _Capture(L.Callback):
+    def __init__(self):
+        self.start_step = None
+        self.optimizer_state = None
+
+    def on_train_start(self, trainer, pl_module):
+        self.start_step = trainer.global_step
+        self.optimizer_state = {
+            k: {n: t.clone() for n, t in v.items() if torch.is_tensor(t)}
+            for k, v in trainer.optimizers[0].state_dict()["state"].items()
+        }
+
+
+@pytest.mark.slow
+def test_kill_9_then_resume_continues_from_the_last_checkpoint(tiny_store, tmp_path):
+    run = tmp_path / "run"
+    cmd = [
+        sys.executable,
+        "-m",
+        "neurofm.cli",
+        "pretrain",
+        "--preset",
+        "fomo25-tiny",
+        "--data",
+        str(tiny_store),
+        "--out",
+        str(run),
+        "--max-steps",
+        "400",
+        "--set",
+        "trainer.checkpoint_every=4",
+        "--no-progress",
+    ]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
+    deadline = time.time() + 180
+    try:
+        while time.time() < deadline:
+            ck = latest_checkpoint(run)
+            if ck is not None and ck.name >= "step-0000012":
+                break
+            if proc.poll() is not None:
+                pytest.fail(f"training exited early: {proc.stderr.read().decode()[-2000:]}")
+            time.sleep(0.2)
+        else:
+            pytest.fail("no checkpoint within the time limit")
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    ck = latest_checkpoint(run)
+    saved = torch.load(ck / STATE, map_location="cpu", weights_only=True)
+    saved_step = saved["global_step"]
+    assert saved_step == int(ck.name.split("-")[1])
+    cap = _Capture()
+    target = saved_step + 6
+    pretrain(None, run, resume=True, overrides=[f"trainer.max_steps={target}"], progress=False, callbacks=[cap])
+    assert cap.start_step == saved_step
+    want = saved["optimizer_states"][0]["state"]
+    assert set(cap.optimizer_state) == set(want)
+    for k, v in want.items():
+        for n, t in v.items():
+            if torch.is_tensor(t):
+                assert torch.equal(cap.optimizer_state[k][n], t), (k, n)
+    final = latest_checkpoint(run)
+    assert final.name == f"step-{target:07d}"
+    assert not list((run / "checkpoints").glob(".tmp-*"))
+
+
+@pytest.mark.slow
+def test_ddp_on_two_cpu_processes(tiny_store, tmp_path):
+    run = tmp_path / "ddp"
+    cmd = [
+        sys.executable,
+        "-m",
+        "neurofm.cli",
+        "pretrain",
+        "--preset",
+        "ssl3d-tiny",
+        "--data",
+        str(tiny_store),
+        "--out",
+        str(run),
+        "--max-steps",
+        "4",
+        "--accelerator",
+        "cpu",
+        "--devices",
+        "2",
+        "--no-progress",
+    ]
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    ck = latest_checkpoint(run)
+    assert ck is not None and ck.name == "step-0000004"
+    assert build_model_from_checkpoint(run)[1]["meta"]["world_size"] == 2
+    assert res.stdout.count("latest checkpoint") + res.stderr.count("latest checkpoint") == 1  # one rank reports
+
+
+def test_checkpoint_weights_round_trip(tmp_path):
+    from neurofm.train.checkpoint import load_state, load_weights, save_weights
+
+    m = create_model("resenc_unet", features=[4, 8], blocks=[1, 1])
+    save_weights(m, tmp_path / "w.safetensors")
+    m2 = create_model("resenc_unet", features=[4, 8], blocks=[1, 1])
+    load_state(m2, load_weights(tmp_path / "w.safetensors"))
+    for (k, a), (_, b) in zip(m.state_dict().items(), m2.state_dict().items(), strict=True):
+        assert torch.equal(a, b), k
+    (tmp_path / "w.pt").write_bytes(b"pickle")
+    with pytest.raises(Exception, match="safetensors"):
+        load_weights(tmp_path / "w.pt")
