@@ -57,3 +57,12 @@ def tiny_store(tmp_path_factory) -> Path:
     )
     prepare(root / "bids", root / "store", PrepareConfig(spacing=2.0), workers=2, progress=False)
     return root / "store"
+
+
+@pytest.fixture(scope="session")
+def pretrained_run(tiny_store, tmp_path_factory) -> Path:
+    """fomo25-tiny pretrained for a few steps on the tiny store."""
+    from neurofm.train.trainer import pretrain
+
+    out = tmp_path_factory.mktemp("pre") / "run"
+    return pretrain(tiny_store, out, "fomo25-tiny", overrides=["trainer.max_steps=4"], progress=False)

@@ -18,7 +18,8 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-console = Console(stderr=True, soft_wrap=True)
+console = Console(stderr=True, soft_wrap=True)  # progress, notes and errors
+results = Console(soft_wrap=True)  # what a command produces: tables, model cards
 
 
 def _version(value: bool) -> None:
@@ -160,8 +161,149 @@ def pretrain(
         return
     from neurofm.train.checkpoint import describe_run
 
-    console.print(describe_run(folder))
+    results.print(describe_run(folder))
     console.print(f"run: {folder}")
+
+
+def _csv(text: str | None) -> list[str] | None:
+    return [t.strip() for t in text.split(",") if t.strip()] if text else None
+
+
+@app.command()
+def finetune(
+    data: Annotated[Path, typer.Option(help="Store with the labelled cases (neurofm prepare).")],
+    task: Annotated[str, typer.Option(help="seg, cls or reg.")],
+    target: Annotated[str, typer.Option(help="Label map (seg) or label column (cls/reg), e.g. lesion, infarct, age.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Folder for the fine-tuned run and its evaluation.")],
+    from_: Annotated[str, typer.Option("--from", help="Pretrained run folder, or 'scratch'.")] = "scratch",
+    arch: Annotated[str, typer.Option(help="With --from scratch: the preset whose backbone to train.")] = "fomo25",
+    contrasts: Annotated[
+        str | None, typer.Option(help="Input contrasts, e.g. T1w,FLAIR (default: all in the store).")
+    ] = None,
+    mode: Annotated[str, typer.Option(help="linear (probe), frozen (encoder frozen) or full.")] = "full",
+    shots: Annotated[
+        int | None, typer.Option(help="Train on this many subjects (few-shot); the rest are the test set.")
+    ] = None,
+    folds: Annotated[int, typer.Option(help="k-fold cross-validation over subjects (0: off).")] = 0,
+    train_sites: Annotated[str | None, typer.Option(help="Fine-tune on these sites only (comma list).")] = None,
+    test_sites: Annotated[str | None, typer.Option(help="Test on these sites (default: the other sites).")] = None,
+    steps: Annotated[int, typer.Option(help="Optimiser steps per model.")] = 300,
+    patch: Annotated[int | None, typer.Option(help="Crop size (default: the pretraining patch).")] = None,
+    batch_size: Annotated[int, typer.Option(help="Batch size.")] = 2,
+    lr: Annotated[float, typer.Option(help="Learning rate of the head/decoder (encoder: x backbone-lr-scale).")] = 1e-3,
+    backbone_lr_scale: Annotated[float, typer.Option(help="Encoder learning rate relative to --lr (full mode).")] = 0.1,
+    seed: Annotated[int, typer.Option(help="Seed of the subsets, folds and training.")] = 0,
+    workers: Annotated[int, typer.Option("--workers", "-j", help="Data-loader worker processes.")] = 2,
+    tta: Annotated[bool, typer.Option(help="Mirror test-time augmentation at evaluation.")] = True,
+    lcc: Annotated[bool, typer.Option(help="Keep the largest connected component (seg).")] = False,
+    bootstrap: Annotated[int, typer.Option(help="Bootstrap resamples for the 95 % intervals.")] = 1000,
+    devices: Annotated[str | None, typer.Option(help="Devices (e.g. 1, 4, auto).")] = None,
+    progress: Annotated[bool | None, typer.Option(help="Progress bar (default: on terminals).")] = None,
+) -> None:
+    """Fine-tune a pretrained run (or a from-scratch baseline) and evaluate it on held-out subjects."""
+    from neurofm.tasks.finetune import FinetuneConfig
+    from neurofm.tasks.finetune import finetune as run
+
+    trainer = {"devices": int(devices) if devices and devices.isdigit() else devices} if devices else {}
+    cfg = FinetuneConfig(
+        task=task,
+        target=target,
+        source=from_,
+        arch=arch,
+        contrasts=_csv(contrasts),
+        mode=mode,
+        shots=shots,
+        folds=folds,
+        train_sites=_csv(train_sites),
+        test_sites=_csv(test_sites),
+        steps=steps,
+        patch=patch,
+        batch_size=batch_size,
+        lr=lr,
+        backbone_lr_scale=backbone_lr_scale,
+        seed=seed,
+        num_workers=workers,
+        tta=tta,
+        lcc=lcc,
+        trainer=trainer,
+    )
+    summary = run(data, out, cfg, progress=progress)
+    _print_metrics(summary)
+    console.print(f"per-case predictions: {out / 'predictions.csv'}; summary: {out / 'summary.json'}")
+
+
+def _print_metrics(summary: dict) -> None:
+    from rich.table import Table
+
+    table = Table("metric", "value", "95 % interval", title=f"{summary['task']} on {summary['target']}")
+    for k, v in summary["metrics"].items():
+        table.add_row(k, f"{v['value']:.4g}", f"[{v['ci_low']:.3g}, {v['ci_high']:.3g}] (n={v['n']})")
+    results.print(table)
+
+
+@app.command()
+def evaluate(
+    run: Annotated[Path, typer.Argument(help="A fine-tuned run folder.")],
+    data: Annotated[Path, typer.Option(help="Store to evaluate on.")],
+    out: Annotated[Path | None, typer.Option(help="Output folder (default RUN/eval-<store>).")] = None,
+    split: Annotated[str, typer.Option(help="test (the run's held-out subjects), all, or auto.")] = "auto",
+    tta: Annotated[bool, typer.Option(help="Mirror test-time augmentation.")] = True,
+    lcc: Annotated[bool, typer.Option(help="Keep the largest connected component (seg).")] = False,
+    bootstrap: Annotated[int, typer.Option(help="Bootstrap resamples for the 95 % intervals.")] = 1000,
+) -> None:
+    """Score a fine-tuned run on a store: per-case CSV and a summary with bootstrap 95 % intervals."""
+    from neurofm.evaluate.evaluate import evaluate_run
+
+    _print_metrics(evaluate_run(run, data, out, split=split, tta=tta, lcc=lcc, bootstrap=bootstrap))
+
+
+@app.command()
+def predict(
+    run: Annotated[Path, typer.Argument(help="A fine-tuned run folder.")],
+    inputs: Annotated[
+        list[str], typer.Argument(help="CONTRAST=scan.nii.gz pairs for one case, or a dataset folder / CSV.")
+    ],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Output folder.")],
+    tta: Annotated[bool, typer.Option(help="Mirror test-time augmentation.")] = True,
+    lcc: Annotated[bool, typer.Option(help="Keep the largest connected component (seg).")] = False,
+    overlap: Annotated[float, typer.Option(help="Sliding-window overlap.")] = 0.5,
+    reference: Annotated[str | None, typer.Option(help="Contrast whose grid the mask is written on.")] = None,
+    progress: Annotated[bool, typer.Option(help="Progress bar for datasets.")] = True,
+) -> None:
+    """Predict whole scans straight from NIfTI: masks on each input's own grid, a CSV for cls/reg."""
+    from neurofm.infer.cli import predict_inputs
+
+    table = predict_inputs(run, inputs, out, tta=tta, lcc=lcc, overlap=overlap, reference=reference, progress=progress)
+    console.print(f"{len(table)} case(s) -> {out / 'predictions.csv'}")
+
+
+@app.command()
+def embed(
+    run: Annotated[Path, typer.Argument(help="A pretrained run folder.")],
+    data: Annotated[Path, typer.Option(help="Store to embed.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Output .parquet (vectors as lists) or .csv (columns).")],
+    progress: Annotated[bool, typer.Option(help="Progress bar.")] = True,
+) -> None:
+    """Per-scan features: the subject (anatomy) and contrast latents of a pretrained model."""
+    from neurofm.analyze.embed import embed_store, save_embeddings
+
+    df = embed_store(run, data, progress=progress)
+    console.print(f"{len(df)} scans -> {save_embeddings(df, out)}")
+
+
+@app.command(name="import")
+def import_(
+    kind: Annotated[str, typer.Argument(help="nnssl, nnunet (ResEnc checkpoints) or monai (ViTAutoEnc state dict).")],
+    src: Annotated[Path, typer.Argument(help="The checkpoint file (.pth/.pt).")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Run folder to create.")],
+    num_heads: Annotated[int | None, typer.Option(help="ViT attention heads (default hidden/64).")] = None,
+    spacing: Annotated[float, typer.Option(help="Voxel size the weights were trained at (mm).")] = 1.0,
+) -> None:
+    """Import weights into a neurofm run folder (never unpickles code: tensors only)."""
+    from neurofm.models.importers import import_weights
+    from neurofm.train.checkpoint import describe_run
+
+    results.print(describe_run(import_weights(kind, src, out, num_heads=num_heads, spacing=spacing)))
 
 
 @app.command()

@@ -10,15 +10,16 @@ from neurofm.models.registry import count_parameters, create_model, list_models,
 TINY = {
     "dual_latent_unet": ({"features": [4, 8, 16], "latent": 8}, (2, 1, 16, 16, 16)),
     "resenc_unet": (
-        {"features": [4, 8, 16], "blocks": [1, 1, 1], "anatomy_outputs": 5, "dense_classes": 3},
+        {"features": [4, 8, 16], "blocks": [1, 1, 1], "anatomy_outputs": 5, "dense_classes": 3, "health_classes": 2},
         (2, 1, 16, 16, 16),
     ),
     "vit_autoenc": ({"size": "tiny", "img_size": 16, "patch_size": 4}, (2, 4, 16, 16, 16)),
 }
 
 
-def test_every_registered_model_has_a_tiny_case():
-    assert set(list_models()) == set(TINY)
+def test_every_registered_backbone_has_a_tiny_case():
+    # "downstream" wraps these backbones with task heads; tests/tasks exercise it
+    assert set(list_models()) - {"downstream"} == set(TINY)
 
 
 @pytest.mark.parametrize("name", sorted(TINY))

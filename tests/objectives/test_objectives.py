@@ -109,7 +109,7 @@ def test_single_scan_sessions_contribute_only_reconstruction_and_kl():
 
 def test_ssl3d_ablation_switches():
     torch.manual_seed(0)
-    model = ResEncUNet(features=(4, 8, 16), blocks=(1, 1, 1), anatomy_outputs=6)
+    model = ResEncUNet(features=(4, 8, 16), blocks=(1, 1, 1), anatomy_outputs=6, health_classes=2)
     batch = {
         "x": torch.randn(2, 1, 16, 16, 16),
         "volumes": torch.randn(2, 6),

@@ -31,8 +31,11 @@ def segmentation_case(
 
     Both empty: Dice = NSD = 1 and HD95 = 0. One empty: Dice = NSD = 0 and HD95 = NaN.
     """
+    import warnings
+
     from monai.metrics import compute_dice, compute_hausdorff_distance, compute_surface_dice
 
+    warnings.filterwarnings("ignore", message=".*always_return_as_numpy.*")  # MONAI-internal deprecation
     out: dict[str, list[float]] = {"dice": [], "nsd": [], "hd95": []}
     p1, t1 = _onehot(pred, classes), _onehot(truth, classes)
     for c in range(1, classes):
@@ -105,7 +108,15 @@ def bootstrap(
     fn: Callable[[np.ndarray], dict[str, float]], n: int, reps: int = 1000, seed: int = 0
 ) -> dict[str, dict[str, float]]:
     """Point estimate and percentile 95 % interval of ``fn(indices)`` over ``reps`` resamples of n cases."""
+    import warnings
+
     rng = np.random.default_rng(seed)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # degenerate resamples (one class) warn in scikit-learn
+        return _bootstrap(fn, n, reps, rng)
+
+
+def _bootstrap(fn, n: int, reps: int, rng: np.random.Generator) -> dict[str, dict[str, float]]:
     point = fn(np.arange(n))
     samples: dict[str, list[float]] = {k: [] for k in point}
     for _ in range(reps):

@@ -180,8 +180,38 @@ def save_scan(
     img = nib.Nifti1Image(arr, np.asarray(affine, dtype=np.float64), header=header)
     img.set_sform(affine, code=1)
     img.set_qform(affine, code=1)
-    suffix = ".nii.gz" if str(path).endswith(".gz") else ".nii"
+    return _save_atomic(img, path)
+
+
+def save_like(path: str | Path, data: np.ndarray, reference: str | Path, dtype: np.dtype | type = np.uint8) -> Path:
+    """Write ``data`` (on the reference scan's grid) with the reference's header geometry, atomically.
+
+    The sform/qform codes and matrices are copied, so the output's affine, shape and
+    orientation are exactly the reference's and it overlays it in any viewer.
+    """
+    ref = nib.load(str(reference))
+    arr = np.asarray(data)
+    if arr.shape != tuple(ref.shape[:3]):
+        raise ValueError(f"data shape {arr.shape} differs from the reference grid {ref.shape[:3]}")
+    hdr = ref.header.copy()
+    hdr.set_data_shape(arr.shape)
+    hdr.set_data_dtype(dtype)
+    hdr.set_slope_inter(1.0, 0.0)
+    img = nib.Nifti1Image(arr.astype(dtype), ref.affine, header=hdr)
+    sform, scode = ref.header.get_sform(coded=True)
+    qform, qcode = ref.header.get_qform(coded=True)
+    if scode:
+        img.set_sform(sform, int(scode))
+    if qcode:
+        img.set_qform(qform, int(qcode))
+    return _save_atomic(img, path)
+
+
+def _save_atomic(img: nib.Nifti1Image, path: str | Path) -> Path:
+    """Save next to the destination and rename: the file appears complete or not at all."""
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    suffix = ".nii.gz" if str(path).endswith(".gz") else ".nii"
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
     os.close(fd)
     try:

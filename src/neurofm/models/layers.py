@@ -26,3 +26,11 @@ def he_init(module: nn.Module) -> None:
     from dynamic_network_architectures.initialization.weight_init import InitWeights_He
 
     module.apply(InitWeights_He(1e-2))
+
+
+def freeze_unused_seg_layers(decoder: nn.Module) -> None:
+    """DNA decoders build an output layer per stage for deep supervision; without it only the
+    last is used. The others keep their keys (nnU-Net/nnssl compatibility) but are frozen, so
+    every trainable parameter gets a gradient and DDP needs no unused-parameter search."""
+    for layer in list(decoder.seg_layers)[:-1]:
+        layer.requires_grad_(False)

@@ -34,7 +34,7 @@ def register_model(name: str) -> Callable[[Callable[..., nn.Module]], Callable[.
 
 def _load_builtin() -> None:
     # Importing the modules registers their models.
-    from neurofm.models import dual_latent, resenc, vit  # noqa: F401
+    from neurofm.models import downstream, dual_latent, resenc, vit  # noqa: F401
 
 
 def list_models() -> list[str]:

@@ -24,7 +24,7 @@ from dynamic_network_architectures.architectures.unet import ResidualEncoderUNet
 from torch import nn
 
 from neurofm.errors import ConfigError
-from neurofm.models.layers import conv_kwargs, he_init
+from neurofm.models.layers import conv_kwargs, freeze_unused_seg_layers, he_init
 from neurofm.models.registry import register_model
 
 RESENC_L = {"features": (32, 64, 128, 256, 320, 320), "blocks": (1, 3, 4, 6, 6, 6)}
@@ -74,7 +74,7 @@ class ResEncUNet(nn.Module):
         anatomy_outputs: int = 0,
         anatomy_fraction: float = 0.5,
         health_fraction: float = 0.3,
-        health_classes: int = 2,
+        health_classes: int = 0,
         dense_classes: int = 0,
     ):
         super().__init__()
@@ -119,11 +119,7 @@ class ResEncUNet(nn.Module):
         )
         ResidualEncoderUNet.initialize(net)
         self.encoder, self.decoder = net.encoder, net.decoder
-        # DNA builds an output layer per decoder stage for deep supervision; without it only the last
-        # one is used. The others keep their keys (nnU-Net/nnssl compatibility) but are frozen, so
-        # every trainable parameter gets a gradient and DDP needs no unused-parameter search.
-        for layer in list(self.decoder.seg_layers)[:-1]:
-            layer.requires_grad_(False)
+        freeze_unused_seg_layers(self.decoder)
         bott = features[-1]
         self.n_anatomy = int(round(bott * anatomy_fraction))
         self.n_health = int(round(bott * health_fraction))

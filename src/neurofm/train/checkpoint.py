@@ -140,7 +140,10 @@ def write_checkpoint_files(folder: Path, model: nn.Module, run_cfg: dict[str, An
         folder / "model.json",
         {"name": run_cfg["model"]["name"], "kwargs": m.config, "parameters": count_parameters(m)},
     )
-    write_json(folder / "transfer.json", transfer_map(m))
+    tmap = transfer_map(m)
+    if run_cfg.get("transfer"):  # how a fine-tuned model took over its pretrained weights (stem adaptation)
+        tmap["from_pretrained"] = run_cfg["transfer"]
+    write_json(folder / "transfer.json", tmap)
     extra = run_cfg.get("extra", {})
     pre = dict(extra.get("preprocessing", {}))
     pre["contrasts"] = run_cfg.get("data", {}).get("contrasts")

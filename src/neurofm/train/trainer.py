@@ -45,18 +45,19 @@ def quiet_lightning() -> None:
 
 
 def build_trainer(
-    cfg: RunConfig,
+    tc: TrainerConfig,
     run_dir: Path,
+    max_steps: int,
+    grad_clip: float = 0.0,
     callbacks: list | None = None,
     progress: bool | None = None,
     loggers: bool = True,
 ) -> L.Trainer:
-    """A Lightning Trainer for ``cfg`` writing logs under ``run_dir/logs``."""
+    """A Lightning Trainer writing logs under ``run_dir/logs``; devices, precision and DDP from ``tc``."""
     from lightning.pytorch.callbacks import LearningRateMonitor, RichProgressBar, TQDMProgressBar
     from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 
     quiet_lightning()
-    tc = cfg.trainer
     if progress is None:
         progress = sys.stderr.isatty()
     devices = tc.devices
@@ -78,7 +79,6 @@ def build_trainer(
         # versioned folders: a resumed run adds version_N+1 instead of overwriting the earlier logs
         logger = [CSVLogger(logs, name="csv"), TensorBoardLogger(logs, name="tensorboard")]
         cbs.append(LearningRateMonitor(logging_interval="step"))
-    max_steps = tc.max_steps if tc.max_steps > 0 else cfg.optim.epochs * max(1, cfg.data.steps_per_epoch)
     return L.Trainer(
         accelerator=accel,
         devices=devices,
@@ -87,10 +87,10 @@ def build_trainer(
         precision=resolve_precision(tc),
         max_epochs=-1,
         max_steps=max_steps,
-        gradient_clip_val=cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else None,
+        gradient_clip_val=grad_clip if grad_clip > 0 else None,
         callbacks=cbs,
         logger=logger,
-        log_every_n_steps=tc.log_every,
+        log_every_n_steps=max(1, min(tc.log_every, max_steps)),
         enable_progress_bar=progress,
         enable_checkpointing=False,
         enable_model_summary=False,
@@ -167,7 +167,9 @@ def pretrain(
     write_json(run / "run.json", run_dict)
     module = PretrainModule(cfg)
     saver = RunCheckpoint(run, run_dict, cfg.trainer.checkpoint_every, cfg.trainer.keep_checkpoints)
-    trainer = build_trainer(cfg, run, callbacks=[saver, *(callbacks or [])], progress=progress)
+    trainer = build_trainer(
+        cfg.trainer, run, cfg.total_steps, cfg.optim.grad_clip, callbacks=[saver, *(callbacks or [])], progress=progress
+    )
     loader = make_loader(data, index, cfg)
     # Our own checkpoints hold only tensors and plain containers: load them without unpickling code.
     trainer.fit(module, loader, ckpt_path=ckpt_path, weights_only=True)

@@ -1,0 +1,263 @@
+"""Labelled cases for fine-tuning: targets, reproducible few-shot subsets, k folds, site splits.
+
+A *case* is one session with its target: a label map (seg), a class (cls) or a number (reg).
+Splits are made by **subject**, so no subject has sessions on both sides.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from neurofm.errors import ConfigError, StoreError
+from neurofm.store import Store
+
+
+@dataclass
+class Case:
+    key: str
+    subject: str
+    session: str
+    contrasts: list[str]  # available, among the requested ones
+    target: Any  # label-map name (seg), class index (cls), value (reg)
+    site: str = ""
+    labels: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class CaseSet:
+    """All usable cases of a store for one task, plus what the target means."""
+
+    cases: list[Case]
+    task: str
+    target: str
+    contrasts: list[str]
+    classes: list[Any] = field(default_factory=list)  # cls: class values in index order; seg: label values
+
+    @property
+    def n_out(self) -> int:
+        return 1 if self.task == "reg" else len(self.classes)
+
+
+def _is_missing(v: Any) -> bool:
+    return (
+        v is None
+        or (isinstance(v, float) and math.isnan(v))
+        or (isinstance(v, str) and v.lower() in ("", "n/a", "nan"))
+    )
+
+
+def build_cases(store: Store, task: str, target: str, contrasts: list[str] | None = None) -> CaseSet:
+    """Sessions of ``store`` usable for ``task`` on ``target``, with at least one wanted contrast."""
+    if task not in ("seg", "cls", "reg"):
+        raise ConfigError(f"task should be seg, cls or reg, got {task!r}")
+    recs = store.records
+    if not recs:
+        raise StoreError(f"{store.root}: empty store")
+    all_contrasts = sorted({c for r in recs.values() for c in r["images"]})
+    wanted = list(contrasts) if contrasts else all_contrasts
+    unknown = [c for c in wanted if c not in all_contrasts]
+    if unknown:
+        raise ConfigError(f"contrast(s) {unknown} are not in the store (it has {all_contrasts})")
+    cases: list[Case] = []
+    values: set[Any] = set()
+    for key, r in recs.items():
+        avail = [c for c in wanted if c in r["images"]]
+        if not avail:
+            continue
+        labels = r.get("labels", {})
+        if task == "seg":
+            lm = r.get("label_maps", {}).get(target)
+            if lm is None:
+                continue
+            values |= set(lm.get("values", []))
+            value: Any = target
+        else:
+            value = labels.get(target)
+            if _is_missing(value):
+                continue
+            if task == "reg":
+                try:
+                    value = float(value)
+                except (TypeError, ValueError):
+                    raise ConfigError(
+                        f"target {target!r} of {key} is not a number ({value!r}); use --task cls"
+                    ) from None
+            values.add(value)
+        cases.append(Case(key, r["subject"], r["session"], avail, value, str(labels.get("site", "")), labels))
+    if not cases:
+        raise StoreError(f"{store.root}: no session has the target {target!r} and one of the contrasts {wanted}")
+    classes: list[Any] = []
+    if task == "cls":
+        classes = sorted(values, key=lambda v: (isinstance(v, str), v))
+        if len(classes) < 2:
+            raise ConfigError(f"target {target!r} has a single class {classes}; classification needs two or more")
+        index = {v: i for i, v in enumerate(classes)}
+        for c in cases:
+            c.target = index[c.target]
+    elif task == "seg":
+        classes = sorted(int(v) for v in values | {0})
+    return CaseSet(cases, task, target, wanted, classes)
+
+
+def _subjects(cases: list[Case]) -> list[str]:
+    return sorted({c.subject for c in cases})
+
+
+def subject_class(cases: list[Case]) -> dict[str, int]:
+    """A stratification class per subject (its first session's class; -1 for seg/reg)."""
+    out: dict[str, int] = {}
+    for c in sorted(cases, key=lambda c: (c.subject, c.session)):
+        out.setdefault(c.subject, int(c.target) if isinstance(c.target, int | np.integer) else -1)
+    return out
+
+
+def few_shot(cases: list[Case], shots: int, seed: int = 0, stratify: bool = True) -> tuple[list[Case], list[Case]]:
+    """``shots`` training subjects (at least one per class when stratified), the rest held out.
+
+    The same seed gives the same subjects; a larger ``shots`` keeps the smaller set's
+    subjects (subsets are nested), so label-efficiency curves compare like with like.
+    """
+    subjects = _subjects(cases)
+    if not 1 <= shots < len(subjects):
+        raise ConfigError(f"--shots should be in [1, {len(subjects) - 1}] ({len(subjects)} subjects have the target)")
+    rng = np.random.default_rng(seed)
+    order = list(rng.permutation(subjects))
+    cls = subject_class(cases)
+    if stratify and len(set(cls.values()) - {-1}) > 1:
+        # one subject of each class first (in the permuted order), then the permuted rest
+        firsts, seen = [], set()
+        for s in order:
+            if cls[s] not in seen:
+                seen.add(cls[s])
+                firsts.append(s)
+        order = firsts + [s for s in order if s not in firsts]
+    train = set(order[:shots])
+    return [c for c in cases if c.subject in train], [c for c in cases if c.subject not in train]
+
+
+def k_folds(cases: list[Case], k: int, seed: int = 0) -> list[tuple[list[Case], list[Case]]]:
+    """Subject-level k folds, stratified by class for classification."""
+    subjects = _subjects(cases)
+    if not 2 <= k <= len(subjects):
+        raise ConfigError(f"--folds should be in [2, {len(subjects)}], got {k}")
+    rng = np.random.default_rng(seed)
+    cls = subject_class(cases)
+    fold_of: dict[str, int] = {}
+    for group in sorted(set(cls.values())):
+        members = [s for s in rng.permutation(subjects) if cls[s] == group]
+        for i, s in enumerate(members):
+            fold_of[s] = (i + len(fold_of)) % k
+    return [
+        ([c for c in cases if fold_of[c.subject] != f], [c for c in cases if fold_of[c.subject] == f]) for f in range(k)
+    ]
+
+
+def by_site(
+    cases: list[Case], train_sites: list[str], test_sites: list[str] | None = None
+) -> tuple[list[Case], list[Case]]:
+    """Fine-tune on some sites, test on others (out-of-domain, as FOMO25)."""
+    sites = sorted({c.site for c in cases})
+    bad = [s for s in (train_sites + (test_sites or [])) if s not in sites]
+    if bad:
+        raise ConfigError(f"unknown site(s) {bad}; the cases come from {sites}")
+    test_sites = test_sites or [s for s in sites if s not in train_sites]
+    return [c for c in cases if c.site in train_sites], [c for c in cases if c.site in test_sites]
+
+
+class FinetuneDataset(Dataset):
+    """Random training crops of labelled cases: ``x`` (C, P, P, P), ``present`` (C,), ``y``.
+
+    Segmentation crops are centred on a foreground voxel with probability ``fg_p`` (as
+    nnU-Net's oversampling) so that small lesions are seen.
+    """
+
+    def __init__(
+        self,
+        store_root: str | Path,
+        case_set: CaseSet,
+        cases: list[Case],
+        patch: int,
+        length: int,
+        seed: int = 0,
+        fg_p: float = 0.33,
+        augment: bool = True,
+    ):
+        if not cases:
+            raise ConfigError("no training cases")
+        self.store_root = str(store_root)
+        self.cs, self.cases, self.patch, self.length = case_set, cases, patch, length
+        self.seed, self.fg_p, self.augment = seed, fg_p, augment
+        self._store: Store | None = None
+        self._rng: np.random.Generator | None = None
+        if case_set.task == "seg":
+            self._lut = np.zeros(max(case_set.classes) + 1, np.int64)
+            self._lut[case_set.classes] = np.arange(len(case_set.classes))
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "_store": None, "_rng": None}
+
+    def _setup(self) -> None:
+        if self._store is None:
+            self._store = Store(self.store_root)
+            self._rng = np.random.default_rng((torch.initial_seed() + self.seed) % 2**32)
+
+    def _box(self, case: Case, shape: tuple[int, ...]) -> tuple[slice, ...]:
+        rng, p = self._rng, self.patch
+        assert rng is not None and self._store is not None
+        if self.cs.task == "seg" and rng.random() < self.fg_p:
+            lab = np.asarray(self._store.read(case.key, case.target))
+            fg = np.argwhere(lab > 0)
+            if len(fg):
+                c = fg[rng.integers(len(fg))]
+                return tuple(
+                    slice(s0 := int(np.clip(ci - p // 2, 0, max(si - p, 0))), min(s0 + p, si))
+                    for ci, si in zip(c, shape, strict=True)
+                )
+        return tuple(slice(s0 := int(rng.integers(0, max(s - p, 0) + 1)), min(s0 + p, s)) for s in shape)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        from neurofm.data.pretrain import pad_to
+
+        self._setup()
+        assert self._store is not None and self._rng is not None
+        case = self.cases[i % len(self.cases)]
+        shape = tuple(self._store.record(case.key)["shape"])
+        box = self._box(case, shape)
+        chans, present = [], []
+        for c in self.cs.contrasts:
+            ok = c in case.contrasts
+            present.append(ok)
+            chans.append(np.asarray(self._store.read(case.key, c, box), np.float32) if ok else None)
+        ref = next(a for a in chans if a is not None)
+        img = np.stack([a if a is not None else np.zeros_like(ref) for a in chans])
+        bg = [float(a.min()) for a in img]
+        img = np.stack([pad_to(a, self.patch, b) for a, b in zip(img, bg, strict=True)])
+        img *= np.asarray(present, np.float32)[:, None, None, None]
+        out: dict[str, Any] = {}
+        if self.cs.task == "seg":
+            lab = self._lut[np.asarray(self._store.read(case.key, case.target, box), np.int64)]
+            lab = pad_to(lab, self.patch, 0)
+            if self.augment:
+                for ax in range(3):
+                    if self._rng.random() < 0.5:
+                        img, lab = np.flip(img, ax + 1), np.flip(lab, ax)
+            out["y"] = torch.from_numpy(np.ascontiguousarray(lab))[None]
+        else:
+            if self.augment:
+                for ax in range(3):
+                    if self._rng.random() < 0.5:
+                        img = np.flip(img, ax + 1)
+            out["y"] = torch.tensor(case.target, dtype=torch.long if self.cs.task == "cls" else torch.float32)
+        out["x"] = torch.from_numpy(np.ascontiguousarray(img))
+        out["present"] = torch.tensor(present)
+        return out

@@ -1,0 +1,1 @@
+"""Metrics, evaluation of fine-tuned runs, and reports."""

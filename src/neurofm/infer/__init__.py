@@ -1,0 +1,1 @@
+"""Whole-scan inference back to native space (see :mod:`neurofm.infer.predictor`)."""

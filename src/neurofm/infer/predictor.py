@@ -1,0 +1,213 @@
+"""Whole-scan inference: the run's preprocessing, sliding windows, mirror TTA, native space.
+
+* segmentation: MONAI ``sliding_window_inference`` with Gaussian weighting, softmax
+  averaged over mirror flips; optional largest connected component per class; the label
+  map is put back on the reference scan's own grid (affine, shape, orientation);
+* classification: logits of every window (and flip) averaged, then softmax;
+* regression: the median over windows of the flip-averaged predictions.
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import scipy.ndimage as ndi
+import torch
+
+from neurofm.errors import ConfigError, ScanError
+from neurofm.preprocess import transforms as T
+
+FLIPS = [f for r in range(4) for f in itertools.combinations((2, 3, 4), r)]
+
+
+def largest_component(labels: np.ndarray) -> np.ndarray:
+    """Keep only the largest connected component of each foreground class."""
+    out = np.zeros_like(labels)
+    for c in np.unique(labels):
+        if c == 0:
+            continue
+        comp, n = ndi.label(labels == c)
+        if n == 0:
+            continue
+        sizes = np.bincount(comp.ravel())
+        sizes[0] = 0
+        out[comp == int(np.argmax(sizes))] = c
+    return out
+
+
+def _windows(shape: tuple[int, ...], patch: int, overlap: float) -> list[tuple[slice, ...]]:
+    from monai.data.utils import dense_patch_slices
+
+    step = [max(1, int(patch * (1 - overlap))) for _ in shape]
+    return [tuple(s) for s in dense_patch_slices(tuple(shape), (patch,) * 3, step)]
+
+
+@dataclass
+class CasePrediction:
+    """One case's prediction. Arrays live on the store grid."""
+
+    task: str
+    probs: np.ndarray | None = None  # seg (K, X, Y, Z) / cls (K,)
+    labels: np.ndarray | None = None  # seg (X, Y, Z)
+    value: float | None = None  # reg
+
+
+class Predictor:
+    """Applies a fine-tuned model (a :class:`~neurofm.models.downstream.DownstreamModel`).
+
+    Args:
+        model: the model, in eval mode.
+        info: task description: ``task``, ``contrasts``, ``classes``, ``patch`` and, for
+            regression, ``target_mean``/``target_std``.
+        tta: average over the 8 mirror flips.
+        overlap: window overlap in [0, 1) for segmentation; classification and regression
+            tile the scan without overlap (every voxel is seen once; their outputs are pooled).
+        lcc: keep the largest connected component per class (segmentation).
+    """
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        info: dict[str, Any],
+        *,
+        device: str | torch.device = "cpu",
+        tta: bool = True,
+        overlap: float = 0.5,
+        lcc: bool = False,
+        sw_batch: int = 4,
+    ):
+        if not 0 <= overlap < 1:
+            raise ConfigError(f"overlap should be in [0, 1), got {overlap}")
+        self.device = torch.device(device)
+        self.model = model.to(self.device).eval()
+        self.info = info
+        self.task = info["task"]
+        self.contrasts = list(info["contrasts"])
+        self.patch = int(info["patch"])
+        self.tta, self.overlap, self.lcc, self.sw_batch = tta, overlap, lcc, sw_batch
+
+    @classmethod
+    def from_run(cls, run: str | Path, **kwargs: Any) -> Predictor:
+        from neurofm.train.checkpoint import build_model_from_checkpoint
+
+        model, info = build_model_from_checkpoint(run)
+        task = info["run"].get("task_info")
+        if task is None:
+            raise ConfigError(f"{run}: not a fine-tuned run (pretrained runs have no task; use neurofm finetune)")
+        pred = cls(model, task, **kwargs)
+        pred.preprocessing = info["preprocessing"]
+        return pred
+
+    def _stack(self, images: dict[str, np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
+        present = [c in images for c in self.contrasts]
+        if not any(present):
+            raise ConfigError(f"none of the model's contrasts {self.contrasts} is given (got {sorted(images)})")
+        ref = next(images[c] for c in self.contrasts if c in images)
+        x = np.stack([np.asarray(images[c], np.float32) if c in images else np.zeros_like(ref) for c in self.contrasts])
+        return torch.from_numpy(x)[None].to(self.device), torch.tensor([present], device=self.device)
+
+    @torch.no_grad()
+    def predict(self, images: dict[str, np.ndarray]) -> CasePrediction:
+        """Predict from preprocessed arrays (store grid), ``contrast -> (X, Y, Z)``."""
+        x, present = self._stack(images)
+        flips = FLIPS if self.tta else [()]
+        if self.task == "seg":
+            return self._segment(x, present, flips)
+        return self._global(x, present, flips)
+
+    def _segment(self, x: torch.Tensor, present: torch.Tensor, flips) -> CasePrediction:
+        from monai.inferers import sliding_window_inference
+
+        bg = float(x.amin())
+
+        def net(t: torch.Tensor) -> torch.Tensor:
+            return torch.softmax(self.model(t, present.expand(t.shape[0], -1)), dim=1)
+
+        probs = None
+        for f in flips:
+            xi = torch.flip(x, f) if f else x
+            p = sliding_window_inference(
+                xi,
+                (self.patch,) * 3,
+                self.sw_batch,
+                net,
+                overlap=self.overlap,
+                mode="gaussian",
+                padding_mode="constant",
+                cval=bg,
+            )
+            p = torch.flip(p, f) if f else p
+            probs = p if probs is None else probs + p
+        probs = (probs / len(flips))[0].float().cpu().numpy()
+        labels = probs.argmax(0).astype(np.uint8)
+        if self.lcc:
+            labels = largest_component(labels)
+        return CasePrediction("seg", probs=probs, labels=labels)
+
+    def _global(self, x: torch.Tensor, present: torch.Tensor, flips) -> CasePrediction:
+        from neurofm.data.pretrain import pad_to
+
+        arr = x[0].cpu().numpy()
+        arr = np.stack([pad_to(a, self.patch, float(a.min())) for a in arr])
+        xs = torch.from_numpy(arr)[None].to(self.device)
+        wins = _windows(tuple(xs.shape[2:]), self.patch, 0.0)
+        per_window = []
+        for i in range(0, len(wins), self.sw_batch):
+            batch = torch.cat([xs[(slice(None), slice(None), *w)] for w in wins[i : i + self.sw_batch]])
+            pr = present.expand(batch.shape[0], -1)
+            out = torch.stack([self.model(torch.flip(batch, f) if f else batch, pr) for f in flips]).mean(0)
+            per_window.append(out.float().cpu())
+        logits = torch.cat(per_window)  # (windows, K)
+        if self.task == "cls":
+            probs = torch.softmax(logits.mean(0), dim=0).numpy()
+            return CasePrediction("cls", probs=probs)
+        value = float(logits[:, 0].median()) * self.info.get("target_std", 1.0) + self.info.get("target_mean", 0.0)
+        return CasePrediction("reg", value=value)
+
+    # ------------------------------------------------------------ from NIfTI files
+    def predict_files(
+        self,
+        files: dict[str, str | Path],
+        out_dir: str | Path | None = None,
+        case_id: str = "case",
+        reference: str | None = None,
+    ) -> dict[str, Any]:
+        """Preprocess scans as the run's store was, predict, and (seg) write the mask on the
+        reference scan's own grid: ``out_dir/<case_id>_seg.nii.gz``."""
+        from neurofm.io.nifti import load_scan, save_like
+        from neurofm.preprocess.prepare import PrepareConfig, preprocess_scans
+
+        prep = getattr(self, "preprocessing", None) or {}
+        cfg = PrepareConfig.from_dict({k: v for k, v in prep.items() if k != "contrasts"})
+        unknown = [c for c in files if c not in self.contrasts]
+        if unknown:
+            raise ConfigError(f"the model takes {self.contrasts}; got unknown contrast(s) {unknown}")
+        scans = {c: load_scan(p) for c, p in files.items()}
+        prepared = preprocess_scans(scans, cfg=cfg)
+        if not prepared.images:
+            raise ScanError(next(iter(files.values())), "no usable image")
+        result = self.predict(prepared.images)
+        row: dict[str, Any] = {
+            "case": case_id,
+            "contrasts": ",".join(c for c in self.contrasts if c in prepared.images),
+        }
+        if self.task == "seg":
+            ref = reference or next(c for c in self.contrasts if c in files)
+            meta = prepared.image_meta[ref]
+            grid = (tuple(meta["native_shape"]), np.asarray(meta["native_affine"]))
+            native = T.resample(result.labels, prepared.affine, grid, order=0)
+            out = Path(out_dir or ".") / f"{case_id}_seg.nii.gz"
+            save_like(out, native, files[ref], dtype=np.uint8)
+            vox = float(abs(np.linalg.det(grid[1][:3, :3])))
+            row.update(mask=str(out), reference=ref, volume_mm3=float((native > 0).sum()) * vox)
+        elif self.task == "cls":
+            classes = self.info.get("classes", list(range(len(result.probs))))
+            row["prediction"] = classes[int(np.argmax(result.probs))]
+            row.update({f"p_{c}": float(p) for c, p in zip(classes, result.probs, strict=True)})
+        else:
+            row["prediction"] = result.value
+        return row

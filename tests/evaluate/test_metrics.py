@@ -1,0 +1,79 @@
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from neurofm.evaluate.metrics import (
+    bootstrap,
+    classification_metrics,
+    regression_metrics,
+    segmentation_case,
+    summarize,
+)
+
+
+def _cube(shape, lo, hi):
+    m = np.zeros(shape, np.uint8)
+    m[tuple(slice(a, b) for a, b in zip(lo, hi, strict=True))] = 1
+    return m
+
+
+def test_dice_known_answers():
+    a = _cube((20, 20, 20), (5, 5, 5), (15, 15, 15))
+    assert segmentation_case(a, a, (1, 1, 1))["dice"] == pytest.approx(1.0)
+    b = _cube((20, 20, 20), (10, 5, 5), (20, 15, 15))  # half overlap: 500 of 1000 voxels each
+    assert segmentation_case(b, a, (1, 1, 1))["dice"] == pytest.approx(0.5)
+    empty = np.zeros_like(a)
+    r = segmentation_case(empty, empty, (1, 1, 1))
+    assert r == {"dice": 1.0, "nsd": 1.0, "hd95": 0.0}
+    r = segmentation_case(empty, a, (1, 1, 1))
+    assert r["dice"] == 0.0 and np.isnan(r["hd95"])
+
+
+def test_hd95_and_nsd_use_the_voxel_spacing():
+    a = _cube((30, 30, 30), (5, 5, 5), (15, 15, 15))
+    b = _cube((30, 30, 30), (8, 5, 5), (18, 15, 15))  # shifted 3 voxels along x
+    r1 = segmentation_case(b, a, (1, 1, 1))
+    r2 = segmentation_case(b, a, (2, 1, 1))
+    assert r1["hd95"] == pytest.approx(3.0, abs=0.01)
+    assert r2["hd95"] == pytest.approx(6.0, abs=0.01)  # the same shift is 6 mm with 2 mm voxels
+    assert r1["nsd"] < 1.0 and segmentation_case(b, a, (1, 1, 1), nsd_tolerance_mm=3.5)["nsd"] == pytest.approx(1.0)
+
+
+def test_classification_metrics_known_answers():
+    prob = np.array([[0.9, 0.1], [0.8, 0.2], [0.3, 0.7], [0.4, 0.6], [0.6, 0.4]])
+    y = np.array([0, 0, 1, 1, 1])
+    m = classification_metrics(prob, y)
+    assert m["auroc"] == pytest.approx(1.0)  # every positive scores above every negative
+    assert m["accuracy"] == pytest.approx(0.8)
+    assert m["balanced_accuracy"] == pytest.approx((1.0 + 2 / 3) / 2)
+    assert m["f1"] == pytest.approx(0.8)  # precision 1, recall 2/3
+    confident = classification_metrics(np.array([[1.0, 0.0], [0.0, 1.0]]), np.array([0, 1]))
+    assert confident["ece"] == pytest.approx(0.0, abs=1e-6)
+    wrong = classification_metrics(np.array([[1.0, 0.0], [1.0, 0.0]]), np.array([1, 1]))
+    assert wrong["ece"] == pytest.approx(1.0, abs=1e-6)
+
+
+def test_regression_metrics_known_answers():
+    m = regression_metrics(np.array([10.0, 20.0, 30.0, 40.0]), np.array([12.0, 18.0, 33.0, 37.0]))
+    assert m["mae"] == pytest.approx(2.5)
+    assert m["rmse"] == pytest.approx(np.sqrt((4 + 4 + 9 + 9) / 4))
+    assert m["pearson_r"] == pytest.approx(np.corrcoef([10, 20, 30, 40], [12, 18, 33, 37])[0, 1])
+
+
+def test_bootstrap_interval_brackets_the_estimate():
+    rng = np.random.default_rng(0)
+    vals = rng.normal(0.7, 0.1, 60)
+    out = bootstrap(lambda idx: {"mean": float(vals[idx].mean())}, 60, reps=500)
+    m = out["mean"]
+    assert m["ci_low"] < m["value"] < m["ci_high"]
+    assert m["ci_high"] - m["ci_low"] == pytest.approx(2 * 1.96 * 0.1 / np.sqrt(60), rel=0.35)
+
+
+def test_summarize_per_task():
+    seg = summarize("seg", [{"dice": 0.5, "nsd": 0.6, "hd95": 3.0}, {"dice": 0.7, "nsd": 0.8, "hd95": 5.0}], reps=50)
+    assert seg["dice"]["value"] == pytest.approx(0.6) and seg["hd95"]["value"] == pytest.approx(4.0)
+    cls = summarize("cls", [{"prob": [0.2, 0.8], "target": 1}, {"prob": [0.7, 0.3], "target": 0}], reps=50)
+    assert cls["auroc"]["value"] == 1.0
+    reg = summarize("reg", [{"prediction": 1.0, "target": 2.0}, {"prediction": 3.0, "target": 3.0}], reps=50)
+    assert reg["mae"]["value"] == pytest.approx(0.5)

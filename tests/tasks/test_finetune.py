@@ -1,0 +1,221 @@
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from neurofm.data.finetune import Case, build_cases, few_shot, k_folds
+from neurofm.errors import ConfigError
+from neurofm.models.downstream import DownstreamModel, adapt_stem, load_pretrained
+from neurofm.models.registry import create_model
+from neurofm.store import Store
+from neurofm.tasks.finetune import FinetuneConfig, finetune
+from neurofm.train.checkpoint import build_model_from_checkpoint
+
+FAST = {"steps": 6, "patch": 32, "num_workers": 0, "bootstrap": 50, "tta": False}
+
+
+def _cases(n_subjects, sessions=1, classes=2):
+    return [
+        Case(f"s{i}_{k}", f"s{i}", f"ses-{k}", ["T1w"], i % classes) for i in range(n_subjects) for k in range(sessions)
+    ]
+
+
+def test_few_shot_is_reproducible_nested_and_stratified():
+    cases = _cases(20, sessions=2)
+    a_train, a_test = few_shot(cases, 4, seed=3)
+    b_train, _ = few_shot(cases, 4, seed=3)
+    assert [c.key for c in a_train] == [c.key for c in b_train]
+    subj = {c.subject for c in a_train}
+    assert len(subj) == 4 and not subj & {c.subject for c in a_test}
+    assert {c.target for c in a_train} == {0, 1}  # one of each class at least
+    bigger, _ = few_shot(cases, 8, seed=3)
+    assert subj <= {c.subject for c in bigger}  # nested subsets for label-efficiency curves
+    assert {c.subject for c in few_shot(cases, 4, seed=4)[0]} != subj
+    with pytest.raises(ConfigError, match="shots"):
+        few_shot(cases, 20)
+
+
+def test_k_folds_partition_subjects():
+    cases = _cases(10, sessions=2)
+    folds = k_folds(cases, 5, seed=0)
+    tests = [{c.subject for c in te} for _, te in folds]
+    assert set().union(*tests) == {c.subject for c in cases}
+    assert sum(len(t) for t in tests) == 10
+    for tr, te in folds:
+        assert not {c.subject for c in tr} & {c.subject for c in te}
+        assert {c.target for c in te} == {0, 1}  # stratified
+
+
+def test_build_cases_from_the_store(tiny_store):
+    store = Store(tiny_store)
+    seg = build_cases(store, "seg", "lesion", ["T1w", "FLAIR"])
+    assert seg.classes == [0, 1] and len(seg.cases) == 12
+    cls = build_cases(store, "cls", "diagnosis")
+    assert cls.classes == sorted({r["labels"]["diagnosis"] for r in store.records.values()})
+    reg = build_cases(store, "reg", "age")
+    assert all(isinstance(c.target, float) for c in reg.cases)
+    with pytest.raises(ConfigError, match="not in the store"):
+        build_cases(store, "seg", "lesion", ["DWI"])
+    with pytest.raises(ConfigError, match="not a number"):
+        build_cases(store, "reg", "diagnosis")
+
+
+@pytest.mark.parametrize("backbone", ["dual_latent_unet", "resenc_unet"])
+@pytest.mark.parametrize("task", ["seg", "cls"])
+def test_missing_contrast_never_influences_the_output(backbone, task):
+    kw = {
+        "dual_latent_unet": {"features": [4, 8, 16], "latent": 6},
+        "resenc_unet": {"features": [4, 8, 16], "blocks": [1, 1, 1]},
+    }
+    torch.manual_seed(0)
+    model = DownstreamModel({"name": backbone, "kwargs": kw[backbone]}, task, 2, ["T1w", "FLAIR"]).eval()
+    x1 = torch.randn(2, 2, 16, 16, 16)
+    x2 = x1.clone()
+    x2[:, 1] = torch.randn(2, 16, 16, 16) * 10  # other content in the missing FLAIR channel
+    present = torch.tensor([[True, False], [True, False]])
+    with torch.no_grad():
+        assert torch.allclose(model(x1, present), model(x2, present), atol=1e-5)
+        both = model(x1, torch.ones(2, 2, dtype=torch.bool))
+    assert not torch.allclose(both, model(x1, present))  # a present contrast does count
+    with pytest.raises(ValueError, match="at least one present"):
+        model(x1, torch.zeros(2, 2, dtype=torch.bool))
+
+
+def test_stem_adapts_to_other_contrasts_and_is_recorded():
+    pre = create_model("vit_autoenc", size="tiny", img_size=16, patch_size=4, in_channels=4)
+    stem = pre.state_dict()["net.patch_embedding.patch_embeddings.weight"]
+    w, src = adapt_stem(stem, ["T1w", "T1c", "T2w", "FLAIR"], ["T1w", "FLAIR", "PDw"])
+    assert src == [0, 3, -1]
+    assert torch.equal(w[:, 0], stem[:, 0]) and torch.equal(w[:, 1], stem[:, 3])
+    assert torch.allclose(w[:, 2], stem.mean(1))
+    model = DownstreamModel({"name": "vit_autoenc", "kwargs": pre.config}, "cls", 2, ["T1w", "FLAIR"])
+    report = load_pretrained(model, pre.state_dict(), ["T1w", "T1c", "T2w", "FLAIR"])
+    assert report["stem_adaptation"]["source_channel"] == [0, 3]
+    got = model.backbone.state_dict()["net.patch_embedding.patch_embeddings.weight"]
+    assert torch.equal(got, stem[:, [0, 3]])
+    blk = "net.blocks.0.mlp.linear1.weight"
+    assert torch.equal(model.backbone.state_dict()[blk], pre.state_dict()[blk])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("task", "target"), [("seg", "lesion"), ("cls", "healthy"), ("reg", "age")])
+def test_finetune_end_to_end_from_pretrained(task, target, tiny_store, pretrained_run, tmp_path):
+    cfg = FinetuneConfig(
+        task=task, target=target, source=str(pretrained_run), contrasts=["T1w", "FLAIR"], shots=4, **FAST
+    )
+    summary = finetune(tiny_store, tmp_path / "ft", cfg, progress=False)
+    want = {
+        "seg": {"dice", "nsd", "hd95"},
+        "cls": {"auroc", "accuracy", "balanced_accuracy", "f1", "ece"},
+        "reg": {"mae", "rmse", "pearson_r"},
+    }[task]
+    assert want <= set(summary["metrics"])
+    split = summary["splits"][0]
+    assert split["train_subjects"] == 4 and split["transferred_tensors"] > 10
+    rows = pd.read_csv(tmp_path / "ft" / "predictions.csv")
+    assert len(rows) == split["test_cases"] == 4  # 2 held-out subjects x 2 sessions
+    model, info = build_model_from_checkpoint(tmp_path / "ft")
+    assert info["model"]["name"] == "downstream" and info["run"]["task_info"]["target"] == target
+    assert info["transfer"]["from_pretrained"]["transferred"] == split["transferred_tensors"]
+    if task == "reg":
+        assert (rows["prediction"] > 0).all()  # predictions are back in years, not z-scores
+
+
+@pytest.mark.slow
+def test_finetune_modes_and_scratch_via_cli(tiny_store, pretrained_run, tmp_path, run_cli):
+    code, _, err = run_cli(
+        "finetune",
+        "--data",
+        tiny_store,
+        "--task",
+        "cls",
+        "--target",
+        "diagnosis",
+        "--out",
+        tmp_path / "lin",
+        "--from",
+        pretrained_run,
+        "--mode",
+        "linear",
+        "--folds",
+        "2",
+        "--steps",
+        "4",
+        "--patch",
+        "32",
+        "--workers",
+        "0",
+        "--no-tta",
+        "--no-progress",
+        "--bootstrap",
+        "50",
+    )
+    assert code == 0, err
+    s = json.loads((tmp_path / "lin" / "summary.json").read_text())
+    assert s["folds"] == 2 and len(pd.read_csv(tmp_path / "lin" / "predictions.csv")) == 12  # every case once
+    assert s["splits"][0]["trainable_parameters"] < 5000  # a linear probe trains only its head
+    code, _, err = run_cli(
+        "finetune",
+        "--data",
+        tiny_store,
+        "--task",
+        "reg",
+        "--target",
+        "age",
+        "--out",
+        tmp_path / "scr",
+        "--from",
+        "scratch",
+        "--arch",
+        "ssl3d-tiny",
+        "--shots",
+        "3",
+        "--steps",
+        "3",
+        "--patch",
+        "32",
+        "--workers",
+        "0",
+        "--no-tta",
+        "--no-progress",
+        "--bootstrap",
+        "50",
+    )
+    assert code == 0, err
+    code, out, _ = run_cli(
+        "evaluate", tmp_path / "scr", "--data", tiny_store, "--split", "all", "--no-tta", "--bootstrap", "50"
+    )
+    assert code == 0 and "mae" in out
+    assert len(pd.read_csv(tmp_path / "scr" / f"eval-{tiny_store.name}" / "predictions.csv")) == 12
+    code, _, err = run_cli(
+        "finetune",
+        "--data",
+        tiny_store,
+        "--task",
+        "seg",
+        "--target",
+        "lesion",
+        "--out",
+        tmp_path / "x",
+        "--mode",
+        "linear",
+        "--from",
+        pretrained_run,
+    )
+    assert code == 2 and "linear probe" in err
+
+
+def test_bad_finetune_settings():
+    with pytest.raises(ConfigError, match="from scratch"):
+        FinetuneConfig(task="cls", target="x", mode="frozen")
+    with pytest.raises(ConfigError, match="task"):
+        FinetuneConfig(task="detect", target="x")
+
+
+def test_store_volume_and_case_count_helpers(tiny_store):
+    cs = build_cases(Store(tiny_store), "reg", "age", ["T1w"])
+    assert len({c.subject for c in cs.cases}) == 6 and np.isfinite([c.target for c in cs.cases]).all()
