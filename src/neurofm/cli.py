@@ -187,8 +187,12 @@ def finetune(
     folds: Annotated[int, typer.Option(help="k-fold cross-validation over subjects (0: off).")] = 0,
     train_sites: Annotated[str | None, typer.Option(help="Fine-tune on these sites only (comma list).")] = None,
     test_sites: Annotated[str | None, typer.Option(help="Test on these sites (default: the other sites).")] = None,
+    positive_only: Annotated[bool, typer.Option(help="Segmentation: only cases whose mask has foreground.")] = False,
     steps: Annotated[int, typer.Option(help="Optimiser steps per model.")] = 300,
     patch: Annotated[int | None, typer.Option(help="Crop size (default: the pretraining patch).")] = None,
+    infer_patch: Annotated[
+        int | None, typer.Option(help="Segmentation window at evaluation (default: --patch).")
+    ] = None,
     batch_size: Annotated[int, typer.Option(help="Batch size.")] = 2,
     lr: Annotated[float, typer.Option(help="Learning rate of the head/decoder (encoder: x backbone-lr-scale).")] = 1e-3,
     backbone_lr_scale: Annotated[float, typer.Option(help="Encoder learning rate relative to --lr (full mode).")] = 0.1,
@@ -216,8 +220,10 @@ def finetune(
         folds=folds,
         train_sites=_csv(train_sites),
         test_sites=_csv(test_sites),
+        positive_only=positive_only,
         steps=steps,
         patch=patch,
+        infer_patch=infer_patch,
         batch_size=batch_size,
         lr=lr,
         backbone_lr_scale=backbone_lr_scale,
@@ -225,6 +231,7 @@ def finetune(
         num_workers=workers,
         tta=tta,
         lcc=lcc,
+        bootstrap=bootstrap,
         trainer=trainer,
     )
     summary = run(data, out, cfg, progress=progress)
@@ -291,6 +298,72 @@ def embed(
     console.print(f"{len(df)} scans -> {save_embeddings(df, out)}")
 
 
+def _pair(text: str) -> tuple[str, str]:
+    name, _, value = text.partition("=")
+    if not value:
+        from neurofm.errors import ConfigError
+
+        raise ConfigError(f"--compare takes NAME=RUN (e.g. mae=runs/mae), got {text!r}")
+    return name, value
+
+
+def _task(text: str) -> tuple[str, str]:
+    task, _, target = text.partition(":")
+    if not target:
+        from neurofm.errors import ConfigError
+
+        raise ConfigError(f"tasks are written TASK:TARGET, e.g. seg:lesion or cls:infarct; got {text!r}")
+    return task, target
+
+
+@app.command()
+def analyze(
+    run: Annotated[Path, typer.Argument(help="A pretrained run folder.")],
+    data: Annotated[Path, typer.Option(help="Store to analyse on.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Folder for figures, analysis.json and report.html.")],
+    compare: Annotated[
+        list[str] | None, typer.Option(help="Ablation: NAME=RUN of another pretrained run (repeatable).")
+    ] = None,
+    task: Annotated[
+        list[str] | None, typer.Option(help="Ablation tasks, TASK:TARGET (repeatable; default seg:lesion).")
+    ] = None,
+    label_efficiency: Annotated[str | None, typer.Option(help="TASK:TARGET for the label-efficiency curve.")] = None,
+    shots: Annotated[str, typer.Option(help="Labelled subjects for the curve.")] = "1,2,5,10,20",
+    fomo: Annotated[
+        bool, typer.Option(help="FOMO25 in miniature: fine-tune on --train-sites, test on the rest.")
+    ] = False,
+    train_sites: Annotated[str | None, typer.Option(help="Sites to fine-tune on (default: the first).")] = None,
+    fomo_scale: Annotated[float, typer.Option(help="Scale FOMO25's case counts (13/8, 23, 200).")] = 1.0,
+    seeds: Annotated[int, typer.Option(help="Seeds per point (different subsets and training).")] = 1,
+    steps: Annotated[int, typer.Option(help="Fine-tuning steps per model.")] = 150,
+    patch: Annotated[int | None, typer.Option(help="Fine-tuning crop (default: the pretraining patch).")] = None,
+    contrasts: Annotated[str | None, typer.Option(help="Fine-tuning contrasts.")] = None,
+    max_sessions: Annotated[int, typer.Option(help="Sessions embedded for the latent analysis.")] = 60,
+) -> None:
+    """The paper's analyses: latent similarity and contrast probes; optionally ablation, label efficiency, FOMO25."""
+    from neurofm.analyze.run import AnalyzeConfig
+    from neurofm.analyze.run import analyze as run_analyze
+
+    ft = {"steps": steps, "patch": patch, "contrasts": _csv(contrasts), "num_workers": 1, "tta": False}
+    cfg = AnalyzeConfig(
+        max_sessions=max_sessions,
+        compare=dict(_pair(c) for c in compare or []),
+        tasks=[_task(t) for t in task] if task else [("seg", "lesion")],
+        label_efficiency=_task(label_efficiency) if label_efficiency else None,
+        shots=[int(x) for x in shots.split(",")],
+        fomo=fomo,
+        train_sites=_csv(train_sites),
+        fomo_scale=fomo_scale,
+        seeds=seeds,
+        finetune=ft,
+    )
+    result = run_analyze(run, data, out, cfg)
+    from neurofm.analyze.latent import summary_table
+
+    for r in summary_table(result.get("latent", {})):
+        results.print(r)
+
+
 @app.command(name="import")
 def import_(
     kind: Annotated[str, typer.Argument(help="nnssl, nnunet (ResEnc checkpoints) or monai (ViTAutoEnc state dict).")],
@@ -320,11 +393,29 @@ def inspect(
 def demo(
     out: Annotated[Path, typer.Option(help="Folder for everything the demo writes.")] = Path("neurofm-demo"),
     workers: Annotated[int, typer.Option("--workers", "-j", help="Parallel worker processes.")] = 2,
+    subjects: Annotated[int, typer.Option(help="Synthetic subjects.")] = 40,
+    pretrain_steps: Annotated[int, typer.Option(help="Pretraining steps.")] = 2000,
+    finetune_steps: Annotated[int, typer.Option(help="Fine-tuning steps per model.")] = 300,
+    shots: Annotated[
+        int | None, typer.Option(help="Labelled subjects for every task (default: seg 8, cls 16, reg 24).")
+    ] = None,
+    spacing: Annotated[float, typer.Option(help="Voxel size of the store in mm.")] = 4.0,
 ) -> None:
-    """Run the embedded default end to end, offline, on a CPU."""
-    from neurofm.demo import run_demo
+    """The embedded default end to end, offline, on a CPU (~12 min on 2 cores):
+    synth -> prepare -> pretrain -> fine-tune (pretrained vs scratch) -> analyze -> HTML report."""
+    from neurofm.demo import DemoConfig, run_demo
 
-    run_demo(out, workers=workers)
+    cfg = DemoConfig(
+        subjects=subjects,
+        workers=workers,
+        pretrain_steps=pretrain_steps,
+        finetune_steps=finetune_steps,
+        spacing=spacing,
+    )
+    if shots is not None:
+        cfg.shots = {t: shots for t in cfg.shots}
+    page = run_demo(out, cfg)
+    results.print(f"report: {page.resolve()}")
 
 
 def main() -> None:

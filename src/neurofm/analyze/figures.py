@@ -75,3 +75,136 @@ def reconstruction_figure(module: Any, store_root: str | Path, index: Any, png: 
     fig.savefig(png, dpi=90)
     plt.close(fig)
     return png
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def read_metrics(run: str | Path) -> Any:
+    """All logged metrics of a run (resumed runs add versions), one row per step."""
+    import pandas as pd
+
+    files = sorted(Path(run).glob("logs/csv/version_*/metrics.csv"))
+    if not files:
+        return pd.DataFrame()
+    df = pd.concat([pd.read_csv(f) for f in files], ignore_index=True)
+    return df.groupby("step", as_index=False).last().sort_values("step")
+
+
+def training_curves(run: str | Path, png: str | Path, title: str = "") -> Path | None:
+    """Total loss and each term against the step."""
+    df = read_metrics(run)
+    if df.empty or "loss" not in df.columns:
+        return None
+    plt = _plt()
+    terms = [c for c in df.columns if c.startswith("loss/") and not c.endswith("kl_weight")]
+    fig, axes = plt.subplots(1, 2 if terms else 1, figsize=(10 if terms else 5, 3.4), squeeze=False)
+    d = df.dropna(subset=["loss"])
+    axes[0][0].plot(d["step"], d["loss"], lw=1)
+    axes[0][0].set(xlabel="step", ylabel="loss", title=title or "total loss")
+    if terms:
+        ax = axes[0][1]
+        for t in terms:
+            dd = df.dropna(subset=[t])
+            ax.plot(dd["step"], dd[t], lw=1, label=t.split("/", 1)[1])
+        ax.set(xlabel="step", ylabel="term", title="loss terms", yscale="log")
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    png = Path(png)
+    png.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(png, dpi=90)
+    plt.close(fig)
+    return png
+
+
+def latent_figure(result: dict, png: str | Path) -> Path | None:
+    """Within- vs across-subject cosine of the anatomy latent, and the contrast probes."""
+    anat = result.get("anatomy", {}).get("similarity")
+    if not anat:
+        return None
+    plt = _plt()
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.4))
+    ax = axes[0]
+    bins = np.linspace(-1, 1, 41)
+    ax.hist(
+        anat["across_values"], bins=bins, density=True, alpha=0.6, label=f"different subjects ({anat['across']:.2f})"
+    )
+    ax.hist(
+        anat["within_values"],
+        bins=bins,
+        density=True,
+        alpha=0.6,
+        label=f"same subject, other contrast ({anat['within']:.2f})",
+    )
+    ax.set(xlabel="cosine similarity of anatomy latents", ylabel="density", title="anatomy is shared across contrasts")
+    ax.legend(fontsize=7)
+    ax = axes[1]
+    names, acc, chance = [], [], []
+    for latent in ("anatomy", "contrast"):
+        p = result.get(latent, {}).get("contrast_probe")
+        if p:
+            names.append(f"{latent} latent")
+            acc.append(p["accuracy"])
+            chance.append(p["chance"])
+    ax.bar(names, acc, color=["tab:blue", "tab:orange"][: len(names)])
+    for k, c in enumerate(chance):
+        ax.hlines(c, k - 0.4, k + 0.4, colors="k", linestyles="--", label="chance" if k == 0 else None)
+    ax.set(ylim=(0, 1.05), ylabel="accuracy", title="which contrast? linear probe (grouped CV)")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    png = Path(png)
+    png.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(png, dpi=90)
+    plt.close(fig)
+    return png
+
+
+def scores_figure(rows: list[dict], png: str | Path, title: str = "pretrained vs scratch") -> Path | None:
+    """One panel per task: the headline metric with its 95 % interval, per initialisation."""
+    if not rows:
+        return None
+    plt = _plt()
+    tasks = list(dict.fromkeys(r["task_label"] for r in rows))
+    fig, axes = plt.subplots(1, len(tasks), figsize=(3.3 * len(tasks), 3.2), squeeze=False)
+    for ax, t in zip(axes[0], tasks, strict=True):
+        sub = [r for r in rows if r["task_label"] == t]
+        x = np.arange(len(sub))
+        vals = [r["value"] for r in sub]
+        err = [[max(r["value"] - r["ci_low"], 0) for r in sub], [max(r["ci_high"] - r["value"], 0) for r in sub]]
+        ax.bar(x, vals, yerr=err, capsize=4, color=["tab:green" if "pre" in r["init"] else "tab:gray" for r in sub])
+        ax.set_xticks(x, [r["init"] for r in sub], fontsize=8)
+        ax.set_title(f"{t}\n{sub[0]['metric']}", fontsize=9)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    png = Path(png)
+    png.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(png, dpi=90)
+    plt.close(fig)
+    return png
+
+
+def curve_figure(rows: list[dict], png: str | Path, xlabel: str = "labelled subjects", title: str = "") -> Path | None:
+    """Score against the number of labelled subjects (or another x), one line per initialisation."""
+    if not rows:
+        return None
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(5, 3.4))
+    for init in dict.fromkeys(r["init"] for r in rows):
+        sub = sorted((r for r in rows if r["init"] == init), key=lambda r: r["x"])
+        xs = [r["x"] for r in sub]
+        ax.plot(xs, [r["value"] for r in sub], marker="o", label=init)
+        ax.fill_between(xs, [r["ci_low"] for r in sub], [r["ci_high"] for r in sub], alpha=0.2)
+    ax.set(xlabel=xlabel, ylabel=rows[0]["metric"], title=title, xscale="log")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    png = Path(png)
+    png.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(png, dpi=90)
+    plt.close(fig)
+    return png

@@ -53,8 +53,14 @@ def _is_missing(v: Any) -> bool:
     )
 
 
-def build_cases(store: Store, task: str, target: str, contrasts: list[str] | None = None) -> CaseSet:
-    """Sessions of ``store`` usable for ``task`` on ``target``, with at least one wanted contrast."""
+def build_cases(
+    store: Store, task: str, target: str, contrasts: list[str] | None = None, positive_only: bool = False
+) -> CaseSet:
+    """Sessions of ``store`` usable for ``task`` on ``target``, with at least one wanted contrast.
+
+    ``positive_only`` (segmentation): only sessions whose label map has foreground, as in
+    FOMO25's segmentation task where every case has a lesion.
+    """
     if task not in ("seg", "cls", "reg"):
         raise ConfigError(f"task should be seg, cls or reg, got {task!r}")
     recs = store.records
@@ -74,7 +80,7 @@ def build_cases(store: Store, task: str, target: str, contrasts: list[str] | Non
         labels = r.get("labels", {})
         if task == "seg":
             lm = r.get("label_maps", {}).get(target)
-            if lm is None:
+            if lm is None or (positive_only and not any(v > 0 for v in lm.get("values", []))):
                 continue
             values |= set(lm.get("values", []))
             value: Any = target

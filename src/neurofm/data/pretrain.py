@@ -320,6 +320,14 @@ def prepare_data(cfg: RunConfig, store_root: str | Path) -> tuple[RunConfig, Ses
     return RunConfig.from_dict(d), index
 
 
+def loader_context() -> str | None:
+    """Worker start method: forkserver where available. A plain fork of a process that already runs
+    threads (blosc2, OpenMP, progress bars) can copy a held lock into the worker and hang it."""
+    import multiprocessing as mp
+
+    return "forkserver" if "forkserver" in mp.get_all_start_methods() else "spawn"
+
+
 def make_loader(store_root: str | Path, index: SessionIndex, cfg: RunConfig) -> DataLoader:
     dc = cfg.data
     ds = PretrainDataset(
@@ -330,6 +338,7 @@ def make_loader(store_root: str | Path, index: SessionIndex, cfg: RunConfig) -> 
         seed=cfg.trainer.seed,
         dense=cfg.objective.kind == "ssl3d" and cfg.objective.w_dense > 0,
     )
+    workers = dc.num_workers > 0
     return DataLoader(
         ds,
         batch_size=dc.batch_size,
@@ -337,6 +346,7 @@ def make_loader(store_root: str | Path, index: SessionIndex, cfg: RunConfig) -> 
         num_workers=dc.num_workers,
         drop_last=True,
         pin_memory=torch.cuda.is_available(),
-        persistent_workers=dc.num_workers > 0,
-        prefetch_factor=4 if dc.num_workers > 0 else None,
+        persistent_workers=workers,
+        prefetch_factor=4 if workers else None,
+        multiprocessing_context=loader_context() if workers else None,
     )

@@ -47,7 +47,13 @@ def evaluate_run(
     for f, fold in enumerate(fold_dirs(run)):
         cfg = read_json(fold / "run.json")
         info = cfg["task_info"]
-        cs = build_cases(store, info["task"], info["target"], info["contrasts"])
+        cs = build_cases(
+            store,
+            info["task"],
+            info["target"],
+            info["contrasts"],
+            positive_only=cfg.get("finetune", {}).get("positive_only", False),
+        )
         same = Path(cfg["extra"]["store"]).resolve() == Path(data).resolve()
         use_test = split == "test" or (split == "auto" and same)
         cases = [c for c in cs.cases if c.subject in set(cfg["test_subjects"])] if use_test else cs.cases

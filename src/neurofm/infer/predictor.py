@@ -87,7 +87,8 @@ class Predictor:
         self.info = info
         self.task = info["task"]
         self.contrasts = list(info["contrasts"])
-        self.patch = int(info["patch"])
+        self.patch = int(info["patch"])  # cls/reg windows: the scale the head was trained at
+        self.seg_patch = int(info.get("infer_patch") or self.patch)  # seg: fully convolutional, any multiple
         self.tta, self.overlap, self.lcc, self.sw_batch = tta, overlap, lcc, sw_batch
 
     @classmethod
@@ -132,7 +133,7 @@ class Predictor:
             xi = torch.flip(x, f) if f else x
             p = sliding_window_inference(
                 xi,
-                (self.patch,) * 3,
+                (self.seg_patch,) * 3,
                 self.sw_batch,
                 net,
                 overlap=self.overlap,

@@ -6,7 +6,7 @@ saves a self-describing checkpoint, predicts the held-out cases on whole scans a
 ``predictions.csv`` (one row per case) and ``summary.json`` (metrics with bootstrap 95 %
 intervals).
 
-Losses: Dice + cross-entropy (seg, MONAI ``DiceCELoss``), class-weighted cross-entropy
+Losses: batch Dice without background + cross-entropy (seg, MONAI ``DiceCELoss``), class-weighted cross-entropy
 (cls), SmoothL1 on the standardised target (reg). In ``full`` mode the encoder's learning
 rate warms up linearly from 0 over ``warmup_fraction`` of the steps (then cosine) while
 the new head starts at full rate.
@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from neurofm.data.finetune import Case, CaseSet, FinetuneDataset, build_cases, by_site, few_shot, k_folds
+from neurofm.data.pretrain import loader_context
 from neurofm.errors import ConfigError
 from neurofm.models.downstream import DownstreamModel, count_trainable, load_pretrained
 from neurofm.store import Store
@@ -49,9 +50,12 @@ class FinetuneConfig:
     folds: int = 0
     train_sites: list[str] | None = None
     test_sites: list[str] | None = None
+    train_subjects: list[str] | None = None  # exactly these subjects for training (overrides --shots)
     test_fraction: float = 0.2
+    positive_only: bool = False  # seg: only cases with foreground in the target label map
     seed: int = 0
     patch: int | None = None  # default: the pretraining patch
+    infer_patch: int | None = None  # segmentation window at inference (default: the training patch)
     batch_size: int = 2
     steps: int = 300
     lr: float = 1e-3
@@ -118,7 +122,9 @@ class FinetuneModule(L.LightningModule):
         if cfg.task == "seg":
             from monai.losses import DiceCELoss
 
-            self.seg_loss = DiceCELoss(to_onehot_y=True, softmax=True)
+            # as nnU-Net: Dice over the batch and without the background class (which is easy and would
+            # otherwise drown the lesion signal), plus cross-entropy over all classes
+            self.seg_loss = DiceCELoss(to_onehot_y=True, softmax=True, include_background=False, batch=True)
 
     def loss(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         if self.cfg.task == "seg":
@@ -139,7 +145,9 @@ class FinetuneModule(L.LightningModule):
 
     def configure_optimizers(self):
         cfg = self.cfg
-        groups = [g for g in self.model.param_groups(cfg.lr, cfg.lr * cfg.backbone_lr_scale) if g["params"]]
+        # a pretrained encoder is adapted gently; a randomly initialised one learns at the full rate
+        scale = 1.0 if cfg.source == "scratch" else cfg.backbone_lr_scale
+        groups = [g for g in self.model.param_groups(cfg.lr, cfg.lr * scale) if g["params"]]
         opt = torch.optim.AdamW(groups, weight_decay=cfg.weight_decay)
         total, warm = cfg.steps, max(1, int(cfg.warmup_fraction * cfg.steps))
 
@@ -156,6 +164,15 @@ class FinetuneModule(L.LightningModule):
 
 def _splits(cs: CaseSet, cfg: FinetuneConfig) -> list[tuple[list[Case], list[Case]]]:
     cases = cs.cases
+    if cfg.train_subjects:
+        chosen = set(cfg.train_subjects)
+        missing = chosen - {c.subject for c in cases}
+        if missing:
+            raise ConfigError(f"training subjects without the target or contrasts: {sorted(missing)[:5]}")
+        test = [c for c in cases if c.subject not in chosen]
+        if cfg.train_sites:
+            test = by_site(test, cfg.train_sites, cfg.test_sites)[1]
+        return [([c for c in cases if c.subject in chosen], test)]
     if cfg.train_sites:
         cases_train, cases_test = by_site(cases, cfg.train_sites, cfg.test_sites)
         if cfg.shots:
@@ -184,6 +201,7 @@ def _task_info(cs: CaseSet, cfg: FinetuneConfig, patch: int, stats: tuple[float,
         "contrasts": cs.contrasts,
         "classes": cs.classes,
         "patch": patch,
+        "infer_patch": cfg.infer_patch or patch,
         "target_mean": stats[0],
         "target_std": stats[1],
         "mode": cfg.mode,
@@ -239,7 +257,7 @@ def finetune(data: str | Path, out: str | Path, cfg: FinetuneConfig, progress: b
     if (out / "summary.json").is_file():
         raise ConfigError(f"{out} already holds a fine-tuning run; choose another --out")
     store = Store(data)
-    cs = build_cases(store, cfg.task, cfg.target, cfg.contrasts)
+    cs = build_cases(store, cfg.task, cfg.target, cfg.contrasts, positive_only=cfg.positive_only)
     backbone, weights, src = backbone_from(cfg)
     patch = int(cfg.patch or src.get("patch") or 64)
     if src.get("preprocessing") and src["preprocessing"].get("spacing") not in (None, store.config.get("spacing")):
@@ -293,6 +311,7 @@ def finetune(data: str | Path, out: str | Path, cfg: FinetuneConfig, progress: b
             drop_last=True,
             num_workers=cfg.num_workers,
             persistent_workers=cfg.num_workers > 0,
+            multiprocessing_context=loader_context() if cfg.num_workers > 0 else None,
         )
         trainer.fit(module, loader)
         if not trainer.is_global_zero:

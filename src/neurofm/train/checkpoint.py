@@ -273,10 +273,9 @@ def describe_run(run: str | Path) -> str:
             f"patch {d['patch']}^3, batch {d['batch_size']}, contrasts {d['contrasts'] or 'all'}"
         )
         o = cfg["optim"]
-        lines.append(
-            f"optimiser: {o['name']} lr {o['lr']} ({o['schedule']}), {o['epochs']} epochs x "
-            f"{d['steps_per_epoch']} steps"
-        )
+        steps = cfg["trainer"].get("max_steps", -1)
+        budget = f"{steps} steps" if steps and steps > 0 else f"{o['epochs']} epochs x {d['steps_per_epoch']} steps"
+        lines.append(f"optimiser: {o['name']} lr {o['lr']} ({o['schedule']}), {budget}")
     if ck is None:
         lines.append("checkpoints: none yet")
     else:

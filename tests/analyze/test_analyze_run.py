@@ -1,0 +1,44 @@
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from neurofm.analyze.run import AnalyzeConfig, analyze
+
+FT = {"steps": 2, "patch": 32, "contrasts": ["T1w", "FLAIR"], "num_workers": 0, "tta": False}
+
+
+@pytest.mark.slow
+def test_analyze_latents_ablation_label_efficiency_and_fomo(tiny_store, pretrained_run, tmp_path):
+    cfg = AnalyzeConfig(
+        max_sessions=4,
+        compare={"mae": str(pretrained_run)},
+        tasks=[("cls", "healthy")],
+        label_efficiency=("reg", "age"),
+        shots=[2, 4, 99],
+        fomo=True,
+        train_sites=["site-0", "site-1"],
+        fomo_scale=0.2,
+        finetune=FT,
+    )
+    res = analyze(pretrained_run, tiny_store, tmp_path / "an", cfg, progress=False)
+    lat = res["latent"]
+    assert set(lat) >= {"anatomy", "contrast", "scans", "subjects"}
+    assert 0 <= lat["anatomy"]["contrast_probe"]["accuracy"] <= 1
+    assert [r["init"] for r in res["ablation"]] == ["recipe", "mae", "scratch"]
+    assert [(r["init"], r["x"]) for r in res["label_efficiency"]] == [
+        ("pretrained", 2),
+        ("scratch", 2),
+        ("pretrained", 4),
+        ("scratch", 4),
+    ]  # 99 > subjects: skipped
+    fomo = {r["task_label"] for r in res["fomo"]}
+    assert fomo == {"fomo-cls-infarct", "fomo-seg-lesion", "fomo-reg-age"} or any("skipped" in r for r in res["fomo"])
+    saved = json.loads((tmp_path / "an" / "analysis.json").read_text())
+    assert "within_values" not in json.dumps(saved)
+    page = (tmp_path / "an" / "report.html").read_text()
+    for title in ("Latent analysis", "Ablation", "Label efficiency", "FOMO25 protocol"):
+        assert title in page
+    for png in ("latent.png", "ablation.png", "label_efficiency.png"):
+        assert (tmp_path / "an" / png).stat().st_size > 2000

@@ -1,0 +1,80 @@
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from neurofm.analyze.latent import contrast_probe, latent_analysis, latent_similarity, summary_table
+
+CONTRASTS = ["T1w", "T2w", "FLAIR"]
+
+
+def _latents(n_subjects=12, dim=16, noise=0.1, seed=0):
+    """Subject latents = a subject's own vector (+ noise); contrast latents = the contrast's vector (+ noise)."""
+    rng = np.random.default_rng(seed)
+    subj_vec = rng.normal(size=(n_subjects, dim))
+    con_vec = {c: rng.normal(size=dim) for c in CONTRASTS}
+    rows = []
+    for s in range(n_subjects):
+        for c in CONTRASTS:
+            rows.append(
+                {
+                    "subject": f"sub-{s}",
+                    "contrast": c,
+                    "subject_latent": subj_vec[s] + noise * rng.normal(size=dim) + 5.0,  # a shared offset
+                    "contrast_latent": con_vec[c] + noise * rng.normal(size=dim),
+                }
+            )
+    return pd.DataFrame(rows)
+
+
+def test_similarity_known_answer():
+    df = _latents()
+    sim = latent_similarity(df, "subject_latent")
+    # centred: same subject ~ cos(v, v) = 1 (noise 0.1 over norm ~4), different subjects ~ 0 on average
+    assert sim["within"] > 0.95
+    assert abs(sim["across"]) < 0.15
+    assert sim["n_within"] == 12 * 3  # 3 cross-contrast pairs per subject
+    assert sim["n_across"] == (36 * 35) // 2 - 12 * 3
+    con = latent_similarity(df, "contrast_latent")
+    assert con["within"] < 0.2  # contrast latents of one subject differ across contrasts
+
+
+def test_similarity_of_identical_and_orthogonal_vectors():
+    e = np.eye(4)
+    df = pd.DataFrame(
+        {
+            "subject": ["a", "a", "b", "b"],
+            "contrast": ["T1w", "T2w", "T1w", "T2w"],
+            "subject_latent": [e[0] + e[2], e[0] + e[2], e[1] + e[3], e[1] + e[3]],
+        }
+    )
+    sim = latent_similarity(df, "subject_latent")
+    # after centring, subject a = (+.5, -.5, +.5, -.5), subject b its negative: cos +1 within, -1 across
+    assert sim["within"] == pytest.approx(1.0) and sim["across"] == pytest.approx(-1.0)
+
+
+def test_probes_find_contrast_only_in_the_contrast_latent():
+    df = _latents(n_subjects=15)
+    from_contrast = contrast_probe(df, "contrast_latent")
+    from_anatomy = contrast_probe(df, "subject_latent")
+    assert from_contrast["accuracy"] == 1.0
+    assert from_contrast["chance"] == pytest.approx(1 / 3)
+    assert from_anatomy["accuracy"] < 0.6  # near chance: anatomy carries no contrast information here
+    res = latent_analysis(df)
+    table = summary_table(res)
+    assert [r["latent"] for r in table] == ["anatomy", "contrast"]
+    assert table[1]["contrast probe accuracy"] == 1.0
+
+
+def test_probe_never_sees_a_test_subject_in_training():
+    # labels that are a pure function of the subject (memorisable) but unrelated to the features:
+    # with subject-grouped folds the probe cannot exceed chance by memorising subjects
+    rng = np.random.default_rng(1)
+    rows = []
+    for s in range(20):
+        feat = rng.normal(size=8)
+        for _ in range(3):
+            rows.append({"subject": f"s{s}", "contrast": "A" if s % 2 else "B", "x": feat + 0.01 * rng.normal(size=8)})
+    res = contrast_probe(pd.DataFrame(rows), "x")
+    assert res["accuracy"] < 0.8
