@@ -394,7 +394,7 @@ def demo(
     out: Annotated[Path, typer.Option(help="Folder for everything the demo writes.")] = Path("neurofm-demo"),
     workers: Annotated[int, typer.Option("--workers", "-j", help="Parallel worker processes.")] = 2,
     subjects: Annotated[int, typer.Option(help="Synthetic subjects.")] = 40,
-    pretrain_steps: Annotated[int, typer.Option(help="Pretraining steps.")] = 2000,
+    pretrain_steps: Annotated[int, typer.Option(help="Pretraining steps.")] = 1500,
     finetune_steps: Annotated[int, typer.Option(help="Fine-tuning steps per model.")] = 300,
     shots: Annotated[
         int | None, typer.Option(help="Labelled subjects for every task (default: seg 8, cls 16, reg 24).")

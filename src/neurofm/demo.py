@@ -28,7 +28,7 @@ class DemoConfig:
     sessions: int = 2
     workers: int = 2
     spacing: float = 4.0  # mm: a 32^3 crop holds most of a brain, so a 2-core CPU finishes in ~12 minutes
-    pretrain_steps: int = 2000
+    pretrain_steps: int = 1500
     patch: int = 32
     finetune_steps: int = 300
     finetune_lr: float = 3e-3

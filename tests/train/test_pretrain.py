@@ -154,7 +154,7 @@ def test_cli_pretrain_writes_a_self_describing_run(tiny_store, tmp_path, run_cli
     assert (run / "figures" / "reconstructions.png").stat().st_size > 5000
     assert (run / "logs" / "csv" / "version_0" / "metrics.csv").is_file()
     code, out, _ = run_cli("inspect", run)
-    assert code == 0 and "fomo25-tiny" in out and "parameters: 1,118,225" in out and "step 12" in out
+    assert code == 0 and "fomo25-tiny" in out and "parameters: 293,905" in out and "step 12" in out
     code, _, err = run_cli("pretrain", "--preset", "fomo25-tiny", "--data", tiny_store, "--out", run)
     assert code == 2 and "--resume" in err
 

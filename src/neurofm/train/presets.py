@@ -33,7 +33,7 @@ def _fomo25(tiny: bool, plain_mae: bool = False) -> RunConfig:
         obj.kl_warmup_epochs = 2.0
         return RunConfig(
             preset=name,
-            model=ModelSpec("dual_latent_unet", {"features": [8, 16, 32, 64, 128], "latent": 32}),
+            model=ModelSpec("dual_latent_unet", {"features": [8, 16, 32, 64], "latent": 32}),
             objective=obj,
             data=DataConfig(mode="pair", patch=32, batch_size=2, num_workers=0, steps_per_epoch=10, affine_p=0.0),
             optim=OptimConfig(name="adamw", lr=2e-3, warmup_epochs=1, epochs=4),
