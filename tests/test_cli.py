@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import pytest
+
 from helpers import blob_volume, write_nifti
 from neurofm import __version__
 
@@ -31,3 +33,16 @@ def test_user_errors_are_one_line_without_traceback(tmp_path, run_cli):
     assert code == 2 and "spacing" in err
     code, _, err = run_cli("inspect", tmp_path)
     assert code == 2 and "neither a store" in err
+
+
+@pytest.mark.slow
+def test_analyze_and_bench_verbs(tiny_store, pretrained_run, tmp_path, run_cli):
+    code, out, err = run_cli(
+        "analyze", pretrained_run, "--data", tiny_store, "--out", tmp_path / "an", "--max-sessions", "2"
+    )
+    assert code == 0, err
+    assert "anatomy" in out and (tmp_path / "an" / "report.html").is_file()
+    code, _, err = run_cli("analyze", pretrained_run, "--data", tiny_store, "--out", tmp_path / "x", "--compare", "mae")
+    assert code == 2 and "NAME=RUN" in err
+    code, _, _ = run_cli("bench", "--only", "store")
+    assert code == 0

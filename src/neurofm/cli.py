@@ -364,6 +364,26 @@ def analyze(
         results.print(r)
 
 
+@app.command()
+def bench(
+    gpu: Annotated[bool, typer.Option(help="GPU sizes: 128^3 crops, paper-size models, bf16.")] = False,
+    only: Annotated[
+        str | None, typer.Option(help="Comma list of benchmarks (store,prepare,synth,loader,train,infer,flops).")
+    ] = None,
+) -> None:
+    """Run the benchmark suite of a source checkout (benchmarks/run_all.py) and print its table."""
+    import subprocess
+
+    import neurofm
+    from neurofm.errors import NeurofmError
+
+    script = Path(neurofm.__file__).resolve().parents[2] / "benchmarks" / "run_all.py"
+    if not script.is_file():
+        raise NeurofmError("the benchmarks live in the source checkout (benchmarks/run_all.py); run from a clone")
+    args = [sys.executable, str(script)] + (["--gpu"] if gpu else []) + (["--only", *_csv(only)] if only else [])
+    raise typer.Exit(subprocess.run(args).returncode)
+
+
 @app.command(name="import")
 def import_(
     kind: Annotated[str, typer.Argument(help="nnssl, nnunet (ResEnc checkpoints) or monai (ViTAutoEnc state dict).")],

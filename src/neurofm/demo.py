@@ -1,7 +1,7 @@
-"""``neurofm demo``: the embedded default end to end, offline, on a 2-core CPU in about 12 minutes.
+"""``neurofm demo``: the embedded default end to end, offline, on a 2-core CPU in about 11 minutes.
 
 1. synth — synthetic subjects on the real ICBM 2009c / CerebrA anatomy (2 mm, 3 sites);
-2. prepare — RAS, 2 mm, crop, z-score, blosc2 store;
+2. prepare — RAS, 4 mm (so a 32³ crop holds most of a brain), crop, z-score, blosc2 store;
 3. pretrain — fomo25-tiny on every session (no labels used);
 4. fine-tune — lesion segmentation, health classification and age regression from a few
    labelled subjects, pretrained against scratch with the same budget, tested on the others;
@@ -48,7 +48,7 @@ def run_demo(out: str | Path = "neurofm-demo", cfg: DemoConfig | None = None) ->
     from neurofm.analyze import figures as Fig
     from neurofm.analyze.embed import embed_store
     from neurofm.analyze.latent import latent_analysis, summary_table
-    from neurofm.analyze.run import _score_rows, drop_values
+    from neurofm.analyze.run import _score_rows, drop_values, spread_sessions
     from neurofm.evaluate.report import Section, write_report
     from neurofm.inspect import describe_store
     from neurofm.preprocess import PrepareConfig, prepare
@@ -150,7 +150,7 @@ def run_demo(out: str | Path = "neurofm-demo", cfg: DemoConfig | None = None) ->
     t = stage("5/6 analyze", "anatomy-latent similarity across contrasts, contrast probes")
     from neurofm.store import Store
 
-    keys = Store(store).keys[: cfg.latent_sessions]
+    keys = spread_sessions(Store(store), cfg.latent_sessions)
     lat = latent_analysis(embed_store(run, store, keys=keys, progress=True))
     Fig.latent_figure(lat, figures / "latent.png")
     times["analyze"] = time.time() - t

@@ -4,7 +4,8 @@ import json
 
 import pytest
 
-from neurofm.analyze.run import AnalyzeConfig, analyze
+from neurofm.analyze.run import AnalyzeConfig, analyze, spread_sessions
+from neurofm.store import Store
 
 FT = {"steps": 2, "patch": 32, "contrasts": ["T1w", "FLAIR"], "num_workers": 0, "tta": False}
 
@@ -42,3 +43,14 @@ def test_analyze_latents_ablation_label_efficiency_and_fomo(tiny_store, pretrain
         assert title in page
     for png in ("latent.png", "ablation.png", "label_efficiency.png"):
         assert (tmp_path / "an" / png).stat().st_size > 2000
+
+
+def test_session_budget_spans_subjects_before_repeating_one(tiny_store):
+    store = Store(tiny_store)
+    subjects = {k: store.record(k)["subject"] for k in store.keys}
+    n_subjects = len(set(subjects.values()))
+    first = spread_sessions(store, n_subjects)
+    assert len({subjects[k] for k in first}) == n_subjects
+    everything = spread_sessions(store, 10_000)
+    assert sorted(everything) == sorted(store.keys)
+    assert spread_sessions(store, 3) == first[:3]

@@ -78,3 +78,9 @@ def test_probe_never_sees_a_test_subject_in_training():
             rows.append({"subject": f"s{s}", "contrast": "A" if s % 2 else "B", "x": feat + 0.01 * rng.normal(size=8)})
     res = contrast_probe(pd.DataFrame(rows), "x")
     assert res["accuracy"] < 0.8
+
+
+def test_probe_with_one_subject_is_empty_not_an_error():
+    # grouped CV needs two subjects; one subject's scans give no held-out split
+    rows = [{"subject": "s0", "contrast": c, "x": np.full(4, float(k))} for k, c in enumerate("ABAB")]
+    assert contrast_probe(pd.DataFrame(rows), "x") == {}

@@ -10,6 +10,26 @@ import numpy as np
 import torch
 
 
+def pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def save_figure(fig: Any, png: str | Path, dpi: int = 90) -> Path:
+    """Lay out, write (creating the folder) and close a matplotlib figure."""
+    plt = pyplot()
+    fig.tight_layout()
+    png = Path(png)
+    png.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(png, dpi=dpi)
+    plt.close(fig)
+    return png
+
+
 def _mid(v: torch.Tensor) -> np.ndarray:
     """Middle axial slice of ``(1, X, Y, Z)`` or ``(X, Y, Z)``, display orientation (anterior up)."""
     a = v.detach().float().cpu().numpy()
@@ -19,12 +39,9 @@ def _mid(v: torch.Tensor) -> np.ndarray:
 
 def reconstruction_figure(module: Any, store_root: str | Path, index: Any, png: str | Path, samples: int = 3) -> Path:
     """Run the objective on a few fixed crops and save input / masked / reconstruction (/ swap) panels."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     from neurofm.data.pretrain import PretrainDataset
+
+    plt = pyplot()
 
     cfg = module.cfg
     dcfg = dataclasses.replace(cfg.data, augment=False)
@@ -69,21 +86,7 @@ def reconstruction_figure(module: Any, store_root: str | Path, index: Any, png: 
             if i == 0:
                 ax.set_title(title, fontsize=9)
     fig.suptitle(f"{cfg.preset}: reconstructions on fixed crops", fontsize=10)
-    fig.tight_layout()
-    png = Path(png)
-    png.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(png, dpi=90)
-    plt.close(fig)
-    return png
-
-
-def _plt():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
+    return save_figure(fig, png)
 
 
 def read_metrics(run: str | Path) -> Any:
@@ -102,7 +105,7 @@ def training_curves(run: str | Path, png: str | Path, title: str = "") -> Path |
     df = read_metrics(run)
     if df.empty or "loss" not in df.columns:
         return None
-    plt = _plt()
+    plt = pyplot()
     terms = [c for c in df.columns if c.startswith("loss/") and not c.endswith("kl_weight")]
     fig, axes = plt.subplots(1, 2 if terms else 1, figsize=(10 if terms else 5, 3.4), squeeze=False)
     d = df.dropna(subset=["loss"])
@@ -115,12 +118,7 @@ def training_curves(run: str | Path, png: str | Path, title: str = "") -> Path |
             ax.plot(dd["step"], dd[t], lw=1, label=t.split("/", 1)[1])
         ax.set(xlabel="step", ylabel="term", title="loss terms", yscale="log")
         ax.legend(fontsize=7)
-    fig.tight_layout()
-    png = Path(png)
-    png.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(png, dpi=90)
-    plt.close(fig)
-    return png
+    return save_figure(fig, png)
 
 
 def latent_figure(result: dict, png: str | Path) -> Path | None:
@@ -128,7 +126,7 @@ def latent_figure(result: dict, png: str | Path) -> Path | None:
     anat = result.get("anatomy", {}).get("similarity")
     if not anat:
         return None
-    plt = _plt()
+    plt = pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.4))
     ax = axes[0]
     bins = np.linspace(-1, 1, 41)
@@ -157,19 +155,14 @@ def latent_figure(result: dict, png: str | Path) -> Path | None:
         ax.hlines(c, k - 0.4, k + 0.4, colors="k", linestyles="--", label="chance" if k == 0 else None)
     ax.set(ylim=(0, 1.05), ylabel="accuracy", title="which contrast? linear probe (grouped CV)")
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    png = Path(png)
-    png.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(png, dpi=90)
-    plt.close(fig)
-    return png
+    return save_figure(fig, png)
 
 
 def scores_figure(rows: list[dict], png: str | Path, title: str = "pretrained vs scratch") -> Path | None:
     """One panel per task: the headline metric with its 95 % interval, per initialisation."""
     if not rows:
         return None
-    plt = _plt()
+    plt = pyplot()
     tasks = list(dict.fromkeys(r["task_label"] for r in rows))
     fig, axes = plt.subplots(1, len(tasks), figsize=(3.3 * len(tasks), 3.2), squeeze=False)
     for ax, t in zip(axes[0], tasks, strict=True):
@@ -181,19 +174,14 @@ def scores_figure(rows: list[dict], png: str | Path, title: str = "pretrained vs
         ax.set_xticks(x, [r["init"] for r in sub], fontsize=8)
         ax.set_title(f"{t}\n{sub[0]['metric']}", fontsize=9)
     fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    png = Path(png)
-    png.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(png, dpi=90)
-    plt.close(fig)
-    return png
+    return save_figure(fig, png)
 
 
 def curve_figure(rows: list[dict], png: str | Path, xlabel: str = "labelled subjects", title: str = "") -> Path | None:
     """Score against the number of labelled subjects (or another x), one line per initialisation."""
     if not rows:
         return None
-    plt = _plt()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(5, 3.4))
     for init in dict.fromkeys(r["init"] for r in rows):
         sub = sorted((r for r in rows if r["init"] == init), key=lambda r: r["x"])
@@ -202,9 +190,4 @@ def curve_figure(rows: list[dict], png: str | Path, xlabel: str = "labelled subj
         ax.fill_between(xs, [r["ci_low"] for r in sub], [r["ci_high"] for r in sub], alpha=0.2)
     ax.set(xlabel=xlabel, ylabel=rows[0]["metric"], title=title, xscale="log")
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    png = Path(png)
-    png.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(png, dpi=90)
-    plt.close(fig)
-    return png
+    return save_figure(fig, png)

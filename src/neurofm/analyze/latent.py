@@ -63,7 +63,11 @@ def latent_similarity(
 
 
 def contrast_probe(df: pd.DataFrame, column: str, folds: int = 5, seed: int = 0) -> dict[str, Any]:
-    """Cross-validated accuracy of a linear probe predicting the contrast from ``column``."""
+    """Cross-validated accuracy of a linear probe predicting the contrast from ``column``.
+
+    Folds are grouped by subject, so the probe is always tested on subjects it never saw; with scans
+    of fewer than two subjects there is no such split and the result is empty.
+    """
     from sklearn.linear_model import LogisticRegression
     from sklearn.model_selection import GroupKFold, cross_val_predict
     from sklearn.pipeline import make_pipeline
@@ -72,7 +76,7 @@ def contrast_probe(df: pd.DataFrame, column: str, folds: int = 5, seed: int = 0)
     x = np.stack(df[column].to_numpy()).astype(np.float64)
     y = df["contrast"].to_numpy()
     groups = df["subject"].to_numpy()
-    if x.shape[1] == 0 or len(set(y)) < 2:
+    if x.shape[1] == 0 or len(set(y)) < 2 or len(set(groups)) < 2:
         return {}
     k = min(folds, len(set(groups)))
     clf = make_pipeline(StandardScaler(), LogisticRegression(max_iter=2000))

@@ -70,6 +70,17 @@ def _score_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return out
 
 
+def spread_sessions(store: Store, limit: int) -> list[str]:
+    """Up to ``limit`` session keys taken round-robin over subjects (first sessions of every subject, then
+    second sessions, ...), so a small budget still spans many subjects, which the latent analysis needs."""
+    by_subject: dict[str, list[str]] = {}
+    for key in store.keys:
+        by_subject.setdefault(str(store.record(key).get("subject", key)), []).append(key)
+    rounds = max((len(v) for v in by_subject.values()), default=0)
+    order = [keys[i] for i in range(rounds) for keys in by_subject.values() if i < len(keys)]
+    return order[:limit]
+
+
 def analyze(
     run: str | Path, data: str | Path, out: str | Path, cfg: AnalyzeConfig | None = None, progress: bool = True
 ) -> dict[str, Any]:
@@ -84,7 +95,7 @@ def analyze(
     sections: list[Section] = []
 
     console.rule("latent analysis")
-    keys = store.keys[: cfg.max_sessions]
+    keys = spread_sessions(store, cfg.max_sessions)
     df = embed_store(run, data, keys=keys, progress=progress)
     lat = latent_analysis(df)
     result["latent"] = drop_values(lat)

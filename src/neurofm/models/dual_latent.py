@@ -86,21 +86,7 @@ class DualLatentUNet(nn.Module):
         for f in reversed(features[:-1]):
             ups.append(nn.ConvTranspose3d(ch, f, 2, 2))
             blocks.append(
-                StackedConvBlocks(
-                    1,
-                    nn.Conv3d,
-                    f,
-                    f,
-                    3,
-                    1,
-                    kw["conv_bias"],
-                    kw["norm_op"],
-                    kw["norm_op_kwargs"],
-                    None,
-                    None,
-                    kw["nonlin"],
-                    kw["nonlin_kwargs"],
-                )
+                StackedConvBlocks(1, input_channels=f, output_channels=f, kernel_size=3, initial_stride=1, **kw)
             )
             ch = f
         self.decoder = nn.ModuleDict(

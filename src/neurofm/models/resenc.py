@@ -98,24 +98,17 @@ class ResEncUNet(nn.Module):
         }
         self.in_channels = in_channels
         self.downsampling = 2 ** (len(features) - 1)
-        kw = conv_kwargs()
+        n = len(features)
         net = ResidualEncoderUNet(
             in_channels,
-            len(features),
+            n,
             features,
-            kw["conv_op"],
-            3,
-            [1] + [2] * (len(features) - 1),
-            blocks,
-            out_channels,
-            [1] * (len(features) - 1),
-            kw["conv_bias"],
-            kw["norm_op"],
-            kw["norm_op_kwargs"],
-            None,
-            None,
-            kw["nonlin"],
-            kw["nonlin_kwargs"],
+            kernel_sizes=3,
+            strides=[1] + [2] * (n - 1),
+            n_blocks_per_stage=blocks,
+            num_classes=out_channels,
+            n_conv_per_stage_decoder=[1] * (n - 1),
+            **conv_kwargs(),
         )
         ResidualEncoderUNet.initialize(net)
         self.encoder, self.decoder = net.encoder, net.decoder

@@ -29,11 +29,9 @@ def axial_slice(path: str, z_mm: float = 10.0, mask: str | None = None) -> tuple
 
 def montage(bids: str | Path, png: str | Path, subjects: int = 4, z_mm: float = 12.0) -> Path:
     """Save a grid of axial slices: one row per subject (patients first), one column per contrast."""
-    import matplotlib
+    from neurofm.analyze.figures import pyplot, save_figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     m = discover(bids)
     sessions = m.sessions()
     firsts = {}
@@ -77,9 +75,4 @@ def montage(bids: str | Path, png: str | Path, subjects: int = 4, z_mm: float = 
                     fontsize=8,
                 )
     fig.suptitle("neurofm synth: axial slices (red: lesion mask on FLAIR)", fontsize=10)
-    fig.tight_layout()
-    png = Path(png)
-    png.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(png, dpi=80)
-    plt.close(fig)
-    return png
+    return save_figure(fig, png, dpi=80)
