@@ -8,7 +8,7 @@ from neurofm.demo import DemoConfig, run_demo
 
 
 @pytest.mark.slow
-def test_demo_end_to_end_tiny(tmp_path):
+def test_demo_end_to_end_tiny(tmp_path, capsys):
     cfg = DemoConfig(
         subjects=6,
         sessions=1,
@@ -18,6 +18,9 @@ def test_demo_end_to_end_tiny(tmp_path):
         latent_sessions=3,
     )
     page = run_demo(tmp_path / "demo", cfg)
+    said = capsys.readouterr().err
+    assert "anatomy latent: cosine same subject" in said and "contrast probe" in said
+    assert said.rstrip().endswith(str(page.resolve()))
     html = page.read_text()
     for title in ("Data", "Pretraining", "Latent analysis", "does pretraining help", "Timings"):
         assert title in html

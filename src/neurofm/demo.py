@@ -153,6 +153,7 @@ def run_demo(out: str | Path = "neurofm-demo", cfg: DemoConfig | None = None) ->
     keys = spread_sessions(Store(store), cfg.latent_sessions)
     lat = latent_analysis(embed_store(run, store, keys=keys, progress=True))
     Fig.latent_figure(lat, figures / "latent.png")
+    console.print(_latent_text(summary_table(lat)))
     times["analyze"] = time.time() - t
 
     t = stage("6/6 report", "HTML with figures and scores")
@@ -162,7 +163,8 @@ def run_demo(out: str | Path = "neurofm-demo", cfg: DemoConfig | None = None) ->
         Section(
             "Data",
             text=f"<code>neurofm synth</code>: {cfg.subjects} subjects x {cfg.sessions} sessions, 3 sites, "
-            "2 mm; healthy subjects and patients with tumours, infarcts or white-matter hyperintensities.",
+            f"2 mm, prepared at {cfg.spacing:g} mm; healthy subjects and patients with tumours, infarcts or "
+            "white-matter hyperintensities.",
             images=["figures/synth_montage.png"],
         ),
         Section(
@@ -192,6 +194,17 @@ def run_demo(out: str | Path = "neurofm-demo", cfg: DemoConfig | None = None) ->
     console.print(f"total {times['total'] / 60:.1f} min")
     console.print(f"report: {page.resolve()}")
     return page
+
+
+def _latent_text(rows: list[dict[str, Any]]) -> str:
+    def f(x: Any) -> str:
+        return "n/a" if x is None else f"{x:.2f}"
+
+    return "\n".join(
+        f"  {r['latent']} latent: cosine same subject {f(r['cosine within subject'])} vs other subjects "
+        f"{f(r['cosine across subjects'])}; contrast probe {f(r['contrast probe accuracy'])} (chance {f(r['chance'])})"
+        for r in rows
+    )
 
 
 def _score_text(rows: list[dict[str, Any]]) -> str:
