@@ -139,7 +139,8 @@ def pretrain(
     accelerator: Annotated[str | None, typer.Option(help="auto, cpu or gpu.")] = None,
     max_steps: Annotated[int | None, typer.Option(help="Stop after this many optimiser steps.")] = None,
     progress: Annotated[
-        bool | None, typer.Option(help="Progress bar (default: when the terminal is interactive).")
+        bool | None,
+        typer.Option(help="Progress: a bar on a terminal, a line per 5 % of the steps in a log (default: terminals)."),
     ] = None,
 ) -> None:
     """Pretrain a recipe on a store: neurofm pretrain --preset fomo25 --data STORE --out RUN."""
@@ -421,7 +422,7 @@ def demo(
     ] = None,
     spacing: Annotated[float, typer.Option(help="Voxel size of the store in mm.")] = 4.0,
 ) -> None:
-    """The embedded default end to end, offline, on a CPU (~12 min on 2 cores):
+    """The embedded default end to end, offline, on a CPU (~9 min on 2 cores):
     synth -> prepare -> pretrain -> fine-tune (pretrained vs scratch) -> analyze -> HTML report."""
     from neurofm.demo import DemoConfig, run_demo
 

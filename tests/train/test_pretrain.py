@@ -132,9 +132,13 @@ def test_cli_pretrain_writes_a_self_describing_run(tiny_store, tmp_path, run_cli
         "12",
         "--set",
         "trainer.checkpoint_every=5",
-        "--no-progress",
+        "--progress",
     )
     assert code == 0, err
+    # stderr is not a terminal here: plain progress lines, no bar redrawn with carriage returns
+    lines = [ln for ln in err.splitlines() if ln.startswith("step ")]
+    assert lines[-1].startswith("step 12/12  loss ") and "steps/s" in lines[-1]
+    assert len(lines) == 12 and "\r" not in err
     ck = latest_checkpoint(run)
     assert ck is not None and ck.name == "step-0000012"
     assert sorted(p.name for p in (run / "checkpoints").glob("step-*")) == ["step-0000010", "step-0000012"]

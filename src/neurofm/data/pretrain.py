@@ -107,8 +107,9 @@ def build_index(store: Store, cfg: DataConfig, extra: dict[str, Any], needs_volu
         regions, mat, has = region_vectors(recs, extra.get("regions"))
         if not has.any():
             raise StoreError(
-                f"{store.root}: the ssl3d anatomy term needs regional volumes (a volumes.csv or a dseg label map "
-                "per subject); none found. Switch it off with --set objective.w_anatomy=0"
+                f"{store.root}: the ssl3d anatomy term needs regional volumes (a volumes.csv, a dseg label map, "
+                "or a brain mask for neurofm's tissue volumes, per session); none found. "
+                "Switch it off with --set objective.w_anatomy=0"
             )
         if "region_mean" not in extra:
             mean, std = mat[has].mean(0), mat[has].std(0) + 1e-6

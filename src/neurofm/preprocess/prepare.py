@@ -12,7 +12,10 @@ Per session (all contrasts of one subject's visit together):
 4. crop to a foreground box shared by all contrasts (the brain mask when the dataset
    has one, else the union of each contrast's head foreground), plus a margin;
 5. z-score each contrast within the foreground; optionally zero outside a brain mask;
-6. write the arrays, then the session record (geometry of the store grid, and each
+6. regional volumes for ssl3d: the dataset's ``volumes.csv`` row, else counted from its
+   ``dseg`` label map, else neurofm's own tissue segmentation inside the brain mask
+   (``neurofm.preprocess.tissue``);
+7. write the arrays, then the session record (geometry of the store grid, and each
    scan's original affine and shape, so predictions can go back to native space).
 
 Sessions are spread over worker processes and over shards (``--shard i/n`` takes the
@@ -39,6 +42,7 @@ from neurofm.errors import ConfigError, ScanError
 from neurofm.io.manifest import CONTRASTS, Manifest, SessionSpec, discover, session_key
 from neurofm.io.nifti import Scan, load_scan
 from neurofm.preprocess import transforms as T
+from neurofm.preprocess.tissue import choose_contrast, tissue_volumes
 from neurofm.store import Store, write_array
 from neurofm.utils import stable_hash, write_json
 
@@ -309,6 +313,10 @@ def _write_session(root: Path, spec: SessionSpec, p: PreparedSession, maps: dict
     if volumes is None and "dseg" in maps:
         volumes = label_volumes(maps["dseg"].data[0], maps["dseg"].affine)
         volume_source = "dseg"
+    contrast = choose_contrast(list(p.images))
+    if volumes is None and "brain" in p.label_maps and contrast is not None:
+        volumes = tissue_volumes(p.images[contrast], p.label_maps["brain"] > 0, p.affine, contrast)
+        volume_source = f"tissue:{contrast}" if volumes else None
     return {
         "key": key,
         "subject": spec.subject,

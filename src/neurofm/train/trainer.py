@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +45,39 @@ def quiet_lightning() -> None:
     warnings.filterwarnings("ignore", message=".*your dataloader is not resumable.*")
 
 
+class StepLines(L.Callback):
+    """Progress for logs that are not a terminal: about 20 lines per run, each with the step, the mean
+    loss since the previous line, the speed and the time left."""
+
+    def __init__(self, max_steps: int, lines: int = 20, stream: Any = None) -> None:
+        self.max_steps = max(1, int(max_steps))
+        self.every = max(1, self.max_steps // max(1, lines))
+        self.stream = stream
+        self._losses: list[float] = []
+        self._t0 = self._last_step = None
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._t0, self._last_step = time.time(), trainer.global_step
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, *args: Any) -> None:
+        loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
+        if isinstance(loss, torch.Tensor):
+            self._losses.append(float(loss.detach()))
+        step = trainer.global_step
+        if not trainer.is_global_zero or (step % self.every and step < self.max_steps):
+            return
+        elapsed = time.time() - self._t0
+        rate = (step - self._last_step) / elapsed if elapsed > 0 else 0.0
+        left = (self.max_steps - step) / rate if rate > 0 else float("nan")
+        mean = sum(self._losses) / len(self._losses) if self._losses else float("nan")
+        self._losses.clear()
+        print(
+            f"step {step}/{self.max_steps}  loss {mean:.4g}  {rate:.2f} steps/s  {left / 60:.1f} min left",
+            file=self.stream or sys.stderr,
+            flush=True,
+        )
+
+
 def build_trainer(
     tc: TrainerConfig,
     run_dir: Path,
@@ -54,7 +88,7 @@ def build_trainer(
     loggers: bool = True,
 ) -> L.Trainer:
     """A Lightning Trainer writing logs under ``run_dir/logs``; devices, precision and DDP from ``tc``."""
-    from lightning.pytorch.callbacks import LearningRateMonitor, RichProgressBar, TQDMProgressBar
+    from lightning.pytorch.callbacks import LearningRateMonitor, RichProgressBar
     from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 
     quiet_lightning()
@@ -71,8 +105,11 @@ def build_trainer(
         multi = True
     strategy = "ddp" if multi else "auto"
     cbs = list(callbacks or [])
-    if progress:
-        cbs.append(RichProgressBar() if sys.stderr.isatty() else TQDMProgressBar(refresh_rate=20))
+    bar = progress and sys.stderr.isatty()
+    if bar:
+        cbs.append(RichProgressBar())
+    elif progress:  # a log file (batch job, CI, `| tee`): one plain line now and then instead of a bar
+        cbs.append(StepLines(max_steps))
     logger: Any = False
     if loggers:
         logs = run_dir / "logs"
@@ -91,7 +128,7 @@ def build_trainer(
         callbacks=cbs,
         logger=logger,
         log_every_n_steps=max(1, min(tc.log_every, max_steps)),
-        enable_progress_bar=progress,
+        enable_progress_bar=bar,
         enable_checkpointing=False,
         enable_model_summary=False,
         default_root_dir=str(run_dir),
