@@ -47,6 +47,9 @@ def prepare(
     margin: Annotated[int, typer.Option(help="Background voxels kept around the foreground box.")] = 4,
     normalize: Annotated[str, typer.Option(help="zscore (within the foreground) or none.")] = "zscore",
     mask_images: Annotated[bool, typer.Option(help="Zero voxels outside the dataset's brain mask.")] = False,
+    skull_stripped: Annotated[
+        bool, typer.Option(help="Scans are brain-extracted: non-zero voxels are the brain mask where none is given.")
+    ] = False,
     workers: Annotated[int, typer.Option("--workers", "-j", help="Parallel worker processes.")] = 1,
     shard: Annotated[str, typer.Option(help="Take part i of n of the sessions, e.g. 0/8 (job arrays).")] = "0/1",
     duplicates: Annotated[str, typer.Option(help="Repeated scans of one contrast: error, or first.")] = "error",
@@ -60,7 +63,9 @@ def prepare(
     from neurofm.preprocess import prepare as run
 
     sp = tuple(float(x) for x in spacing.split(",")) if "," in spacing else float(spacing)
-    cfg = PrepareConfig(spacing=sp, margin=margin, normalize=normalize, mask_images=mask_images)
+    cfg = PrepareConfig(
+        spacing=sp, margin=margin, normalize=normalize, mask_images=mask_images, skull_stripped=skull_stripped
+    )
     report = run(src, out, cfg, workers=workers, shard=shard, progress=progress, duplicates=duplicates)
     console.print(report.summary())
     if not report.ok:

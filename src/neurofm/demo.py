@@ -1,4 +1,4 @@
-"""``neurofm demo``: the embedded default end to end, offline, on a 2-core CPU in about 11 minutes.
+"""``neurofm demo``: the embedded default end to end, offline, on a 2-core CPU in about 9 minutes.
 
 1. synth — synthetic subjects on the real ICBM 2009c / CerebrA anatomy (2 mm, 3 sites);
 2. prepare — RAS, 4 mm (so a 32³ crop holds most of a brain), crop, z-score, blosc2 store;
@@ -27,7 +27,7 @@ class DemoConfig:
     subjects: int = 40
     sessions: int = 2
     workers: int = 2
-    spacing: float = 4.0  # mm: a 32^3 crop holds most of a brain, so a 2-core CPU finishes in ~12 minutes
+    spacing: float = 4.0  # mm: a 32^3 crop holds most of a brain, so a 2-core CPU finishes in ~9 minutes
     pretrain_steps: int = 1500
     patch: int = 32
     finetune_steps: int = 300

@@ -116,3 +116,54 @@ def test_prepare_falls_back_to_tissue_volumes_that_ssl3d_can_use(tmp_path):
     extra: dict = {}
     idx = build_index(store, DataConfig(mode="scan"), extra, needs_volumes=True, dense=False)
     assert idx.has_volumes.all() and len(extra["regions"]) == 24
+
+
+def test_skull_stripped_scans_get_a_derived_brain_mask_and_tissue_volumes(tmp_path):
+    import nibabel as nib
+
+    from neurofm.preprocess import PrepareConfig, prepare
+    from neurofm.store import Store
+    from neurofm.synth import SynthConfig, synthesize
+
+    bids = tmp_path / "bids"
+    synthesize(bids, SynthConfig(subjects=1, sessions=1, seed=4, resolution=2, pathology=()), workers=1, progress=False)
+    anat = next((bids / "sub-001").rglob("anat"))
+    mask_file = next((bids / "derivatives").rglob("*desc-brain_mask.nii.gz"))
+    mask = nib.load(mask_file)
+    true_icv = float(np.asarray(mask.dataobj).astype(bool).sum() * abs(np.linalg.det(mask.affine[:3, :3])))
+    # brain-extract the T1w (on the mask's grid), keep only it, and drop every derivative
+    t1_file = next(f for f in anat.iterdir() if f.name.endswith("_T1w.nii.gz") and "ce-" not in f.name)
+    t1 = nib.load(t1_file)
+    assert np.allclose(t1.affine, mask.affine) and t1.shape == mask.shape
+    stripped = np.asarray(t1.dataobj, np.float32) * (np.asarray(mask.dataobj) > 0)
+    for f in anat.iterdir():
+        f.unlink()
+    nib.save(nib.Nifti1Image(stripped, t1.affine), t1_file)
+    for f in [f for f in (bids / "derivatives").rglob("*") if f.is_file() and f.suffix != ".json"]:
+        f.unlink()
+
+    prepare(bids, tmp_path / "plain", PrepareConfig(spacing=2.0), workers=1, progress=False)
+    rec = Store(tmp_path / "plain").record(Store(tmp_path / "plain").keys[0])
+    assert rec["volumes"] is None and "brain" not in rec["label_maps"]
+
+    prepare(bids, tmp_path / "ss", PrepareConfig(spacing=2.0, skull_stripped=True), workers=1, progress=False)
+    store = Store(tmp_path / "ss")
+    rec = store.record(store.keys[0])
+    assert rec["label_maps"]["brain"]["source"].startswith("derived")
+    assert rec["volume_source"] == "tissue:T1w"
+    assert rec["volumes"][ICV_KEY] == pytest.approx(true_icv, rel=0.05)
+
+
+def test_skull_stripped_flag_on_a_scan_with_background_is_reported(tmp_path):
+    from helpers import blob_volume, write_nifti
+    from neurofm.preprocess import PrepareConfig, prepare
+    from neurofm.store import Store
+
+    rng = np.random.default_rng(0)
+    head = blob_volume() + rng.normal(5, 1, blob_volume().shape).astype(np.float32)  # noisy, no zero background
+    write_nifti(tmp_path / "bids/sub-01/anat/sub-01_T1w.nii.gz", head)
+    prepare(tmp_path / "bids", tmp_path / "s", PrepareConfig(skull_stripped=True), workers=1, progress=False)
+    store = Store(tmp_path / "s")
+    assert store.keys  # the session is still prepared...
+    assert "no zero background" in store.failures().to_string()  # ...and the problem is on record
+    assert "brain" not in store.record(store.keys[0])["label_maps"]

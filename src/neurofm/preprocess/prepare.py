@@ -58,7 +58,10 @@ class PrepareConfig:
         margin: background voxels kept around the foreground box.
         normalize: ``"zscore"`` (within the foreground) or ``"none"``.
         mask_images: set voxels outside the brain mask to 0 (only when a ``brain``
-            mask is part of the dataset).
+            mask is part of the dataset, or ``skull_stripped``).
+        skull_stripped: the scans are brain-extracted; a session without a ``brain``
+            mask gets one from its reference scan's non-zero voxels (recorded as derived),
+            which then serves the crop, the z-score and the tissue volumes.
         orientation: always ``"RAS"``; recorded so that consumers can check.
     """
 
@@ -67,6 +70,7 @@ class PrepareConfig:
     normalize: str = "zscore"
     mask_images: bool = False
     orientation: str = "RAS"
+    skull_stripped: bool = False
 
     def __post_init__(self) -> None:
         sp = np.atleast_1d(np.asarray(self.spacing, dtype=float))
@@ -191,6 +195,16 @@ def preprocess_scans(
         lmeta[name] = _native_meta(scan)
 
     brain = labels_rs.get("brain")
+    if cfg.skull_stripped and (brain is None or not brain.any()) and ref_name in resampled:
+        brain = T.nonzero_mask(resampled[ref_name]).astype(np.uint8)
+        if brain.mean() > 0.9:
+            failures.append(
+                {"name": "brain", "path": ref.path, "reason": "--skull-stripped, but the scan has no zero background"}
+            )
+            brain = None
+        else:
+            labels_rs["brain"] = brain
+            lmeta["brain"] = {"source": f"derived: non-zero voxels of the skull-stripped {ref_name}"}
     if brain is not None and brain.any():
         fg = brain > 0
     else:

@@ -133,6 +133,23 @@ def foreground_mask(data: np.ndarray) -> np.ndarray:
     return full
 
 
+def nonzero_mask(data: np.ndarray, rel: float = 0.01) -> np.ndarray:
+    """The brain of a skull-stripped image: voxels whose magnitude exceeds ``rel`` of the 99th percentile
+    of the non-zero magnitudes (so interpolation and anti-alias blur at the mask's edge do not count),
+    largest connected component, holes filled. Empty when the image is all zeros."""
+    mag = np.abs(data)
+    values = mag[mag > 0]
+    if values.size == 0:
+        return np.zeros(data.shape, bool)
+    mask = mag > rel * float(np.percentile(values, 99))
+    labels, n = ndi.label(mask)
+    if n > 1:
+        sizes = np.bincount(labels.ravel())
+        sizes[0] = 0
+        mask = labels == int(np.argmax(sizes))
+    return ndi.binary_fill_holes(mask)
+
+
 def bounding_box(mask: np.ndarray, margin: int = 0) -> tuple[slice, slice, slice]:
     """The smallest box holding ``mask``, grown by ``margin`` voxels and clipped to the array."""
     if not mask.any():
