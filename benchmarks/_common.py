@@ -46,6 +46,20 @@ def timeit(fn: Callable[[], object], repeat: int = 5, warmup: int = 1) -> dict:
     return {"median_s": statistics.median(times), "min_s": min(times), "max_s": max(times), "n": repeat}
 
 
+def step_times(step: Callable[[], object], steps: int, cuda: bool = False) -> list[float]:
+    """Wall time of each of ``steps`` calls, sorted; with ``cuda`` each call waits for the GPU to finish."""
+    import torch
+
+    times = []
+    for _ in range(steps):
+        t = time.perf_counter()
+        step()
+        if cuda:
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - t)
+    return sorted(times)
+
+
 def save(name: str, payload: dict) -> Path:
     RESULTS.mkdir(parents=True, exist_ok=True)
     path = RESULTS / f"{name}.json"

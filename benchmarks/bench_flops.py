@@ -13,10 +13,9 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import time
 from pathlib import Path
 
-from _common import save
+from _common import save, step_times
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
@@ -74,14 +73,8 @@ def main() -> None:
     with counter:
         step()
     flops = counter.get_total_flops()
-    times = []
-    for _ in range(args.steps):
-        t = time.perf_counter()
-        step()
-        if dev.type == "cuda":
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - t)
-    dt = sorted(times)[len(times) // 2]
+    times = step_times(step, args.steps, cuda=dev.type == "cuda")
+    dt = times[len(times) // 2]
     achieved = flops / dt / 1e9
     if dev.type == "cuda":
         gpu = torch.cuda.get_device_name(0)

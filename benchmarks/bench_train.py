@@ -23,10 +23,9 @@ import os
 import resource
 import subprocess
 import sys
-import time
 from pathlib import Path
 
-from _common import save
+from _common import save, step_times
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
@@ -161,14 +160,7 @@ def child(args: argparse.Namespace) -> None:
     if dev.type == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
-    times = []
-    for _ in range(args.steps):
-        t = time.perf_counter()
-        step()
-        if dev.type == "cuda":
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - t)
-    times.sort()
+    times = step_times(step, args.steps, cuda=dev.type == "cuda")
     peak = (
         torch.cuda.max_memory_allocated()
         if dev.type == "cuda"

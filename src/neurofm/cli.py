@@ -440,8 +440,7 @@ def demo(
     )
     if shots is not None:
         cfg.shots = {t: shots for t in cfg.shots}
-    page = run_demo(out, cfg)
-    results.print(f"report: {page.resolve()}")
+    run_demo(out, cfg)  # its last line says where the report is
 
 
 def main() -> None:

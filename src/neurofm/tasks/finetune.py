@@ -300,7 +300,9 @@ def finetune(data: str | Path, out: str | Path, cfg: FinetuneConfig, progress: b
         write_json(fold_dir / "run.json", run_cfg)
         module = FinetuneModule(model, cfg, weights_cls, stats)
         saver = RunCheckpoint(fold_dir, run_cfg, tc.checkpoint_every, tc.keep_checkpoints)
-        trainer = build_trainer(tc, fold_dir, cfg.steps, grad_clip=1.0, callbacks=[saver], progress=progress)
+        trainer = build_trainer(
+            tc, fold_dir, cfg.steps, grad_clip=1.0, callbacks=[saver], progress=progress, progress_lines=5
+        )
         ds = FinetuneDataset(
             data, cs, train, patch, length=cfg.steps * cfg.batch_size, seed=cfg.seed + f, fg_p=cfg.fg_p
         )

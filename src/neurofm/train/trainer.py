@@ -86,6 +86,7 @@ def build_trainer(
     callbacks: list | None = None,
     progress: bool | None = None,
     loggers: bool = True,
+    progress_lines: int = 20,
 ) -> L.Trainer:
     """A Lightning Trainer writing logs under ``run_dir/logs``; devices, precision and DDP from ``tc``."""
     from lightning.pytorch.callbacks import LearningRateMonitor, RichProgressBar
@@ -109,7 +110,7 @@ def build_trainer(
     if bar:
         cbs.append(RichProgressBar())
     elif progress:  # a log file (batch job, CI, `| tee`): one plain line now and then instead of a bar
-        cbs.append(StepLines(max_steps))
+        cbs.append(StepLines(max_steps, lines=progress_lines))
     logger: Any = False
     if loggers:
         logs = run_dir / "logs"
