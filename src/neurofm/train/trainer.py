@@ -53,7 +53,8 @@ class StepLines(L.Callback):
         self.max_steps = max(1, int(max_steps))
         self.every = max(1, self.max_steps // max(1, lines))
         self.stream = stream
-        self._losses: list[float] = []
+        self._sum: torch.Tensor | None = None  # kept on the device: no GPU sync on steps that print nothing
+        self._n = 0
         self._t0 = self._last_step = None
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -62,15 +63,16 @@ class StepLines(L.Callback):
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, *args: Any) -> None:
         loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
         if isinstance(loss, torch.Tensor):
-            self._losses.append(float(loss.detach()))
+            self._sum = loss.detach() if self._sum is None else self._sum + loss.detach()
+            self._n += 1
         step = trainer.global_step
         if not trainer.is_global_zero or (step % self.every and step < self.max_steps):
             return
         elapsed = time.time() - self._t0
         rate = (step - self._last_step) / elapsed if elapsed > 0 else 0.0
         left = (self.max_steps - step) / rate if rate > 0 else float("nan")
-        mean = sum(self._losses) / len(self._losses) if self._losses else float("nan")
-        self._losses.clear()
+        mean = float(self._sum) / self._n if self._n else float("nan")
+        self._sum, self._n = None, 0
         print(
             f"step {step}/{self.max_steps}  loss {mean:.4g}  {rate:.2f} steps/s  {left / 60:.1f} min left",
             file=self.stream or sys.stderr,
