@@ -51,10 +51,11 @@ def main() -> None:
     from torch.utils.flop_counter import FlopCounterMode
 
     from neurofm.models.registry import create_model
+    from neurofm.train.presets import get_preset
 
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    name = "dual_latent_unet" if args.model == "fomo25" else "resenc_unet"
-    model = create_model(name).to(dev)
+    recipe = get_preset("fomo25" if args.model == "fomo25" else "ssl3d")
+    model = create_model(recipe.model.name, **recipe.model.kwargs).to(dev)
     opt = torch.optim.SGD(model.parameters(), lr=1e-3)
     x = torch.randn(args.batch, 1, args.crop, args.crop, args.crop, device=dev)
     amp = torch.autocast("cuda", dtype=torch.bfloat16) if (args.bf16 and dev.type == "cuda") else None

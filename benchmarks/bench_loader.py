@@ -35,12 +35,13 @@ def main() -> None:
 
     import torch
 
-    from neurofm.data.pretrain import make_loader, prepare_data
+    from neurofm.data.pretrain import pretrain_loader
     from neurofm.models.registry import create_model
     from neurofm.objectives import build_objective
     from neurofm.preprocess import PrepareConfig, prepare
     from neurofm.synth import SynthConfig, synthesize
-    from neurofm.tasks.pretrain import build_optimizer
+    from neurofm.tasks.pretrain import prepare_data
+    from neurofm.train.optim import build_optimizer
     from neurofm.train.presets import get_preset
 
     tmp = Path(tempfile.mkdtemp(prefix="neurofm-bench-loader-"))
@@ -60,7 +61,7 @@ def main() -> None:
                 ]
             )
             cfg, index = prepare_data(cfg, tmp / "store")
-            it = iter(make_loader(tmp / "store", index, cfg))
+            it = iter(pretrain_loader(tmp / "store", index, cfg.data, cfg.data_needs(), cfg.trainer.seed))
             for _ in range(3):
                 next(it)  # workers started, first crops read
             t = time.perf_counter()
@@ -71,15 +72,11 @@ def main() -> None:
             print(f"loader, {w} workers: {rows[-1]['samples_per_s']:.1f} samples/s")
             del it
         dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        model = create_model("dual_latent_unet").to(dev)
-        objective = build_objective(get_preset("fomo25").objective)
-        opt = build_optimizer(model.parameters(), get_preset("fomo25").optim)
-        c = args.crop
-        batch = {
-            "x_a": torch.randn(args.batch, 1, c, c, c, device=dev),
-            "x_b": torch.randn(args.batch, 1, c, c, c, device=dev),
-            "pair_valid": torch.ones(args.batch, dtype=torch.bool, device=dev),
-        }
+        recipe = get_preset("fomo25")
+        model = create_model(recipe.model.name, **recipe.model.kwargs).to(dev)
+        objective = build_objective(recipe.objective)
+        opt = build_optimizer(model.parameters(), recipe.optim)
+        batch = recipe.objective.example_batch(args.batch, args.crop, {}, dev)
         for i in range(args.model_steps + 1):
             if i == 1:
                 t = time.perf_counter()
@@ -95,7 +92,7 @@ def main() -> None:
         save(
             "loader",
             {
-                "crop": c,
+                "crop": args.crop,
                 "batch": args.batch,
                 "resolution_mm": args.resolution,
                 "device": dev.type,

@@ -40,7 +40,7 @@ def build(name: str, crop: int, vit_size: str):
     from neurofm.models.registry import create_model
     from neurofm.objectives import build_objective
     from neurofm.objectives.masking import block_mask
-    from neurofm.tasks.pretrain import build_optimizer
+    from neurofm.train.optim import build_optimizer
     from neurofm.train.presets import get_preset
 
     if name == "peer:resencl":
@@ -94,36 +94,15 @@ def build(name: str, crop: int, vit_size: str):
 
         return model, loss_fn, lambda b, dev: {"x": torch.rand(b, 4, crop, crop, crop, device=dev)}, opt
     cfg = get_preset(name)
-    kwargs = dict(cfg.model.kwargs)
-    if cfg.objective.kind == "ssl3d":
-        kwargs.update(
-            anatomy_outputs=104 if cfg.objective.w_anatomy else 0,
-            health_classes=2 if cfg.objective.w_health else 0,
-        )
-    if cfg.objective.kind == "lamim":
-        kwargs.update(img_size=crop, size=vit_size)
-    model = create_model(cfg.model.name, **kwargs)
+    if cfg.data.mode == "stack":  # the ViT's cube is the crop; its size from the command line
+        cfg = cfg.override({"data.patch": crop, "model.kwargs.img_size": crop, "model.kwargs.size": vit_size})
+    extra = {"regions": [f"r{i}" for i in range(104)], "dense_labels": list(range(4))}  # what a store would give
+    model = create_model(cfg.model.name, **cfg.model_kwargs(extra))
     objective = build_objective(cfg.objective)
     opt = build_optimizer(model.parameters(), cfg.optim)
 
     def batch_fn(b, dev):
-        if cfg.data.mode == "pair":
-            return {
-                "x_a": torch.randn(b, 1, crop, crop, crop, device=dev),
-                "x_b": torch.randn(b, 1, crop, crop, crop, device=dev),
-                "pair_valid": torch.ones(b, dtype=torch.bool, device=dev),
-            }
-        if cfg.data.mode == "scan":
-            return {
-                "x": torch.randn(b, 1, crop, crop, crop, device=dev),
-                "volumes": torch.randn(b, 104, device=dev),
-                "has_volumes": torch.ones(b, dtype=torch.bool, device=dev),
-                "health": torch.ones(b, dtype=torch.long, device=dev),
-            }
-        return {
-            "x": torch.rand(b, 4, crop, crop, crop, device=dev),
-            "present": torch.ones(b, 4, dtype=torch.bool, device=dev),
-        }
+        return cfg.objective.example_batch(b, crop, extra, dev)
 
     return model, (lambda batch: objective(model, batch, 1.0)[0]), batch_fn, opt
 

@@ -62,7 +62,7 @@ def tiny_store(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def pretrained_run(tiny_store, tmp_path_factory) -> Path:
     """fomo25-tiny pretrained for a few steps on the tiny store."""
-    from neurofm.train.trainer import pretrain
+    from neurofm.tasks.pretrain import pretrain
 
     out = tmp_path_factory.mktemp("pre") / "run"
     return pretrain(tiny_store, out, "fomo25-tiny", overrides=["trainer.max_steps=4"], progress=False)

@@ -60,13 +60,13 @@ def prepare(
     Exit status: 0 when every scan was prepared, 1 when some failed (see OUT/failures.csv).
     """
     from neurofm.preprocess import PrepareConfig
-    from neurofm.preprocess import prepare as run
+    from neurofm.preprocess import prepare as prepare_store
 
     sp = tuple(float(x) for x in spacing.split(",")) if "," in spacing else float(spacing)
     cfg = PrepareConfig(
         spacing=sp, margin=margin, normalize=normalize, mask_images=mask_images, skull_stripped=skull_stripped
     )
-    report = run(src, out, cfg, workers=workers, shard=shard, progress=progress, duplicates=duplicates)
+    report = prepare_store(src, out, cfg, workers=workers, shard=shard, progress=progress, duplicates=duplicates)
     console.print(report.summary())
     if not report.ok:
         from rich.table import Table
@@ -149,7 +149,7 @@ def pretrain(
     ] = None,
 ) -> None:
     """Pretrain a recipe on a store: neurofm pretrain --preset fomo25 --data STORE --out RUN."""
-    from neurofm.train.trainer import pretrain as run
+    from neurofm.tasks.pretrain import pretrain as pretrain_run
 
     overrides = list(set_ or [])
     if devices is not None:
@@ -160,12 +160,12 @@ def pretrain(
         overrides.append(f"trainer.accelerator={accelerator}")
     if max_steps is not None:
         overrides.append(f"trainer.max_steps={max_steps}")
-    folder = run(data, out, preset, config=config, overrides=overrides, resume=resume, progress=progress)
+    folder = pretrain_run(data, out, preset, config=config, overrides=overrides, resume=resume, progress=progress)
     from lightning.pytorch.utilities import rank_zero_only
 
     if rank_zero_only.rank != 0:  # DDP: every rank runs this command; one reports
         return
-    from neurofm.train.checkpoint import describe_run
+    from neurofm.inspect import describe_run
 
     results.print(describe_run(folder))
     console.print(f"run: {folder}")
@@ -175,72 +175,100 @@ def _csv(text: str | None) -> list[str] | None:
     return [t.strip() for t in text.split(",") if t.strip()] if text else None
 
 
+def _finetune_preset_help() -> str:
+    from neurofm.train.presets import FINETUNE_PRESETS
+
+    return "Fine-tuning preset: " + "; ".join(f"{k} ({v['help']})" for k, v in FINETUNE_PRESETS.items()) + "."
+
+
 @app.command()
 def finetune(
     data: Annotated[Path, typer.Option(help="Store with the labelled cases (neurofm prepare).")],
     task: Annotated[str, typer.Option(help="seg, cls or reg.")],
     target: Annotated[str, typer.Option(help="Label map (seg) or label column (cls/reg), e.g. lesion, infarct, age.")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Folder for the fine-tuned run and its evaluation.")],
-    from_: Annotated[str, typer.Option("--from", help="Pretrained run folder, or 'scratch'.")] = "scratch",
-    arch: Annotated[str, typer.Option(help="With --from scratch: the preset whose backbone to train.")] = "fomo25",
+    from_: Annotated[str | None, typer.Option("--from", help="Pretrained run folder, or 'scratch' (default).")] = None,
+    preset: Annotated[str, typer.Option(help=_finetune_preset_help())] = "full",
+    config: Annotated[
+        Path | None, typer.Option(help="YAML/JSON file of settings (after the preset, before the flags).")
+    ] = None,
+    set_: Annotated[
+        list[str] | None, typer.Option("--set", help="Override a setting: key=value, e.g. warmup_fraction=0.2.")
+    ] = None,
+    arch: Annotated[
+        str | None, typer.Option(help="With --from scratch: the recipe whose backbone to train [fomo25].")
+    ] = None,
     contrasts: Annotated[
         str | None, typer.Option(help="Input contrasts, e.g. T1w,FLAIR (default: all in the store).")
     ] = None,
-    mode: Annotated[str, typer.Option(help="linear (probe), frozen (encoder frozen) or full.")] = "full",
+    mode: Annotated[
+        str | None, typer.Option(help="linear (probe), frozen (encoder frozen) or full [the preset's].")
+    ] = None,
     shots: Annotated[
         int | None, typer.Option(help="Train on this many subjects (few-shot); the rest are the test set.")
     ] = None,
-    folds: Annotated[int, typer.Option(help="k-fold cross-validation over subjects (0: off).")] = 0,
+    folds: Annotated[int | None, typer.Option(help="k-fold cross-validation over subjects [0: off].")] = None,
     train_sites: Annotated[str | None, typer.Option(help="Fine-tune on these sites only (comma list).")] = None,
     test_sites: Annotated[str | None, typer.Option(help="Test on these sites (default: the other sites).")] = None,
-    positive_only: Annotated[bool, typer.Option(help="Segmentation: only cases whose mask has foreground.")] = False,
-    steps: Annotated[int, typer.Option(help="Optimiser steps per model.")] = 300,
+    positive_only: Annotated[
+        bool | None, typer.Option(help="Segmentation: only cases whose mask has foreground [no].")
+    ] = None,
+    steps: Annotated[int | None, typer.Option(help="Optimiser steps per model [300].")] = None,
     patch: Annotated[int | None, typer.Option(help="Crop size (default: the pretraining patch).")] = None,
     infer_patch: Annotated[
         int | None, typer.Option(help="Segmentation window at evaluation (default: --patch).")
     ] = None,
-    batch_size: Annotated[int, typer.Option(help="Batch size.")] = 2,
-    lr: Annotated[float, typer.Option(help="Learning rate of the head/decoder (encoder: x backbone-lr-scale).")] = 1e-3,
-    backbone_lr_scale: Annotated[float, typer.Option(help="Encoder learning rate relative to --lr (full mode).")] = 0.1,
-    seed: Annotated[int, typer.Option(help="Seed of the subsets, folds and training.")] = 0,
-    workers: Annotated[int, typer.Option("--workers", "-j", help="Data-loader worker processes.")] = 2,
-    tta: Annotated[bool, typer.Option(help="Mirror test-time augmentation at evaluation.")] = True,
-    lcc: Annotated[bool, typer.Option(help="Keep the largest connected component (seg).")] = False,
-    bootstrap: Annotated[int, typer.Option(help="Bootstrap resamples for the 95 % intervals.")] = 1000,
+    batch_size: Annotated[int | None, typer.Option(help="Batch size [2].")] = None,
+    lr: Annotated[
+        float | None, typer.Option(help="Learning rate of the head/decoder (encoder: x backbone-lr-scale) [1e-3].")
+    ] = None,
+    backbone_lr_scale: Annotated[
+        float | None, typer.Option(help="Encoder learning rate relative to --lr (full mode) [0.1].")
+    ] = None,
+    seed: Annotated[int | None, typer.Option(help="Seed of the subsets, folds and training [0].")] = None,
+    workers: Annotated[int | None, typer.Option("--workers", "-j", help="Data-loader worker processes [2].")] = None,
+    tta: Annotated[bool | None, typer.Option(help="Mirror test-time augmentation at evaluation [yes].")] = None,
+    lcc: Annotated[bool | None, typer.Option(help="Keep the largest connected component (seg) [no].")] = None,
+    bootstrap: Annotated[int | None, typer.Option(help="Bootstrap resamples for the 95 % intervals [1000].")] = None,
     devices: Annotated[str | None, typer.Option(help="Devices (e.g. 1, 4, auto).")] = None,
     progress: Annotated[bool | None, typer.Option(help="Progress bar (default: on terminals).")] = None,
 ) -> None:
-    """Fine-tune a pretrained run (or a from-scratch baseline) and evaluate it on held-out subjects."""
-    from neurofm.tasks.finetune import FinetuneConfig
-    from neurofm.tasks.finetune import finetune as run
+    """Fine-tune a pretrained run (or a from-scratch baseline) and evaluate it on held-out subjects.
 
-    trainer = {"devices": int(devices) if devices and devices.isdigit() else devices} if devices else {}
-    cfg = FinetuneConfig(
-        task=task,
-        target=target,
-        source=from_,
-        arch=arch,
-        contrasts=_csv(contrasts),
-        mode=mode,
-        shots=shots,
-        folds=folds,
-        train_sites=_csv(train_sites),
-        test_sites=_csv(test_sites),
-        positive_only=positive_only,
-        steps=steps,
-        patch=patch,
-        infer_patch=infer_patch,
-        batch_size=batch_size,
-        lr=lr,
-        backbone_lr_scale=backbone_lr_scale,
-        seed=seed,
-        num_workers=workers,
-        tta=tta,
-        lcc=lcc,
-        bootstrap=bootstrap,
-        trainer=trainer,
-    )
-    summary = run(data, out, cfg, progress=progress)
+    Settings resolve preset -> --config file -> flags -> --set; the resolved config is saved as RUN/run.json.
+    """
+    from neurofm.tasks.finetune import finetune as finetune_run
+    from neurofm.train.config import FinetuneConfig
+
+    flags = {
+        "task": task,
+        "target": target,
+        "source": from_,
+        "arch": arch,
+        "contrasts": _csv(contrasts),
+        "mode": mode,
+        "shots": shots,
+        "folds": folds,
+        "train_sites": _csv(train_sites),
+        "test_sites": _csv(test_sites),
+        "positive_only": positive_only,
+        "steps": steps,
+        "patch": patch,
+        "infer_patch": infer_patch,
+        "batch_size": batch_size,
+        "lr": lr,
+        "backbone_lr_scale": backbone_lr_scale,
+        "seed": seed,
+        "num_workers": workers,
+        "tta": tta,
+        "lcc": lcc,
+        "bootstrap": bootstrap,
+    }
+    values = {k: v for k, v in flags.items() if v is not None}
+    if devices:
+        values["trainer"] = {"devices": int(devices) if devices.isdigit() else devices}
+    cfg = FinetuneConfig.resolve(preset, config, set_, values=values)
+    summary = finetune_run(data, out, cfg, progress=progress)
     _print_metrics(summary)
     console.print(f"per-case predictions: {out / 'predictions.csv'}; summary: {out / 'summary.json'}")
 
@@ -265,7 +293,7 @@ def evaluate(
     bootstrap: Annotated[int, typer.Option(help="Bootstrap resamples for the 95 % intervals.")] = 1000,
 ) -> None:
     """Score a fine-tuned run on a store: per-case CSV and a summary with bootstrap 95 % intervals."""
-    from neurofm.evaluate.evaluate import evaluate_run
+    from neurofm.evaluate.scoring import evaluate_run
 
     _print_metrics(evaluate_run(run, data, out, split=split, tta=tta, lcc=lcc, bootstrap=bootstrap))
 
@@ -284,7 +312,7 @@ def predict(
     progress: Annotated[bool, typer.Option(help="Progress bar for datasets.")] = True,
 ) -> None:
     """Predict whole scans straight from NIfTI: masks on each input's own grid, a CSV for cls/reg."""
-    from neurofm.infer.cli import predict_inputs
+    from neurofm.infer.inputs import predict_inputs
 
     table = predict_inputs(run, inputs, out, tta=tta, lcc=lcc, overlap=overlap, reference=reference, progress=progress)
     console.print(f"{len(table)} case(s) -> {out / 'predictions.csv'}")
@@ -399,8 +427,8 @@ def import_(
     spacing: Annotated[float, typer.Option(help="Voxel size the weights were trained at (mm).")] = 1.0,
 ) -> None:
     """Import weights into a neurofm run folder (never unpickles code: tensors only)."""
+    from neurofm.inspect import describe_run
     from neurofm.models.importers import import_weights
-    from neurofm.train.checkpoint import describe_run
 
     results.print(describe_run(import_weights(kind, src, out, num_heads=num_heads, spacing=spacing)))
 

@@ -44,19 +44,18 @@ class DemoConfig:
 
 def run_demo(out: str | Path = "neurofm-demo", cfg: DemoConfig | None = None) -> Path:
     """Run every stage (see module docstring); returns the path of the HTML report."""
-    from neurofm.analyze import experiments as X
-    from neurofm.analyze import figures as Fig
+    from neurofm.analyze import experiments, figures
     from neurofm.analyze.embed import embed_store
     from neurofm.analyze.latent import latent_analysis, summary_table
-    from neurofm.analyze.run import _score_rows, drop_values, spread_sessions
+    from neurofm.analyze.run import drop_values, score_table, spread_sessions
     from neurofm.evaluate.report import Section, write_report
-    from neurofm.inspect import describe_store
+    from neurofm.inspect import describe_run, describe_store
+    from neurofm.io.checkpoint import checkpoint_step, latest_checkpoint
     from neurofm.preprocess import PrepareConfig, prepare
     from neurofm.synth import SynthConfig, synthesize
     from neurofm.synth.montage import montage
-    from neurofm.tasks.finetune import FinetuneConfig
-    from neurofm.train.checkpoint import describe_run, latest_checkpoint
-    from neurofm.train.trainer import pretrain
+    from neurofm.tasks.pretrain import pretrain
+    from neurofm.train.config import FinetuneConfig
     from neurofm.utils import to_jsonable, write_json
 
     cfg = cfg or DemoConfig()
@@ -82,9 +81,9 @@ def run_demo(out: str | Path = "neurofm-demo", cfg: DemoConfig | None = None) ->
             ),
             workers=cfg.workers,
         )
-    figures = out / "figures"
-    figures.mkdir(exist_ok=True)
-    montage(bids, figures / "synth_montage.png", subjects=5)
+    fig_dir = out / "figures"
+    fig_dir.mkdir(exist_ok=True)
+    montage(bids, fig_dir / "synth_montage.png", subjects=5)
     times["synth"] = time.time() - t
 
     t = stage("2/6 prepare", f"RAS, {cfg.spacing:g} mm, foreground crop, z-score, blosc2 store")
@@ -97,7 +96,7 @@ def run_demo(out: str | Path = "neurofm-demo", cfg: DemoConfig | None = None) ->
     t = stage("3/6 pretrain", f"fomo25-tiny, {cfg.pretrain_steps} steps on every session, no labels")
     run = out / "pretrain"
     ck = latest_checkpoint(run)
-    if ck is None or int(ck.name.split("-")[1]) < cfg.pretrain_steps:
+    if ck is None or checkpoint_step(ck) < cfg.pretrain_steps:
         overrides = [
             f"trainer.max_steps={cfg.pretrain_steps}",
             f"data.patch={cfg.patch}",
@@ -109,9 +108,9 @@ def run_demo(out: str | Path = "neurofm-demo", cfg: DemoConfig | None = None) ->
             store if ck is None else None, run, "fomo25-tiny", overrides=overrides, resume=ck is not None, progress=True
         )
     console.print(describe_run(run))
-    Fig.training_curves(run, figures / "pretrain_curves.png", "fomo25-tiny pretraining")
+    figures.training_curves(run, fig_dir / "pretrain_curves.png", "fomo25-tiny pretraining")
     if (run / "figures" / "reconstructions.png").is_file():
-        shutil.copy(run / "figures" / "reconstructions.png", figures / "reconstructions.png")
+        shutil.copy(run / "figures" / "reconstructions.png", fig_dir / "reconstructions.png")
     times["pretrain"] = time.time() - t
 
     shots = ", ".join(f"{k} {v}" for k, v in cfg.shots.items())
@@ -133,7 +132,7 @@ def run_demo(out: str | Path = "neurofm-demo", cfg: DemoConfig | None = None) ->
     )
     rows = []
     for task, target in cfg.tasks:
-        rows += X.compare_inits(
+        rows += experiments.compare_inits(
             store,
             out / "finetune",
             [(task, target)],
@@ -142,8 +141,8 @@ def run_demo(out: str | Path = "neurofm-demo", cfg: DemoConfig | None = None) ->
             seeds=cfg.seeds,
             progress=True,
         )
-    Fig.scores_figure(rows, figures / "scores.png", f"labelled subjects: {shots}; pretrained vs scratch")
-    score_table = _score_rows(rows)
+    figures.scores_figure(rows, fig_dir / "scores.png", f"labelled subjects: {shots}; pretrained vs scratch")
+    score_table = score_table(rows)
     console.print(_score_text(score_table))
     times["finetune"] = time.time() - t
 
@@ -152,7 +151,7 @@ def run_demo(out: str | Path = "neurofm-demo", cfg: DemoConfig | None = None) ->
 
     keys = spread_sessions(Store(store), cfg.latent_sessions)
     lat = latent_analysis(embed_store(run, store, keys=keys, progress=True))
-    Fig.latent_figure(lat, figures / "latent.png")
+    figures.latent_figure(lat, fig_dir / "latent.png")
     console.print(_latent_text(summary_table(lat)))
     times["analyze"] = time.time() - t
 

@@ -32,3 +32,7 @@ class ScanError(NeurofmError):
         self.path = str(path)
         self.reason = reason
         super().__init__(f"{self.path}: {reason}")
+
+
+class NonFiniteLossError(NeurofmError):
+    """The loss became NaN or infinite: training stops, the last checkpoint stays intact."""

@@ -1,10 +1,13 @@
-"""Human-readable descriptions of stores and run folders (``neurofm inspect``)."""
+"""Human-readable descriptions of stores and run folders (``neurofm inspect``): the model card."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from neurofm.errors import NeurofmError
+from neurofm.io.checkpoint import latest_checkpoint
+from neurofm.utils import read_json
 
 
 def describe(path: str | Path) -> str:
@@ -12,8 +15,6 @@ def describe(path: str | Path) -> str:
     if (path / "store.json").is_file():
         return describe_store(path)
     if (path / "run.json").is_file() or (path / "checkpoints").is_dir():
-        from neurofm.train.checkpoint import describe_run
-
         return describe_run(path)
     raise NeurofmError(f"{path}: neither a store (store.json) nor a run folder (run.json)")
 
@@ -35,4 +36,45 @@ def describe_store(path: Path) -> str:
         lines.append(f"sessions with regional volumes: {with_vol}")
     fails = store.failures()
     lines.append(f"failures: {len(fails)}" + (f" (see {path / 'failures.csv'})" if len(fails) else ""))
+    return "\n".join(lines)
+
+
+def describe_run(run: str | Path) -> str:
+    """The model card of a run: recipe, parameters, data, steps, losses (an imported run: its source)."""
+    from neurofm.train.presets import PRESET_HELP
+
+    run = Path(run)
+    cfg = read_json(run / "run.json") if (run / "run.json").is_file() else {}
+    ck = latest_checkpoint(run)
+    lines = [f"run: {run}"]
+    if cfg.get("preset"):
+        base = cfg["preset"].removesuffix("-tiny")
+        lines.append(f"recipe: {cfg['preset']}" + (f" — {PRESET_HELP[base]}" if base in PRESET_HELP else ""))
+    if cfg.get("objective"):
+        obj = {k: v for k, v in cfg["objective"].items() if k != "kind"}
+        lines.append(f"objective: {cfg['objective']['kind']} {json.dumps(obj)}")
+    if cfg.get("model"):
+        lines.append(f"model: {cfg['model']['name']} {json.dumps(cfg['model'].get('kwargs', {}))}")
+    extra, d = cfg.get("extra", {}), cfg.get("data", {})
+    if extra.get("imported_from"):
+        lines.append(f"imported from: {extra['imported_from']}")
+    if "mode" in d:
+        lines.append(
+            f"data: {extra.get('store', '?')} ({extra.get('sessions', '?')} sessions), mode {d['mode']}, "
+            f"patch {d['patch']}^3, batch {d['batch_size']}, contrasts {d['contrasts'] or 'all'}"
+        )
+    if cfg.get("optim"):
+        o = cfg["optim"]
+        steps = cfg.get("trainer", {}).get("max_steps", -1)
+        budget = f"{steps} steps" if steps and steps > 0 else f"{o['epochs']} epochs x {d['steps_per_epoch']} steps"
+        lines.append(f"optimiser: {o['name']} lr {o['lr']} ({o['schedule']}), {budget}")
+    if ck is None:
+        lines.append("checkpoints: none yet")
+    else:
+        spec = read_json(ck / "model.json")
+        meta = read_json(ck / "meta.json")
+        lines.append(f"parameters: {spec.get('parameters', 0):,}")
+        lines.append(f"latest checkpoint: {ck.name} (step {meta['step']}, epoch {meta['epoch']}, {meta['time']})")
+        if meta.get("losses"):
+            lines.append("losses: " + ", ".join(f"{k} {v:.4g}" for k, v in meta["losses"].items()))
     return "\n".join(lines)

@@ -18,8 +18,6 @@ to a temporary name and renamed, so a killed ``prepare`` leaves nothing half-wri
 
 from __future__ import annotations
 
-import os
-import tempfile
 from collections import OrderedDict
 from pathlib import Path
 from typing import Any
@@ -29,7 +27,7 @@ import numpy as np
 import pandas as pd
 
 from neurofm.errors import StoreError
-from neurofm.utils import read_json, write_json
+from neurofm.utils import atomic_write, read_json, write_json
 
 FORMAT = "neurofm-store"
 VERSION = 1
@@ -43,27 +41,16 @@ def cparams() -> blosc2.CParams:
 
 def write_array(path: str | Path, array: np.ndarray) -> Path:
     """Write an ``(X, Y, Z)`` array as a chunked blosc2 file, atomically."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     chunks = tuple(min(c, s) for c, s in zip(CHUNKS, array.shape, strict=False))
     blocks = tuple(min(b, c) for b, c in zip(BLOCKS, chunks, strict=False))
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".b2nd", dir=path.parent)
-    os.close(fd)
-    os.unlink(tmp)  # blosc2 refuses to overwrite with mode="w" on some versions; start clean
-    try:
+
+    def write(tmp: Path) -> None:
+        tmp.unlink()  # blosc2 refuses to overwrite with mode="w" on some versions; start clean
         blosc2.asarray(
-            np.ascontiguousarray(array),
-            urlpath=tmp,
-            mode="w",
-            chunks=chunks,
-            blocks=blocks,
-            cparams=cparams(),
+            np.ascontiguousarray(array), urlpath=str(tmp), mode="w", chunks=chunks, blocks=blocks, cparams=cparams()
         )
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+
+    return atomic_write(path, write, suffix=".b2nd")
 
 
 class _HandleCache:
@@ -136,9 +123,6 @@ class Store:
     # ------------------------------------------------------------------ records
     def record_path(self, key: str) -> Path:
         return self.root / "records" / f"{key}.json"
-
-    def has_record(self, key: str) -> bool:
-        return self.record_path(key).is_file()
 
     @property
     def records(self) -> dict[str, dict]:
@@ -260,17 +244,7 @@ class Store:
 
 
 def _atomic_df(path: Path, df: pd.DataFrame, parquet: bool) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    os.close(fd)
-    try:
-        if parquet:
-            df.to_parquet(tmp, index=False)
-        else:
-            df.to_csv(tmp, index=False)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write(path, lambda tmp: df.to_parquet(tmp, index=False) if parquet else df.to_csv(tmp, index=False))
 
 
 __all__ = ["Store", "write_array", "write_json"]

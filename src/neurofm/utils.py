@@ -11,15 +11,16 @@ from pathlib import Path
 from typing import Any
 
 
-def atomic_write(path: str | Path, writer: Callable[[Path], Any]) -> Path:
+def atomic_write(path: str | Path, writer: Callable[[Path], Any], suffix: str = ".tmp") -> Path:
     """Call ``writer(tmp_path)`` then rename the result over ``path``.
 
     A reader never sees a half-written file: either the old content or the new. The
-    temporary file lives in the same folder (same filesystem) so the rename is atomic.
+    temporary file lives in the same folder (same filesystem) so the rename is atomic;
+    ``suffix`` is its extension, for writers that choose a format by it (``.nii.gz``).
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
     os.close(fd)
     tmp_path = Path(tmp)
     try:

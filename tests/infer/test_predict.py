@@ -9,7 +9,7 @@ from torch import nn
 
 from helpers import write_nifti
 from neurofm.infer.predictor import Predictor, largest_component
-from neurofm.preprocess import transforms as T
+from neurofm.preprocess import transforms
 
 
 class BrightIsLesion(nn.Module):
@@ -106,7 +106,8 @@ def test_largest_component_per_class():
 
 @pytest.mark.slow
 def test_cli_predict_on_a_dataset_folder(tiny_store, pretrained_run, tmp_path, run_cli):
-    from neurofm.tasks.finetune import FinetuneConfig, finetune
+    from neurofm.tasks.finetune import finetune
+    from neurofm.train.config import FinetuneConfig
 
     cfg = FinetuneConfig(
         task="cls",
@@ -152,7 +153,7 @@ def test_cli_predict_on_a_dataset_folder(tiny_store, pretrained_run, tmp_path, r
 
 def test_world_geometry_helper_round_trip():
     data, aff, _ = _head_with_lesion((30, 30, 10), (1.0, 1.0, 3.0), (0, 0, 0), 5)
-    grid = T.target_grid(data.shape, aff, 1.0)
-    up = T.resample(data, aff, grid)
-    back = T.resample(up, grid[1], (data.shape, aff), anti_alias=False)
+    grid = transforms.target_grid(data.shape, aff, 1.0)
+    up = transforms.resample(data, aff, grid)
+    back = transforms.resample(up, grid[1], (data.shape, aff), anti_alias=False)
     assert np.abs(back - data)[2:-2, 2:-2, 1:-1].mean() < 5.0

@@ -48,13 +48,13 @@ def test_bids_discovery(bids):
     sessions = {s.key: s for s in m.sessions()}
     assert set(sessions) == {"sub-01_ses-1", "sub-01_ses-2", "sub-02_ses-1"}
     s = sessions["sub-01_ses-1"]
-    assert set(s.labels_maps) == {"brain", "lesion"}
+    assert set(s.label_maps) == {"brain", "lesion"}
     assert s.labels["diagnosis"] == "tumour"
     assert sessions["sub-01_ses-2"].labels["age"] == 63  # sessions.tsv overrides participants.tsv
     assert np.isnan(m.table[m.table.subject == "sub-02"]["age"].iloc[0])
     assert s.volumes == {"total intracranial": 1500000.0, "left hippocampus": 4000.0}
     assert sessions["sub-01_ses-2"].volumes is None
-    assert set(sessions["sub-02_ses-1"].labels_maps) == {"dseg"}
+    assert set(sessions["sub-02_ses-1"].label_maps) == {"dseg"}
 
 
 def test_bids_duplicates_are_an_error_unless_asked(bids):
@@ -87,7 +87,7 @@ def test_nnunet_discovery(tmp_path):
     sessions = m.sessions()
     assert [s.subject for s in sessions] == ["case_001", "case_002"]
     assert set(sessions[0].images) == {"T1w", "FLAIR"}
-    assert set(sessions[0].labels_maps) == {"seg"}
+    assert set(sessions[0].label_maps) == {"seg"}
 
 
 def test_nnunet_unknown_channel_is_an_error(tmp_path):

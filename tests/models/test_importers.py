@@ -10,8 +10,9 @@ from monai.networks.nets import ViTAutoEnc
 from torch import nn
 
 from neurofm.errors import CheckpointError
-from neurofm.models.importers import import_weights, safe_load
-from neurofm.train.checkpoint import build_model_from_checkpoint
+from neurofm.io.checkpoint import safe_load
+from neurofm.models.importers import import_weights
+from neurofm.models.registry import model_from_checkpoint
 
 
 def _dna_resenc():
@@ -52,7 +53,7 @@ def test_resenc_import_round_trip(tmp_path, layout):
     src = tmp_path / "checkpoint_final.pth"
     torch.save(payload, src)
     run = import_weights("nnssl" if layout != "nnunet" else "nnunet", src, tmp_path / "run")
-    model, info = build_model_from_checkpoint(run)
+    model, info = model_from_checkpoint(run)
     assert info["model"]["kwargs"]["features"] == [8, 16, 32, 32]
     assert info["model"]["kwargs"]["blocks"] == [1, 2, 2, 1]
     ours = model.state_dict()
@@ -79,7 +80,7 @@ def test_monai_vit_import_round_trip(tmp_path):
     src = tmp_path / "lamim.pt"
     torch.save(vit.state_dict(), src)
     run = import_weights("monai", src, tmp_path / "run", num_heads=2)
-    model, info = build_model_from_checkpoint(run)
+    model, info = model_from_checkpoint(run)
     kw = info["model"]["kwargs"]
     assert (kw["hidden_size"], kw["num_layers"], kw["mlp_dim"], kw["img_size"], kw["patch_size"]) == (
         128,

@@ -5,7 +5,7 @@ import torch
 
 from neurofm.errors import ConfigError
 from neurofm.models.dual_latent import DualLatentUNet
-from neurofm.models.registry import count_parameters, create_model, list_models, transfer_map
+from neurofm.models.registry import count_parameters, create_model, list_models
 
 TINY = {
     "dual_latent_unet": ({"features": [4, 8, 16], "latent": 8}, (2, 1, 16, 16, 16)),
@@ -33,12 +33,11 @@ def test_forward_backward_reaches_every_parameter(name):
     assert out.shape[0] == shape[0] and out.shape[2:] == shape[2:]
     loss = out.pow(2).mean()
     if name == "resenc_unet":
-        loss = (
-            loss + model.anatomy_head(feats["anatomy"]).sum() + model.health_head(feats["health"].mean((2, 3, 4))).sum()
-        )
-        loss = loss + model.dense_head(feats["anatomy"]).sum()
+        pre = model.forward_pretext(x)
+        loss = loss + pre["anatomy"].sum() + pre["health"].sum()
+        loss = loss + pre["dense"].sum()
     if name == "dual_latent_unet":
-        loss = loss + feats["logvar_s"].sum() + feats["logvar_c"].sum()
+        loss = loss + feats.latents["logvar_s"].sum() + feats.latents["logvar_c"].sum()
     loss.backward()
     for n, p in model.named_parameters():
         if not p.requires_grad:
@@ -46,7 +45,7 @@ def test_forward_backward_reaches_every_parameter(name):
         assert p.grad is not None, f"{n} got no gradient"
         assert torch.isfinite(p.grad).all(), n
     assert all(k in model.state_dict() for k in model.stem_keys)
-    tm = transfer_map(model)
+    tm = model.transfer_map()
     assert tm["in_channels"] == shape[1]
     assert all(any(k.startswith(p) for k in model.state_dict()) for p in tm["encoder_prefixes"])
 
@@ -62,8 +61,8 @@ def test_paper_sizes():
 def test_dual_latent_shapes():
     m = DualLatentUNet(features=(4, 8, 16, 32), latent=6)
     f = m.forward_features(torch.randn(1, 1, 32, 32, 32))
-    assert f["mu_s"].shape == (1, 6, 4, 4, 4) and f["mu_c"].shape == (1, 6, 4, 4, 4)
-    assert m.decode(f["mu_s"], f["mu_c"]).shape == (1, 1, 32, 32, 32)
+    assert f.latents["mu_s"].shape == (1, 6, 4, 4, 4) and f.latents["mu_c"].shape == (1, 6, 4, 4, 4)
+    assert m.decode(f.latents["mu_s"], f.latents["mu_c"]).shape == (1, 1, 32, 32, 32)
     with pytest.raises(ValueError, match="divisible by 8"):
         m.forward_features(torch.randn(1, 1, 20, 32, 32))
 

@@ -9,8 +9,7 @@ import pytest
 
 from helpers import blob_volume, lps_version, write_nifti
 from neurofm.errors import ConfigError, StoreError
-from neurofm.preprocess import PrepareConfig, prepare
-from neurofm.preprocess import transforms as T
+from neurofm.preprocess import PrepareConfig, prepare, transforms
 from neurofm.preprocess.prepare import parse_shard
 from neurofm.store import Store
 
@@ -52,7 +51,9 @@ def test_prepare_real_bids_and_geometry_round_trips(real_bids, tmp_path, anatomi
     # Put the stored T1 back on its native grid: it must equal the original scan.
     t1 = store.read("sub-02_ses-1", "T1w")
     meta = store.record("sub-02_ses-1")["images"]["T1w"]
-    native = T.resample(t1, aff, (tuple(meta["native_shape"]), np.asarray(meta["native_affine"])), anti_alias=False)
+    native = transforms.resample(
+        t1, aff, (tuple(meta["native_shape"]), np.asarray(meta["native_affine"])), anti_alias=False
+    )
     native = native * meta["std"] + meta["mean"]
     original = nib.load(str(anatomical)).get_fdata()
     np.testing.assert_allclose(native, original, atol=1e-2 * original.max())

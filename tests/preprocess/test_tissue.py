@@ -92,11 +92,11 @@ def test_synthetic_anatomy_tissues_are_found(tiny_store):
 
 def test_prepare_falls_back_to_tissue_volumes_that_ssl3d_can_use(tmp_path):
     # a dataset with brain masks but neither a volumes.csv nor dseg label maps
-    from neurofm.data.pretrain import build_index
+    from neurofm.data.config import DataConfig
+    from neurofm.data.pretrain import DataNeeds, build_index
     from neurofm.preprocess import PrepareConfig, prepare
     from neurofm.store import Store
     from neurofm.synth import SynthConfig, synthesize
-    from neurofm.train.config import DataConfig
 
     bids = tmp_path / "bids"
     synthesize(bids, SynthConfig(subjects=2, sessions=1, seed=3, resolution=2, pathology=()), workers=1, progress=False)
@@ -114,7 +114,7 @@ def test_prepare_falls_back_to_tissue_volumes_that_ssl3d_can_use(tmp_path):
         assert tissue == pytest.approx(vol[ICV_KEY])  # every brain voxel gets one class
         assert 0.7e6 < vol[ICV_KEY] < 2.5e6  # an adult brain, in mm^3
     extra: dict = {}
-    idx = build_index(store, DataConfig(mode="scan"), extra, needs_volumes=True, dense=False)
+    idx = build_index(store, DataConfig(mode="scan"), extra, DataNeeds(volumes=True))
     assert idx.has_volumes.all() and len(extra["regions"]) == 24
 
 

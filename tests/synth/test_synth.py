@@ -9,7 +9,7 @@ import pytest
 from neurofm.errors import ConfigError
 from neurofm.io.manifest import discover
 from neurofm.io.nifti import load_scan
-from neurofm.preprocess import transforms as T
+from neurofm.preprocess import transforms
 from neurofm.synth import SynthConfig, synthesize
 from neurofm.synth.template import CSF_LABEL, WM_LABEL, cerebra_regions, load_template
 
@@ -49,7 +49,7 @@ def test_bids_layout_labels_and_discovery(dataset):
     sessions = m.sessions()
     assert len(sessions) == 24
     assert all(set(s.images) == {"T1w", "T1c", "T2w", "FLAIR", "PDw"} for s in sessions)
-    assert all({"brain", "lesion", "dseg"} <= set(s.labels_maps) for s in sessions)
+    assert all({"brain", "lesion", "dseg"} <= set(s.label_maps) for s in sessions)
     assert all(s.volumes is not None and s.volumes["total intracranial"] > 0 for s in sessions)
     part = pd.read_csv(dataset / "participants.tsv", sep="\t")
     assert set(part["diagnosis"]) == {"healthy", "tumour", "infarct", "wmh"}
@@ -69,8 +69,8 @@ def test_lesion_masks_lie_inside_the_brain(dataset):
     m = discover(dataset)
     n_lesion = 0
     for s in m.sessions():
-        brain = load_scan(s.labels_maps["brain"], kind="label").data[0] > 0
-        lesion = load_scan(s.labels_maps["lesion"], kind="label").data[0] > 0
+        brain = load_scan(s.label_maps["brain"], kind="label").data[0] > 0
+        lesion = load_scan(s.label_maps["lesion"], kind="label").data[0] > 0
         assert not (lesion & ~brain).any()
         healthy = s.labels["diagnosis"] == "healthy"
         assert lesion.any() != healthy, s.key
@@ -83,14 +83,14 @@ def test_tissue_orderings_per_contrast(dataset):
     cortex = [r.label for r in regions if r.kind == "cortex"]
     vent = [r.label for r in regions if r.kind == "ventricle"]
     for s in discover(dataset).sessions()[::5]:
-        dseg = load_scan(s.labels_maps["dseg"], kind="label")
-        lesion = load_scan(s.labels_maps["lesion"], kind="label")
+        dseg = load_scan(s.label_maps["dseg"], kind="label")
+        lesion = load_scan(s.label_maps["lesion"], kind="label")
         means = {}
         for c, path in s.images.items():
             img = load_scan(path)
             grid = (img.shape, img.affine)
-            lab = T.resample(dseg.data[0], dseg.affine, grid, order=0)
-            les = T.resample(lesion.data[0], lesion.affine, grid, order=0) > 0
+            lab = transforms.resample(dseg.data[0], dseg.affine, grid, order=0)
+            les = transforms.resample(lesion.data[0], lesion.affine, grid, order=0) > 0
             v = img.data[0]
             means[c] = {
                 t: float(v[np.isin(lab, ids) & ~les].mean())

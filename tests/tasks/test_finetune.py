@@ -10,10 +10,10 @@ import torch
 from neurofm.data.finetune import Case, build_cases, few_shot, k_folds
 from neurofm.errors import ConfigError
 from neurofm.models.downstream import DownstreamModel, adapt_stem, load_pretrained
-from neurofm.models.registry import create_model
+from neurofm.models.registry import create_model, model_from_checkpoint
 from neurofm.store import Store
-from neurofm.tasks.finetune import FinetuneConfig, finetune
-from neurofm.train.checkpoint import build_model_from_checkpoint
+from neurofm.tasks.finetune import finetune
+from neurofm.train.config import FinetuneConfig
 
 FAST = {"steps": 6, "patch": 32, "num_workers": 0, "bootstrap": 50, "tta": False}
 
@@ -118,7 +118,7 @@ def test_finetune_end_to_end_from_pretrained(task, target, tiny_store, pretraine
     assert split["train_subjects"] == 4 and split["transferred_tensors"] > 10
     rows = pd.read_csv(tmp_path / "ft" / "predictions.csv")
     assert len(rows) == split["test_cases"] == 4  # 2 held-out subjects x 2 sessions
-    model, info = build_model_from_checkpoint(tmp_path / "ft")
+    model, info = model_from_checkpoint(tmp_path / "ft")
     assert info["model"]["name"] == "downstream" and info["run"]["task_info"]["target"] == target
     assert info["transfer"]["from_pretrained"]["transferred"] == split["transferred_tensors"]
     if task == "reg":

@@ -11,15 +11,15 @@ import lightning as L
 import pytest
 import torch
 
-from neurofm.data.pretrain import PretrainDataset, prepare_data
-from neurofm.errors import ConfigError
-from neurofm.models.registry import create_model
+from neurofm.data.pretrain import PretrainDataset
+from neurofm.errors import ConfigError, NonFiniteLossError
+from neurofm.io.checkpoint import STATE, latest_checkpoint
+from neurofm.models.registry import create_model, model_from_checkpoint
 from neurofm.objectives import build_objective
-from neurofm.tasks.pretrain import NonFiniteLossError, PretrainModule, build_optimizer, lr_factor
-from neurofm.train.checkpoint import STATE, build_model_from_checkpoint, latest_checkpoint
+from neurofm.tasks.pretrain import PretrainModule, prepare_data, pretrain
 from neurofm.train.config import OptimConfig
+from neurofm.train.optim import build_optimizer, lr_factor
 from neurofm.train.presets import PRESETS, get_preset
-from neurofm.train.trainer import pretrain
 
 TINY_PRESETS = sorted(p for p in PRESETS if p.endswith("-tiny")) + ["ssl3d-tiny+dense"]
 
@@ -32,7 +32,7 @@ def _batch(cfg, index, store):
         dcfg,
         length=8,
         seed=0,
-        dense=cfg.objective.kind == "ssl3d" and cfg.objective.w_dense > 0,
+        dense=cfg.data_needs().dense,
     )
     return torch.utils.data.default_collate([ds[i] for i in range(cfg.data.batch_size)])
 
@@ -152,7 +152,7 @@ def test_cli_pretrain_writes_a_self_describing_run(tiny_store, tmp_path, run_cli
         STATE,
     ):
         assert (ck / f).is_file(), f
-    model, info = build_model_from_checkpoint(run)
+    model, info = model_from_checkpoint(run)
     assert info["preprocessing"]["spacing"] == 2.0 and info["transfer"]["in_channels"] == 1
     assert info["meta"]["step"] == 12
     assert (run / "figures" / "reconstructions.png").stat().st_size > 5000
@@ -270,12 +270,12 @@ def test_ddp_on_two_cpu_processes(tiny_store, tmp_path):
     assert res.returncode == 0, res.stderr[-3000:]
     ck = latest_checkpoint(run)
     assert ck is not None and ck.name == "step-0000004"
-    assert build_model_from_checkpoint(run)[1]["meta"]["world_size"] == 2
+    assert model_from_checkpoint(run)[1]["meta"]["world_size"] == 2
     assert res.stdout.count("latest checkpoint") + res.stderr.count("latest checkpoint") == 1  # one rank reports
 
 
 def test_checkpoint_weights_round_trip(tmp_path):
-    from neurofm.train.checkpoint import load_state, load_weights, save_weights
+    from neurofm.io.checkpoint import load_state, load_weights, save_weights
 
     m = create_model("resenc_unet", features=[4, 8], blocks=[1, 1])
     save_weights(m, tmp_path / "w.safetensors")

@@ -1,9 +1,11 @@
-"""Per-scan features of a pretrained run (``neurofm embed``): subject (anatomy) and contrast latents.
+"""Per-scan features of a pretrained run (``neurofm embed``): anatomy and contrast parts.
 
-Every scan of the store is cut into windows of the run's patch size; the model's latents are
-averaged over space and windows. Dual-latent models give the subject latent mu_s and the
-contrast latent mu_c; ResEnc gives the anatomy and the remaining bottleneck channels; the ViT
-gives its pooled tokens (as ``subject``; no contrast part).
+Every scan of the store is cut into windows of the run's patch size; the backbone's
+:class:`~neurofm.models.base.Features` are averaged over windows. A backbone with an anatomy
+and a contrast part (dual-latent: the latent means mu_s / mu_c; ResEnc: the anatomy channels
+and the rest of the bottleneck) gives both; one without (the ViT) gives its pooled vector as
+the anatomy column and no contrast part. A backbone that takes all contrasts at once is
+embedded once per session (``contrast`` = ``stack``).
 """
 
 from __future__ import annotations
@@ -15,46 +17,41 @@ import numpy as np
 import pandas as pd
 import torch
 
+from neurofm.data.sampling import stack_contrasts, window_slices
+from neurofm.models.registry import model_from_checkpoint
+from neurofm.preprocess.transforms import minmax, pad_to
 from neurofm.store import Store
+from neurofm.utils import atomic_write
 
 
 @torch.no_grad()
 def scan_features(
     model: torch.nn.Module, volume: np.ndarray, patch: int, overlap: float = 0.0, device: str | torch.device = "cpu"
 ) -> tuple[np.ndarray, np.ndarray]:
-    """(subject, contrast) feature vectors of one 1-channel scan ``(X, Y, Z)`` (or a ``(C, ...)`` stack)."""
-    from neurofm.data.pretrain import pad_to
-    from neurofm.infer.predictor import _windows
-
+    """(anatomy, contrast) feature vectors of one 1-channel scan ``(X, Y, Z)`` (or a ``(C, ...)`` stack)."""
     arr = volume[None] if volume.ndim == 3 else volume
     arr = np.stack([pad_to(a, patch, float(a.min())) for a in arr])
     x = torch.from_numpy(arr)[None].float().to(device)
-    subj, con = [], []
-    for w in _windows(tuple(x.shape[2:]), patch, overlap):
+    anat, con = [], []
+    for w in window_slices(tuple(x.shape[2:]), patch, overlap):
         f = model.forward_features(x[(slice(None), slice(None), *w)])
-        if "mu_s" in f:
-            subj.append(f["mu_s"].mean(dim=(2, 3, 4)))
-            con.append(f["mu_c"].mean(dim=(2, 3, 4)))
-        elif "anatomy" in f:
-            subj.append(f["anatomy"].mean(dim=(2, 3, 4)))
-            con.append(torch.cat([f["health"], f["free"]], 1).mean(dim=(2, 3, 4)))
-        else:
-            subj.append(f["pooled"])
-    s = torch.cat(subj).mean(0).cpu().numpy()
+        anat.append(f.anatomy if f.anatomy is not None else f.pooled)
+        if f.contrast is not None:
+            con.append(f.contrast)
+    a = torch.cat(anat).mean(0).cpu().numpy()
     c = torch.cat(con).mean(0).cpu().numpy() if con else np.zeros(0, np.float32)
-    return s, c
+    return a, c
 
 
 def embed_store(
     run: str | Path, data: str | Path, *, keys: list[str] | None = None, device: str = "cpu", progress: bool = False
 ) -> pd.DataFrame:
     """One row per scan: key, subject, session, contrast, site, labels, ``subject_latent``, ``contrast_latent``."""
-    from neurofm.train.checkpoint import build_model_from_checkpoint
-
-    model, info = build_model_from_checkpoint(run)
+    model, info = model_from_checkpoint(run)
     model = model.to(device).eval()
-    patch = int(info["run"].get("data", {}).get("patch", 64))
-    stack = info["model"]["name"] == "vit_autoenc"
+    run_data = info["run"].get("data", {})
+    patch = int(run_data.get("patch", 64))
+    scale = minmax if run_data.get("intensity") == "minmax" else None  # the intensities the model was trained on
     store = Store(data)
     rows: list[dict[str, Any]] = []
     todo = keys or store.keys
@@ -62,20 +59,15 @@ def embed_store(
 
     for key in track(todo, description="embed", disable=not progress):
         rec = store.record(key)
-        if stack:
-            from neurofm.data.pretrain import minmax
-
-            names = info["run"].get("data", {}).get("contrasts") or list(rec["images"])
-            vols = [minmax(np.asarray(store.read(key, n), np.float32)) if n in rec["images"] else None for n in names]
-            ref = next(v for v in vols if v is not None)
-            stackv = np.stack([v if v is not None else np.zeros_like(ref) for v in vols])
-            s, c = scan_features(model, stackv, patch, device=device)
-            scans = [("stack", s, c)]
+        vols = {n: np.asarray(store.read(key, n), np.float32) for n in rec["images"]}
+        if scale is not None:
+            vols = {n: scale(v) for n, v in vols.items()}
+        if model.input_mode == "stack":
+            names = run_data.get("contrasts") or list(rec["images"])
+            stackv, _ = stack_contrasts(vols, names)
+            scans = [("stack", *scan_features(model, stackv, patch, device=device))]
         else:
-            scans = []
-            for name in rec["images"]:
-                s, c = scan_features(model, np.asarray(store.read(key, name), np.float32), patch, device=device)
-                scans.append((name, s, c))
+            scans = [(name, *scan_features(model, v, patch, device=device)) for name, v in vols.items()]
         for name, s, c in scans:
             rows.append(
                 {
@@ -93,8 +85,6 @@ def embed_store(
 
 def save_embeddings(df: pd.DataFrame, out: str | Path) -> Path:
     """Parquet keeps the vectors as list columns; CSV spreads them over s0.. / c0.. columns."""
-    from neurofm.utils import atomic_write
-
     out = Path(out)
     if out.suffix == ".csv":
         s = pd.DataFrame(

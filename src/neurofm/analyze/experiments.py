@@ -22,8 +22,10 @@ import numpy as np
 from neurofm.data.finetune import Case, build_cases
 from neurofm.errors import ConfigError, StoreError
 from neurofm.evaluate.metrics import summarize
+from neurofm.evaluate.scoring import read_predictions
 from neurofm.store import Store
-from neurofm.tasks.finetune import FinetuneConfig, finetune, read_predictions
+from neurofm.tasks.finetune import finetune
+from neurofm.train.config import FinetuneConfig
 
 #: the headline metric per task and whether higher is better
 HEADLINE = {"seg": ("dice", True), "cls": ("auroc", True), "reg": ("mae", False)}

@@ -1,92 +1,13 @@
-"""Figures drawn from a trained model: reconstructions (input / masked / reconstruction / swap)."""
+"""Figures of the analyses: training curves, latent similarity and probes, scores, label-efficiency curves."""
 
 from __future__ import annotations
 
-import dataclasses
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 
-
-def pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def save_figure(fig: Any, png: str | Path, dpi: int = 90) -> Path:
-    """Lay out, write (creating the folder) and close a matplotlib figure."""
-    plt = pyplot()
-    fig.tight_layout()
-    png = Path(png)
-    png.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(png, dpi=dpi)
-    plt.close(fig)
-    return png
-
-
-def _mid(v: torch.Tensor) -> np.ndarray:
-    """Middle axial slice of ``(1, X, Y, Z)`` or ``(X, Y, Z)``, display orientation (anterior up)."""
-    a = v.detach().float().cpu().numpy()
-    a = a[0] if a.ndim == 4 else a
-    return np.rot90(a[:, :, a.shape[2] // 2])
-
-
-def reconstruction_figure(module: Any, store_root: str | Path, index: Any, png: str | Path, samples: int = 3) -> Path:
-    """Run the objective on a few fixed crops and save input / masked / reconstruction (/ swap) panels."""
-    from neurofm.data.pretrain import PretrainDataset
-
-    plt = pyplot()
-
-    cfg = module.cfg
-    dcfg = dataclasses.replace(cfg.data, augment=False)
-    # prefer sessions with two contrasts, so the swap has a real target
-    order = sorted(range(len(index.keys)), key=lambda i: -len(index.contrasts[i]))[:samples]
-    ds = PretrainDataset(
-        store_root,
-        index,
-        dcfg,
-        length=len(index.keys),
-        seed=1234,
-        dense=cfg.objective.kind == "ssl3d" and cfg.objective.w_dense > 0,
-    )
-    if cfg.data.mode == "scan":
-        order = [next(j for j, (s, _) in enumerate(ds.items) if s == i) for i in order]
-    batch = torch.utils.data.default_collate([ds[i] for i in order])
-    device = next(module.model.parameters()).device
-    batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
-    module.eval()
-    module.objective.eval()
-    with torch.no_grad():
-        _, _, out = module.objective(module.model, batch, progress=1e9)
-    module.objective.train()
-    module.train()
-    cols = [("input", "input"), ("masked", "masked input"), ("reconstruction", "reconstruction")]
-    if "swap" in out:
-        cols += [("target_b", "other contrast"), ("swap", "swap: anatomy -> other contrast")]
-    n = out["input"].shape[0]
-    fig, axes = plt.subplots(n, len(cols), figsize=(2.3 * len(cols), 2.4 * n), squeeze=False)
-    for i in range(n):
-        ref = out["input"][i]
-        lo, hi = float(ref.min()), float(ref.max())
-        for j, (key, title) in enumerate(cols):
-            ax = axes[i][j]
-            ax.imshow(
-                _mid(out[key][i]),
-                cmap="gray",
-                vmin=lo if key != "target_b" else None,
-                vmax=hi if key != "target_b" else None,
-            )
-            ax.axis("off")
-            if i == 0:
-                ax.set_title(title, fontsize=9)
-    fig.suptitle(f"{cfg.preset}: reconstructions on fixed crops", fontsize=10)
-    return save_figure(fig, png)
+from neurofm.plots import pyplot, save_figure
 
 
 def read_metrics(run: str | Path) -> Any:

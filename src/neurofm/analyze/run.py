@@ -15,13 +15,12 @@ from typing import Any
 
 from rich.console import Console
 
-from neurofm.analyze import experiments as X
-from neurofm.analyze import figures as Fig
+from neurofm.analyze import experiments, figures
 from neurofm.analyze.embed import embed_store
 from neurofm.analyze.latent import latent_analysis, summary_table
 from neurofm.evaluate.report import Section, write_report
 from neurofm.store import Store
-from neurofm.tasks.finetune import FinetuneConfig
+from neurofm.train.config import FinetuneConfig
 from neurofm.utils import to_jsonable, write_json
 
 
@@ -49,7 +48,7 @@ def drop_values(d: Any) -> Any:
     return d
 
 
-def _score_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+def score_table(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     out = []
     for r in rows:
         if "skipped" in r:
@@ -99,7 +98,7 @@ def analyze(
     df = embed_store(run, data, keys=keys, progress=progress)
     lat = latent_analysis(df)
     result["latent"] = drop_values(lat)
-    png = Fig.latent_figure(lat, out / "latent.png")
+    png = figures.latent_figure(lat, out / "latent.png")
     sections.append(
         Section(
             "Latent analysis",
@@ -119,30 +118,34 @@ def analyze(
     if cfg.compare:
         console.rule("ablation")
         ab_inits = {"recipe": str(run), **cfg.compare, "scratch": "scratch"}
-        rows = X.compare_inits(data, out / "ablation", cfg.tasks, ab_inits, base, cfg.seeds, progress=False)
+        rows = experiments.compare_inits(data, out / "ablation", cfg.tasks, ab_inits, base, cfg.seeds, progress=False)
         result["ablation"] = rows
-        png = Fig.scores_figure(rows, out / "ablation.png", "recipe vs ablation vs scratch, same budget")
-        sections.append(Section("Ablation", images=[png.name] if png else [], tables=[_score_rows(rows)]))
+        png = figures.scores_figure(rows, out / "ablation.png", "recipe vs ablation vs scratch, same budget")
+        sections.append(Section("Ablation", images=[png.name] if png else [], tables=[score_table(rows)]))
     if cfg.label_efficiency:
         console.rule("label efficiency")
         task, target = cfg.label_efficiency
-        rows = X.label_efficiency(data, out / "label-efficiency", task, target, inits, base, cfg.shots, cfg.seeds)
+        rows = experiments.label_efficiency(
+            data, out / "label-efficiency", task, target, inits, base, cfg.shots, cfg.seeds
+        )
         result["label_efficiency"] = rows
-        png = Fig.curve_figure(rows, out / "label_efficiency.png", title=f"{task} {target}: pretrained vs scratch")
-        sections.append(Section("Label efficiency", images=[png.name] if png else [], tables=[_score_rows(rows)]))
+        png = figures.curve_figure(rows, out / "label_efficiency.png", title=f"{task} {target}: pretrained vs scratch")
+        sections.append(Section("Label efficiency", images=[png.name] if png else [], tables=[score_table(rows)]))
     if cfg.fomo:
         console.rule("FOMO25 protocol in miniature")
         sites = sorted({str(r.get("labels", {}).get("site", "")) for r in store.records.values()})
         train = cfg.train_sites or sites[:1]
-        rows = X.fomo_protocol(data, out / "fomo", inits, base, train, cfg.test_sites, cfg.fomo_scale, cfg.seeds)
+        rows = experiments.fomo_protocol(
+            data, out / "fomo", inits, base, train, cfg.test_sites, cfg.fomo_scale, cfg.seeds
+        )
         result["fomo"] = rows
         ok = [r for r in rows if "skipped" not in r]
-        png = Fig.scores_figure(ok, out / "fomo.png", f"fine-tuned on {', '.join(train)}, tested on other sites")
+        png = figures.scores_figure(ok, out / "fomo.png", f"fine-tuned on {', '.join(train)}, tested on other sites")
         sections.append(
             Section(
                 "FOMO25 protocol in miniature",
                 images=[png.name] if png else [],
-                tables=[_score_rows(rows)],
+                tables=[score_table(rows)],
                 note=(
                     "Case counts follow FOMO25 (infarct 13 positive / 8 negative, 23 lesion segmentations, 200 ages), "
                     f"scaled by {cfg.fomo_scale} and limited to what the training sites hold."

@@ -15,7 +15,9 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from neurofm.data.sampling import box_around, random_box, stack_contrasts
 from neurofm.errors import ConfigError, StoreError
+from neurofm.preprocess.transforms import pad_to
 from neurofm.store import Store
 
 
@@ -177,6 +179,49 @@ def by_site(
     return [c for c in cases if c.site in train_sites], [c for c in cases if c.site in test_sites]
 
 
+def make_splits(
+    cs: CaseSet,
+    *,
+    seed: int = 0,
+    shots: int | None = None,
+    folds: int = 0,
+    train_sites: list[str] | None = None,
+    test_sites: list[str] | None = None,
+    train_subjects: list[str] | None = None,
+    test_fraction: float = 0.2,
+) -> list[tuple[list[Case], list[Case]]]:
+    """(train, test) case lists, by subject: exactly ``train_subjects``; or ``train_sites`` (few-shot within
+    them); or k ``folds`` (few-shot within each); or ``shots`` subjects; or a ``test_fraction`` hold-out."""
+    cases = cs.cases
+    stratify = cs.task == "cls"
+    if train_subjects:
+        chosen = set(train_subjects)
+        missing = chosen - {c.subject for c in cases}
+        if missing:
+            raise ConfigError(f"training subjects without the target or contrasts: {sorted(missing)[:5]}")
+        test = [c for c in cases if c.subject not in chosen]
+        if train_sites:
+            test = by_site(test, train_sites, test_sites)[1]
+        return [([c for c in cases if c.subject in chosen], test)]
+    if train_sites:
+        cases_train, cases_test = by_site(cases, train_sites, test_sites)
+        if shots:
+            cases_train, _ = few_shot(cases_train, shots, seed, stratify=stratify)
+        return [(cases_train, cases_test)]
+    if folds:
+        splits = k_folds(cases, folds, seed)
+        if shots:
+            splits = [
+                (few_shot(tr, min(shots, len({c.subject for c in tr}) - 1), seed, stratify)[0], te) for tr, te in splits
+            ]
+        return splits
+    if shots:
+        return [few_shot(cases, shots, seed, stratify=stratify)]
+    n_subj = len({c.subject for c in cases})
+    n_test = max(1, int(round(test_fraction * n_subj)))
+    return [few_shot(cases, n_subj - n_test, seed, stratify=stratify)]
+
+
 class FinetuneDataset(Dataset):
     """Random training crops of labelled cases: ``x`` (C, P, P, P), ``present`` (C,), ``y``.
 
@@ -221,34 +266,21 @@ class FinetuneDataset(Dataset):
         rng, p = self._rng, self.patch
         assert rng is not None and self._store is not None
         if self.cs.task == "seg" and rng.random() < self.fg_p:
-            lab = np.asarray(self._store.read(case.key, case.target))
-            fg = np.argwhere(lab > 0)
+            fg = np.argwhere(np.asarray(self._store.read(case.key, case.target)) > 0)
             if len(fg):
-                c = fg[rng.integers(len(fg))]
-                return tuple(
-                    slice(s0 := int(np.clip(ci - p // 2, 0, max(si - p, 0))), min(s0 + p, si))
-                    for ci, si in zip(c, shape, strict=True)
-                )
-        return tuple(slice(s0 := int(rng.integers(0, max(s - p, 0) + 1)), min(s0 + p, s)) for s in shape)
+                return box_around(fg[rng.integers(len(fg))], shape, p)
+        return random_box(shape, p, rng)
 
     def __getitem__(self, i: int) -> dict[str, Any]:
-        from neurofm.data.pretrain import pad_to
-
         self._setup()
         assert self._store is not None and self._rng is not None
         case = self.cases[i % len(self.cases)]
         shape = tuple(self._store.record(case.key)["shape"])
         box = self._box(case, shape)
-        chans, present = [], []
-        for c in self.cs.contrasts:
-            ok = c in case.contrasts
-            present.append(ok)
-            chans.append(np.asarray(self._store.read(case.key, c, box), np.float32) if ok else None)
-        ref = next(a for a in chans if a is not None)
-        img = np.stack([a if a is not None else np.zeros_like(ref) for a in chans])
-        bg = [float(a.min()) for a in img]
-        img = np.stack([pad_to(a, self.patch, b) for a, b in zip(img, bg, strict=True)])
-        img *= np.asarray(present, np.float32)[:, None, None, None]
+        images = {c: np.asarray(self._store.read(case.key, c, box), np.float32) for c in case.contrasts}
+        img, present = stack_contrasts(images, self.cs.contrasts)
+        img = np.stack([pad_to(a, self.patch, float(a.min())) for a in img])
+        img *= present.astype(np.float32)[:, None, None, None]
         out: dict[str, Any] = {}
         if self.cs.task == "seg":
             lab = self._lut[np.asarray(self._store.read(case.key, case.target, box), np.int64)]
@@ -265,5 +297,5 @@ class FinetuneDataset(Dataset):
                         img = np.flip(img, ax + 1)
             out["y"] = torch.tensor(case.target, dtype=torch.long if self.cs.task == "cls" else torch.float32)
         out["x"] = torch.from_numpy(np.ascontiguousarray(img))
-        out["present"] = torch.tensor(present)
+        out["present"] = torch.from_numpy(present)
         return out

@@ -1,7 +1,8 @@
 """Pretraining data: random crops streamed from the store, in three shapes.
 
 * ``pair`` (fomo25, mae): two different contrasts of one session, same crop; a session
-  with a single scan yields ``pair_valid = False``.
+  with a single scan yields ``pair_valid = False``. With ``reference_crop`` the same two
+  contrasts at a second, independently placed and augmented crop come along too.
 * ``scan`` (ssl3d): one scan with its subject's regional-volume vector, health label and
   (dense variant) label map.
 * ``stack`` (lamim): the contrasts of a session as channels, missing ones zero-filled and
@@ -9,6 +10,8 @@
 
 Only the chunks a crop touches are read. Random draws come from a per-worker generator
 seeded from torch's worker seed (itself from the run seed), so runs are reproducible.
+What a recipe needs beyond the images (regional volumes, dense label maps) it says in a
+:class:`DataNeeds`; this module never asks which recipe it serves.
 """
 
 from __future__ import annotations
@@ -23,11 +26,27 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
-from neurofm.errors import ConfigError, StoreError
+from neurofm.data.config import DataConfig
+from neurofm.data.loader import training_loader
+from neurofm.data.sampling import random_box, stack_contrasts
+from neurofm.errors import StoreError
+from neurofm.preprocess.transforms import minmax, pad_to
 from neurofm.store import Store
-from neurofm.train.config import DataConfig, RunConfig
 
 ICV_NAMES = ("total intracranial", "estimatedtotalintracranialvol", "etiv", "icv", "intracranial volume")
+
+
+@dataclass(frozen=True)
+class DataNeeds:
+    """What an objective needs from the store besides images (a recipe answers this, see ``Recipe.data_needs``).
+
+    Attributes:
+        volumes: the ICV-normalised regional-volume vector of each subject (``volumes``, ``has_volumes``).
+        dense: the dense label map ``dseg`` of each crop.
+    """
+
+    volumes: bool = False
+    dense: bool = False
 
 
 @dataclass
@@ -85,10 +104,13 @@ def region_vectors(records: list[dict], regions: list[str] | None = None) -> tup
     return regions, mat, has
 
 
-def build_index(store: Store, cfg: DataConfig, extra: dict[str, Any], needs_volumes: bool, dense: bool) -> SessionIndex:
-    """Select sessions with the wanted contrasts and derive per-session targets."""
+def build_index(store: Store, cfg: DataConfig, extra: dict[str, Any], needs: DataNeeds) -> SessionIndex:
+    """Select sessions with the wanted contrasts (and not of an excluded subject); derive per-session targets."""
     keys, contrasts, shapes, recs = [], [], [], []
+    excluded = set(cfg.exclude_subjects or ())
     for key, rec in store.records.items():
+        if str(rec.get("subject")) in excluded:
+            continue
         avail = list(rec["images"])
         if cfg.contrasts:
             avail = [c for c in cfg.contrasts if c in avail]
@@ -100,10 +122,10 @@ def build_index(store: Store, cfg: DataConfig, extra: dict[str, Any], needs_volu
         recs.append(rec)
     if not keys:
         want = f" with contrasts {cfg.contrasts}" if cfg.contrasts else ""
-        raise StoreError(f"{store.root}: no sessions{want}")
+        raise StoreError(f"{store.root}: no sessions{want}" + (" outside the excluded subjects" if excluded else ""))
     health = np.array([health_target(r.get("labels", {}), cfg.health_label) for r in recs], np.int64)
     idx = SessionIndex(keys, contrasts, shapes, health)
-    if needs_volumes:
+    if needs.volumes:
         regions, mat, has = region_vectors(recs, extra.get("regions"))
         if not has.any():
             raise StoreError(
@@ -117,7 +139,7 @@ def build_index(store: Store, cfg: DataConfig, extra: dict[str, Any], needs_volu
         mean, std = np.asarray(extra["region_mean"], np.float32), np.asarray(extra["region_std"], np.float32)
         idx.volumes = ((mat - mean) / std) * has[:, None]
         idx.has_volumes = has
-    if dense and "dense_labels" not in extra:
+    if needs.dense and "dense_labels" not in extra:
         values: set[int] = set()
         for r in recs:
             values |= set(r.get("label_maps", {}).get("dseg", {}).get("values", []))
@@ -126,25 +148,6 @@ def build_index(store: Store, cfg: DataConfig, extra: dict[str, Any], needs_volu
         extra["dense_labels"] = sorted(values)
     idx.extra = extra
     return idx
-
-
-def random_box(shape: tuple[int, ...], patch: int, rng: np.random.Generator) -> tuple[slice, ...]:
-    return tuple(slice(s0 := int(rng.integers(0, max(s - patch, 0) + 1)), min(s0 + patch, s)) for s in shape)  # type: ignore[return-value]
-
-
-def pad_to(x: np.ndarray, patch: int, value: float) -> np.ndarray:
-    """Centre-pad the last three axes of ``x`` up to ``patch``."""
-    pads = [(0, 0)] * (x.ndim - 3)
-    for s in x.shape[-3:]:
-        extra = max(patch - s, 0)
-        pads.append((extra // 2, extra - extra // 2))
-    return np.pad(x, pads, constant_values=value) if any(p[1] or p[0] for p in pads) else x
-
-
-def minmax(x: np.ndarray) -> np.ndarray:
-    """Scale to [0, 1] between the 0.5th and 99.5th percentiles (LaMIM scales every channel to [0, 1])."""
-    lo, hi = np.percentile(x, [0.5, 99.5])
-    return np.clip((x - lo) / max(hi - lo, 1e-6), 0, 1).astype(np.float32)
 
 
 class Augment:
@@ -235,34 +238,19 @@ class PretrainDataset(Dataset):
         assert self._store is not None
         return np.asarray(self._store.read(key, name, box), dtype=np.float32)
 
-    def __getitem__(self, i: int) -> dict[str, Any]:
-        self._setup()
-        rng = self._rng
-        assert rng is not None
-        s, contrast = self.items[i % len(self.items)]
-        key, shape, avail = self.index.keys[s], self.index.shapes[s], self.index.contrasts[s]
-        cfg = self.cfg
+    def _crop(
+        self, key: str, shape: tuple[int, ...], names: list[str], avail: list[str]
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+        """One (augmented) crop of ``names`` as channels: ``(C, P, P, P)``, presence ``(C,)``, dense label or None."""
+        cfg, rng = self.cfg, self._rng
+        assert rng is not None and self._store is not None
         box = None if cfg.fit == "resize" else random_box(shape, cfg.patch, rng)
-        if cfg.mode == "pair":
-            pick = list(rng.choice(avail, size=min(2, len(avail)), replace=False))
-            names = pick if len(pick) == 2 else pick * 2
-        elif cfg.mode == "scan":
-            names = [contrast]
-        else:
-            names = list(cfg.contrasts or avail)
-        present = np.array([n in avail for n in names])
-        chans = []
-        for n, ok in zip(names, present, strict=True):
-            chans.append(self._read(key, n, box) if ok else None)
-        ref = next(c for c in chans if c is not None)
-        chans = [c if c is not None else np.zeros_like(ref) for c in chans]
-        img = np.stack(chans)
+        img, present = stack_contrasts({n: self._read(key, n, box) for n in names if n in avail}, names)
         label = None
         if self.dense:
-            lab = (
-                self._store.read(key, "dseg", box) if "dseg" in self._store.record(key).get("label_maps", {}) else None
-            )
-            label = (self._lut[np.asarray(lab, np.int64)] if lab is not None else np.full(ref.shape, -1))[None]
+            maps = self._store.record(key).get("label_maps", {})
+            lab = self._store.read(key, "dseg", box) if "dseg" in maps else None
+            label = (self._lut[np.asarray(lab, np.int64)] if lab is not None else np.full(img.shape[1:], -1))[None]
         if cfg.fit == "resize":
             img = F.interpolate(torch.from_numpy(img)[None], size=(cfg.patch,) * 3, mode="trilinear")[0].numpy()
         background = [float(c.min()) if c.size else 0.0 for c in img]
@@ -274,6 +262,23 @@ class PretrainDataset(Dataset):
         img = img * present[:, None, None, None]
         if self._augment is not None:
             img, label = self._augment(img, label, present)
+        return img, present, label
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        self._setup()
+        rng = self._rng
+        assert rng is not None
+        s, contrast = self.items[i % len(self.items)]
+        key, shape, avail = self.index.keys[s], self.index.shapes[s], self.index.contrasts[s]
+        cfg = self.cfg
+        if cfg.mode == "pair":
+            pick = list(rng.choice(avail, size=min(2, len(avail)), replace=False))
+            names = pick if len(pick) == 2 else pick * 2
+        elif cfg.mode == "scan":
+            names = [contrast]
+        else:
+            names = list(cfg.contrasts or avail)
+        img, present, label = self._crop(key, shape, names, avail)
         out: dict[str, Any] = {}
         if cfg.mode == "pair":
             out.update(
@@ -281,6 +286,9 @@ class PretrainDataset(Dataset):
                 x_b=torch.from_numpy(img[1:2].copy()),
                 pair_valid=torch.tensor(len(set(names)) == 2),
             )
+            if cfg.reference_crop:  # the same two scans elsewhere: a contrast code that shares no crop
+                ref, _, _ = self._crop(key, shape, names, avail)
+                out.update(x_a_ref=torch.from_numpy(ref[:1].copy()), x_b_ref=torch.from_numpy(ref[1:2].copy()))
         else:
             out.update(x=torch.from_numpy(np.ascontiguousarray(img)), present=torch.from_numpy(present))
         out["health"] = torch.tensor(int(self.index.health[s]))
@@ -292,62 +300,11 @@ class PretrainDataset(Dataset):
         return out
 
 
-def prepare_data(cfg: RunConfig, store_root: str | Path) -> tuple[RunConfig, SessionIndex]:
-    """Check the store against the recipe and fill in what the model needs from the data
-    (number of regions, dense classes) in ``cfg.extra`` and ``cfg.model.kwargs``."""
-    store = Store(store_root)
-    obj = cfg.objective
-    needs_volumes = obj.kind == "ssl3d" and obj.w_anatomy > 0
-    dense = obj.kind == "ssl3d" and obj.w_dense > 0
-    extra = dict(cfg.extra)
-    index = build_index(store, cfg.data, extra, needs_volumes, dense)
-    kwargs = dict(cfg.model.kwargs)
-    if obj.kind == "ssl3d":
-        kwargs["anatomy_outputs"] = len(extra["regions"]) if needs_volumes else 0
-        kwargs["health_classes"] = 2 if obj.w_health > 0 else 0
-        kwargs["dense_classes"] = len(extra["dense_labels"]) if dense else 0
-    if cfg.data.mode == "stack":
-        kwargs.setdefault("in_channels", len(cfg.data.contrasts or []) or 4)
-        kwargs.setdefault("out_channels", kwargs["in_channels"])
-        if kwargs.get("img_size", cfg.data.patch) != cfg.data.patch:
-            raise ConfigError(f"model img_size {kwargs['img_size']} differs from data.patch {cfg.data.patch}")
-        kwargs["img_size"] = cfg.data.patch
-    extra["store"] = str(Path(store_root).resolve())
-    extra["preprocessing"] = store.config
-    extra["sessions"] = len(index.keys)
-    d = cfg.to_dict()
-    d["model"]["kwargs"] = kwargs
-    d["extra"] = extra
-    return RunConfig.from_dict(d), index
-
-
-def loader_context() -> str | None:
-    """Worker start method: forkserver where available. A plain fork of a process that already runs
-    threads (blosc2, OpenMP, progress bars) can copy a held lock into the worker and hang it."""
-    import multiprocessing as mp
-
-    return "forkserver" if "forkserver" in mp.get_all_start_methods() else "spawn"
-
-
-def make_loader(store_root: str | Path, index: SessionIndex, cfg: RunConfig) -> DataLoader:
-    dc = cfg.data
+def pretrain_loader(
+    store_root: str | Path, index: SessionIndex, cfg: DataConfig, needs: DataNeeds, seed: int
+) -> DataLoader:
+    """Batches of ``cfg.steps_per_epoch * cfg.batch_size`` random samples per epoch."""
     ds = PretrainDataset(
-        store_root,
-        index,
-        dc,
-        length=dc.steps_per_epoch * dc.batch_size,
-        seed=cfg.trainer.seed,
-        dense=cfg.objective.kind == "ssl3d" and cfg.objective.w_dense > 0,
+        store_root, index, cfg, length=cfg.steps_per_epoch * cfg.batch_size, seed=seed, dense=needs.dense
     )
-    workers = dc.num_workers > 0
-    return DataLoader(
-        ds,
-        batch_size=dc.batch_size,
-        shuffle=True,
-        num_workers=dc.num_workers,
-        drop_last=True,
-        pin_memory=torch.cuda.is_available(),
-        persistent_workers=workers,
-        prefetch_factor=4 if workers else None,
-        multiprocessing_context=loader_context() if workers else None,
-    )
+    return training_loader(ds, cfg.batch_size, cfg.num_workers)

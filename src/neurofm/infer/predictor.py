@@ -18,8 +18,9 @@ import numpy as np
 import scipy.ndimage as ndi
 import torch
 
+from neurofm.data.sampling import stack_contrasts, window_slices
 from neurofm.errors import ConfigError, ScanError
-from neurofm.preprocess import transforms as T
+from neurofm.preprocess import transforms
 
 FLIPS = [f for r in range(4) for f in itertools.combinations((2, 3, 4), r)]
 
@@ -37,13 +38,6 @@ def largest_component(labels: np.ndarray) -> np.ndarray:
         sizes[0] = 0
         out[comp == int(np.argmax(sizes))] = c
     return out
-
-
-def _windows(shape: tuple[int, ...], patch: int, overlap: float) -> list[tuple[slice, ...]]:
-    from monai.data.utils import dense_patch_slices
-
-    step = [max(1, int(patch * (1 - overlap))) for _ in shape]
-    return [tuple(s) for s in dense_patch_slices(tuple(shape), (patch,) * 3, step)]
 
 
 @dataclass
@@ -93,9 +87,9 @@ class Predictor:
 
     @classmethod
     def from_run(cls, run: str | Path, **kwargs: Any) -> Predictor:
-        from neurofm.train.checkpoint import build_model_from_checkpoint
+        from neurofm.models.registry import model_from_checkpoint
 
-        model, info = build_model_from_checkpoint(run)
+        model, info = model_from_checkpoint(run)
         task = info["run"].get("task_info")
         if task is None:
             raise ConfigError(f"{run}: not a fine-tuned run (pretrained runs have no task; use neurofm finetune)")
@@ -104,12 +98,10 @@ class Predictor:
         return pred
 
     def _stack(self, images: dict[str, np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
-        present = [c in images for c in self.contrasts]
-        if not any(present):
+        if not any(c in images for c in self.contrasts):
             raise ConfigError(f"none of the model's contrasts {self.contrasts} is given (got {sorted(images)})")
-        ref = next(images[c] for c in self.contrasts if c in images)
-        x = np.stack([np.asarray(images[c], np.float32) if c in images else np.zeros_like(ref) for c in self.contrasts])
-        return torch.from_numpy(x)[None].to(self.device), torch.tensor([present], device=self.device)
+        x, present = stack_contrasts(images, self.contrasts)
+        return torch.from_numpy(x)[None].to(self.device), torch.from_numpy(present)[None].to(self.device)
 
     @torch.no_grad()
     def predict(self, images: dict[str, np.ndarray]) -> CasePrediction:
@@ -150,12 +142,10 @@ class Predictor:
         return CasePrediction("seg", probs=probs, labels=labels)
 
     def _global(self, x: torch.Tensor, present: torch.Tensor, flips) -> CasePrediction:
-        from neurofm.data.pretrain import pad_to
-
         arr = x[0].cpu().numpy()
-        arr = np.stack([pad_to(a, self.patch, float(a.min())) for a in arr])
+        arr = np.stack([transforms.pad_to(a, self.patch, float(a.min())) for a in arr])
         xs = torch.from_numpy(arr)[None].to(self.device)
-        wins = _windows(tuple(xs.shape[2:]), self.patch, 0.0)
+        wins = window_slices(tuple(xs.shape[2:]), self.patch, 0.0)
         per_window = []
         for i in range(0, len(wins), self.sw_batch):
             batch = torch.cat([xs[(slice(None), slice(None), *w)] for w in wins[i : i + self.sw_batch]])
@@ -200,7 +190,7 @@ class Predictor:
             ref = reference or next(c for c in self.contrasts if c in files)
             meta = prepared.image_meta[ref]
             grid = (tuple(meta["native_shape"]), np.asarray(meta["native_affine"]))
-            native = T.resample(result.labels, prepared.affine, grid, order=0)
+            native = transforms.resample(result.labels, prepared.affine, grid, order=0)
             out = Path(out_dir or ".") / f"{case_id}_seg.nii.gz"
             save_like(out, native, files[ref], dtype=np.uint8)
             vox = float(abs(np.linalg.det(grid[1][:3, :3])))

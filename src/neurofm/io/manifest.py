@@ -89,7 +89,7 @@ class SessionSpec:
     subject: str
     session: str
     images: dict[str, str]  # contrast -> path
-    labels_maps: dict[str, str] = field(default_factory=dict)  # label name -> path
+    label_maps: dict[str, str] = field(default_factory=dict)  # label name -> path
     labels: dict[str, object] = field(default_factory=dict)  # participant/session labels
     volumes: dict[str, float] | None = None  # regional volumes (mm^3)
 
@@ -180,7 +180,7 @@ class Manifest:
                     subject=str(subject),
                     session=str(session),
                     images=dict(zip(imgs["name"], imgs["path"], strict=True)),
-                    labels_maps=dict(zip(maps["name"], maps["path"], strict=True)),
+                    label_maps=dict(zip(maps["name"], maps["path"], strict=True)),
                     labels=lab,
                     volumes=vol,
                 )

@@ -8,8 +8,6 @@ caller (``prepare``, ``predict``, tests).
 from __future__ import annotations
 
 import gzip
-import os
-import tempfile
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,6 +16,7 @@ import nibabel as nib
 import numpy as np
 
 from neurofm.errors import ScanError
+from neurofm.utils import atomic_write
 
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
 MAX_DIM = 2048  # voxels along one axis; larger is a corrupt header, not a brain scan
@@ -209,15 +208,5 @@ def save_like(path: str | Path, data: np.ndarray, reference: str | Path, dtype: 
 
 def _save_atomic(img: nib.Nifti1Image, path: str | Path) -> Path:
     """Save next to the destination and rename: the file appears complete or not at all."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     suffix = ".nii.gz" if str(path).endswith(".gz") else ".nii"
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
-    os.close(fd)
-    try:
-        nib.save(img, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return atomic_write(path, lambda tmp: nib.save(img, tmp), suffix=suffix)

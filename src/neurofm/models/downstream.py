@@ -3,7 +3,7 @@
 Multi-contrast inputs ``x`` ``(B, C, X, Y, Z)`` come with ``present`` ``(B, C)``; a missing
 contrast is zero-filled and never contributes:
 
-* **per-contrast backbones** (the 1-channel CNNs: dual-latent U-Net, ResEnc): every present
+* **single-input backbones** (the 1-channel CNNs: dual-latent U-Net, ResEnc): every present
   contrast goes through the shared encoder. Classification/regression: subject (anatomy)
   features are averaged over present contrasts, contrast features are concatenated in a
   fixed contrast order (zeros for a missing one) with presence flags, then a head.
@@ -12,6 +12,9 @@ contrast is zero-filled and never contributes:
 * **stack backbones** (the ViT, which sees all contrasts as channels): the stack goes in
   at once; the stem is adapted when the contrasts differ from pretraining (see
   :func:`adapt_stem`).
+
+Everything about the backbone comes from its transfer contract (:mod:`neurofm.models.base`):
+its input mode, feature widths, task head, and which pretrained keys it takes over.
 """
 
 from __future__ import annotations
@@ -19,31 +22,17 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from dynamic_network_architectures.building_blocks.unet_decoder import UNetDecoder
 from torch import nn
 
 from neurofm.errors import CheckpointError, ConfigError
-from neurofm.models.dual_latent import DualLatentUNet
-from neurofm.models.layers import freeze_unused_seg_layers
-from neurofm.models.registry import create_model, register_model
-from neurofm.models.resenc import ResEncUNet
-from neurofm.models.vit import ViTAutoEncoder
+from neurofm.io.checkpoint import load_state
+from neurofm.models.base import Features, check_task
+from neurofm.models.registry import create_model, model_class, register_model
 
-TASKS = ("seg", "cls", "reg")
 MODES = ("linear", "frozen", "full")
 
 
-def downstream_backbone_kwargs(name: str, kwargs: dict[str, Any], n_contrasts: int) -> dict[str, Any]:
-    """The backbone's arguments without its pretraining heads (and the right input channels)."""
-    kw = dict(kwargs)
-    if name == "resenc_unet":
-        kw.update(anatomy_outputs=0, health_classes=0, dense_classes=0)
-    if name == "vit_autoenc":
-        kw["in_channels"] = n_contrasts
-        kw["out_channels"] = n_contrasts
-    return kw
-
-
+@register_model("downstream")
 class DownstreamModel(nn.Module):
     """Backbone + task head (see module docstring).
 
@@ -67,8 +56,7 @@ class DownstreamModel(nn.Module):
         head_hidden: int = 256,
     ):
         super().__init__()
-        if task not in TASKS:
-            raise ConfigError(f"task should be one of {TASKS}, got {task!r}")
+        check_task(task)
         if mode not in MODES:
             raise ConfigError(f"mode should be one of {MODES}, got {mode!r}")
         if task == "seg" and mode == "linear":
@@ -85,26 +73,13 @@ class DownstreamModel(nn.Module):
         }
         self.task, self.n_out, self.contrasts, self.mode = task, n_out, list(contrasts), mode
         n_c = len(contrasts)
-        kw = downstream_backbone_kwargs(backbone["name"], backbone.get("kwargs", {}), n_c)
-        self.backbone = create_model(backbone["name"], **kw)
-        bb = self.backbone
-        self.stack = isinstance(bb, ViTAutoEncoder)
+        kw = model_class(backbone["name"]).downstream_kwargs(backbone.get("kwargs", {}), n_c)
+        self.backbone = bb = create_model(backbone["name"], **kw)
+        self.stack = bb.input_mode == "stack"
         self.in_channels = n_c
         self.downsampling = bb.downsampling
+        bb.reset_head(task, n_out)
         if task == "seg":
-            if isinstance(bb, DualLatentUNet):
-                self.decoder = UNetDecoder(bb.encoder, n_out, 1, deep_supervision=False)
-                freeze_unused_seg_layers(self.decoder)
-            elif isinstance(bb, ResEncUNet):
-                bb.decoder.seg_layers = nn.ModuleList(
-                    [nn.Conv3d(layer.in_channels, n_out, 1) for layer in bb.decoder.seg_layers]
-                )
-                freeze_unused_seg_layers(bb.decoder)
-                self.decoder = None  # the backbone's own (pretrained) decoder, new output layer
-            else:
-                ch = bb.net.conv3d_transpose_1.in_channels
-                k = bb.net.conv3d_transpose_1.kernel_size
-                self.decoder = nn.ConvTranspose3d(ch, n_out, kernel_size=k, stride=k)
             self.fusion = None if self.stack else nn.Parameter(torch.zeros(n_c))
         else:
             dim = self._feature_dim()
@@ -115,13 +90,12 @@ class DownstreamModel(nn.Module):
                     nn.Linear(dim, head_hidden), nn.GELU(), nn.Dropout(0.1), nn.Linear(head_hidden, n_out)
                 )
             )
-        self._drop_unused()
         if mode in ("linear", "frozen"):
-            for name, p in self.backbone.named_parameters():
+            for name, p in bb.named_parameters():
                 if any(name.startswith(pfx) for pfx in bb.encoder_prefixes):
                     p.requires_grad_(False)
 
-    # transfer API (a fine-tuned model can itself be inspected and adapted)
+    # transfer contract (a fine-tuned model can itself be inspected and adapted)
     @property
     def stem_keys(self) -> tuple[str, ...]:
         return tuple(f"backbone.{k}" for k in self.backbone.stem_keys)
@@ -130,59 +104,42 @@ class DownstreamModel(nn.Module):
     def encoder_prefixes(self) -> tuple[str, ...]:
         return tuple(f"backbone.{p}" for p in self.backbone.encoder_prefixes)
 
-    pretext_prefixes: tuple[str, ...] = ()
-
-    def _drop_unused(self) -> None:
-        """Remove pretraining-only parts the task never runs (no dead weights, nothing unused for DDP)."""
-        bb = self.backbone
-        if isinstance(bb, DualLatentUNet):
-            bb.decoder = None  # the reconstruction decoder (no skips)
-            if self.task == "seg":
-                bb.subject_head = bb.contrast_head = None
-        elif isinstance(bb, ResEncUNet) and self.task != "seg":
-            bb.decoder = None
-        elif isinstance(bb, ViTAutoEncoder):
-            bb.net.conv3d_transpose_1 = None
-            if self.task != "seg":
-                bb.net.conv3d_transpose = None
+    def transfer_map(self) -> dict[str, Any]:
+        return {
+            "in_channels": self.in_channels,
+            "input_mode": "stack",  # a fine-tuned model takes the contrast stack and its presence flags
+            "stem_keys": list(self.stem_keys),
+            "encoder_prefixes": list(self.encoder_prefixes),
+            "pretext_prefixes": [],
+        }
 
     # ------------------------------------------------------------------ features
     def _feature_dim(self) -> int:
-        bb, n_c = self.backbone, len(self.contrasts)
-        if isinstance(bb, DualLatentUNet):
-            return bb.latent + n_c * bb.latent + n_c
-        if isinstance(bb, ResEncUNet):
-            f = bb.encoder.output_channels[-1]
-            return bb.n_anatomy + n_c * (f - bb.n_anatomy) + n_c
-        return bb.hidden_size
+        d = self.backbone.feature_dims()
+        if self.stack:
+            return d.pooled
+        n_c = len(self.contrasts)
+        return d.anatomy + n_c * d.contrast + n_c
 
     @property
     def encoder_frozen(self) -> bool:
         return self.mode in ("linear", "frozen")
 
-    def _encode(self, x: torch.Tensor) -> dict[str, Any]:
+    def _encode(self, x: torch.Tensor) -> Features:
         if self.encoder_frozen:
             with torch.no_grad():
                 return self.backbone.forward_features(x)
         return self.backbone.forward_features(x)
 
-    def _pooled(self, f: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
-        """(subject features, contrast features) per scan."""
-        if "mu_s" in f:
-            return f["mu_s"].mean(dim=(2, 3, 4)), f["mu_c"].mean(dim=(2, 3, 4))
-        anat = f["anatomy"].mean(dim=(2, 3, 4))
-        rest = torch.cat([f["health"], f["free"]], dim=1).mean(dim=(2, 3, 4))
-        return anat, rest
-
     def features(self, x: torch.Tensor, present: torch.Tensor) -> torch.Tensor:
         """Fused per-case feature vector ``(B, D)`` (cls/reg)."""
         if self.stack:
-            return self._encode(x * present[:, :, None, None, None].to(x.dtype))["pooled"]
+            return self._encode(x * present[:, :, None, None, None].to(x.dtype)).pooled
         b, c = present.shape
         flat = present.reshape(-1)
         idx = flat.nonzero().squeeze(1)
-        scans = x.reshape(b * c, 1, *x.shape[2:])[idx]
-        subj, con = self._pooled(self._encode(scans))
+        f = self._encode(x.reshape(b * c, 1, *x.shape[2:])[idx])
+        subj, con = f.anatomy, f.contrast
         s_all = subj.new_zeros(b * c, subj.shape[1]).index_copy(0, idx, subj).view(b, c, -1)
         c_all = con.new_zeros(b * c, con.shape[1]).index_copy(0, idx, con).view(b, c, -1)
         w = present.to(subj.dtype)
@@ -190,22 +147,8 @@ class DownstreamModel(nn.Module):
         return torch.cat([subject, c_all.flatten(1), w], dim=1)
 
     # ------------------------------------------------------------------- forward
-    def _skips(self, scans: torch.Tensor) -> list[torch.Tensor]:
-        if self.encoder_frozen:
-            with torch.no_grad():
-                return self.backbone.encoder(scans)
-        return self.backbone.encoder(scans)
-
-    def _seg_one(self, scans: torch.Tensor) -> torch.Tensor:
-        bb = self.backbone
-        if isinstance(bb, ResEncUNet):
-            return bb.decoder(self._skips(scans))
-        if isinstance(bb, DualLatentUNet):
-            return self.decoder(self._skips(scans))
-        tokens = self._encode(scans)["tokens"]
-        g = [s // bb.downsampling for s in scans.shape[2:]]
-        h = tokens.transpose(1, 2).reshape(tokens.shape[0], tokens.shape[2], *g)
-        return self.decoder(bb.net.conv3d_transpose(h))
+    def _segment(self, x: torch.Tensor) -> torch.Tensor:
+        return self.backbone.forward_head(self._encode(x))
 
     def forward(self, x: torch.Tensor, present: torch.Tensor | None = None) -> torch.Tensor:
         """Logits: ``(B, n_out, X, Y, Z)`` for seg, ``(B, n_out)`` for cls/reg."""
@@ -221,10 +164,10 @@ class DownstreamModel(nn.Module):
         if self.task != "seg":
             return self.head(self.features(x, present))
         if self.stack:
-            return self._seg_one(x * present[:, :, None, None, None].to(x.dtype))
+            return self._segment(x * present[:, :, None, None, None].to(x.dtype))
         b, c = present.shape
         idx = present.reshape(-1).nonzero().squeeze(1)
-        logits = self._seg_one(x.reshape(b * c, 1, *x.shape[2:])[idx])
+        logits = self._segment(x.reshape(b * c, 1, *x.shape[2:])[idx])
         full = logits.new_zeros(b * c, *logits.shape[1:]).index_copy(0, idx, logits).view(b, c, *logits.shape[1:])
         w = torch.softmax(self.fusion.masked_fill(~present, float("-inf")), dim=1)  # (B, C), 0 where missing
         return (full * w[:, :, None, None, None, None]).sum(1)
@@ -242,17 +185,9 @@ class DownstreamModel(nn.Module):
         return [{"params": enc, "lr": backbone_lr, "name": "encoder"}, {"params": rest, "lr": lr, "name": "head"}]
 
 
-@register_model("downstream")
-def downstream(**kwargs: Any) -> DownstreamModel:
-    return DownstreamModel(**kwargs)
-
-
 def transferable_keys(model: DownstreamModel, pretrained_keys: list[str]) -> list[str]:
-    """Pretrained backbone keys that a downstream model takes over (encoder; ResEnc decoder stages for seg)."""
-    bb = model.backbone
-    prefixes = list(bb.encoder_prefixes)
-    if model.task == "seg" and isinstance(bb, ResEncUNet):
-        prefixes += ["decoder.stages.", "decoder.transpconvs."]
+    """Pretrained backbone keys that a downstream model takes over (the backbone says which, per task)."""
+    prefixes = model.backbone.transfer_prefixes(model.task)
     return [k for k in pretrained_keys if any(k.startswith(p) for p in prefixes)]
 
 
@@ -282,8 +217,6 @@ def load_pretrained(
     adapted to other contrasts) and returns a report: transferred keys, stem adaptation,
     and the exact list of backbone keys left at their initial values.
     """
-    from neurofm.train.checkpoint import load_state
-
     bb = model.backbone
     own = bb.state_dict()
     keys = transferable_keys(model, list(state))
@@ -292,8 +225,6 @@ def load_pretrained(
     sub = {}
     report: dict[str, Any] = {"stem_adaptation": None}
     for k in keys:
-        if k not in own and getattr(bb, k.split(".")[0], "absent") is None:
-            continue  # a part the task does not use (e.g. the latent heads for segmentation)
         if k not in own:
             raise CheckpointError(f"pretrained key {k!r} has no place in the {type(bb).__name__} backbone")
         v = state[k]
@@ -312,7 +243,3 @@ def load_pretrained(
     report["transferred"] = len(sub)
     report["initialised"] = sorted(missing)
     return report
-
-
-def count_trainable(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters() if p.requires_grad)

@@ -18,17 +18,24 @@ import torch
 import torch.nn.functional as F
 from dynamic_network_architectures.building_blocks.plain_conv_encoder import PlainConvEncoder
 from dynamic_network_architectures.building_blocks.simple_conv_blocks import StackedConvBlocks
+from dynamic_network_architectures.building_blocks.unet_decoder import UNetDecoder
 from torch import nn
 
 from neurofm.errors import ConfigError
-from neurofm.models.layers import conv_kwargs, he_init
+from neurofm.models.base import Backbone, FeatureDims, Features, check_task, global_pool
+from neurofm.models.layers import conv_kwargs, freeze_unused_seg_layers, he_init
 from neurofm.models.registry import register_model
 
 LOGVAR_RANGE = (-10.0, 10.0)
 
 
-class DualLatentUNet(nn.Module):
+@register_model("dual_latent_unet")
+class DualLatentUNet(Backbone):
     """Dual-latent U-Net (see module docstring).
+
+    Downstream, segmentation gets a U-Net decoder with skips on the encoder (the latent
+    heads and the reconstruction decoder are dropped); classification and regression read
+    the pooled features and latents.
 
     Args:
         in_channels: input channels (1: each contrast is encoded separately).
@@ -96,42 +103,46 @@ class DualLatentUNet(nn.Module):
                 "out": nn.Conv3d(ch, out_channels, 1),
             }
         )
+        self.seg_decoder: nn.Module | None = None  # installed by reset_head("seg", n)
         he_init(self)
         # Start the posteriors narrow (sigma ~ 0.08): with unit variance the sampled latents are mostly
         # noise and the decoder learns nothing for hundreds of steps; the KL term widens them as needed.
         for head in (self.subject_head, self.contrast_head):
             nn.init.constant_(head.bias[latent:], -5.0)
 
-    @property
-    def feature_channels(self) -> list[int]:
-        return list(self.encoder.output_channels)
+    def feature_dims(self) -> FeatureDims:
+        has_latents = self.subject_head is not None
+        return FeatureDims(
+            pooled=sum(self.config["features"]),
+            anatomy=self.latent if has_latents else 0,
+            contrast=self.latent if has_latents else 0,
+        )
 
-    def check_input(self, x: torch.Tensor) -> None:
-        if x.ndim != 5 or x.shape[1] != self.in_channels:
-            raise ValueError(f"expected (B, {self.in_channels}, X, Y, Z), got {tuple(x.shape)}")
-        if any(s % self.downsampling for s in x.shape[2:]):
-            raise ValueError(f"spatial size {tuple(x.shape[2:])} must be divisible by {self.downsampling}")
-
-    def forward_features(self, x: torch.Tensor) -> dict[str, Any]:
+    def forward_features(self, x: torch.Tensor) -> Features:
         """Encode ``x`` (B, C, X, Y, Z).
 
         Returns:
-            ``skips`` (encoder stage outputs), ``mu_s``/``logvar_s`` and ``mu_c``/``logvar_c``,
+            :class:`Features`: ``maps`` (encoder stage outputs), ``pooled``, ``anatomy`` / ``contrast``
+            (the latent means averaged over space) and ``latents`` ``mu_s``/``logvar_s``/``mu_c``/``logvar_c``,
             each ``(B, latent, X/16, Y/16, Z/16)`` at full size.
         """
         self.check_input(x)
         skips = self.encoder(x)
+        feats = Features(maps=skips, pooled=global_pool(skips))
+        if self.subject_head is None:  # a segmentation trunk: no latents
+            return feats
         grid = skips[-1].shape[2:]
         pooled = torch.cat([F.adaptive_avg_pool3d(s, grid) for s in skips], dim=1)
         mu_s, logvar_s = self.subject_head(pooled).chunk(2, dim=1)
         mu_c, logvar_c = self.contrast_head(pooled).chunk(2, dim=1)
-        return {
-            "skips": skips,
+        feats.latents = {
             "mu_s": mu_s,
             "logvar_s": logvar_s.clamp(*LOGVAR_RANGE),
             "mu_c": mu_c,
             "logvar_c": logvar_c.clamp(*LOGVAR_RANGE),
         }
+        feats.anatomy, feats.contrast = mu_s.mean(dim=(2, 3, 4)), mu_c.mean(dim=(2, 3, 4))
+        return feats
 
     def decode(self, z_s: torch.Tensor, z_c: torch.Tensor) -> torch.Tensor:
         """Reconstruct from a subject and a contrast latent: ``(B, out_channels, X, Y, Z)``."""
@@ -143,9 +154,19 @@ class DualLatentUNet(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Deterministic reconstruction from the latent means."""
         f = self.forward_features(x)
-        return self.decode(f["mu_s"], f["mu_c"])
+        return self.decode(f.latents["mu_s"], f.latents["mu_c"])
 
+    # ------------------------------------------------------------------ downstream
+    def reset_head(self, task: str, classes: int) -> None:
+        check_task(task)
+        self.decoder = None  # the reconstruction decoder (no skips)
+        if task == "seg":
+            self.subject_head = self.contrast_head = None
+            self.seg_decoder = UNetDecoder(self.encoder, classes, 1, deep_supervision=False)
+            freeze_unused_seg_layers(self.seg_decoder)
 
-@register_model("dual_latent_unet")
-def dual_latent_unet(**kwargs: Any) -> DualLatentUNet:
-    return DualLatentUNet(**kwargs)
+    def forward_head(self, features: Features) -> torch.Tensor:
+        return self.seg_decoder(features.maps)
+
+    def transfer_prefixes(self, task: str) -> tuple[str, ...]:
+        return ("encoder.",) if task == "seg" else self.encoder_prefixes

@@ -8,7 +8,6 @@ tensor shapes, so no code or config from the source is executed either.
 
 from __future__ import annotations
 
-import pickle
 import re
 from pathlib import Path
 from typing import Any
@@ -16,28 +15,12 @@ from typing import Any
 import torch
 
 from neurofm.errors import CheckpointError
+from neurofm.io.checkpoint import load_state, safe_load, write_run_folder
 from neurofm.models.registry import create_model
-from neurofm.train.checkpoint import load_state, write_checkpoint_files
 
 _PREFIXES = ("_orig_mod.", "module.")  # torch.compile and DDP wrappers
 
-
-def safe_load(path: str | Path) -> Any:
-    """``torch.load`` that never runs code from the file."""
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"{path}: no such file")
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        name = re.search(r"GLOBAL ([\w.]+)", str(e))
-        what = f" (it calls {name.group(1)})" if name else ""
-        raise CheckpointError(
-            f"{path}: refused: the file holds executable pickle content{what}; "
-            "only tensors and plain containers are loaded"
-        ) from None
-    except Exception as e:
-        raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({type(e).__name__}: {e})") from None
+__all__ = ["import_weights", "resenc_kwargs", "safe_load", "vit_kwargs"]
 
 
 def _state_dict(obj: Any) -> dict[str, torch.Tensor]:
@@ -112,37 +95,50 @@ def import_weights(
     contrasts: list[str] | None = None,
 ) -> Path:
     """Write a run folder (one checkpoint) from an nnssl/nnU-Net ResEnc or MONAI ViTAutoEnc file."""
-    sd = _state_dict(safe_load(src))
-    if kind in ("nnssl", "nnunet", "resenc"):
-        name, kwargs, state = "resenc_unet", resenc_kwargs(sd), sd
-    elif kind in ("monai", "vit", "lamim"):
-        name, kwargs = "vit_autoenc", vit_kwargs(sd, num_heads)
-        state = {f"net.{k}": v for k, v in sd.items()}
-    else:
+    if kind not in SOURCES:
         raise CheckpointError(f"unknown import kind {kind!r}; choose nnssl, nnunet or monai")
+    sd = _state_dict(safe_load(src))
+    name, kwargs, state, data = SOURCES[kind](sd, num_heads)
     model = create_model(name, **kwargs)
     missing = load_state(model, state, strict=False)
     if missing:
         raise CheckpointError(f"{src}: the weights leave {len(missing)} tensors unset, e.g. {missing[:5]}")
-    folder = Path(out) / "checkpoints" / "step-0000000"
-    folder.mkdir(parents=True, exist_ok=True)
-    stack = name == "vit_autoenc"
+    if contrasts:
+        data["contrasts"] = contrasts
     run_cfg = {
         "preset": f"imported-{kind}",
         "model": {"name": name, "kwargs": kwargs},
-        "data": {
-            "patch": kwargs.get("img_size", 128),
-            "contrasts": contrasts
-            or (["T1w", "T1c", "T2w", "FLAIR"] if stack and kwargs["in_channels"] == 4 else None),
-        },
+        "data": {"patch": kwargs.get("img_size", 128), **data},
         "extra": {
             "preprocessing": {"spacing": spacing, "orientation": "RAS", "normalize": "zscore"},
             "imported_from": str(Path(src).resolve()),
         },
     }
-    write_checkpoint_files(folder, model, run_cfg, {"step": 0, "epoch": 0, "time": "", "imported_from": str(src)})
-    from neurofm.utils import atomic_write_text, write_json
+    return write_run_folder(out, model, run_cfg, {"step": 0, "epoch": 0, "time": "", "imported_from": str(src)})
 
-    write_json(Path(out) / "run.json", run_cfg)
-    atomic_write_text(Path(out) / "checkpoints" / "last", "step-0000000\n")
-    return Path(out)
+
+def _from_resenc(sd: dict[str, torch.Tensor], num_heads: int | None) -> tuple[str, dict, dict, dict]:
+    return "resenc_unet", resenc_kwargs(sd), sd, {"contrasts": None, "intensity": "zscore"}
+
+
+def _from_monai_vit(sd: dict[str, torch.Tensor], num_heads: int | None) -> tuple[str, dict, dict, dict]:
+    kwargs = vit_kwargs(sd, num_heads)
+    # LaMIM's four channels; LaMIM and MONAI's self-supervised tutorials scale every channel to [0, 1]
+    contrasts = ["T1w", "T1c", "T2w", "FLAIR"] if kwargs["in_channels"] == 4 else None
+    return (
+        "vit_autoenc",
+        kwargs,
+        {f"net.{k}": v for k, v in sd.items()},
+        {"contrasts": contrasts, "intensity": "minmax"},
+    )
+
+
+#: import kind -> (registry name, kwargs, state dict in our key names, data settings) from a state dict
+SOURCES = {
+    "nnssl": _from_resenc,
+    "nnunet": _from_resenc,
+    "resenc": _from_resenc,
+    "monai": _from_monai_vit,
+    "vit": _from_monai_vit,
+    "lamim": _from_monai_vit,
+}

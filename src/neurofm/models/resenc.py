@@ -24,6 +24,7 @@ from dynamic_network_architectures.architectures.unet import ResidualEncoderUNet
 from torch import nn
 
 from neurofm.errors import ConfigError
+from neurofm.models.base import Backbone, FeatureDims, Features, check_task, global_pool
 from neurofm.models.layers import conv_kwargs, freeze_unused_seg_layers, he_init
 from neurofm.models.registry import register_model
 
@@ -47,8 +48,13 @@ class AnatomyProjector(nn.Module):
         return self.mlp(F.adaptive_avg_pool3d(x, 2))
 
 
-class ResEncUNet(nn.Module):
+@register_model("resenc_unet")
+class ResEncUNet(Backbone):
     """ResEnc U-Net (encoder + decoder from DNA) with optional ssl3d pretext heads.
+
+    Downstream, segmentation keeps the (pretrained) decoder with a new output layer;
+    classification and regression read the pooled features, the anatomy channels as the
+    anatomy part and the other bottleneck channels as the contrast part.
 
     Args:
         in_channels: input channels.
@@ -123,23 +129,62 @@ class ResEncUNet(nn.Module):
             if head is not None:
                 he_init(head)
 
-    @property
-    def feature_channels(self) -> list[int]:
-        return list(self.encoder.output_channels)
+    def feature_dims(self) -> FeatureDims:
+        bott = self.config["features"][-1]
+        return FeatureDims(pooled=sum(self.config["features"]), anatomy=self.n_anatomy, contrast=bott - self.n_anatomy)
 
-    def forward_features(self, x: torch.Tensor) -> dict[str, Any]:
-        """Encode ``(B, C, X, Y, Z)``: ``skips`` and the bottleneck's ``anatomy``/``health``/``free`` parts."""
-        if x.ndim != 5 or x.shape[1] != self.in_channels:
-            raise ValueError(f"expected (B, {self.in_channels}, X, Y, Z), got {tuple(x.shape)}")
+    def forward_features(self, x: torch.Tensor) -> Features:
+        """Encode ``(B, C, X, Y, Z)``; ``latents`` holds the bottleneck's ``anatomy``/``health``/``free`` channels."""
+        self.check_input(x)
         skips = self.encoder(x)
         b = skips[-1]
         a, h = self.n_anatomy, self.n_health
-        return {"skips": skips, "anatomy": b[:, :a], "health": b[:, a : a + h], "free": b[:, a + h :]}
+        parts = {"anatomy": b[:, :a], "health": b[:, a : a + h], "free": b[:, a + h :]}
+        return Features(
+            maps=skips,
+            pooled=global_pool(skips),
+            anatomy=parts["anatomy"].mean(dim=(2, 3, 4)),
+            contrast=b[:, a:].mean(dim=(2, 3, 4)),
+            latents=parts,
+        )
+
+    def forward_pretext(self, x: torch.Tensor) -> dict[str, torch.Tensor | None]:
+        """What the ssl3d objective scores: ``reconstruction`` ``(B, out, X, Y, Z)``, and where the heads
+        exist ``anatomy`` (projection, ``(B, regions)``), ``health`` (logits ``(B, classes)``) and ``dense``
+        (label-map logits on the bottleneck grid)."""
+        f = self.forward_features(x)
+        anat = f.latents["anatomy"]
+        return {
+            "reconstruction": self.decoder(f.maps),
+            "anatomy": self.anatomy_head(anat) if self.anatomy_head is not None else None,
+            "health": self.health_head(f.latents["health"].mean(dim=(2, 3, 4)))
+            if self.health_head is not None
+            else None,
+            "dense": self.dense_head(anat) if self.dense_head is not None else None,
+        }
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.decoder(self.encoder(x))
 
+    # ------------------------------------------------------------------ downstream
+    @classmethod
+    def downstream_kwargs(cls, kwargs: dict[str, Any], n_contrasts: int) -> dict[str, Any]:
+        return {**kwargs, "anatomy_outputs": 0, "health_classes": 0, "dense_classes": 0}
 
-@register_model("resenc_unet")
-def resenc_unet(**kwargs: Any) -> ResEncUNet:
-    return ResEncUNet(**kwargs)
+    def reset_head(self, task: str, classes: int) -> None:
+        check_task(task)
+        self.anatomy_head = self.health_head = self.dense_head = None
+        if task != "seg":
+            self.decoder = None
+            return
+        # the pretrained decoder stays; a new output layer per stage (only the last is trained)
+        self.decoder.seg_layers = nn.ModuleList([nn.Conv3d(l.in_channels, classes, 1) for l in self.decoder.seg_layers])
+        freeze_unused_seg_layers(self.decoder)
+
+    def forward_head(self, features: Features) -> torch.Tensor:
+        return self.decoder(features.maps)
+
+    def transfer_prefixes(self, task: str) -> tuple[str, ...]:
+        if task == "seg":
+            return (*self.encoder_prefixes, "decoder.stages.", "decoder.transpconvs.")
+        return self.encoder_prefixes

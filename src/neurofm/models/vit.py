@@ -14,6 +14,7 @@ from monai.networks.nets import ViTAutoEnc
 from torch import nn
 
 from neurofm.errors import ConfigError
+from neurofm.models.base import Backbone, FeatureDims, Features, check_task
 from neurofm.models.registry import register_model
 
 VIT_SIZES = {
@@ -24,9 +25,15 @@ VIT_SIZES = {
 }
 
 
-class ViTAutoEncoder(nn.Module):
-    """MONAI ViTAutoEnc with neurofm's transfer API."""
+@register_model("vit_autoenc")
+class ViTAutoEncoder(Backbone):
+    """MONAI ViTAutoEnc with neurofm's transfer contract: all contrasts at once, as channels.
 
+    Downstream, segmentation keeps the first transposed convolution of the decoder and ends
+    in a new one with one output per class; classification and regression read the mean token.
+    """
+
+    input_mode = "stack"
     stem_keys = ("net.patch_embedding.patch_embeddings.weight",)
     encoder_prefixes = ("net.patch_embedding.", "net.blocks.", "net.norm.")
     pretext_prefixes = ("net.conv3d_transpose",)
@@ -59,8 +66,9 @@ class ViTAutoEncoder(nn.Module):
             **overrides,
         }
         self.in_channels = in_channels
-        self.img_size = img_size
+        self.fixed_size = img_size
         self.downsampling = patch_size
+        self.seg_out: nn.Module | None = None  # installed by reset_head("seg", n)
         self.net = ViTAutoEnc(
             in_channels=in_channels,
             out_channels=out_channels,
@@ -75,27 +83,38 @@ class ViTAutoEncoder(nn.Module):
             if not getattr(blk, "with_cross_attention", False) and hasattr(blk, "norm_cross_attn"):
                 blk.norm_cross_attn.requires_grad_(False)
 
-    @property
-    def hidden_size(self) -> int:
-        return self.net.norm.normalized_shape[0]
+    def feature_dims(self) -> FeatureDims:
+        return FeatureDims(pooled=self.net.norm.normalized_shape[0])
 
-    def forward_features(self, x: torch.Tensor) -> dict[str, Any]:
-        """Tokens of the last layer ``(B, N, hidden)`` and their mean ``(B, hidden)``."""
-        if x.ndim != 5 or x.shape[1] != self.in_channels or tuple(x.shape[2:]) != (self.img_size,) * 3:
-            raise ValueError(
-                f"expected (B, {self.in_channels}, {self.img_size}, {self.img_size}, {self.img_size}), "
-                f"got {tuple(x.shape)}"
-            )
+    def forward_features(self, x: torch.Tensor) -> Features:
+        """Tokens of the last layer as a grid ``maps[0]`` ``(B, hidden, X/p, Y/p, Z/p)``, their mean as ``pooled``."""
+        self.check_input(x)
         h = self.net.patch_embedding(x)
         for blk in self.net.blocks:
             h = blk(h)
-        h = self.net.norm(h)
-        return {"tokens": h, "pooled": h.mean(dim=1), "skips": [h]}
+        h = self.net.norm(h)  # (B, N, hidden)
+        grid = [s // self.downsampling for s in x.shape[2:]]
+        tokens = h.transpose(1, 2).reshape(h.shape[0], h.shape[2], *grid)
+        return Features(maps=[tokens], pooled=h.mean(dim=1), latents={"tokens": h})
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)[0]
 
+    # ------------------------------------------------------------------ downstream
+    @classmethod
+    def downstream_kwargs(cls, kwargs: dict[str, Any], n_contrasts: int) -> dict[str, Any]:
+        return {**kwargs, "in_channels": n_contrasts, "out_channels": n_contrasts}
 
-@register_model("vit_autoenc")
-def vit_autoenc(**kwargs: Any) -> ViTAutoEncoder:
-    return ViTAutoEncoder(**kwargs)
+    def reset_head(self, task: str, classes: int) -> None:
+        check_task(task)
+        last = self.net.conv3d_transpose_1
+        self.net.conv3d_transpose_1 = None
+        if task == "seg":
+            self.seg_out = nn.ConvTranspose3d(
+                last.in_channels, classes, kernel_size=last.kernel_size, stride=last.kernel_size
+            )
+        else:
+            self.net.conv3d_transpose = None
+
+    def forward_head(self, features: Features) -> torch.Tensor:
+        return self.seg_out(self.net.conv3d_transpose(features.maps[0]))

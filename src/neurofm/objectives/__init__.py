@@ -2,15 +2,19 @@
 
 Each objective is a config dataclass (every loss weight is a switch: 0 removes the term)
 and an ``nn.Module`` called as ``loss(model, batch, progress) -> (total, terms, outputs)``.
+The config is the recipe's voice on everything the objective implies elsewhere: its
+``data_mode`` (pair / scan / stack), ``data_needs()`` (regional volumes, label maps),
+``model_kwargs(kwargs, data, extra)`` (pretext heads sized from the data) and
+``example_batch(...)`` (inputs of the loader's shapes, for benchmarks and tests).
 """
 
 from __future__ import annotations
 
-from dataclasses import fields
 from typing import Any
 
 from torch import nn
 
+from neurofm.config import build
 from neurofm.errors import ConfigError
 from neurofm.objectives.fomo25 import Fomo25Config, Fomo25Loss
 from neurofm.objectives.lamim import LaMIMConfig, LaMIMLoss
@@ -32,12 +36,7 @@ def objective_config(d: dict[str, Any] | ObjectiveConfig) -> ObjectiveConfig:
     kind = d.get("kind")
     if kind not in OBJECTIVES:
         raise ConfigError(f"unknown objective kind {kind!r}; choose from {list(OBJECTIVES)}")
-    cls = OBJECTIVES[kind][0]
-    names = {f.name for f in fields(cls)}
-    bad = sorted(set(d) - names)
-    if bad:
-        raise ConfigError(f"unknown objective option(s) {bad} for {kind}; valid: {sorted(names)}")
-    return cls(**d)
+    return build(OBJECTIVES[kind][0], d, "objective")
 
 
 def build_objective(cfg: ObjectiveConfig | dict[str, Any]) -> nn.Module:

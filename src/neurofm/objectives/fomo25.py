@@ -15,12 +15,14 @@ Loss = w_rec (rec_a + rec_b) + w_swap (swap_ab + swap_ba) + w_kl(t) sum KL
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from neurofm.data.config import DataConfig
+from neurofm.data.pretrain import DataNeeds
 from neurofm.errors import ConfigError
 from neurofm.objectives.masking import block_mask
 
@@ -39,6 +41,22 @@ class Fomo25Config:
     w_align: float = 0.5
     w_repel: float = 0.5
     variational: bool = True
+
+    data_mode: ClassVar[str] = "pair"
+
+    def data_needs(self) -> DataNeeds:
+        return DataNeeds()
+
+    def model_kwargs(self, kwargs: dict[str, Any], data: DataConfig, extra: dict[str, Any]) -> dict[str, Any]:
+        return dict(kwargs)
+
+    def example_batch(self, batch: int, patch: int, extra: dict[str, Any], device: Any = "cpu") -> dict[str, Any]:
+        """Random inputs of the shapes the loader gives (benchmarks, tests)."""
+        return {
+            "x_a": torch.randn(batch, 1, patch, patch, patch, device=device),
+            "x_b": torch.randn(batch, 1, patch, patch, patch, device=device),
+            "pair_valid": torch.ones(batch, dtype=torch.bool, device=device),
+        }
 
     def __post_init__(self) -> None:
         if self.rec_loss not in ("smooth_l1", "masked_mse"):
@@ -109,8 +127,8 @@ class Fomo25Loss(nn.Module):
         bsz = x_a.shape[0]
         masks = block_mask(2 * bsz, tuple(x_a.shape[2:]), cfg.block, cfg.mask_ratio, device=x_a.device)
         x = torch.cat([x_a, x_b])
-        f = model.forward_features(x.masked_fill(masks, 0.0))
-        mu_s, lv_s, mu_c, lv_c = f["mu_s"], f["logvar_s"], f["mu_c"], f["logvar_c"]
+        lat = model.forward_features(x.masked_fill(masks, 0.0)).latents
+        mu_s, lv_s, mu_c, lv_c = lat["mu_s"], lat["logvar_s"], lat["mu_c"], lat["logvar_c"]
         if cfg.variational and self.training:
             z_s = mu_s + torch.randn_like(mu_s) * (0.5 * lv_s).exp()
             z_c = mu_c + torch.randn_like(mu_c) * (0.5 * lv_c).exp()

@@ -16,11 +16,14 @@ Loss = w_mae MSE(masked voxels) + w_anatomy (1 - cos(projection, v)) + w_health 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
+import torch
 import torch.nn.functional as F
 from torch import nn
 
+from neurofm.data.config import DataConfig
+from neurofm.data.pretrain import DataNeeds
 from neurofm.errors import ConfigError
 from neurofm.objectives.masking import block_mask
 
@@ -35,10 +38,37 @@ class SSL3DConfig:
     w_health: float = 0.1
     w_dense: float = 0.0
 
+    data_mode: ClassVar[str] = "scan"
+
     def __post_init__(self) -> None:
         for name in ("w_mae", "w_anatomy", "w_health", "w_dense"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"objective.{name} should be >= 0, got {getattr(self, name)}")
+
+    def data_needs(self) -> DataNeeds:
+        return DataNeeds(volumes=self.w_anatomy > 0, dense=self.w_dense > 0)
+
+    def model_kwargs(self, kwargs: dict[str, Any], data: DataConfig, extra: dict[str, Any]) -> dict[str, Any]:
+        """The pretext heads sized from the data: one anatomy output per region, two health classes, dense labels."""
+        return {
+            **kwargs,
+            "anatomy_outputs": len(extra["regions"]) if self.w_anatomy > 0 else 0,
+            "health_classes": 2 if self.w_health > 0 else 0,
+            "dense_classes": len(extra["dense_labels"]) if self.w_dense > 0 else 0,
+        }
+
+    def example_batch(self, batch: int, patch: int, extra: dict[str, Any], device: Any = "cpu") -> dict[str, Any]:
+        """Random inputs of the shapes the loader gives (benchmarks, tests)."""
+        out = {
+            "x": torch.randn(batch, 1, patch, patch, patch, device=device),
+            "volumes": torch.randn(batch, len(extra.get("regions", ())), device=device),
+            "has_volumes": torch.ones(batch, dtype=torch.bool, device=device),
+            "health": torch.ones(batch, dtype=torch.long, device=device),
+        }
+        if self.w_dense > 0:
+            k = len(extra["dense_labels"])
+            out["dseg"] = torch.randint(0, k, (batch, patch, patch, patch), device=device)
+        return out
 
 
 class SSL3DLoss(nn.Module):
@@ -54,19 +84,19 @@ class SSL3DLoss(nn.Module):
         cfg = self.cfg
         x = batch["x"]
         mask = block_mask(x.shape[0], tuple(x.shape[2:]), cfg.block, cfg.mask_ratio, device=x.device)
-        f = model.forward_features(x.masked_fill(mask, 0.0))
-        rec = model.decoder(f["skips"])
+        pred = model.forward_pretext(x.masked_fill(mask, 0.0))
+        rec = pred["reconstruction"]
         m = mask.float()
         terms = {"mae": (((rec - x) ** 2) * m).sum() / m.sum().clamp_min(1.0)}
         total = cfg.w_mae * terms["mae"]
-        if cfg.w_anatomy > 0 and model.anatomy_head is not None:
-            proj = model.anatomy_head(f["anatomy"])
+        if cfg.w_anatomy > 0 and pred["anatomy"] is not None:
+            proj = pred["anatomy"]
             has = batch["has_volumes"].float()
             cos = F.cosine_similarity(proj, batch["volumes"].to(proj.dtype), dim=1, eps=1e-6)
             terms["anatomy"] = ((1.0 - cos) * has).sum() / has.sum().clamp_min(1.0)
             total = total + cfg.w_anatomy * terms["anatomy"]
-        if cfg.w_health > 0 and model.health_head is not None:
-            logits = model.health_head(f["health"].mean(dim=(2, 3, 4)))
+        if cfg.w_health > 0 and pred["health"] is not None:
+            logits = pred["health"]
             target = batch["health"].long()
             if (target >= 0).any():
                 terms["health"] = F.cross_entropy(logits, target, ignore_index=-1)
@@ -74,9 +104,9 @@ class SSL3DLoss(nn.Module):
                 terms["health"] = logits.sum() * 0.0  # keeps every parameter in the graph
             total = total + cfg.w_health * terms["health"]
         if cfg.w_dense > 0:
-            if model.dense_head is None:
+            if pred["dense"] is None:
                 raise ConfigError("objective.w_dense > 0 needs a model built with dense_classes > 0")
-            logits = F.interpolate(model.dense_head(f["anatomy"]), size=x.shape[2:], mode="trilinear")
+            logits = F.interpolate(pred["dense"], size=x.shape[2:], mode="trilinear")
             terms["dense"] = F.cross_entropy(logits, batch["dseg"].long(), ignore_index=-1)
             total = total + cfg.w_dense * terms["dense"]
         out = {"input": x, "masked": x.masked_fill(mask, 0.0), "reconstruction": rec}

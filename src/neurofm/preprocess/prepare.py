@@ -41,7 +41,7 @@ import pandas as pd
 from neurofm.errors import ConfigError, ScanError
 from neurofm.io.manifest import CONTRASTS, Manifest, SessionSpec, discover, session_key
 from neurofm.io.nifti import Scan, load_scan
-from neurofm.preprocess import transforms as T
+from neurofm.preprocess import transforms
 from neurofm.preprocess.tissue import choose_contrast, tissue_volumes
 from neurofm.store import Store, write_array
 from neurofm.utils import stable_hash, write_json
@@ -132,10 +132,10 @@ def _native_meta(scan: Scan) -> dict[str, Any]:
     }
 
 
-def _to_grid(scan: Scan, grid: T.Grid, order: int) -> np.ndarray:
+def _to_grid(scan: Scan, grid: transforms.Grid, order: int) -> np.ndarray:
     """Sample a scan on the session grid. Reorientation is part of the same mapping (a flip
     is exact at integer positions), so no reoriented copy is made."""
-    return T.resample(scan.data[0], scan.affine, grid, order=order)
+    return transforms.resample(scan.data[0], scan.affine, grid, order=order)
 
 
 def preprocess_scans(
@@ -161,7 +161,7 @@ def preprocess_scans(
         raise ScanError("", "session has no images")
     ref_name = order[0]
     ref = images[ref_name]
-    grid = T.target_grid(ref.shape, ref.affine, cfg.spacing)  # RAS-aligned whatever the scan's orientation
+    grid = transforms.target_grid(ref.shape, ref.affine, cfg.spacing)  # RAS-aligned whatever the scan's orientation
 
     resampled: dict[str, np.ndarray] = {}
     meta: dict[str, dict[str, Any]] = {}
@@ -181,7 +181,7 @@ def preprocess_scans(
             failures.append({"name": name, "path": e.path or scan.path, "reason": e.reason})
             continue
         resampled[name] = arr
-        other_grid = not T.same_grid((scan.shape, scan.affine), (ref.shape, ref.affine))
+        other_grid = not transforms.same_grid((scan.shape, scan.affine), (ref.shape, ref.affine))
         meta[name] = {**_native_meta(scan), "resampled_to_reference": other_grid}
 
     labels_rs: dict[str, np.ndarray] = {}
@@ -196,7 +196,7 @@ def preprocess_scans(
 
     brain = labels_rs.get("brain")
     if cfg.skull_stripped and (brain is None or not brain.any()) and ref_name in resampled:
-        brain = T.nonzero_mask(resampled[ref_name]).astype(np.uint8)
+        brain = transforms.nonzero_mask(resampled[ref_name]).astype(np.uint8)
         if brain.mean() > 0.9:
             failures.append(
                 {"name": "brain", "path": ref.path, "reason": "--skull-stripped, but the scan has no zero background"}
@@ -210,15 +210,15 @@ def preprocess_scans(
     else:
         fg = np.zeros(grid[0], dtype=bool)
         for arr in resampled.values():
-            fg |= T.foreground_mask(arr)
-    box = T.bounding_box(fg, margin=int(cfg.margin))
+            fg |= transforms.foreground_mask(arr)
+    box = transforms.bounding_box(fg, margin=int(cfg.margin))
     fg_crop = fg[box]
     out_images: dict[str, np.ndarray] = {}
     for name, arr in resampled.items():
         crop = arr[box]
         if cfg.normalize == "zscore":
             try:
-                crop, mean, std = T.zscore(crop, fg_crop)
+                crop, mean, std = transforms.zscore(crop, fg_crop)
             except ValueError as e:
                 failures.append({"name": name, "path": meta[name]["source"], "reason": str(e)})
                 continue
@@ -238,7 +238,7 @@ def preprocess_scans(
     return PreparedSession(
         images=out_images,
         label_maps=out_labels,
-        affine=T.crop_affine(grid[1], box),
+        affine=transforms.crop_affine(grid[1], box),
         grid={"shape": list(grid[0]), "affine": grid[1].tolist(), "crop": [[s.start, s.stop] for s in box]},
         image_meta={k: meta[k] for k in out_images},
         label_meta=lmeta,
@@ -256,7 +256,7 @@ def label_volumes(label_map: np.ndarray, affine: np.ndarray) -> dict[str, float]
 
 def _fingerprint(spec: SessionSpec) -> dict[str, list[int]]:
     fp = {}
-    for p in [*spec.images.values(), *spec.labels_maps.values()]:
+    for p in [*spec.images.values(), *spec.label_maps.values()]:
         try:
             st = os.stat(p)
             fp[p] = [st.st_size, st.st_mtime_ns]
@@ -279,7 +279,7 @@ def prepare_session(spec: SessionSpec, store_root: str, cfg_dict: dict[str, Any]
                 images[name] = load_scan(path)
             except ScanError as e:
                 failures.append({"name": name, "path": e.path, "reason": e.reason})
-        for name, path in spec.labels_maps.items():
+        for name, path in spec.label_maps.items():
             try:
                 maps[name] = load_scan(path, kind="label")
             except ScanError as e:

@@ -186,3 +186,18 @@ def zscore(data: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray, float, float
     if not std > 1e-8 * max(1.0, abs(mean)):
         raise ValueError(f"constant inside the foreground (value {mean:g})")
     return ((data - mean) / std).astype(np.float32), mean, std
+
+
+def pad_to(x: np.ndarray, patch: int, value: float) -> np.ndarray:
+    """Centre-pad the last three axes of ``x`` up to ``patch`` (axes already that long are left alone)."""
+    pads = [(0, 0)] * (x.ndim - 3)
+    for s in x.shape[-3:]:
+        extra = max(patch - s, 0)
+        pads.append((extra // 2, extra - extra // 2))
+    return np.pad(x, pads, constant_values=value) if any(p[1] or p[0] for p in pads) else x
+
+
+def minmax(x: np.ndarray) -> np.ndarray:
+    """Scale to [0, 1] between the 0.5th and 99.5th percentiles (LaMIM scales every channel to [0, 1])."""
+    lo, hi = np.percentile(x, [0.5, 99.5])
+    return np.clip((x - lo) / max(hi - lo, 1e-6), 0, 1).astype(np.float32)

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import numpy as np
 from nibabel import orientations as ornt
 
-from neurofm.preprocess import transforms as T
+from neurofm.preprocess import transforms
 
 CONTRASTS = ("T1w", "T1c", "T2w", "FLAIR", "PDw")
 TISSUES = ("csf", "gm", "wm", "necrosis", "enhancing", "oedema", "infarct", "wmh")
@@ -171,16 +171,16 @@ def bias_field(shape: tuple[int, int, int], strength: float, rng: np.random.Gene
     return np.exp(field)
 
 
-def acquisition_grid(work_shape, work_affine, voxel_mm) -> T.Grid:
+def acquisition_grid(work_shape, work_affine, voxel_mm) -> transforms.Grid:
     """The grid a scan is acquired on: the work grid's field of view at the protocol's voxel size."""
-    return T.target_grid(work_shape, work_affine, voxel_mm)
+    return transforms.target_grid(work_shape, work_affine, voxel_mm)
 
 
 def acquire(
-    image: np.ndarray, work_affine: np.ndarray, grid: T.Grid, noise_sigma: float, rng: np.random.Generator
+    image: np.ndarray, work_affine: np.ndarray, grid: transforms.Grid, noise_sigma: float, rng: np.random.Generator
 ) -> np.ndarray:
     """Partial-volume blur and resampling to the acquisition grid, then Rician noise."""
-    data = T.resample(image, work_affine, grid, order=1)
+    data = transforms.resample(image, work_affine, grid, order=1)
     if noise_sigma > 0:
         re = data + rng.normal(0, noise_sigma, data.shape).astype(np.float32)
         im = rng.normal(0, noise_sigma, data.shape).astype(np.float32)

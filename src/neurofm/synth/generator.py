@@ -40,8 +40,8 @@ import scipy.ndimage as ndi
 
 from neurofm.errors import ConfigError, NeurofmError
 from neurofm.io.nifti import save_scan
-from neurofm.preprocess import transforms as T
-from neurofm.synth import anatomy as A
+from neurofm.preprocess import transforms
+from neurofm.synth import anatomy
 from neurofm.synth.contrast import (
     CONTRASTS,
     NONBRAIN,
@@ -118,8 +118,8 @@ class SubjectPlan:
     molecular: str  # tumours: mutant / wildtype; otherwise n/a
     enhancement: float  # tumour rim enhancement on T1c
     flair_core: float  # FLAIR intensity of the necrotic core (low: T2-FLAIR mismatch)
-    anatomy: A.AnatomyPlan
-    lesions: list[A.Lesion]
+    anatomy: anatomy.AnatomyPlan
+    lesions: list[anatomy.Lesion]
     intervals: list[float]  # years from baseline, per session
     contrasts: list[list[str]]  # per session
     seeds: list[int] = field(default_factory=list)  # per session
@@ -141,8 +141,8 @@ def plan_subjects(cfg: SynthConfig, template: Template) -> list[SubjectPlan]:
         sex = "F" if rng.random() < 0.5 else "M"
         age = float(np.round(rng.uniform(*AGE_RANGE[dx]), 1))
         site = int(rng.integers(cfg.sites))
-        anat = A.draw_anatomy(rng, template, sex)
-        lesions = A.draw_lesions(rng, template, dx, age) if dx != "healthy" else []
+        anat = anatomy.draw_anatomy(rng, template, sex)
+        lesions = anatomy.draw_lesions(rng, template, dx, age) if dx != "healthy" else []
         molecular, enh, fcore = "n/a", 0.0, 0.5
         if dx == "tumour":
             molecular = "mutant" if rng.random() < 0.5 else "wildtype"
@@ -199,7 +199,9 @@ def _put_max(target: np.ndarray, box: tuple[slice, ...], values: np.ndarray) -> 
     np.maximum(target[box], values, out=target[box])
 
 
-def _lesion_box(les: A.Lesion, radius: float, lcoords: np.ndarray, template: Template) -> tuple[slice, ...] | None:
+def _lesion_box(
+    les: anatomy.Lesion, radius: float, lcoords: np.ndarray, template: Template
+) -> tuple[slice, ...] | None:
     """Output voxels that can hold the lesion, found on every 4th voxel (lesions are smooth blobs)."""
     step = 4
     extent = radius * (1 + les.shape_amps.sum()) * max(les.oedema if les.kind == "tumour" else 1.0, 1.0) + 8.0
@@ -208,7 +210,7 @@ def _lesion_box(les: A.Lesion, radius: float, lcoords: np.ndarray, template: Tem
     near = ((mm - les.center[:, None, None, None]) ** 2).sum(0) < extent**2
     if not near.any():
         return None
-    box = T.bounding_box(near, margin=1)
+    box = transforms.bounding_box(near, margin=1)
     return tuple(slice(sl.start * step, min(sl.stop * step, n)) for sl, n in zip(box, template.shape, strict=True))
 
 
@@ -221,7 +223,7 @@ def render_session(plan: SubjectPlan, session: int, template: Template) -> Sessi
     pose_rot = rng.normal(0, 3.0, 3) if session > 0 or plan.index % 2 else rng.normal(0, 1.0, 3)
     pose_shift = rng.normal(0, 4.0, 3)
     lesions = [(les, les.radius * (1 + les.growth * years)) for les in plan.lesions]
-    coords, lcoords = A.template_coords(template, plan.anatomy, pose_rot, pose_shift, 5.0 * atrophy, lesions)
+    coords, lcoords = anatomy.template_coords(template, plan.anatomy, pose_rot, pose_shift, 5.0 * atrophy, lesions)
 
     def sample(a: np.ndarray, order: int = 1) -> np.ndarray:
         return ndi.map_coordinates(a, coords, order=order, mode="constant", cval=0.0, prefilter=False)
@@ -230,7 +232,7 @@ def render_session(plan: SubjectPlan, session: int, template: Template) -> Sessi
     brain = sample(template.brain)
     labels = sample(template.labels, order=0).astype(np.int16)
     # cortical thinning: part of the cortical grey matter turns into CSF with age
-    cortex = np.isin(labels, A.cortex_labels(template))
+    cortex = np.isin(labels, anatomy.cortex_labels(template))
     lost = frac[1] * (0.22 * atrophy) * cortex
     frac[1] -= lost
     frac[0] += lost
@@ -243,7 +245,7 @@ def render_session(plan: SubjectPlan, session: int, template: Template) -> Sessi
             if box is None:
                 continue
             mm = np.einsum("ij,jxyz->ixyz", template.affine[:3, :3], lcoords[(slice(None), *box)])
-            d = A.lesion_field(les, mm + template.affine[:3, 3, None, None, None], radius)
+            d = anatomy.lesion_field(les, mm + template.affine[:3, 3, None, None, None], radius)
             inside = _ramp(1.0 - d)
             b = brain[box]
             if les.kind == "tumour":
@@ -299,7 +301,7 @@ def region_volumes(r: SessionRender, template: Template) -> dict[str, float]:
     lab = r.labels.ravel()
     tissue = np.bincount(lab, weights=(1.0 - r.fractions[0]).ravel(), minlength=n) * voxel
     whole = np.bincount(lab, minlength=n) * voxel
-    vent = set(A.ventricle_labels(template))
+    vent = set(anatomy.ventricle_labels(template))
     out = {}
     for reg in template.regions:
         out[reg.name] = float(whole[reg.label] if reg.label in vent else tissue[reg.label])
@@ -345,7 +347,7 @@ def render_subject(plan: SubjectPlan, cfg_dict: dict[str, Any], out: str) -> lis
             ("label-lesion_mask", r.lesion_mask.astype(np.uint8)),
             ("dseg", r.labels),
         ):
-            on_t1 = T.resample(arr, template.affine, t1_grid, order=0)
+            on_t1 = transforms.resample(arr, template.affine, t1_grid, order=0)
             data, aff = to_orientation(on_t1, t1_grid[1], t1_orient)
             save_scan(deriv / f"{stem}_{suffix}.nii.gz", data, aff, dtype=np.uint8 if suffix != "dseg" else np.int16)
         vols = region_volumes(r, template)

@@ -8,28 +8,28 @@ import numpy as np
 
 from neurofm.io.manifest import CONTRASTS, discover
 from neurofm.io.nifti import load_scan
-from neurofm.preprocess import transforms as T
+from neurofm.preprocess import transforms
 
 
 def axial_slice(path: str, z_mm: float = 10.0, mask: str | None = None) -> tuple[np.ndarray, np.ndarray | None]:
     """The axial slice nearest world z = ``z_mm`` at 1 mm in-plane, RAS, display-ready (rows = A->P)."""
     scan = load_scan(path)
-    grid = T.target_grid(scan.shape, scan.affine, (1.0, 1.0, 1.0))
+    grid = transforms.target_grid(scan.shape, scan.affine, (1.0, 1.0, 1.0))
     # a one-slice grid at z_mm: sample only what is shown
     shape = (grid[0][0], grid[0][1], 1)
     aff = grid[1].copy()
     aff[2, 3] = z_mm
-    img = T.resample(scan.data[0], scan.affine, (shape, aff), anti_alias=False)[:, :, 0]
+    img = transforms.resample(scan.data[0], scan.affine, (shape, aff), anti_alias=False)[:, :, 0]
     seg = None
     if mask:
         m = load_scan(mask, kind="label")
-        seg = T.resample(m.data[0], m.affine, (shape, aff), order=0)[:, :, 0]
+        seg = transforms.resample(m.data[0], m.affine, (shape, aff), order=0)[:, :, 0]
     return np.rot90(img), (np.rot90(seg) if seg is not None else None)
 
 
 def montage(bids: str | Path, png: str | Path, subjects: int = 4, z_mm: float = 12.0) -> Path:
     """Save a grid of axial slices: one row per subject (patients first), one column per contrast."""
-    from neurofm.analyze.figures import pyplot, save_figure
+    from neurofm.plots import pyplot, save_figure
 
     plt = pyplot()
     m = discover(bids)
@@ -56,7 +56,7 @@ def montage(bids: str | Path, png: str | Path, subjects: int = 4, z_mm: float = 
             if c not in s.images:
                 ax.set_title(f"{c}: missing", fontsize=8)
                 continue
-            img, seg = axial_slice(s.images[c], z_mm, s.labels_maps.get("lesion") if c == "FLAIR" else None)
+            img, seg = axial_slice(s.images[c], z_mm, s.label_maps.get("lesion") if c == "FLAIR" else None)
             lo, hi = np.percentile(img[img > 0], [1, 99.5]) if (img > 0).any() else (0, 1)
             ax.imshow(img, cmap="gray", vmin=lo, vmax=hi)
             if seg is not None and seg.any():

@@ -1,50 +1,36 @@
-"""The pretraining LightningModule: a registered model, an objective, the optimiser of the recipe."""
+"""Pretraining: the LightningModule of a recipe, and ``pretrain()`` (``neurofm pretrain``).
+
+The module runs ``loss, terms, outputs = objective(model, batch, progress)``; the model
+predicts, the objective scores. ``pretrain()`` resolves the recipe, completes it from the
+store, and hands the pieces to Lightning.
+"""
 
 from __future__ import annotations
 
-import math
+import sys
+from pathlib import Path
 from typing import Any
 
 import lightning as L
 import torch
 
-from neurofm.errors import NeurofmError
+from neurofm.data.pretrain import SessionIndex, build_index, pretrain_loader
+from neurofm.errors import ConfigError, NeurofmError, NonFiniteLossError
+from neurofm.io.checkpoint import STATE, latest_checkpoint
 from neurofm.models.registry import create_model
 from neurofm.objectives import build_objective
-from neurofm.train.config import OptimConfig, RunConfig
-
-
-class NonFiniteLossError(NeurofmError):
-    """The loss became NaN or infinite: training stops, the last checkpoint stays intact."""
-
-
-def lr_factor(step: int, total: int, steps_per_epoch: int, cfg: OptimConfig) -> float:
-    """Multiplier of the base learning rate at optimiser step ``step`` (0-based)."""
-    if cfg.schedule == "constant":
-        return 1.0
-    if cfg.schedule == "poly":
-        return max(0.0, 1.0 - step / max(total, 1)) ** cfg.poly_exponent
-    warm = int(round(cfg.warmup_epochs * steps_per_epoch))
-    if step < warm:
-        return cfg.warmup_start_factor + (1.0 - cfg.warmup_start_factor) * step / warm
-    t = (step - warm) / max(total - warm, 1)
-    return 0.5 * (1.0 + math.cos(math.pi * min(t, 1.0)))
-
-
-def build_optimizer(params, cfg: OptimConfig) -> torch.optim.Optimizer:
-    if cfg.name == "sgd":
-        return torch.optim.SGD(
-            params, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov, weight_decay=cfg.weight_decay
-        )
-    if cfg.name == "adam":
-        return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+from neurofm.store import Store
+from neurofm.train.callbacks import RunCheckpoint
+from neurofm.train.config import Recipe
+from neurofm.train.optim import build_optimizer, lr_factor
+from neurofm.train.trainer import build_trainer
+from neurofm.utils import read_json
 
 
 class PretrainModule(L.LightningModule):
     """Runs one recipe: ``loss, terms, outputs = objective(model, batch, progress)``."""
 
-    def __init__(self, cfg: RunConfig):
+    def __init__(self, cfg: Recipe):
         super().__init__()
         self.cfg = cfg
         self.model = create_model(cfg.model.name, **cfg.model.kwargs)
@@ -82,3 +68,76 @@ class PretrainModule(L.LightningModule):
         total = self.cfg.trainer.max_steps if self.cfg.trainer.max_steps > 0 else self.cfg.optim.epochs * spe
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, total, spe, self.cfg.optim))
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+
+def prepare_data(cfg: Recipe, store_root: str | Path) -> tuple[Recipe, SessionIndex]:
+    """Check the store against the recipe and complete the recipe from the data: what the loader
+    derived (region names, dense labels, store settings) in ``extra``, the model's data-sized heads."""
+    store = Store(store_root)
+    extra = dict(cfg.extra)
+    index = build_index(store, cfg.data, extra, cfg.data_needs())
+    extra["store"] = str(Path(store_root).resolve())
+    extra["preprocessing"] = store.config
+    extra["sessions"] = len(index.keys)
+    extra["subjects"] = len({str(store.record(k).get("subject")) for k in index.keys})
+    d = cfg.to_dict()
+    d["model"]["kwargs"] = cfg.model_kwargs(extra)
+    d["extra"] = extra
+    return Recipe.from_dict(d), index
+
+
+def pretrain(
+    data: str | Path | None,
+    out: str | Path,
+    preset: str | None = None,
+    *,
+    config: str | Path | None = None,
+    overrides: list[str] | None = None,
+    resume: bool = False,
+    progress: bool | None = None,
+    callbacks: list | None = None,
+) -> Path:
+    """Pretrain a recipe on a store; returns the run folder.
+
+    With ``resume=True`` the run's saved config is used (``overrides`` may still extend it,
+    e.g. ``trainer.max_steps``) and training continues from the newest complete checkpoint.
+    """
+    run = Path(out)
+    ckpt_path = None
+    if resume:
+        if not (run / "run.json").is_file():
+            raise NeurofmError(f"{run}: nothing to resume (no run.json); start without --resume")
+        saved = read_json(run / "run.json")
+        saved.pop("neurofm_version", None)
+        cfg = Recipe.resolve(overrides=overrides, base=saved)
+        data = data or saved["extra"]["store"]
+        ck = latest_checkpoint(run)
+        ckpt_path = str(ck / STATE) if ck is not None else None
+    else:
+        if (run / "run.json").is_file() and latest_checkpoint(run) is not None:
+            raise NeurofmError(f"{run} already holds a run; use --resume to continue it, or another --out")
+        cfg = Recipe.resolve(preset, config, overrides)
+    if data is None:
+        raise ConfigError("give the store to train on (--data STORE)")
+    L.seed_everything(cfg.trainer.seed, workers=True, verbose=False)
+    cfg, index = prepare_data(cfg, data)
+    run.mkdir(parents=True, exist_ok=True)
+    from neurofm import __version__
+
+    run_dict = cfg.save(run / "run.json", neurofm_version=__version__)
+    module = PretrainModule(cfg)
+    saver = RunCheckpoint(run, run_dict, cfg.trainer.checkpoint_every, cfg.trainer.keep_checkpoints)
+    trainer = build_trainer(
+        cfg.trainer, run, cfg.total_steps, cfg.optim.grad_clip, callbacks=[saver, *(callbacks or [])], progress=progress
+    )
+    loader = pretrain_loader(data, index, cfg.data, cfg.data_needs(), cfg.trainer.seed)
+    # Our own checkpoints hold only tensors and plain containers: load them without unpickling code.
+    trainer.fit(module, loader, ckpt_path=ckpt_path, weights_only=True)
+    if trainer.is_global_zero:
+        try:
+            from neurofm.tasks.figures import reconstruction_figure
+
+            reconstruction_figure(module, data, index, run / "figures" / "reconstructions.png")
+        except Exception as e:  # a figure must never lose a finished run
+            print(f"warning: could not draw the reconstruction figure: {e}", file=sys.stderr)
+    return run

@@ -1,18 +1,22 @@
-"""Run configuration: typed dataclasses, named presets, dotted overrides.
+"""The configs of the two training verbs, on the one config system of :mod:`neurofm.config`.
 
-Precedence: preset -> YAML file -> ``--set key=value`` flags. The resolved config is saved
-in the run folder (``run.json``) and is enough to rebuild the run.
+* :class:`Recipe` — a pretraining recipe (``neurofm pretrain``): backbone, objective, data,
+  optimiser, trainer. The objective answers for the recipe what it implies elsewhere: the
+  data mode, what the loader must provide, the pretext-head sizes.
+* :class:`FinetuneConfig` — a fine-tuning run (``neurofm finetune``).
+
+Both resolve preset -> YAML/JSON file -> ``--set`` and are saved into their run folder by
+:meth:`~neurofm.config.Config.save`. The preset tables live in :mod:`neurofm.train.presets`.
 """
 
 from __future__ import annotations
 
-import copy
-from dataclasses import asdict, dataclass, field, fields, is_dataclass
-from pathlib import Path
-from typing import Any
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
 
-import yaml
-
+from neurofm.config import Config
+from neurofm.data.config import DataConfig
+from neurofm.data.pretrain import DataNeeds
 from neurofm.errors import ConfigError
 from neurofm.objectives import ObjectiveConfig, objective_config
 
@@ -23,52 +27,6 @@ class ModelSpec:
 
     name: str
     kwargs: dict[str, Any] = field(default_factory=dict)
-
-
-@dataclass
-class DataConfig:
-    """What the loader feeds the objective.
-
-    Attributes:
-        mode: ``pair`` (two contrasts of one session, same crop), ``scan`` (one scan with
-            subject metadata) or ``stack`` (all of ``contrasts`` as channels, missing ones
-            zero-filled and flagged).
-        patch: cubic crop size in voxels.
-        contrasts: contrasts used (None: all in the store); the channel order for ``stack``.
-        steps_per_epoch: optimiser steps per epoch (across all devices).
-        fit: ``crop`` a random patch, or ``resize`` the whole volume to the patch (stack mode).
-        intensity: ``zscore`` (as stored) or ``minmax`` (each channel to [0, 1], as LaMIM).
-    """
-
-    mode: str = "pair"
-    patch: int = 128
-    batch_size: int = 2
-    num_workers: int = 4
-    contrasts: list[str] | None = None
-    steps_per_epoch: int = 250
-    fit: str = "crop"
-    intensity: str = "zscore"
-    augment: bool = True
-    flip_p: float = 0.5
-    affine_p: float = 0.2
-    rotate_deg: float = 10.0
-    scale: float = 0.1
-    gamma_p: float = 0.3
-    noise_p: float = 0.1
-    health_label: str = "healthy"
-
-    def __post_init__(self) -> None:
-        if self.mode not in ("pair", "scan", "stack"):
-            raise ConfigError(f"data.mode should be pair, scan or stack, got {self.mode!r}")
-        if self.fit not in ("crop", "resize"):
-            raise ConfigError(f"data.fit should be crop or resize, got {self.fit!r}")
-        if self.intensity not in ("zscore", "minmax"):
-            raise ConfigError(f"data.intensity should be zscore or minmax, got {self.intensity!r}")
-        if self.patch < 8 or self.batch_size < 1 or self.steps_per_epoch < 1 or self.num_workers < 0:
-            raise ConfigError(
-                f"data.patch >= 8, batch_size >= 1, steps_per_epoch >= 1, num_workers >= 0 needed; got "
-                f"{self.patch}, {self.batch_size}, {self.steps_per_epoch}, {self.num_workers}"
-            )
 
 
 @dataclass
@@ -105,7 +63,7 @@ class TrainerConfig:
     num_nodes: int = 1
     precision: str = "auto"  # auto: bf16-mixed on GPUs that support it, else 32-true
     max_steps: int = -1  # > 0: stop after this many steps (overrides epochs x steps_per_epoch)
-    checkpoint_every: int = 200  # steps
+    checkpoint_every: int = 200  # steps (0: only at the end)
     keep_checkpoints: int = 2
     log_every: int = 10
     seed: int = 0
@@ -113,16 +71,43 @@ class TrainerConfig:
 
 
 @dataclass
-class RunConfig:
-    """Everything a pretraining run needs besides the data store."""
+class Recipe(Config):
+    """A pretraining recipe: everything a run needs besides the data store (``run.json`` of a run).
+
+    ``data.mode`` is the objective's (``pair`` for fomo25, ``scan`` for ssl3d, ``stack`` for
+    lamim); ``extra`` holds what was derived from the data (region names, store settings).
+    """
 
     preset: str
     model: ModelSpec
-    objective: ObjectiveConfig
-    data: DataConfig
-    optim: OptimConfig
+    objective: ObjectiveConfig = field(metadata={"build": objective_config})
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
-    extra: dict[str, Any] = field(default_factory=dict)  # values derived from the data (e.g. region names)
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    NAME_FIELD: ClassVar[str | None] = "preset"
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Recipe:
+        """As :meth:`Config.from_dict`; ``data.mode`` defaults to the objective's."""
+        if "objective" not in d:
+            raise ConfigError("run config is missing 'objective'")
+        d = {**d, "data": {"mode": objective_config(d["objective"]).data_mode, **d.get("data", {})}}
+        return super().from_dict(d)
+
+    def __post_init__(self) -> None:
+        want = self.objective.data_mode
+        if self.data.mode != want:
+            raise ConfigError(
+                f"data.mode {self.data.mode!r} does not fit the {self.objective.kind} objective: it reads {want!r}"
+            )
+
+    @classmethod
+    def preset_table(cls) -> dict[str, dict[str, Any]]:
+        from neurofm.train.presets import PRESETS
+
+        return PRESETS
 
     @property
     def total_steps(self) -> int:
@@ -130,103 +115,70 @@ class RunConfig:
             return self.trainer.max_steps
         return self.optim.epochs * self.data.steps_per_epoch
 
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+    def data_needs(self) -> DataNeeds:
+        return self.objective.data_needs()
+
+    def model_kwargs(self, extra: dict[str, Any]) -> dict[str, Any]:
+        """The backbone's arguments completed from the data (``extra``: region names, label values)."""
+        return self.objective.model_kwargs(dict(self.model.kwargs), self.data, extra)
+
+
+@dataclass
+class FinetuneConfig(Config):
+    """Settings of ``neurofm finetune`` (see its ``--help``).
+
+    In ``full`` mode from pretrained weights the encoder learns at ``lr x backbone_lr_scale``,
+    warming up linearly over ``warmup_fraction`` of the steps, while the new head starts at
+    full rate; everything then decays on a cosine.
+    """
+
+    task: str
+    target: str
+    preset: str = ""
+    source: str = "scratch"  # a pretrained run folder, or "scratch"
+    arch: str = "fomo25"  # preset whose backbone is used from scratch
+    contrasts: list[str] | None = None
+    mode: str = "full"
+    shots: int | None = None
+    folds: int = 0
+    train_sites: list[str] | None = None
+    test_sites: list[str] | None = None
+    train_subjects: list[str] | None = None  # exactly these subjects for training (overrides --shots)
+    test_fraction: float = 0.2
+    positive_only: bool = False  # seg: only cases with foreground in the target label map
+    seed: int = 0
+    patch: int | None = None  # default: the pretraining patch
+    infer_patch: int | None = None  # segmentation window at inference (default: the training patch)
+    batch_size: int = 2
+    steps: int = 300
+    lr: float = 1e-3
+    backbone_lr_scale: float = 0.1
+    warmup_fraction: float = 0.1
+    weight_decay: float = 1e-4
+    num_workers: int = 2
+    fg_p: float = 0.33
+    tta: bool = True
+    overlap: float = 0.5
+    lcc: bool = False
+    bootstrap: int = 1000
+    trainer: TrainerConfig = field(default_factory=lambda: TrainerConfig(checkpoint_every=0, keep_checkpoints=1))
+
+    NAME_FIELD: ClassVar[str | None] = "preset"
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> RunConfig:
-        d = copy.deepcopy(d)
-        try:
-            return cls(
-                preset=d["preset"],
-                model=ModelSpec(**d["model"]),
-                objective=objective_config(d["objective"]),
-                data=_build(DataConfig, d.get("data", {}), "data"),
-                optim=_build(OptimConfig, d.get("optim", {}), "optim"),
-                trainer=_build(TrainerConfig, d.get("trainer", {}), "trainer"),
-                extra=d.get("extra", {}),
-            )
-        except KeyError as e:
-            raise ConfigError(f"run config is missing {e}") from None
+    def preset_table(cls) -> dict[str, dict[str, Any]]:
+        from neurofm.train.presets import FINETUNE_PRESETS
 
-    def override(self, assignments: list[str] | dict[str, Any]) -> RunConfig:
-        """Apply ``section.key=value`` assignments (values parsed as YAML) and re-validate."""
-        d = self.to_dict()
-        items = assignments.items() if isinstance(assignments, dict) else (_split(a) for a in assignments)
-        for key, value in items:
-            _assign(d, key, value)
-        return RunConfig.from_dict(d)
+        return FINETUNE_PRESETS
 
-
-def _build(cls: type, d: dict[str, Any], section: str) -> Any:
-    names = {f.name for f in fields(cls)}
-    bad = sorted(set(d) - names)
-    if bad:
-        raise ConfigError(f"unknown {section} option(s) {bad}; valid: {sorted(names)}")
-    return cls(**d)
-
-
-def _split(assignment: str) -> tuple[str, Any]:
-    if "=" not in assignment:
-        raise ConfigError(f"--set expects key=value (e.g. optim.lr=3e-4), got {assignment!r}")
-    key, raw = assignment.split("=", 1)
-    try:
-        value = yaml.safe_load(raw)
-    except yaml.YAMLError:
-        value = raw
-    return key.strip(), value
-
-
-def _assign(d: dict[str, Any], dotted: str, value: Any) -> None:
-    parts = dotted.split(".")
-    node = d
-    for i, p in enumerate(parts[:-1]):
-        if not isinstance(node, dict) or p not in node:
-            raise ConfigError(f"unknown setting {dotted!r}: no section {'.'.join(parts[: i + 1])!r}")
-        node = node[p]
-    leaf = parts[-1]
-    free = len(parts) >= 2 and parts[-2] in ("kwargs", "extra")  # model.kwargs.* accept new keys
-    if not isinstance(node, dict) or (leaf not in node and not free):
-        valid = sorted(node) if isinstance(node, dict) else []
-        raise ConfigError(f"unknown setting {dotted!r}; valid keys here: {valid}")
-    node[leaf] = _coerce(node.get(leaf), value, dotted)
-
-
-def _coerce(old: Any, new: Any, dotted: str) -> Any:
-    """Give a value the type of the setting it replaces (YAML reads ``3e-4`` as text)."""
-    if isinstance(new, str) and isinstance(old, int | float) and not isinstance(old, bool):
-        try:
-            return float(new) if isinstance(old, float) or any(c in new for c in ".eE") else int(new)
-        except ValueError:
-            raise ConfigError(f"{dotted} should be a number, got {new!r}") from None
-    if isinstance(old, float) and isinstance(new, int) and not isinstance(new, bool):
-        return float(new)
-    return new
-
-
-def load_yaml(path: str | Path) -> dict[str, Any]:
-    try:
-        data = yaml.safe_load(Path(path).read_text())
-    except FileNotFoundError:
-        raise ConfigError(f"{path}: no such config file") from None
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: invalid YAML ({e})") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path}: expected a mapping of settings")
-    return data
-
-
-def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    """``{'optim': {'lr': 1}}`` -> ``{'optim.lr': 1}`` (model.kwargs stay whole)."""
-    out: dict[str, Any] = {}
-    for k, v in d.items():
-        key = f"{prefix}{k}"
-        if isinstance(v, dict) and k not in ("kwargs", "extra"):
-            out.update(flatten(v, key + "."))
-        else:
-            out[key] = v
-    return out
-
-
-def as_plain(obj: Any) -> Any:
-    return asdict(obj) if is_dataclass(obj) else obj
+    def __post_init__(self) -> None:
+        if self.task not in ("seg", "cls", "reg"):
+            raise ConfigError(f"--task should be seg, cls or reg, got {self.task!r}")
+        if self.mode not in ("linear", "frozen", "full"):
+            raise ConfigError(f"--mode should be linear, frozen or full, got {self.mode!r}")
+        if self.task == "seg" and self.mode == "linear":
+            raise ConfigError("a linear probe is defined for cls/reg; for segmentation use --mode frozen or full")
+        if self.source == "scratch" and self.mode != "full":
+            raise ConfigError(f"--mode {self.mode} freezes an encoder; from scratch only --mode full makes sense")
+        if self.steps < 1 or self.batch_size < 1 or not self.lr > 0:
+            raise ConfigError("--steps, --batch-size and --lr must be positive")

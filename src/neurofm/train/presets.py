@@ -1,145 +1,150 @@
-"""Named recipes (``neurofm pretrain --preset NAME``), each also in a ``-tiny`` size.
+"""Named recipes as data (``neurofm pretrain --preset NAME``), LitGPT-style rows.
 
-A preset is data, not a subclass: a function returning a :class:`RunConfig`. The tiny
-sizes keep the recipe (objective, optimiser, schedule shape) and shrink the model,
-patch and budget so that they train on a 2-core CPU in minutes.
+A row gives the settings that differ from the config defaults, optionally on top of
+another row (``base``). Every recipe also has a ``-tiny`` size: the same objective and
+optimiser with a small model, patch and budget that train on a 2-core CPU in minutes
+(the ``TINY`` row of its backbone on top of the recipe's row).
+
+Fine-tuning has its own table (``neurofm finetune --preset NAME``).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from typing import Any
 
-from neurofm.errors import ConfigError
-from neurofm.models.resenc import RESENC_L
-from neurofm.objectives.fomo25 import Fomo25Config
-from neurofm.objectives.lamim import LaMIMConfig
-from neurofm.objectives.masking import holes_for_fraction
-from neurofm.objectives.ssl3d import SSL3DConfig
-from neurofm.train.config import DataConfig, ModelSpec, OptimConfig, RunConfig, TrainerConfig
+from neurofm.config import merge
 
 LAMIM_CONTRASTS = ["T1w", "T1c", "T2w", "FLAIR"]
 
+_SGD_NNSSL = {  # nnssl's optimiser
+    "name": "sgd",
+    "lr": 1e-2,
+    "weight_decay": 3e-5,
+    "momentum": 0.99,
+    "nesterov": True,
+    "schedule": "poly",
+    "warmup_epochs": 0,
+    "grad_clip": 12.0,
+    "epochs": 1000,
+}
+_ADAM_LAMIM = {"name": "adam", "lr": 1e-4, "weight_decay": 0.0, "schedule": "constant", "epochs": 300, "grad_clip": 0.0}
+_FOMO25_OFF = {"w_swap": 0.0, "w_kl": 0.0, "w_align": 0.0, "w_repel": 0.0, "variational": False}
 
-def _tiny_trainer() -> TrainerConfig:
-    return TrainerConfig(checkpoint_every=10, log_every=1)
+#: full-size recipes
+BASE: dict[str, dict[str, Any]] = {
+    "fomo25": {
+        "help": "dual-latent U-Net, cross-contrast swap (FOMO25 winner)",
+        "model": {"name": "dual_latent_unet", "kwargs": {}},
+        "objective": {"kind": "fomo25"},
+        "data": {"patch": 128, "batch_size": 2, "steps_per_epoch": 250},
+        "optim": {
+            "name": "adamw",
+            "lr": 1e-4,
+            "weight_decay": 0.01,
+            "warmup_epochs": 5,
+            "epochs": 100,
+            "grad_clip": 1.0,
+        },
+    },
+    "mae": {
+        "base": "fomo25",
+        "help": "plain masked autoencoder on the fomo25 backbone (ablation)",
+        "objective": _FOMO25_OFF,
+    },
+    "ssl3d": {
+        "help": "ResEnc-L MAE with anatomy projector and health classifier (SSL3D winner)",
+        "model": {
+            "name": "resenc_unet",
+            "kwargs": {"features": [32, 64, 128, 256, 320, 320], "blocks": [1, 3, 4, 6, 6, 6]},
+        },
+        "objective": {"kind": "ssl3d"},
+        "data": {"patch": 160, "batch_size": 2, "steps_per_epoch": 250},
+        "optim": _SGD_NNSSL,
+    },
+    "mae-resencl": {
+        "base": "ssl3d",
+        "help": "plain masked autoencoder on ResEnc-L (ablation)",
+        "objective": {"w_anatomy": 0.0, "w_health": 0.0},
+    },
+    "lamim16": {
+        "help": "ViT autoencoder, per-contrast 16^3 coarse dropout (LaMIM)",
+        "model": {"name": "vit_autoenc", "kwargs": {"size": "paper", "img_size": 96, "patch_size": 16}},
+        "objective": {"kind": "lamim", "hole": 16, "holes": 86},  # ~40 % of a 96^3 stack, as the paper
+        "data": {
+            "patch": 96,
+            "batch_size": 7,
+            "steps_per_epoch": 250,
+            "contrasts": LAMIM_CONTRASTS,
+            "intensity": "minmax",
+        },
+        "optim": _ADAM_LAMIM,
+    },
+    "lamim4": {
+        "base": "lamim16",
+        "help": "ViT autoencoder, per-contrast 4^3 coarse dropout (LaMIM)",
+        "objective": {"hole": 4, "holes": 6000},  # the paper's count
+    },
+}
 
+_TINY_DATA = {"patch": 32, "batch_size": 2, "num_workers": 0, "steps_per_epoch": 10, "affine_p": 0.0}
+_TINY_TRAINER = {"checkpoint_every": 10, "log_every": 1}
 
-def _fomo25(tiny: bool, plain_mae: bool = False) -> RunConfig:
-    obj = Fomo25Config()
-    if plain_mae:  # the ablation: same backbone and reconstruction, no anatomy/contrast terms
-        obj = Fomo25Config(w_swap=0.0, w_kl=0.0, w_align=0.0, w_repel=0.0, variational=False)
-    name = ("mae" if plain_mae else "fomo25") + ("-tiny" if tiny else "")
-    if tiny:
-        obj.kl_warmup_epochs = 2.0
-        return RunConfig(
-            preset=name,
-            model=ModelSpec("dual_latent_unet", {"features": [8, 16, 32, 64], "latent": 32}),
-            objective=obj,
-            data=DataConfig(mode="pair", patch=32, batch_size=2, num_workers=0, steps_per_epoch=10, affine_p=0.0),
-            optim=OptimConfig(name="adamw", lr=2e-3, warmup_epochs=1, epochs=4),
-            trainer=_tiny_trainer(),
-        )
-    return RunConfig(
-        preset=name,
-        model=ModelSpec("dual_latent_unet", {}),
-        objective=obj,
-        data=DataConfig(mode="pair", patch=128, batch_size=2, steps_per_epoch=250),
-        optim=OptimConfig(name="adamw", lr=1e-4, weight_decay=0.01, warmup_epochs=5, epochs=100, grad_clip=1.0),
-    )
-
-
-def _ssl3d(tiny: bool, plain_mae: bool = False) -> RunConfig:
-    obj = SSL3DConfig(w_anatomy=0.0, w_health=0.0) if plain_mae else SSL3DConfig()
-    name = ("mae-resencl" if plain_mae else "ssl3d") + ("-tiny" if tiny else "")
-    optim = OptimConfig(
-        name="sgd",
-        lr=1e-2,
-        weight_decay=3e-5,
-        momentum=0.99,
-        nesterov=True,
-        schedule="poly",
-        warmup_epochs=0,
-        grad_clip=12.0,
-        epochs=1000,
-    )
-    if tiny:
-        obj.block = 8
-        optim.lr, optim.epochs, optim.momentum = 1e-2, 4, 0.9
-        return RunConfig(
-            preset=name,
-            model=ModelSpec("resenc_unet", {"features": [8, 16, 32, 64], "blocks": [1, 1, 2, 2]}),
-            objective=obj,
-            data=DataConfig(mode="scan", patch=32, batch_size=2, num_workers=0, steps_per_epoch=10, affine_p=0.0),
-            optim=optim,
-            trainer=_tiny_trainer(),
-        )
-    return RunConfig(
-        preset=name,
-        model=ModelSpec("resenc_unet", {"features": list(RESENC_L["features"]), "blocks": list(RESENC_L["blocks"])}),
-        objective=obj,
-        data=DataConfig(mode="scan", patch=160, batch_size=2, steps_per_epoch=250),
-        optim=optim,
-    )
-
-
-def _lamim(hole: int, tiny: bool) -> RunConfig:
-    name = f"lamim{hole}" + ("-tiny" if tiny else "")
-    if tiny:
-        h = 8 if hole == 16 else 4
-        return RunConfig(
-            preset=name,
-            model=ModelSpec("vit_autoenc", {"size": "tiny", "img_size": 32, "patch_size": 4}),
-            objective=LaMIMConfig(hole=h, holes=holes_for_fraction((32, 32, 32), h)),
-            data=DataConfig(
-                mode="stack",
-                patch=32,
-                batch_size=2,
-                num_workers=0,
-                steps_per_epoch=10,
-                contrasts=LAMIM_CONTRASTS,
-                intensity="minmax",
-                affine_p=0.0,
-            ),
-            optim=OptimConfig(name="adam", lr=1e-3, weight_decay=0.0, schedule="constant", epochs=4, grad_clip=0.0),
-            trainer=_tiny_trainer(),
-        )
-    return RunConfig(
-        preset=name,
-        model=ModelSpec("vit_autoenc", {"size": "paper", "img_size": 96, "patch_size": 16}),
-        objective=LaMIMConfig(hole=hole, holes=86 if hole == 16 else 6000),
-        data=DataConfig(
-            mode="stack",
-            patch=96,
-            batch_size=7,
-            steps_per_epoch=250,
-            contrasts=LAMIM_CONTRASTS,
-            intensity="minmax",
-        ),
-        optim=OptimConfig(name="adam", lr=1e-4, weight_decay=0.0, schedule="constant", epochs=300, grad_clip=0.0),
-    )
-
-
-PRESETS: dict[str, Callable[[], RunConfig]] = {}
-for _tiny in (False, True):
-    _sfx = "-tiny" if _tiny else ""
-    PRESETS[f"fomo25{_sfx}"] = lambda t=_tiny: _fomo25(t)
-    PRESETS[f"mae{_sfx}"] = lambda t=_tiny: _fomo25(t, plain_mae=True)
-    PRESETS[f"ssl3d{_sfx}"] = lambda t=_tiny: _ssl3d(t)
-    PRESETS[f"mae-resencl{_sfx}"] = lambda t=_tiny: _ssl3d(t, plain_mae=True)
-    PRESETS[f"lamim16{_sfx}"] = lambda t=_tiny: _lamim(16, t)
-    PRESETS[f"lamim4{_sfx}"] = lambda t=_tiny: _lamim(4, t)
-
-PRESET_HELP = {
-    "fomo25": "dual-latent U-Net, cross-contrast swap (FOMO25 winner)",
-    "ssl3d": "ResEnc-L MAE with anatomy projector and health classifier (SSL3D winner)",
-    "lamim16": "ViT autoencoder, per-contrast 16^3 coarse dropout (LaMIM)",
-    "lamim4": "ViT autoencoder, per-contrast 4^3 coarse dropout (LaMIM)",
-    "mae": "plain masked autoencoder on the fomo25 backbone (ablation)",
-    "mae-resencl": "plain masked autoencoder on ResEnc-L (ablation)",
+#: the -tiny size of each recipe: a CPU-sized model and budget, the recipe's objective and optimiser kept
+TINY: dict[str, dict[str, Any]] = {
+    "fomo25": {
+        "model": {"kwargs": {"features": [8, 16, 32, 64], "latent": 32}},
+        "objective": {"kl_warmup_epochs": 2.0},
+        "data": _TINY_DATA,
+        "optim": {"lr": 2e-3, "warmup_epochs": 1, "epochs": 4},
+        "trainer": _TINY_TRAINER,
+    },
+    "ssl3d": {
+        "model": {"kwargs": {"features": [8, 16, 32, 64], "blocks": [1, 1, 2, 2]}},
+        "objective": {"block": 8},
+        "data": _TINY_DATA,
+        "optim": {"lr": 1e-2, "epochs": 4, "momentum": 0.9},
+        "trainer": _TINY_TRAINER,
+    },
+    "lamim16": {
+        "model": {"kwargs": {"size": "tiny", "img_size": 32, "patch_size": 4}},
+        "objective": {"hole": 8, "holes": None},  # holes: as many as cover 40 % of the 32^3 patch
+        "data": _TINY_DATA,
+        "optim": {"lr": 1e-3, "epochs": 4},
+        "trainer": _TINY_TRAINER,
+    },
+    "lamim4": {"base": "lamim16", "objective": {"hole": 4}},
 }
 
 
-def get_preset(name: str) -> RunConfig:
-    if name not in PRESETS:
-        raise ConfigError(f"unknown preset {name!r}; choose from {', '.join(sorted(PRESETS))}")
-    return PRESETS[name]()
+def _family(name: str) -> str:
+    """The row of BASE without a ``base`` of its own that ``name`` builds on."""
+    while BASE[name].get("base") and name not in TINY:
+        name = BASE[name]["base"]
+    return name
+
+
+def _tiny_row(name: str) -> dict[str, Any]:
+    row = TINY[_family(name)]
+    return merge(_tiny_row(row["base"]), {k: v for k, v in row.items() if k != "base"}) if row.get("base") else row
+
+
+PRESETS: dict[str, dict[str, Any]] = {**BASE}
+for _name in BASE:
+    PRESETS[f"{_name}-tiny"] = {"base": _name, **_tiny_row(_name)}
+
+PRESET_HELP = {name: row["help"] for name, row in BASE.items()}
+
+
+#: fine-tuning presets (``neurofm finetune --preset NAME``): rows over FinetuneConfig's defaults
+FINETUNE_PRESETS: dict[str, dict[str, Any]] = {
+    "full": {"help": "the whole network, the encoder at a tenth of the head's learning rate", "mode": "full"},
+    "frozen": {"help": "encoder frozen, head or decoder trained", "mode": "frozen"},
+    "linear": {"help": "linear probe on the frozen encoder's features (cls/reg)", "mode": "linear"},
+}
+
+
+def get_preset(name: str):
+    """The :class:`~neurofm.train.config.Recipe` of a preset name."""
+    from neurofm.train.config import Recipe
+
+    return Recipe.from_name(name)

@@ -1,7 +1,7 @@
-"""The Lightning Trainer factory and the ``pretrain`` entry point.
+"""The Lightning Trainer factory: the same call runs on a CPU, one GPU, or many GPUs and nodes.
 
-The same call runs on a CPU, one GPU, or many GPUs and nodes: ``devices``/``num_nodes``
-select DDP, and Lightning picks up torchrun and SLURM environments by itself.
+``devices``/``num_nodes`` select DDP, and Lightning picks up torchrun and SLURM
+environments by itself.
 """
 
 from __future__ import annotations
@@ -15,11 +15,7 @@ from typing import Any
 import lightning as L
 import torch
 
-from neurofm.errors import ConfigError, NeurofmError
-from neurofm.train.checkpoint import STATE, RunCheckpoint, latest_checkpoint
-from neurofm.train.config import RunConfig, TrainerConfig, flatten, load_yaml
-from neurofm.train.presets import get_preset
-from neurofm.utils import read_json, write_json
+from neurofm.train.config import TrainerConfig
 
 
 def resolve_precision(tc: TrainerConfig) -> str:
@@ -138,86 +134,3 @@ def build_trainer(
         use_distributed_sampler=True,
         num_sanity_val_steps=0,
     )
-
-
-def resolve_config(
-    preset: str | None = None,
-    config: str | Path | None = None,
-    overrides: list[str] | None = None,
-    base: dict[str, Any] | None = None,
-) -> RunConfig:
-    """preset -> YAML -> ``--set`` overrides (or a saved run config -> overrides)."""
-    if base is not None:
-        cfg = RunConfig.from_dict(base)
-    elif preset is not None:
-        cfg = get_preset(preset)
-    else:
-        raise ConfigError("give a --preset (neurofm pretrain --help lists them)")
-    if config is not None:
-        y = load_yaml(config)
-        y.pop("preset", None)
-        cfg = cfg.override(flatten(y))
-    if overrides:
-        cfg = cfg.override(overrides)
-    return cfg
-
-
-def pretrain(
-    data: str | Path | None,
-    out: str | Path,
-    preset: str | None = None,
-    *,
-    config: str | Path | None = None,
-    overrides: list[str] | None = None,
-    resume: bool = False,
-    progress: bool | None = None,
-    callbacks: list | None = None,
-) -> Path:
-    """Pretrain a recipe on a store; returns the run folder.
-
-    With ``resume=True`` the run's saved config is used (``overrides`` may still extend it,
-    e.g. ``trainer.max_steps``) and training continues from the newest complete checkpoint.
-    """
-    from neurofm.data.pretrain import make_loader, prepare_data
-    from neurofm.tasks.pretrain import PretrainModule
-
-    run = Path(out)
-    ckpt_path = None
-    if resume:
-        if not (run / "run.json").is_file():
-            raise NeurofmError(f"{run}: nothing to resume (no run.json); start without --resume")
-        saved = read_json(run / "run.json")
-        cfg = resolve_config(overrides=overrides, base=saved)
-        data = data or saved["extra"]["store"]
-        ck = latest_checkpoint(run)
-        ckpt_path = str(ck / STATE) if ck is not None else None
-    else:
-        if (run / "run.json").is_file() and latest_checkpoint(run) is not None:
-            raise NeurofmError(f"{run} already holds a run; use --resume to continue it, or another --out")
-        cfg = resolve_config(preset, config, overrides)
-    if data is None:
-        raise ConfigError("give the store to train on (--data STORE)")
-    L.seed_everything(cfg.trainer.seed, workers=True, verbose=False)
-    cfg, index = prepare_data(cfg, data)
-    run.mkdir(parents=True, exist_ok=True)
-    run_dict = cfg.to_dict()
-    from neurofm import __version__
-
-    run_dict["neurofm_version"] = __version__
-    write_json(run / "run.json", run_dict)
-    module = PretrainModule(cfg)
-    saver = RunCheckpoint(run, run_dict, cfg.trainer.checkpoint_every, cfg.trainer.keep_checkpoints)
-    trainer = build_trainer(
-        cfg.trainer, run, cfg.total_steps, cfg.optim.grad_clip, callbacks=[saver, *(callbacks or [])], progress=progress
-    )
-    loader = make_loader(data, index, cfg)
-    # Our own checkpoints hold only tensors and plain containers: load them without unpickling code.
-    trainer.fit(module, loader, ckpt_path=ckpt_path, weights_only=True)
-    if trainer.is_global_zero:
-        try:
-            from neurofm.analyze.figures import reconstruction_figure
-
-            reconstruction_figure(module, data, index, run / "figures" / "reconstructions.png")
-        except Exception as e:  # a figure must never lose a finished run
-            print(f"warning: could not draw the reconstruction figure: {e}", file=sys.stderr)
-    return run

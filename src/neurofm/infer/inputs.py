@@ -1,4 +1,4 @@
-"""Input handling of ``neurofm predict``: one case from CONTRAST=path pairs, or every session of a dataset."""
+"""What ``neurofm predict`` is given: one case from CONTRAST=path pairs, or every session of a dataset."""
 
 from __future__ import annotations
 

@@ -1,0 +1,127 @@
+"""The transfer contract every backbone keeps (timm-style), so no wrapper asks which model it holds.
+
+A backbone is an ``nn.Module`` subclass of :class:`Backbone` that answers:
+
+* ``forward_features(x) -> Features`` — multi-scale maps, one pooled vector per input, the
+  anatomy / contrast parts where it has them, and the tensors its pretraining objective scores;
+* ``input_mode`` — ``"single"``: contrasts go one at a time through one shared encoder
+  (``in_channels`` 1); ``"stack"``: all contrasts at once, as channels;
+* ``stem_keys`` / ``encoder_prefixes`` / ``pretext_prefixes`` — its parts by state-dict key:
+  the weights that depend on the input channels, the transferable encoder, the heads used
+  only by a pretraining objective;
+* ``feature_dims()`` — the widths of ``Features.pooled`` / ``anatomy`` / ``contrast``;
+* ``reset_head(task, classes)`` — become a downstream trunk: pretext parts dropped and, for
+  ``seg``, a decoder with ``classes`` outputs installed, run by ``forward_head(features)``;
+* ``transfer_prefixes(task)`` — the pretrained keys that trunk takes over;
+* ``downstream_kwargs(kwargs, n_contrasts)`` — the constructor arguments of that trunk.
+
+A new backbone is one module that subclasses :class:`Backbone`, registers itself with
+``@register_model`` and is imported in :func:`neurofm.models.registry.load_builtin`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from neurofm.errors import ConfigError
+
+INPUT_MODES = ("single", "stack")
+TASKS = ("seg", "cls", "reg")
+
+
+@dataclass
+class Features:
+    """What ``forward_features`` returns, for every backbone.
+
+    Attributes:
+        maps: encoder outputs, finest first, each ``(B, C_i, X_i, Y_i, Z_i)`` (a ViT: its token grid).
+        pooled: ``(B, D)`` every map averaged over space and concatenated (multi-scale).
+        anatomy: ``(B, A)`` the subject (anatomy) part, where the backbone has one.
+        contrast: ``(B, K)`` the contrast part, where it has one.
+        latents: tensors a pretraining objective scores (e.g. ``mu_s``, ``logvar_s``); backbone-specific.
+    """
+
+    maps: list[torch.Tensor]
+    pooled: torch.Tensor
+    anatomy: torch.Tensor | None = None
+    contrast: torch.Tensor | None = None
+    latents: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class FeatureDims:
+    """Widths of :class:`Features` vectors (0: the backbone has no such part)."""
+
+    pooled: int
+    anatomy: int = 0
+    contrast: int = 0
+
+
+def global_pool(maps: list[torch.Tensor]) -> torch.Tensor:
+    """Average every ``(B, C, ...)`` map over space and concatenate: ``(B, sum C)``."""
+    return torch.cat([m.flatten(2).mean(2) for m in maps], dim=1)
+
+
+class Backbone(nn.Module):
+    """Base class of the registered backbones (see module docstring)."""
+
+    input_mode: ClassVar[str] = "single"
+    stem_keys: ClassVar[tuple[str, ...]] = ()
+    encoder_prefixes: ClassVar[tuple[str, ...]] = ()
+    pretext_prefixes: ClassVar[tuple[str, ...]] = ()
+
+    config: dict[str, Any]
+    in_channels: int
+    downsampling: int = 1  # spatial sizes must be multiples of this
+    fixed_size: int | None = None  # a backbone that takes exactly this cube (a ViT)
+
+    def forward_features(self, x: torch.Tensor) -> Features:
+        raise NotImplementedError
+
+    def feature_dims(self) -> FeatureDims:
+        raise NotImplementedError
+
+    def reset_head(self, task: str, classes: int) -> None:
+        """Drop the pretext parts; for ``seg`` install a decoder with ``classes`` outputs."""
+        raise NotImplementedError
+
+    def forward_head(self, features: Features) -> torch.Tensor:
+        """Segmentation logits ``(B, classes, X, Y, Z)`` from the features of ``(B, C, X, Y, Z)``."""
+        raise NotImplementedError(f"{type(self).__name__} has no segmentation head; call reset_head('seg', n)")
+
+    def transfer_prefixes(self, task: str) -> tuple[str, ...]:
+        """Pretrained keys a downstream trunk for ``task`` takes over (default: the encoder)."""
+        return self.encoder_prefixes
+
+    @classmethod
+    def downstream_kwargs(cls, kwargs: dict[str, Any], n_contrasts: int) -> dict[str, Any]:
+        """Constructor arguments of the downstream trunk (pretext heads off, input channels set)."""
+        return dict(kwargs)
+
+    def check_input(self, x: torch.Tensor) -> None:
+        if x.ndim != 5 or x.shape[1] != self.in_channels:
+            raise ValueError(f"expected (B, {self.in_channels}, X, Y, Z), got {tuple(x.shape)}")
+        if self.fixed_size is not None and tuple(x.shape[2:]) != (self.fixed_size,) * 3:
+            n = self.fixed_size
+            raise ValueError(f"expected (B, {self.in_channels}, {n}, {n}, {n}), got {tuple(x.shape)}")
+        if any(s % self.downsampling for s in x.shape[2:]):
+            raise ValueError(f"spatial size {tuple(x.shape[2:])} must be divisible by {self.downsampling}")
+
+    def transfer_map(self) -> dict[str, Any]:
+        """Written to ``transfer.json``: what a downstream task needs to adapt these weights."""
+        return {
+            "in_channels": int(self.in_channels),
+            "input_mode": self.input_mode,
+            "stem_keys": list(self.stem_keys),
+            "encoder_prefixes": list(self.encoder_prefixes),
+            "pretext_prefixes": list(self.pretext_prefixes),
+        }
+
+
+def check_task(task: str) -> None:
+    if task not in TASKS:
+        raise ConfigError(f"task should be one of {TASKS}, got {task!r}")
