@@ -9,11 +9,13 @@ A backbone is an ``nn.Module`` subclass of :class:`Backbone` that answers:
 * ``stem_keys`` / ``encoder_prefixes`` / ``pretext_prefixes`` — its parts by state-dict key:
   the weights that depend on the input channels, the transferable encoder, the heads used
   only by a pretraining objective;
-* ``feature_dims()`` — the widths of ``Features.pooled`` / ``anatomy`` / ``contrast``;
+* ``feature_dims()`` — the channels of ``Features.maps`` and the widths of ``anatomy`` / ``contrast``;
 * ``reset_head(task, classes)`` — become a downstream trunk: pretext parts dropped and, for
   ``seg``, a decoder with ``classes`` outputs installed, run by ``forward_head(features)``;
 * ``transfer_prefixes(task)`` — the pretrained keys that trunk takes over;
-* ``downstream_kwargs(kwargs, n_contrasts)`` — the constructor arguments of that trunk.
+* ``downstream_kwargs(kwargs, n_contrasts)`` — the constructor arguments of that trunk;
+* ``disentangles`` / ``recombine(anatomy_of, contrast_of)`` — a backbone with separate
+  anatomy and contrast latents can render one scan's anatomy in another's contrast.
 
 A new backbone is one module that subclasses :class:`Backbone`, registers itself with
 ``@register_model`` and is imported in :func:`neurofm.models.registry.load_builtin`.
@@ -54,11 +56,15 @@ class Features:
 
 @dataclass(frozen=True)
 class FeatureDims:
-    """Widths of :class:`Features` vectors (0: the backbone has no such part)."""
+    """Widths of :class:`Features`: channels of each map, of the anatomy and contrast vectors (0: none)."""
 
-    pooled: int
+    maps: tuple[int, ...]
     anatomy: int = 0
     contrast: int = 0
+
+    @property
+    def pooled(self) -> int:
+        return sum(self.maps)
 
 
 def global_pool(maps: list[torch.Tensor]) -> torch.Tensor:
@@ -73,6 +79,7 @@ class Backbone(nn.Module):
     stem_keys: ClassVar[tuple[str, ...]] = ()
     encoder_prefixes: ClassVar[tuple[str, ...]] = ()
     pretext_prefixes: ClassVar[tuple[str, ...]] = ()
+    disentangles: ClassVar[bool] = False  # has anatomy and contrast latents a decoder can recombine
 
     config: dict[str, Any]
     in_channels: int
@@ -92,6 +99,12 @@ class Backbone(nn.Module):
     def forward_head(self, features: Features) -> torch.Tensor:
         """Segmentation logits ``(B, classes, X, Y, Z)`` from the features of ``(B, C, X, Y, Z)``."""
         raise NotImplementedError(f"{type(self).__name__} has no segmentation head; call reset_head('seg', n)")
+
+    def recombine(self, anatomy_of: torch.Tensor, contrast_of: torch.Tensor) -> torch.Tensor:
+        """Decode the anatomy latent of ``anatomy_of`` with the contrast latent of ``contrast_of``.
+
+        Both are ``(B, C, X, Y, Z)`` batches; the result is a reconstruction of the same shape."""
+        raise NotImplementedError(f"{type(self).__name__} has no separate anatomy and contrast latents")
 
     def transfer_prefixes(self, task: str) -> tuple[str, ...]:
         """Pretrained keys a downstream trunk for ``task`` takes over (default: the encoder)."""

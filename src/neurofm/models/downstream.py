@@ -5,8 +5,13 @@ contrast is zero-filled and never contributes:
 
 * **single-input backbones** (the 1-channel CNNs: dual-latent U-Net, ResEnc): every present
   contrast goes through the shared encoder. Classification/regression: subject (anatomy)
-  features are averaged over present contrasts, contrast features are concatenated in a
-  fixed contrast order (zeros for a missing one) with presence flags, then a head.
+  features are averaged over present contrasts; contrast features and the multi-scale pooled
+  features are concatenated in a fixed contrast order (zeros for a missing one) with presence
+  flags; the vector is standardised with statistics of the training crops
+  (:meth:`DownstreamModel.fit_feature_norm`). Outside linear probing the head also reads a
+  learned pooling of every encoder map (1x1x1 convolution, GELU, average over space): the plain
+  averages of InstanceNorm-ed maps hardly differ between scans, and a non-linear map of them
+  before the average reads what their spatial pattern says (how much of which tissue).
   Segmentation: one decoder pass per present contrast; the logits are fused with learned
   per-contrast weights (softmax over the contrasts present).
 * **stack backbones** (the ViT, which sees all contrasts as channels): the stack goes in
@@ -44,6 +49,10 @@ class DownstreamModel(nn.Module):
         mode: ``linear`` (frozen encoder, linear head; cls/reg), ``frozen`` (frozen encoder,
             trained decoder/head) or ``full``.
         head_hidden: width of the MLP head (frozen / full).
+        pool_channels: channels of the learned pooling of each encoder map (frozen / full; 0: none).
+
+    ``freeze_encoder`` (set by the fine-tuning schedule) holds the encoder still for a while in
+    ``full`` mode: no gradient is computed for it, as in ``frozen``.
     """
 
     def __init__(
@@ -54,6 +63,7 @@ class DownstreamModel(nn.Module):
         contrasts: list[str],
         mode: str = "full",
         head_hidden: int = 256,
+        pool_channels: int = 16,
     ):
         super().__init__()
         check_task(task)
@@ -70,6 +80,7 @@ class DownstreamModel(nn.Module):
             "contrasts": list(contrasts),
             "mode": mode,
             "head_hidden": head_hidden,
+            "pool_channels": pool_channels,
         }
         self.task, self.n_out, self.contrasts, self.mode = task, n_out, list(contrasts), mode
         n_c = len(contrasts)
@@ -79,10 +90,19 @@ class DownstreamModel(nn.Module):
         self.in_channels = n_c
         self.downsampling = bb.downsampling
         bb.reset_head(task, n_out)
+        self.freeze_encoder = False
         if task == "seg":
             self.fusion = None if self.stack else nn.Parameter(torch.zeros(n_c))
         else:
             dim = self._feature_dim()
+            # per-feature standardisation (set from the training crops): the pooled features of different
+            # scans differ by little around large shared offsets, which a head cannot learn from as they are
+            self.register_buffer("feature_mean", torch.zeros(dim))
+            self.register_buffer("feature_std", torch.ones(dim))
+            learned = mode != "linear" and pool_channels > 0
+            maps = bb.feature_dims().maps if learned else ()
+            self.pool = nn.ModuleList(nn.Sequential(nn.Conv3d(c, pool_channels, 1), nn.GELU()) for c in maps)
+            dim += len(maps) * pool_channels * (1 if self.stack else n_c)
             self.head = (
                 nn.Linear(dim, n_out)
                 if mode == "linear"
@@ -119,11 +139,11 @@ class DownstreamModel(nn.Module):
         if self.stack:
             return d.pooled
         n_c = len(self.contrasts)
-        return d.anatomy + n_c * d.contrast + n_c
+        return d.anatomy + n_c * (d.contrast + d.pooled + 1)
 
     @property
     def encoder_frozen(self) -> bool:
-        return self.mode in ("linear", "frozen")
+        return self.mode in ("linear", "frozen") or self.freeze_encoder
 
     def _encode(self, x: torch.Tensor) -> Features:
         if self.encoder_frozen:
@@ -132,19 +152,54 @@ class DownstreamModel(nn.Module):
         return self.backbone.forward_features(x)
 
     def features(self, x: torch.Tensor, present: torch.Tensor) -> torch.Tensor:
-        """Fused per-case feature vector ``(B, D)`` (cls/reg)."""
+        """Fused per-case feature vector ``(B, D)`` (cls/reg), before standardisation."""
+        return self._fused(x, present, learned=False)[0]
+
+    def _fused(
+        self, x: torch.Tensor, present: torch.Tensor, learned: bool = True
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(the fixed fused vector, the learned pooling of the maps or None)."""
+        use_pool = learned and len(self.pool) > 0
         if self.stack:
-            return self._encode(x * present[:, :, None, None, None].to(x.dtype)).pooled
+            f = self._encode(x * present[:, :, None, None, None].to(x.dtype))
+            return f.pooled, (self._learned_pool(f.maps) if use_pool else None)
         b, c = present.shape
-        flat = present.reshape(-1)
-        idx = flat.nonzero().squeeze(1)
+        idx = present.reshape(-1).nonzero().squeeze(1)
         f = self._encode(x.reshape(b * c, 1, *x.shape[2:])[idx])
-        subj, con = f.anatomy, f.contrast
-        s_all = subj.new_zeros(b * c, subj.shape[1]).index_copy(0, idx, subj).view(b, c, -1)
-        c_all = con.new_zeros(b * c, con.shape[1]).index_copy(0, idx, con).view(b, c, -1)
-        w = present.to(subj.dtype)
-        subject = (s_all * w[..., None]).sum(1) / w.sum(1, keepdim=True).clamp_min(1.0)
-        return torch.cat([subject, c_all.flatten(1), w], dim=1)
+        w = present.to(x.dtype)
+
+        def per_contrast(v: torch.Tensor) -> torch.Tensor:  # (n_present, D) -> (B, C, D), zeros where missing
+            return v.new_zeros(b * c, v.shape[1]).index_copy(0, idx, v).view(b, c, -1)
+
+        parts = []
+        if f.anatomy is not None:  # the anatomy is the subject's: averaged over its contrasts
+            parts.append((per_contrast(f.anatomy) * w[..., None]).sum(1) / w.sum(1, keepdim=True).clamp_min(1.0))
+        per_scan = [f.contrast, f.pooled] if f.contrast is not None else [f.pooled]
+        parts.append(per_contrast(torch.cat(per_scan, dim=1)).flatten(1))
+        fixed = torch.cat([*parts, w], dim=1)
+        return fixed, (per_contrast(self._learned_pool(f.maps)).flatten(1) if use_pool else None)
+
+    def _learned_pool(self, maps: list[torch.Tensor]) -> torch.Tensor:
+        return torch.cat([p(m).flatten(2).mean(2) for p, m in zip(self.pool, maps, strict=True)], dim=1)
+
+    @torch.no_grad()
+    def fit_feature_norm(self, batches: Any) -> int:
+        """Set the standardisation of the fused features from ``(x, present)`` batches of training crops;
+        returns the number of crops seen."""
+        was = self.training
+        self.eval()
+        feats = torch.cat([self.features(x, present) for x, present in batches])
+        self.train(was)
+        self.feature_mean.copy_(feats.mean(0))
+        self.feature_std.copy_(feats.std(0, unbiased=False).clamp_min(1e-3) if len(feats) > 1 else 1.0)
+        return len(feats)
+
+    def normalised_features(self, x: torch.Tensor, present: torch.Tensor) -> torch.Tensor:
+        """Standardised fused features, clipped to +-6 (a value the training crops never showed, such as a
+        contrast missing only at test time, stays bounded), and the learned pooling of the maps."""
+        fixed, maps = self._fused(x, present)
+        fixed = ((fixed - self.feature_mean) / self.feature_std).clamp(-6.0, 6.0)
+        return torch.cat([fixed, maps], dim=1) if maps is not None else fixed
 
     # ------------------------------------------------------------------- forward
     def _segment(self, x: torch.Tensor) -> torch.Tensor:
@@ -162,7 +217,7 @@ class DownstreamModel(nn.Module):
         if not present.any(dim=1).all():
             raise ValueError("every case needs at least one present contrast")
         if self.task != "seg":
-            return self.head(self.features(x, present))
+            return self.head(self.normalised_features(x, present))
         if self.stack:
             return self._segment(x * present[:, :, None, None, None].to(x.dtype))
         b, c = present.shape

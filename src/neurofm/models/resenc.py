@@ -131,7 +131,7 @@ class ResEncUNet(Backbone):
 
     def feature_dims(self) -> FeatureDims:
         bott = self.config["features"][-1]
-        return FeatureDims(pooled=sum(self.config["features"]), anatomy=self.n_anatomy, contrast=bott - self.n_anatomy)
+        return FeatureDims(maps=tuple(self.config["features"]), anatomy=self.n_anatomy, contrast=bott - self.n_anatomy)
 
     def forward_features(self, x: torch.Tensor) -> Features:
         """Encode ``(B, C, X, Y, Z)``; ``latents`` holds the bottleneck's ``anatomy``/``health``/``free`` channels."""

@@ -84,7 +84,7 @@ class ViTAutoEncoder(Backbone):
                 blk.norm_cross_attn.requires_grad_(False)
 
     def feature_dims(self) -> FeatureDims:
-        return FeatureDims(pooled=self.net.norm.normalized_shape[0])
+        return FeatureDims(maps=(self.net.norm.normalized_shape[0],))
 
     def forward_features(self, x: torch.Tensor) -> Features:
         """Tokens of the last layer as a grid ``maps[0]`` ``(B, hidden, X/p, Y/p, Z/p)``, their mean as ``pooled``."""

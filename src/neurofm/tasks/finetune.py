@@ -7,9 +7,11 @@ saves a self-describing checkpoint, predicts the held-out cases on whole scans a
 intervals).
 
 Losses: batch Dice without background + cross-entropy (seg, MONAI ``DiceCELoss``), class-weighted cross-entropy
-(cls), SmoothL1 on the standardised target (reg). In ``full`` mode the encoder's learning
-rate warms up linearly from 0 over ``warmup_fraction`` of the steps (then cosine) while
-the new head starts at full rate.
+(cls), SmoothL1 on the standardised target (reg). In ``full`` mode from pretrained weights the
+field's schedule (nnssl's pretrained fine-tuning, Asparagus' few-shot configs): for the first
+``head_warmup`` of the steps only the new head / decoder trains, the encoder held still; then
+the encoder's learning rate (``lr x backbone_lr_scale``) warms up linearly over
+``warmup_fraction`` of the steps; everything follows a cosine.
 """
 
 from __future__ import annotations
@@ -36,7 +38,7 @@ from neurofm.models.downstream import DownstreamModel, load_pretrained
 from neurofm.store import Store
 from neurofm.train.callbacks import RunCheckpoint
 from neurofm.train.config import FinetuneConfig
-from neurofm.train.presets import get_preset
+from neurofm.train.presets import PRESETS, get_preset
 from neurofm.train.trainer import build_trainer
 from neurofm.utils import write_json
 
@@ -44,23 +46,31 @@ __all__ = ["FinetuneConfig", "FinetuneModule", "backbone_from", "finetune"]
 
 
 def backbone_from(cfg: FinetuneConfig) -> tuple[dict[str, Any], dict[str, torch.Tensor] | None, dict[str, Any]]:
-    """The backbone spec, its pretrained weights (None from scratch) and the source's metadata."""
-    if cfg.source == "scratch":
-        pre = get_preset(cfg.arch)
-        return {"name": pre.model.name, "kwargs": dict(pre.model.kwargs)}, None, {"patch": pre.data.patch}
-    info = read_checkpoint(cfg.source)
-    spec = info["model"]
-    if spec["name"] == "downstream":
-        raise ConfigError(f"{cfg.source} is a fine-tuned run; fine-tune from the pretrained run instead")
+    """The backbone spec, its pretrained weights (None from scratch / random) and the source's metadata."""
+    if cfg.source in ("scratch", "random"):
+        if cfg.arch in PRESETS:
+            pre = get_preset(cfg.arch)
+            return {"name": pre.model.name, "kwargs": dict(pre.model.kwargs)}, None, {"patch": pre.data.patch}
+        info = _pretrained_info(cfg.arch)  # a run folder: its architecture, not its weights
+        return {"name": info["model"]["name"], "kwargs": info["model"]["kwargs"]}, None, {"patch": info["patch"]}
+    info = _pretrained_info(cfg.source)
     pre = info["preprocessing"]
     meta = {
-        "patch": info["run"].get("data", {}).get("patch"),
+        "patch": info["patch"],
         "preprocessing": pre,
         "checkpoint": info["folder"],
         "pretrained_contrasts": pre.get("contrasts"),
         "preset": info["run"].get("preset"),
     }
+    spec = info["model"]
     return {"name": spec["name"], "kwargs": spec["kwargs"]}, load_weights(Path(info["folder"]) / WEIGHTS), meta
+
+
+def _pretrained_info(path: str) -> dict[str, Any]:
+    info = read_checkpoint(path)
+    if info["model"]["name"] == "downstream":
+        raise ConfigError(f"{path} is a fine-tuned run; fine-tune from the pretrained run instead")
+    return {**info, "patch": info["run"].get("data", {}).get("patch")}
 
 
 class FinetuneModule(L.LightningModule):
@@ -89,6 +99,17 @@ class FinetuneModule(L.LightningModule):
             return F.cross_entropy(logits, y, weight=self.class_weights if self.class_weights.numel() > 1 else None)
         return F.smooth_l1_loss(logits[:, 0], (y - self.target_mean) / self.target_std)
 
+    @property
+    def head_steps(self) -> int:
+        """Steps during which only the head learns (a pretrained encoder in full mode)."""
+        pretrained = self.cfg.source not in ("scratch", "random")
+        return int(self.cfg.head_warmup * self.cfg.steps) if pretrained and self.cfg.mode == "full" else 0
+
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        # no encoder gradients while it is held still (under DDP every parameter must get one: lr 0 does it)
+        single = self._trainer is None or self.trainer.world_size == 1
+        self.model.freeze_encoder = single and self.global_step < self.head_steps
+
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
         loss = self.loss(self.model(batch["x"], batch["present"]), batch["y"])
         if not torch.isfinite(loss):
@@ -100,20 +121,30 @@ class FinetuneModule(L.LightningModule):
     def configure_optimizers(self):
         cfg = self.cfg
         # a pretrained encoder is adapted gently; a randomly initialised one learns at the full rate
-        scale = 1.0 if cfg.source == "scratch" else cfg.backbone_lr_scale
+        scale = cfg.backbone_lr_scale if cfg.source not in ("scratch", "random") else 1.0
         groups = [g for g in self.model.param_groups(cfg.lr, cfg.lr * scale) if g["params"]]
         opt = torch.optim.AdamW(groups, weight_decay=cfg.weight_decay)
-        total, warm = cfg.steps, max(1, int(cfg.warmup_fraction * cfg.steps))
-
-        def cosine(s: int) -> float:
-            return 0.5 * (1 + math.cos(math.pi * min(s / total, 1.0)))
-
-        def encoder(s: int) -> float:
-            return s / warm if s < warm else cosine(s)
-
-        lambdas = [encoder if g["name"] == "encoder" else cosine for g in groups]
+        total, head, warm = cfg.steps, self.head_steps, max(1, int(cfg.warmup_fraction * cfg.steps))
+        lambdas = [
+            (lambda s: encoder_lr_factor(s, total, head, warm))
+            if g["name"] == "encoder"
+            else (lambda s: cosine(s, total))
+            for g in groups
+        ]
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambdas)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+
+def cosine(step: int, total: int) -> float:
+    return 0.5 * (1 + math.cos(math.pi * min(step / max(total, 1), 1.0)))
+
+
+def encoder_lr_factor(step: int, total: int, head_steps: int, warm_steps: int) -> float:
+    """The encoder's learning-rate multiplier: 0 while the head warms up, then a linear warm-up into the
+    cosine that the head follows."""
+    if step < head_steps:
+        return 0.0
+    return min(1.0, (step - head_steps) / max(warm_steps, 1)) * cosine(step, total)
 
 
 def _task_info(cs: CaseSet, cfg: FinetuneConfig, patch: int, stats: tuple[float, float]) -> dict[str, Any]:
@@ -152,6 +183,19 @@ def _target_stats(cs: CaseSet, train: list) -> tuple[tuple[float, float], torch.
     return (0.0, 1.0), None
 
 
+def _norm_batches(ds: FinetuneDataset, batch_size: int, crops: int = 64) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """About ``crops`` training crops (at least two per case) to standardise the features with."""
+    n = max(crops, 2 * len(ds.cases))
+    items = [ds[i] for i in range(n)]
+    return [
+        (
+            torch.stack([it["x"] for it in items[i : i + batch_size]]),
+            torch.stack([it["present"] for it in items[i : i + batch_size]]),
+        )
+        for i in range(0, n, batch_size)
+    ]
+
+
 def train_fold(
     data: str | Path,
     fold_dir: Path,
@@ -183,13 +227,15 @@ def train_fold(
         train_subjects=sorted({c.subject for c in train}),
         test_subjects=sorted({c.subject for c in test}),
     )
+    ds = FinetuneDataset(data, cs, train, patch, length=cfg.steps * cfg.batch_size, seed=seed, fg_p=cfg.fg_p)
+    if cs.task != "seg":
+        model.fit_feature_norm(_norm_batches(ds, cfg.batch_size))
     module = FinetuneModule(model, cfg, class_weights, stats)
     tc = replace(cfg.trainer, seed=seed)
     saver = RunCheckpoint(fold_dir, run_cfg, tc.checkpoint_every, tc.keep_checkpoints)
     trainer = build_trainer(
         tc, fold_dir, cfg.steps, grad_clip=1.0, callbacks=[saver], progress=progress, progress_lines=5
     )
-    ds = FinetuneDataset(data, cs, train, patch, length=cfg.steps * cfg.batch_size, seed=seed, fg_p=cfg.fg_p)
     trainer.fit(module, training_loader(ds, cfg.batch_size, cfg.num_workers))
     done = {
         "train_cases": len(train),

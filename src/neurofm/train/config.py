@@ -127,9 +127,14 @@ class Recipe(Config):
 class FinetuneConfig(Config):
     """Settings of ``neurofm finetune`` (see its ``--help``).
 
-    In ``full`` mode from pretrained weights the encoder learns at ``lr x backbone_lr_scale``,
-    warming up linearly over ``warmup_fraction`` of the steps, while the new head starts at
-    full rate; everything then decays on a cosine.
+    ``source``: a pretrained run folder, ``scratch`` (the architecture of ``arch`` trained from
+    random weights, full mode) or ``random`` (``arch`` randomly initialised and frozen: the
+    floor a pretrained encoder must beat, linear / frozen mode). ``arch``: a recipe name or a
+    run folder whose backbone to use.
+
+    In ``full`` mode from pretrained weights the head (or decoder) trains alone for the first
+    ``head_warmup`` of the steps, then the encoder joins at ``lr x backbone_lr_scale``, warming up
+    linearly over ``warmup_fraction`` of the steps; everything decays on a cosine.
     """
 
     task: str
@@ -153,6 +158,7 @@ class FinetuneConfig(Config):
     steps: int = 300
     lr: float = 1e-3
     backbone_lr_scale: float = 0.1
+    head_warmup: float = 0.0
     warmup_fraction: float = 0.1
     weight_decay: float = 1e-4
     num_workers: int = 2
@@ -180,5 +186,12 @@ class FinetuneConfig(Config):
             raise ConfigError("a linear probe is defined for cls/reg; for segmentation use --mode frozen or full")
         if self.source == "scratch" and self.mode != "full":
             raise ConfigError(f"--mode {self.mode} freezes an encoder; from scratch only --mode full makes sense")
+        if self.source == "random" and self.mode == "full":
+            raise ConfigError("--from random is the frozen random-encoder floor: use --mode linear or frozen")
         if self.steps < 1 or self.batch_size < 1 or not self.lr > 0:
             raise ConfigError("--steps, --batch-size and --lr must be positive")
+        if not (0 <= self.head_warmup < 1 and 0 <= self.warmup_fraction <= 1):
+            raise ConfigError(
+                f"head_warmup should be in [0, 1) and warmup_fraction in [0, 1], got {self.head_warmup}, "
+                f"{self.warmup_fraction}"
+            )
