@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from torch import nn
@@ -137,3 +139,52 @@ def test_objective_config_validation():
         Fomo25Config(rec_loss="l2")
     with pytest.raises(ConfigError, match=">= 0"):
         Fomo25Config(w_swap=-1)
+
+
+def test_kl_is_summed_over_latent_elements_as_spec_states():
+    mu, lv = torch.ones(2, 3, 2, 2, 2), torch.zeros(2, 3, 2, 2, 2)  # 0.5 nats per element
+    assert torch.allclose(kl_divergence(mu, lv), torch.full((2,), 0.5 * 24))
+    assert torch.allclose(kl_divergence(mu, lv, "mean"), torch.full((2,), 0.5))
+
+
+def test_a_shared_offset_meets_the_plain_cosine_but_not_centred_or_dense_alignment():
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.randn(4, 8, 2, 2, 2, generator=g), torch.randn(4, 8, 2, 2, 2, generator=g)  # unrelated anatomy
+    offset = 20 * torch.randn(1, 8, 2, 2, 2, generator=g)
+    valid = torch.ones(4)
+    plain = Fomo25Loss(Fomo25Config(align="cosine")).align_term(a + offset, b + offset, valid)
+    assert plain < 0.05  # "aligned" by the offset alone
+    centred = Fomo25Loss(Fomo25Config(align="centred"))
+    centred.align_term(a + offset, b + offset, valid)  # sets the running mean
+    assert centred.align_term(a + offset, b + offset, valid) > 0.6
+    nce = Fomo25Loss(Fomo25Config(align="dense_nce", align_temperature=0.1))
+    offset_only = nce.align_term(a + offset, b + offset, valid)
+    same = nce.align_term(a, a + 0.01 * b, valid)
+    # the offset tells positions apart but not samples: the loss stays near log(4 samples); agreeing anatomy meets it
+    assert same < 0.3 and offset_only > 0.9 * math.log(4)
+
+
+def test_reference_swap_takes_the_contrast_code_from_the_other_crop():
+    class Painter(nn.Module):
+        """forward_features: latents equal to the crop's mean; decode paints zs_mean + zc_mean everywhere."""
+
+        def forward_features(self, x):
+            m = x.mean(dim=(1, 2, 3, 4), keepdim=True)
+            z = m.expand(-1, 2, 1, 1, 1).contiguous()
+            return type("F", (), {"latents": {"mu_s": z, "logvar_s": z * 0, "mu_c": z, "logvar_c": z * 0}})()
+
+        def decode(self, zs, zc):
+            return (zs.mean(dim=(1, 2, 3, 4), keepdim=True) + zc.mean(dim=(1, 2, 3, 4), keepdim=True)).expand(
+                -1, 1, 8, 8, 8
+            )
+
+    cfg = Fomo25Config(swap_contrast="reference", swap_anatomy="other", block=4, mask_ratio=0.01, w_kl=0)
+    assert cfg.data_needs().reference_crop and not Fomo25Config().data_needs().reference_crop
+    batch = cfg.example_batch(2, 8, {})
+    assert {"x_a_ref", "x_b_ref"} <= set(batch)
+    full = lambda v: torch.full((2, 1, 8, 8, 8), float(v))  # noqa: E731
+    batch.update(x_a=full(1), x_b=full(2), x_a_ref=full(10), x_b_ref=full(20))
+    loss = Fomo25Loss(cfg).eval()
+    _, _, out = loss(Painter(), batch)
+    # anatomy of a (~1) with the contrast code of b's other crop (~20): ~21, not a copy of x_b's own crop (~2 + 2)
+    assert torch.allclose(out["swap"], torch.full_like(out["swap"], 21.0), atol=0.5)

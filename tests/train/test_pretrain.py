@@ -32,7 +32,7 @@ def _batch(cfg, index, store):
         dcfg,
         length=8,
         seed=0,
-        dense=cfg.data_needs().dense,
+        needs=cfg.data_needs(),
     )
     return torch.utils.data.default_collate([ds[i] for i in range(cfg.data.batch_size)])
 
@@ -286,3 +286,24 @@ def test_checkpoint_weights_round_trip(tmp_path):
     (tmp_path / "w.pt").write_bytes(b"pickle")
     with pytest.raises(Exception, match="safetensors"):
         load_weights(tmp_path / "w.pt")
+
+
+def test_pool_can_leave_out_subjects_and_pairs_bring_a_reference_crop(tiny_store):
+    from neurofm.data.pretrain import DataNeeds, build_index
+    from neurofm.store import Store
+
+    store = Store(tiny_store)
+    subjects = sorted({store.record(k)["subject"] for k in store.keys})
+    cfg = get_preset("fomo25-tiny").override({"data.exclude_subjects": subjects[:2]})
+    index = build_index(store, cfg.data, {}, DataNeeds(reference_crop=True))
+    assert {store.record(k)["subject"] for k in index.keys} == set(subjects[2:])
+    ds = PretrainDataset(
+        tiny_store, index, dataclasses.replace(cfg.data, augment=False), 4, needs=DataNeeds(reference_crop=True)
+    )
+    item = ds[0]
+    assert item["x_a_ref"].shape == item["x_a"].shape == (1, 32, 32, 32)
+    assert "x_a_ref" not in PretrainDataset(tiny_store, index, cfg.data, 4)[0]
+    with pytest.raises(Exception, match="no sessions"):
+        build_index(
+            store, get_preset("fomo25-tiny").override({"data.exclude_subjects": subjects}).data, {}, DataNeeds()
+        )

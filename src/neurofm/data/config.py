@@ -24,9 +24,6 @@ class DataConfig:
         steps_per_epoch: optimiser steps per epoch (across all devices).
         fit: ``crop`` a random patch, or ``resize`` the whole volume to the patch (stack mode).
         intensity: ``zscore`` (as stored) or ``minmax`` (each channel to [0, 1], as LaMIM).
-        reference_crop: pair mode: also give a second crop of each scan at another place
-            (``x_a_ref``, ``x_b_ref``), so a contrast code can come from a crop that shares
-            no anatomy with the one it renders.
     """
 
     mode: str = "pair"
@@ -38,7 +35,6 @@ class DataConfig:
     steps_per_epoch: int = 250
     fit: str = "crop"
     intensity: str = "zscore"
-    reference_crop: bool = False
     augment: bool = True
     flip_p: float = 0.5
     affine_p: float = 0.2

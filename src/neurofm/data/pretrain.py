@@ -1,8 +1,9 @@
 """Pretraining data: random crops streamed from the store, in three shapes.
 
 * ``pair`` (fomo25, mae): two different contrasts of one session, same crop; a session
-  with a single scan yields ``pair_valid = False``. With ``reference_crop`` the same two
-  contrasts at a second, independently placed and augmented crop come along too.
+  with a single scan yields ``pair_valid = False``. When the objective needs it
+  (``DataNeeds.reference_crop``) the same two scans at a second, independently placed and
+  augmented crop come along too.
 * ``scan`` (ssl3d): one scan with its subject's regional-volume vector, health label and
   (dense variant) label map.
 * ``stack`` (lamim): the contrasts of a session as channels, missing ones zero-filled and
@@ -43,10 +44,13 @@ class DataNeeds:
     Attributes:
         volumes: the ICV-normalised regional-volume vector of each subject (``volumes``, ``has_volumes``).
         dense: the dense label map ``dseg`` of each crop.
+        reference_crop: pair mode: the same two scans at a second, independently placed and
+            augmented crop (``x_a_ref``, ``x_b_ref``).
     """
 
     volumes: bool = False
     dense: bool = False
+    reference_crop: bool = False
 
 
 @dataclass
@@ -199,14 +203,15 @@ class PretrainDataset(Dataset):
         cfg: DataConfig,
         length: int,
         seed: int = 0,
-        dense: bool = False,
+        needs: DataNeeds | None = None,
     ):
         self.store_root = str(store_root)
         self.index = index
         self.cfg = cfg
         self.length = length
         self.seed = seed
-        self.dense = dense
+        self.needs = needs or DataNeeds()
+        self.dense = self.needs.dense
         if cfg.mode == "scan":
             self.items = [(i, c) for i, cs in enumerate(index.contrasts) for c in cs]
         else:
@@ -214,7 +219,7 @@ class PretrainDataset(Dataset):
         self._store: Store | None = None
         self._rng: np.random.Generator | None = None
         self._augment: Augment | None = None
-        if dense:
+        if self.dense:
             values = index.extra["dense_labels"]
             self._lut = np.full(max(values) + 1, -1, np.int64)
             self._lut[values] = np.arange(len(values))
@@ -286,7 +291,7 @@ class PretrainDataset(Dataset):
                 x_b=torch.from_numpy(img[1:2].copy()),
                 pair_valid=torch.tensor(len(set(names)) == 2),
             )
-            if cfg.reference_crop:  # the same two scans elsewhere: a contrast code that shares no crop
+            if self.needs.reference_crop:  # the same two scans elsewhere: a contrast code that shares no crop
                 ref, _, _ = self._crop(key, shape, names, avail)
                 out.update(x_a_ref=torch.from_numpy(ref[:1].copy()), x_b_ref=torch.from_numpy(ref[1:2].copy()))
         else:
@@ -304,7 +309,5 @@ def pretrain_loader(
     store_root: str | Path, index: SessionIndex, cfg: DataConfig, needs: DataNeeds, seed: int
 ) -> DataLoader:
     """Batches of ``cfg.steps_per_epoch * cfg.batch_size`` random samples per epoch."""
-    ds = PretrainDataset(
-        store_root, index, cfg, length=cfg.steps_per_epoch * cfg.batch_size, seed=seed, dense=needs.dense
-    )
+    ds = PretrainDataset(store_root, index, cfg, length=cfg.steps_per_epoch * cfg.batch_size, seed=seed, needs=needs)
     return training_loader(ds, cfg.batch_size, cfg.num_workers)

@@ -6,6 +6,12 @@ downsampling, 32/64/128/256/512 filters. Every stage's output is average-pooled 
 bottleneck grid and concatenated; two 1x1x1 convolutions give the mean and log-variance
 of a *subject* (anatomy) latent and a *contrast* latent (256 channels each).
 
+The contrast latent is either a map on the bottleneck grid like the anatomy latent
+(``contrast_code="spatial"``, the paper's form) or one vector per scan from the globally
+pooled features, broadcast over the grid in the decoder (``"global"``). A spatial contrast
+map can carry the whole scan, so a decoder fed ``[z_subject of b, z_contrast of a]``
+rebuilds ``a`` by copying; a single vector cannot hold the anatomy of a crop.
+
 Decoder (reconstruction only, no skips): transposed-convolution upsampling of
 ``[z_subject, z_contrast]`` back to the input size. ~19 M parameters at full size.
 """
@@ -29,6 +35,29 @@ from neurofm.models.registry import register_model
 LOGVAR_RANGE = (-10.0, 10.0)
 
 
+class GlobalContrastHead(nn.Module):
+    """``(B, C, *grid) -> (B, out, 1, 1, 1)``: 1x1x1 conv, LeakyReLU, average over space, 1x1x1 conv.
+
+    The non-linearity before the average matters: every encoder stage ends in InstanceNorm, which
+    fixes each channel's spatial mean and variance, so the plain average of the features (or of any
+    linear map of them) is nearly the same for every scan. A contrast shows in the spatial pattern of
+    the features (which tissue is bright), and a non-linear map of them followed by an average reads it.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, hidden: int):
+        super().__init__()
+        self.proj = nn.Conv3d(in_channels, hidden, 1)
+        self.act = nn.LeakyReLU(0.01)
+        self.out = nn.Conv3d(hidden, out_channels, 1)
+
+    @property
+    def bias(self) -> torch.Tensor:
+        return self.out.bias
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.out(self.act(self.proj(x)).mean(dim=(2, 3, 4), keepdim=True))
+
+
 @register_model("dual_latent_unet")
 class DualLatentUNet(Backbone):
     """Dual-latent U-Net (see module docstring).
@@ -43,11 +72,13 @@ class DualLatentUNet(Backbone):
         latent: channels of each latent (subject, contrast).
         n_conv: convolutions per encoder level.
         out_channels: reconstruction channels.
+        contrast_code: ``spatial`` (a map, as the paper) or ``global`` (one vector per scan).
     """
 
     stem_keys = ("encoder.stages.0.0.convs.0.conv.weight", "encoder.stages.0.0.convs.0.all_modules.0.weight")
     encoder_prefixes = ("encoder.", "subject_head.", "contrast_head.")
     pretext_prefixes = ("decoder.",)
+    disentangles = True
 
     def __init__(
         self,
@@ -56,9 +87,12 @@ class DualLatentUNet(Backbone):
         latent: int = 256,
         n_conv: int = 2,
         out_channels: int = 1,
+        contrast_code: str = "spatial",
     ):
         super().__init__()
         features = tuple(int(f) for f in features)
+        if contrast_code not in ("spatial", "global"):
+            raise ConfigError(f"contrast_code should be spatial or global, got {contrast_code!r}")
         if len(features) < 2 or min(features) < 1:
             raise ConfigError(f"features should list >= 2 positive filter counts, got {features}")
         if latent < 1:
@@ -69,8 +103,10 @@ class DualLatentUNet(Backbone):
             "latent": latent,
             "n_conv": n_conv,
             "out_channels": out_channels,
+            "contrast_code": contrast_code,
         }
         self.in_channels = in_channels
+        self.global_contrast = contrast_code == "global"
         self.latent = latent
         self.downsampling = 2 ** (len(features) - 1)
         kw = conv_kwargs()
@@ -87,7 +123,11 @@ class DualLatentUNet(Backbone):
         )
         pooled = sum(features)
         self.subject_head = nn.Conv3d(pooled, 2 * latent, 1)
-        self.contrast_head = nn.Conv3d(pooled, 2 * latent, 1)
+        self.contrast_head = (
+            GlobalContrastHead(pooled, 2 * latent, hidden=2 * latent)
+            if contrast_code == "global"
+            else nn.Conv3d(pooled, 2 * latent, 1)
+        )
         ups, blocks = [], []
         ch = 2 * latent
         for f in reversed(features[:-1]):
@@ -113,7 +153,7 @@ class DualLatentUNet(Backbone):
     def feature_dims(self) -> FeatureDims:
         has_latents = self.subject_head is not None
         return FeatureDims(
-            pooled=sum(self.config["features"]),
+            maps=tuple(self.config["features"]),
             anatomy=self.latent if has_latents else 0,
             contrast=self.latent if has_latents else 0,
         )
@@ -134,7 +174,7 @@ class DualLatentUNet(Backbone):
         grid = skips[-1].shape[2:]
         pooled = torch.cat([F.adaptive_avg_pool3d(s, grid) for s in skips], dim=1)
         mu_s, logvar_s = self.subject_head(pooled).chunk(2, dim=1)
-        mu_c, logvar_c = self.contrast_head(pooled).chunk(2, dim=1)
+        mu_c, logvar_c = self.contrast_head(pooled).chunk(2, dim=1)  # global: (B, latent, 1, 1, 1)
         feats.latents = {
             "mu_s": mu_s,
             "logvar_s": logvar_s.clamp(*LOGVAR_RANGE),
@@ -145,8 +185,10 @@ class DualLatentUNet(Backbone):
         return feats
 
     def decode(self, z_s: torch.Tensor, z_c: torch.Tensor) -> torch.Tensor:
-        """Reconstruct from a subject and a contrast latent: ``(B, out_channels, X, Y, Z)``."""
-        h = torch.cat([z_s, z_c], dim=1)
+        """Reconstruct from a subject and a contrast latent: ``(B, out_channels, X, Y, Z)``.
+
+        A global contrast code ``(B, latent, 1, 1, 1)`` is broadcast over the subject latent's grid."""
+        h = torch.cat([z_s, z_c.expand(-1, -1, *z_s.shape[2:])], dim=1)
         for up, block in zip(self.decoder["ups"], self.decoder["blocks"], strict=True):
             h = block(up(h))
         return self.decoder["out"](h)
@@ -155,6 +197,12 @@ class DualLatentUNet(Backbone):
         """Deterministic reconstruction from the latent means."""
         f = self.forward_features(x)
         return self.decode(f.latents["mu_s"], f.latents["mu_c"])
+
+    def recombine(self, anatomy_of: torch.Tensor, contrast_of: torch.Tensor) -> torch.Tensor:
+        """The anatomy of one batch of scans rendered in the contrast of another (latent means)."""
+        s = self.forward_features(anatomy_of).latents["mu_s"]
+        c = self.forward_features(contrast_of).latents["mu_c"]
+        return self.decode(s, c)
 
     # ------------------------------------------------------------------ downstream
     def reset_head(self, task: str, classes: int) -> None:

@@ -1,15 +1,32 @@
 """fomo25: dual-latent VAE with cross-contrast swapping (and, with its terms off, plain MAE).
 
-Loss = w_rec (rec_a + rec_b) + w_swap (swap_ab + swap_ba) + w_kl(t) sum KL
-       + w_align (1 - cos(zs_a, zs_b)) + w_repel cos(zc_a, zc_b)
+Loss = w_rec (rec_a + rec_b) + w_swap (swap_ab + swap_ba) + w_kl(t) KL
+       + w_align align(zs_a, zs_b) + w_repel cos(zc_a, zc_b)
 
 * rec: SmoothL1 (beta 0.1) over the volume, or MSE on masked voxels only.
-* swap_ab decodes ``[mean(zs_a, zs_b), zc_b]`` and compares it with ``x_b``: anatomy of
-  both scans rendered in b's contrast. (The challenge's public code compares it with
-  ``x_a``, which fights the contrast term; this is the intended target.)
-* KL weight ramps linearly from 0 to ``w_kl`` over ``kl_warmup_epochs``.
-* The cosine terms use the latent means (flattened per sample).
+* swap_ab renders anatomy in b's contrast and compares it with ``x_b``. (The challenge's
+  public code compares it with ``x_a``, which fights the contrast term; this is the
+  intended target.) Its anatomy is ``mean(zs_a, zs_b)`` (the paper) or ``zs_a`` alone
+  (``swap_anatomy="other"``); its contrast code is ``zc_b`` of the same crop (the paper) or
+  of another crop of scan b (``swap_contrast="reference"``), so that a contrast latent
+  that copies its crop cannot meet the term.
+* KL of both posteriors (``contrast_variational=False``: the anatomy's only, the contrast latent
+  being its mean) against N(0, 1), summed over latent elements as SPEC states
+  (``kl_reduction="mean"``: averaged, as the first version did), its weight ramping
+  linearly from 0 to ``w_kl`` over ``kl_warmup_epochs``.
+* align: ``cosine`` — 1 - cos of the flattened anatomy latents (the paper; a shared offset
+  meets it); ``centred`` — the same after subtracting a running mean of the anatomy latent;
+  ``dense_nce`` — InfoNCE between the anatomy vectors of a and b at every bottleneck
+  position, against all other positions and samples of the batch (a shared offset cannot
+  meet it, and it asks the latent to say *which* anatomy is where).
+* repel: cos(zc_a, zc_b) pushes the contrast latents of two contrasts apart.
+* ``rec_anatomy="random"`` rebuilds each scan of a valid pair from its own anatomy latent or its
+  partner's, at random (as CALAMITI does): reconstruction itself then asks the anatomy latent to
+  be the same for both contrasts, and the contrast to come from the contrast latent.
 * A session with one scan contributes only its reconstruction and KL.
+
+The paper's form is ``align="cosine", swap_anatomy="mean", swap_contrast="same"`` with a
+spatial contrast latent; the defaults were chosen by measurement (docs/pretraining.md).
 """
 
 from __future__ import annotations
@@ -38,37 +55,55 @@ class Fomo25Config:
     w_swap: float = 1.0
     w_kl: float = 1e-3
     kl_warmup_epochs: float = 10.0
+    kl_reduction: str = "sum"  # sum (SPEC) | mean
     w_align: float = 0.5
+    align: str = "cosine"  # cosine (paper) | centred | dense_nce
+    align_temperature: float = 0.1
     w_repel: float = 0.5
+    swap_anatomy: str = "mean"  # mean (paper) | other
+    swap_contrast: str = "same"  # same (paper) | reference
+    rec_anatomy: str = "own"  # own (paper) | random
     variational: bool = True
+    contrast_variational: bool = True  # False: the contrast latent is its mean (no sampling, no KL)
 
     data_mode: ClassVar[str] = "pair"
 
+    def __post_init__(self) -> None:
+        choices = {
+            "rec_loss": ("smooth_l1", "masked_mse"),
+            "kl_reduction": ("sum", "mean"),
+            "align": ("cosine", "centred", "dense_nce"),
+            "swap_anatomy": ("mean", "other"),
+            "swap_contrast": ("same", "reference"),
+            "rec_anatomy": ("own", "random"),
+        }
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise ConfigError(f"objective.{name} should be {' or '.join(allowed)}, got {getattr(self, name)!r}")
+        for name in ("w_rec", "w_swap", "w_kl", "w_align", "w_repel"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"objective.{name} should be >= 0, got {getattr(self, name)}")
+        if not self.align_temperature > 0:
+            raise ConfigError(f"objective.align_temperature should be > 0, got {self.align_temperature}")
+
     def data_needs(self) -> DataNeeds:
-        return DataNeeds()
+        return DataNeeds(reference_crop=self.w_swap > 0 and self.swap_contrast == "reference")
 
     def model_kwargs(self, kwargs: dict[str, Any], data: DataConfig, extra: dict[str, Any]) -> dict[str, Any]:
         return dict(kwargs)
 
     def example_batch(self, batch: int, patch: int, extra: dict[str, Any], device: Any = "cpu") -> dict[str, Any]:
         """Random inputs of the shapes the loader gives (benchmarks, tests)."""
-        return {
-            "x_a": torch.randn(batch, 1, patch, patch, patch, device=device),
-            "x_b": torch.randn(batch, 1, patch, patch, patch, device=device),
-            "pair_valid": torch.ones(batch, dtype=torch.bool, device=device),
-        }
-
-    def __post_init__(self) -> None:
-        if self.rec_loss not in ("smooth_l1", "masked_mse"):
-            raise ConfigError(f"objective.rec_loss should be smooth_l1 or masked_mse, got {self.rec_loss!r}")
-        for name in ("w_rec", "w_swap", "w_kl", "w_align", "w_repel"):
-            if getattr(self, name) < 0:
-                raise ConfigError(f"objective.{name} should be >= 0, got {getattr(self, name)}")
+        names = ["x_a", "x_b"] + (["x_a_ref", "x_b_ref"] if self.data_needs().reference_crop else [])
+        out: dict[str, Any] = {n: torch.randn(batch, 1, patch, patch, patch, device=device) for n in names}
+        out["pair_valid"] = torch.ones(batch, dtype=torch.bool, device=device)
+        return out
 
 
-def kl_divergence(mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
-    """KL(N(mu, sigma^2) || N(0, 1)) averaged over latent elements: ``(B,)``."""
-    return (-0.5 * (1 + logvar - mu.pow(2) - logvar.exp())).flatten(1).mean(1)
+def kl_divergence(mu: torch.Tensor, logvar: torch.Tensor, reduction: str = "sum") -> torch.Tensor:
+    """KL(N(mu, sigma^2) || N(0, 1)) per sample, ``(B,)``: summed (or averaged) over latent elements."""
+    kl = (-0.5 * (1 + logvar - mu.pow(2) - logvar.exp())).flatten(1)
+    return kl.sum(1) if reduction == "sum" else kl.mean(1)
 
 
 def cosine(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -76,16 +111,32 @@ def cosine(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return F.cosine_similarity(a.flatten(1), b.flatten(1), dim=1, eps=1e-6)
 
 
+def dense_nce(a: torch.Tensor, b: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Per-sample InfoNCE between the vectors of ``a`` and ``b`` ``(B, C, *grid)`` at the same position,
+    the other positions and samples being the negatives (symmetric): ``(B,)``."""
+    n, c = a.shape[:2]
+    ta = F.normalize(a.flatten(2).transpose(1, 2).reshape(-1, c), dim=1)  # (B*P, C)
+    tb = F.normalize(b.flatten(2).transpose(1, 2).reshape(-1, c), dim=1)
+    logits = ta @ tb.T / temperature
+    target = torch.arange(len(ta), device=a.device)
+    loss = 0.5 * (
+        F.cross_entropy(logits, target, reduction="none") + F.cross_entropy(logits.T, target, reduction="none")
+    )
+    return loss.view(n, -1).mean(1)
+
+
 def _wmean(v: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     return (v * w).sum() / w.sum().clamp_min(1.0)
 
 
 class Fomo25Loss(nn.Module):
-    """Scores a :class:`~neurofm.models.dual_latent.DualLatentUNet` on a batch of scan pairs."""
+    """Scores a dual-latent model (``forward_features`` with mu/logvar latents, and ``decode``) on scan pairs."""
 
     def __init__(self, cfg: Fomo25Config):
         super().__init__()
         self.cfg = cfg
+        # the running mean of the anatomy latent (align=centred); not saved: a resumed run re-estimates it
+        self.register_buffer("anatomy_mean", torch.zeros(0), persistent=False)
 
     def reconstruction(self, pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
         """Per-sample reconstruction loss ``(B,)``; ``mask`` (True = hidden) selects voxels for masked_mse."""
@@ -97,13 +148,17 @@ class Fomo25Loss(nn.Module):
         return F.smooth_l1_loss(pred, target, beta=self.cfg.smooth_l1_beta, reduction="none").flatten(1).mean(1)
 
     def swap_terms(self, model: nn.Module, zs_a, zs_b, zc_a, zc_b, x_a, x_b):
-        """Cross-contrast swap: ``[mean(zs_a, zs_b), zc_b]`` -> ``x_b`` and ``[.., zc_a]`` -> ``x_a``.
+        """Cross-contrast swap: anatomy (``mean(zs_a, zs_b)``, or ``zs_a`` / ``zs_b`` alone with
+        ``swap_anatomy="other"``) with ``zc_b`` -> ``x_b``, and with ``zc_a`` -> ``x_a``.
 
         Returns:
             per-sample losses ``(swap_ab, swap_ba)`` and the two predictions.
         """
-        zs = 0.5 * (zs_a + zs_b)
-        pred = model.decode(torch.cat([zs, zs]), torch.cat([zc_b, zc_a]))
+        if self.cfg.swap_anatomy == "mean":
+            zs_ab = zs_ba = 0.5 * (zs_a + zs_b)
+        else:
+            zs_ab, zs_ba = zs_a, zs_b
+        pred = model.decode(torch.cat([zs_ab, zs_ba]), torch.cat([zc_b, zc_a]))
         pred_ab, pred_ba = pred.chunk(2)
         return (
             self.reconstruction(pred_ab, x_b, None),
@@ -112,10 +167,28 @@ class Fomo25Loss(nn.Module):
             pred_ba,
         )
 
+    def align_term(self, mus_a: torch.Tensor, mus_b: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+        cfg = self.cfg
+        if cfg.align == "dense_nce":
+            keep = valid.bool()
+            if not keep.any():
+                return mus_a.sum() * 0.0
+            return dense_nce(mus_a[keep], mus_b[keep], cfg.align_temperature).mean()
+        if cfg.align == "centred":
+            batch_mean = torch.cat([mus_a, mus_b]).mean(0).detach()
+            if self.anatomy_mean.numel() != batch_mean.numel():
+                self.anatomy_mean = batch_mean.clone()
+            elif self.training:
+                self.anatomy_mean.mul_(0.99).add_(0.01 * batch_mean)
+            centre = self.anatomy_mean.view_as(batch_mean)
+            return _wmean(1.0 - cosine(mus_a - centre, mus_b - centre), valid)
+        return _wmean(1.0 - cosine(mus_a, mus_b), valid)
+
     def forward(self, model: nn.Module, batch: dict[str, Any], progress: float = 0.0):
         """Args:
             model: a dual-latent model (``forward_features`` + ``decode``).
-            batch: ``x_a``, ``x_b`` ``(B, 1, X, Y, Z)``; ``pair_valid`` ``(B,)`` bool.
+            batch: ``x_a``, ``x_b`` ``(B, 1, X, Y, Z)``; ``pair_valid`` ``(B,)`` bool; with
+                ``swap_contrast="reference"`` also ``x_a_ref``, ``x_b_ref`` (the same scans, another crop).
             progress: training progress in epochs (drives the KL warm-up).
 
         Returns:
@@ -125,39 +198,51 @@ class Fomo25Loss(nn.Module):
         x_a, x_b = batch["x_a"], batch["x_b"]
         valid = batch.get("pair_valid", torch.ones(x_a.shape[0], dtype=torch.bool, device=x_a.device)).float()
         bsz = x_a.shape[0]
-        masks = block_mask(2 * bsz, tuple(x_a.shape[2:]), cfg.block, cfg.mask_ratio, device=x_a.device)
-        x = torch.cat([x_a, x_b])
+        use_ref = cfg.w_swap > 0 and cfg.swap_contrast == "reference"
+        scans = [x_a, x_b] + ([batch["x_a_ref"], batch["x_b_ref"]] if use_ref else [])
+        x = torch.cat(scans)
+        masks = block_mask(len(x), tuple(x_a.shape[2:]), cfg.block, cfg.mask_ratio, device=x_a.device)
         lat = model.forward_features(x.masked_fill(masks, 0.0)).latents
         mu_s, lv_s, mu_c, lv_c = lat["mu_s"], lat["logvar_s"], lat["mu_c"], lat["logvar_c"]
+        z_s, z_c = mu_s, mu_c
         if cfg.variational and self.training:
             z_s = mu_s + torch.randn_like(mu_s) * (0.5 * lv_s).exp()
-            z_c = mu_c + torch.randn_like(mu_c) * (0.5 * lv_c).exp()
-        else:
-            z_s, z_c = mu_s, mu_c
-        rec = model.decode(z_s, z_c)
-        rec_all = self.reconstruction(rec, x, masks)
-        w = torch.cat([torch.ones_like(valid), valid])  # the b scan exists only for valid pairs
+            if cfg.contrast_variational:
+                z_c = mu_c + torch.randn_like(mu_c) * (0.5 * lv_c).exp()
+        pair = slice(0, 2 * bsz)  # the reference crops only lend their contrast codes
+        zs_rec = z_s[pair]
+        if cfg.rec_anatomy == "random":  # each scan rebuilt from its own or its partner's anatomy, at random
+            take = (torch.rand(2 * bsz, device=x.device) < 0.5) & torch.cat([valid, valid]).bool()
+            partner = torch.cat([z_s[bsz : 2 * bsz], z_s[:bsz]])
+            zs_rec = torch.where(take[:, None, None, None, None], partner, zs_rec)
+        rec = model.decode(zs_rec, z_c[pair])
+        rec_all = self.reconstruction(rec, x[pair], masks[pair])
         terms: dict[str, torch.Tensor] = {}
         terms["rec"] = _wmean(rec_all[:bsz], torch.ones_like(valid)) + _wmean(rec_all[bsz:], valid)
         total = cfg.w_rec * terms["rec"]
         out = {"input": x_a, "masked": x_a.masked_fill(masks[:bsz], 0.0), "reconstruction": rec[:bsz]}
-        zs_a, zs_b = z_s.chunk(2)
-        zc_a, zc_b = z_c.chunk(2)
+        zs_a, zs_b = z_s[:bsz], z_s[bsz : 2 * bsz]
+        zc_a, zc_b = z_c[:bsz], z_c[bsz : 2 * bsz]
         if cfg.w_swap > 0:
+            if use_ref:
+                zc_a, zc_b = z_c[2 * bsz : 3 * bsz], z_c[3 * bsz :]
             s_ab, s_ba, pred_ab, _ = self.swap_terms(model, zs_a, zs_b, zc_a, zc_b, x_a, x_b)
             terms["swap"] = _wmean(s_ab, valid) + _wmean(s_ba, valid)
             total = total + cfg.w_swap * terms["swap"]
             out.update(swap=pred_ab, target_b=x_b)
         if cfg.w_kl > 0 and cfg.variational:
-            kl = kl_divergence(mu_s, lv_s) + kl_divergence(mu_c, lv_c)
+            w = torch.cat([torch.ones_like(valid), valid] + ([valid, valid] if use_ref else []))
+            kl = kl_divergence(mu_s, lv_s, cfg.kl_reduction)
+            if cfg.contrast_variational:
+                kl = kl + kl_divergence(mu_c, lv_c, cfg.kl_reduction)
             terms["kl"] = _wmean(kl, w)
             weight = cfg.w_kl * min(1.0, progress / cfg.kl_warmup_epochs) if cfg.kl_warmup_epochs > 0 else cfg.w_kl
             terms["kl_weight"] = torch.tensor(weight)
             total = total + weight * terms["kl"]
-        mus_a, mus_b = mu_s.chunk(2)
-        muc_a, muc_b = mu_c.chunk(2)
+        mus_a, mus_b = mu_s[:bsz], mu_s[bsz : 2 * bsz]
+        muc_a, muc_b = mu_c[:bsz], mu_c[bsz : 2 * bsz]
         if cfg.w_align > 0:
-            terms["align"] = _wmean(1.0 - cosine(mus_a, mus_b), valid)
+            terms["align"] = self.align_term(mus_a, mus_b, valid)
             total = total + cfg.w_align * terms["align"]
         if cfg.w_repel > 0:
             terms["repel"] = _wmean(cosine(muc_a, muc_b), valid)

@@ -21,7 +21,7 @@ def reconstruction_figure(
     dcfg = dataclasses.replace(cfg.data, augment=False)
     # prefer sessions with two contrasts, so the swap has a real target
     order = sorted(range(len(index.keys)), key=lambda i: -len(index.contrasts[i]))[:samples]
-    ds = PretrainDataset(store_root, index, dcfg, length=len(index.keys), seed=1234, dense=cfg.data_needs().dense)
+    ds = PretrainDataset(store_root, index, dcfg, length=len(index.keys), seed=1234, needs=cfg.data_needs())
     order = [next(j for j, (s, _) in enumerate(ds.items) if s == i) for i in order]
     batch = torch.utils.data.default_collate([ds[i] for i in order])
     device = next(module.model.parameters()).device

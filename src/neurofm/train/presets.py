@@ -46,6 +46,12 @@ BASE: dict[str, dict[str, Any]] = {
             "grad_clip": 1.0,
         },
     },
+    "fomo25-paper": {
+        "base": "fomo25",
+        "help": "fomo25 in the paper's form: spatial contrast latent, plain cosine, swap from the same crop",
+        "model": {"kwargs": {"contrast_code": "spatial"}},
+        "objective": {"align": "cosine", "swap_anatomy": "mean", "swap_contrast": "same", "kl_reduction": "sum"},
+    },
     "mae": {
         "base": "fomo25",
         "help": "plain masked autoencoder on the fomo25 backbone (ablation)",
