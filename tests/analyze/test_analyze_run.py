@@ -21,19 +21,26 @@ def test_analyze_latents_ablation_label_efficiency_and_fomo(tiny_store, pretrain
         fomo=True,
         train_sites=["site-0", "site-1"],
         fomo_scale=0.2,
+        seeds=2,
+        modes=["full"],
         finetune=FT,
     )
     res = analyze(pretrained_run, tiny_store, tmp_path / "an", cfg, progress=False)
     lat = res["latent"]
     assert set(lat) >= {"anatomy", "contrast", "scans", "subjects"}
     assert 0 <= lat["anatomy"]["contrast_probe"]["accuracy"] <= 1
-    assert [r["init"] for r in res["ablation"]] == ["recipe", "mae", "scratch"]
-    assert [(r["init"], r["x"]) for r in res["label_efficiency"]] == [
-        ("pretrained", 2),
-        ("scratch", 2),
-        ("pretrained", 4),
-        ("scratch", 4),
-    ]  # 99 > subjects: skipped
+    assert res["swap"]["sessions"] == 4 and 0 <= res["swap"]["a_nearest"] <= 1
+    # every table: the arms, scratch as the reference, and the two floors
+    assert [r["init"] for r in res["ablation"]] == ["recipe", "mae", "scratch", "random frozen", "constant"]
+    arms = ["pretrained full", "scratch", "random frozen", "constant"]
+    assert [(r["init"], r["x"]) for r in res["label_efficiency"]] == [(a, n) for n in (2, 4) for a in arms]
+    for r in res["label_efficiency"]:  # paired over the two seeds, with an interval of the difference
+        assert r["seeds"] == 2 and len(r["per_seed"]) == 2
+        if r["init"] != "scratch":
+            assert r["difference_low"] <= r["difference"] <= r["difference_high"]
+            assert r["difference"] == pytest.approx(sum(r["difference_per_seed"]) / 2)
+    constant = next(r for r in res["label_efficiency"] if r["init"] == "constant")
+    assert constant["metric"] == "mae" and constant["value"] > 0
     fomo = {r["task_label"] for r in res["fomo"]}
     assert fomo == {"fomo-cls-infarct", "fomo-seg-lesion", "fomo-reg-age"} or any("skipped" in r for r in res["fomo"])
     saved = json.loads((tmp_path / "an" / "analysis.json").read_text())

@@ -77,3 +77,25 @@ def test_summarize_per_task():
     assert cls["auroc"]["value"] == 1.0
     reg = summarize("reg", [{"prediction": 1.0, "target": 2.0}, {"prediction": 3.0, "target": 3.0}], reps=50)
     assert reg["mae"]["value"] == pytest.approx(0.5)
+
+
+def test_paired_seeds_known_answers():
+    from neurofm.evaluate.metrics import paired_seeds
+
+    def seg(dices, tag=""):
+        return [{"key": f"c{i}{tag}", "dice": d} for i, d in enumerate(dices)]
+
+    arm = [seg([0.6, 0.8]), seg([0.4, 0.6])]  # two seeds: mean Dice 0.7 and 0.5
+    ref = [seg([0.5, 0.7]), seg([0.4, 0.4])]
+    res = paired_seeds("seg", arm, ref, reps=200)
+    assert res["value"] == pytest.approx(0.6) and res["per_seed"] == pytest.approx([0.7, 0.5])
+    assert res["difference"] == pytest.approx(0.1) and res["difference_per_seed"] == pytest.approx([0.1, 0.1])
+    # resampling seeds, then cases within them: the difference can range over [0, 0.2] (seed 1's cases differ 0 and 0.2)
+    assert 0.0 <= res["difference_low"] < 0.1 < res["difference_high"] <= 0.2
+    same = paired_seeds("seg", arm, arm, reps=50)
+    assert same["difference"] == same["difference_low"] == same["difference_high"] == 0.0
+    assert res["ci_low"] <= res["value"] <= res["ci_high"] and "difference" not in paired_seeds("seg", arm)
+    reg = [[{"key": "a", "prediction": 50.0, "target": 60.0}, {"key": "b", "prediction": 70.0, "target": 60.0}]]
+    assert paired_seeds("reg", reg, reps=10)["value"] == pytest.approx(10.0)  # MAE
+    with pytest.raises(ValueError, match="same cases"):
+        paired_seeds("seg", arm, [seg([0.5, 0.7], "x"), seg([0.4, 0.4])])

@@ -1,19 +1,22 @@
-"""Fine-tuning experiments that answer "does pretraining help, and by how much?".
+"""Fine-tuning experiments that answer "does pretraining help, and by how much?" (SPEC §5).
 
-* :func:`compare_inits` — the same tasks, labelled subjects and budget from each
-  initialisation (pretrained runs, and scratch), over several seeds;
-* :func:`label_efficiency` — score against the number of labelled subjects;
-* :func:`fomo_protocol` — FOMO25 in miniature: fine-tune on cases from some sites, test
-  on the others, with the challenge's case counts (scaled down to what the data has).
+An *arm* is one way to get a model for a task: a source (a pretrained run, ``scratch``, a
+frozen ``random`` encoder, or the ``constant`` predictor) and a fine-tuning mode. Every arm
+of a study is run on the same splits: seed ``s`` draws the few-shot subjects (and the
+initialisation) once for all arms, so arms are compared *paired*, case by case.
 
-Every point pools the held-out predictions of its seeds; the interval is a bootstrap over
-those cases. Per-seed values are kept too.
+* :func:`paired_study` — arms x seeds on one task; each arm's headline metric (mean over seeds)
+  and its difference from the reference arm (scratch), with hierarchical-bootstrap 95 %
+  intervals (:func:`~neurofm.evaluate.metrics.paired_seeds`);
+* :func:`compare_inits` — the same for several tasks;
+* :func:`label_efficiency` — a study per number of labelled subjects;
+* :func:`fomo_protocol` — FOMO25 in miniature: fine-tune on cases from some sites with the
+  challenge's case counts (scaled to what the data has), test on the others.
 """
 
 from __future__ import annotations
 
-import json
-from dataclasses import replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -21,65 +24,84 @@ import numpy as np
 
 from neurofm.data.finetune import Case, build_cases
 from neurofm.errors import ConfigError, StoreError
-from neurofm.evaluate.metrics import summarize
-from neurofm.evaluate.scoring import read_predictions
+from neurofm.evaluate.metrics import HEADLINE, paired_seeds
+from neurofm.evaluate.scoring import constant_rows, read_predictions
 from neurofm.store import Store
 from neurofm.tasks.finetune import finetune
 from neurofm.train.config import FinetuneConfig
 
-#: the headline metric per task and whether higher is better
-HEADLINE = {"seg": ("dice", True), "cls": ("auroc", True), "reg": ("mae", False)}
 #: FOMO25's fine-tuning case counts: infarct classification, meningioma segmentation, brain age
 FOMO_TASKS = [("cls", "infarct", {1: 13, 0: 8}), ("seg", "lesion", 23), ("reg", "age", 200)]
 
 
-def headline(task: str, metrics: dict[str, dict[str, float]]) -> tuple[str, dict[str, float]]:
-    name, _ = HEADLINE[task]
-    m = metrics.get(name, {})
-    if task == "cls" and (not m or m.get("value") != m.get("value")):  # AUROC undefined: one class in the test set
-        name, m = "balanced_accuracy", metrics.get("balanced_accuracy", {})
-    return name, m
+@dataclass
+class Arm:
+    """One way to get a model: ``source`` (a pretrained run, ``scratch``, ``random`` or ``constant``), a mode,
+    and any other fine-tuning settings of its own (e.g. ``{"backbone_lr_scale": 0.3}``)."""
+
+    name: str
+    source: str
+    mode: str = "full"
+    settings: dict[str, Any] = field(default_factory=dict)
 
 
-def run_points(
+def standard_arms(pretrained: str, task: str, modes: list[str] | None = None, floors: bool = True) -> list[Arm]:
+    """Pretrained in each mode (linear is cls/reg only), scratch, and the two floors: a frozen random
+    encoder with the same head and the constant predictor."""
+    modes = [m for m in (modes or ["linear", "frozen", "full"]) if not (task == "seg" and m == "linear")]
+    arms = [Arm(f"pretrained {m}", pretrained, m) for m in modes] + [Arm("scratch", "scratch", "full")]
+    if floors:
+        arms += [Arm("random frozen", "random", "frozen"), Arm("constant", "constant", "")]
+    return arms
+
+
+def arm_rows(data: str | Path, folder: Path, cfg: FinetuneConfig, progress: bool = False) -> list[dict[str, Any]]:
+    """The held-out per-case rows of one arm and seed (a finished fine-tuning run is reused)."""
+    if cfg.source == "constant":
+        return constant_rows(Store(data), cfg)
+    if not (folder / "summary.json").is_file():  # a finished point is reused, so an interrupted study resumes
+        finetune(data, folder, cfg, progress=progress)
+    return read_predictions(folder / "predictions.csv")
+
+
+def paired_study(
     data: str | Path,
-    out: Path,
+    out: str | Path,
     base: FinetuneConfig,
-    inits: dict[str, str],
+    arms: list[Arm],
     seeds: int,
     label: str,
+    reference: str = "scratch",
     x: Any = None,
     progress: bool = False,
 ) -> list[dict[str, Any]]:
-    """Fine-tune ``base`` from every initialisation and seed; one pooled result row per initialisation."""
+    """Every arm on seeds ``base.seed .. base.seed + seeds - 1``; one result row per arm (see module docstring).
+
+    Scratch and pretrained arms share ``base.arch`` as their architecture; pass the pretrained run
+    folder there to compare the same network with and without pretraining.
+    """
+    per_arm: dict[str, list[list[dict[str, Any]]]] = {}
+    for seed in range(seeds):
+        for arm in arms:
+            cfg = replace(base, **{**arm.settings, "source": arm.source, "mode": arm.mode or "full"})
+            cfg = replace(cfg, seed=base.seed + seed, bootstrap=50)
+            folder = Path(out) / f"{label}-{arm.name.replace(' ', '-')}-seed{seed}"
+            per_arm.setdefault(arm.name, []).append(arm_rows(data, folder, cfg, progress))
+    ref = per_arm.get(reference)
     rows = []
-    for init, source in inits.items():
-        cases: list[dict[str, Any]] = []
-        per_seed = []
-        for seed in range(seeds):
-            cfg = replace(base, source=source, seed=base.seed + seed, bootstrap=50)
-            folder = out / f"{label}-{init}-seed{seed}"
-            done = folder / "summary.json"  # a finished point is reused, so an interrupted study resumes
-            summary = json.loads(done.read_text()) if done.is_file() else finetune(data, folder, cfg, progress=progress)
-            per_seed.append(headline(base.task, summary["metrics"])[1].get("value"))
-            cases.extend(read_predictions(folder / "predictions.csv"))
-        metrics = summarize(base.task, cases, reps=1000, seed=base.seed)
-        name, m = headline(base.task, metrics)
+    for arm in arms:
+        res = paired_seeds(base.task, per_arm[arm.name], ref if ref is not None and arm.name != reference else None)
         rows.append(
             {
                 "task_label": label,
                 "task": base.task,
                 "target": base.target,
-                "init": init,
+                "init": arm.name,
+                "source": arm.source,
+                "mode": arm.mode,
                 "x": x,
-                "metric": name,
-                "value": m.get("value"),
-                "ci_low": m.get("ci_low"),
-                "ci_high": m.get("ci_high"),
-                "cases": len(cases),
-                "seeds": seeds,
-                "per_seed": per_seed,
-                "all_metrics": {k: v["value"] for k, v in metrics.items()},
+                "reference": reference if "difference" in res else None,
+                **res,
             }
         )
     return rows
@@ -89,16 +111,19 @@ def compare_inits(
     data: str | Path,
     out: str | Path,
     tasks: list[tuple[str, str]],
-    inits: dict[str, str],
+    arms: list[Arm] | dict[str, str],
     base: FinetuneConfig,
     seeds: int = 1,
     progress: bool = False,
 ) -> list[dict[str, Any]]:
-    """Same tasks, subjects and budget from each initialisation ("scratch" trains from random weights)."""
+    """The same tasks, subjects and budget for every arm (a ``{name: source}`` mapping means full fine-tuning)."""
+    if isinstance(arms, dict):
+        arms = [Arm(name, source, "full") for name, source in arms.items()]
     rows = []
     for task, target in tasks:
+        task_arms = [a for a in arms if not (task == "seg" and a.mode == "linear")]
         cfg = replace(base, task=task, target=target)
-        rows += run_points(data, Path(out), cfg, inits, seeds, f"{task}-{target}", progress=progress)
+        rows += paired_study(data, Path(out), cfg, task_arms, seeds, f"{task}-{target}", progress=progress)
     return rows
 
 
@@ -107,20 +132,22 @@ def label_efficiency(
     out: str | Path,
     task: str,
     target: str,
-    inits: dict[str, str],
+    arms: list[Arm] | dict[str, str],
     base: FinetuneConfig,
     shots: list[int],
     seeds: int = 1,
     progress: bool = False,
 ) -> list[dict]:
     """Score against labelled subjects (nested subsets: a larger n keeps the smaller n's subjects)."""
+    if isinstance(arms, dict):
+        arms = [Arm(name, source, "full") for name, source in arms.items()]
     n_subj = len({c.subject for c in build_cases(Store(data), task, target, base.contrasts).cases})
     rows = []
     for n in shots:
         if n >= n_subj:
             continue
         cfg = replace(base, task=task, target=target, shots=n)
-        rows += run_points(data, Path(out), cfg, inits, seeds, f"{task}-{target}-n{n}", x=n, progress=progress)
+        rows += paired_study(data, Path(out), cfg, arms, seeds, f"{task}-{target}-n{n}", x=n, progress=progress)
     return rows
 
 
@@ -144,7 +171,7 @@ def select_counts(cases: list[Case], counts: dict[int, int] | int, seed: int) ->
 def fomo_protocol(
     data: str | Path,
     out: str | Path,
-    inits: dict[str, str],
+    arms: list[Arm] | dict[str, str],
     base: FinetuneConfig,
     train_sites: list[str],
     test_sites: list[str] | None = None,
@@ -152,7 +179,12 @@ def fomo_protocol(
     seeds: int = 1,
     progress: bool = False,
 ) -> list[dict[str, Any]]:
-    """FOMO25 in miniature (see module docstring): train on ``train_sites``, test on the others."""
+    """FOMO25 in miniature (see module docstring): train on ``train_sites``, test on the others.
+
+    The training subjects are drawn once (as the challenge fixes its cases); the seeds vary the
+    initialisation and training."""
+    if isinstance(arms, dict):
+        arms = [Arm(name, source, "full") for name, source in arms.items()]
     store = Store(data)
     rows = []
     for task, target, counts in FOMO_TASKS:
@@ -177,9 +209,12 @@ def fomo_protocol(
                 shots=None,
                 positive_only=task == "seg",
             )
-            rows += run_points(
-                data, Path(out), cfg, inits, seeds, f"fomo-{task}-{target}", x=len(chosen), progress=progress
-            )
+            task_arms = [a for a in arms if not (task == "seg" and a.mode == "linear")]
+            label = f"fomo-{task}-{target}"
+            rows += paired_study(data, Path(out), cfg, task_arms, seeds, label, x=len(chosen), progress=progress)
         except (ConfigError, StoreError) as e:
             rows.append({"task_label": f"fomo-{task}-{target}", "skipped": str(e)})
     return rows
+
+
+__all__ = ["HEADLINE", "Arm", "compare_inits", "fomo_protocol", "label_efficiency", "paired_study", "standard_arms"]

@@ -91,10 +91,38 @@ def scores_figure(rows: list[dict], png: str | Path, title: str = "pretrained vs
         x = np.arange(len(sub))
         vals = [r["value"] for r in sub]
         err = [[max(r["value"] - r["ci_low"], 0) for r in sub], [max(r["ci_high"] - r["value"], 0) for r in sub]]
-        ax.bar(x, vals, yerr=err, capsize=4, color=["tab:green" if "pre" in r["init"] else "tab:gray" for r in sub])
+        colours = {"scratch": "tab:gray", "random frozen": "lightgray", "constant": "whitesmoke"}
+        ax.bar(x, vals, yerr=err, capsize=4, edgecolor="k", color=[colours.get(r["init"], "tab:green") for r in sub])
         ax.set_xticks(x, [r["init"] for r in sub], fontsize=8)
         ax.set_title(f"{t}\n{sub[0]['metric']}", fontsize=9)
     fig.suptitle(title, fontsize=10)
+    return save_figure(fig, png)
+
+
+def difference_figure(rows: list[dict], png: str | Path) -> Path | None:
+    """One panel per task: each arm's paired difference from scratch (mean over seeds, 95 % interval, the seeds
+    as dots); above zero is better for Dice and AUROC, below zero for MAE."""
+    rows = [r for r in rows if r.get("difference") is not None]
+    if not rows:
+        return None
+    plt = pyplot()
+    tasks = list(dict.fromkeys(r["task_label"] for r in rows))
+    fig, axes = plt.subplots(1, len(tasks), figsize=(3.4 * len(tasks), 3.2), squeeze=False)
+    for ax, t in zip(axes[0], tasks, strict=True):
+        sub = [r for r in rows if r["task_label"] == t]
+        y = np.arange(len(sub))
+        d = [r["difference"] for r in sub]
+        err = [
+            [max(r["difference"] - r["difference_low"], 0) for r in sub],
+            [max(r["difference_high"] - r["difference"], 0) for r in sub],
+        ]
+        ax.errorbar(d, y, xerr=err, fmt="o", color="k", capsize=4)
+        for k, r in enumerate(sub):
+            ax.plot(r["difference_per_seed"], [k] * len(r["difference_per_seed"]), ".", color="tab:blue", alpha=0.6)
+        ax.axvline(0, color="gray", lw=1, ls="--")
+        ax.set_yticks(y, [r["init"] for r in sub], fontsize=8)
+        ax.set_title(f"{t}\n{sub[0]['metric']} minus scratch", fontsize=9)
+    fig.suptitle("paired differences from scratch (same seeds and cases)", fontsize=10)
     return save_figure(fig, png)
 
 

@@ -5,6 +5,8 @@
 * **Contrast lives in the contrast latent**: a linear probe predicts the contrast from each
   latent; it should succeed from the contrast latent and fail (near chance) from the anatomy
   latent.
+* **The swap check** (:func:`swap_check`): one scan's anatomy decoded with the contrast code
+  of another crop must look like that anatomy in the other contrast, not like either input.
 
 Latents are centred on the dataset mean before cosines are taken: without it a shared offset
 makes every pair look alike. Probes are logistic regressions scored by cross-validation grouped
@@ -17,6 +19,7 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+import torch
 
 
 def _unit(x: np.ndarray) -> np.ndarray:
@@ -120,3 +123,69 @@ def summary_table(result: dict[str, Any]) -> list[dict[str, Any]]:
             }
         )
     return rows
+
+
+@torch.no_grad()
+def swap_check(
+    model: Any, store: Any, keys: list[str], patch: int, seed: int = 0, device: str = "cpu"
+) -> dict[str, Any]:
+    """Does the anatomy latent carry the anatomy and the contrast latent only the contrast?
+
+    For every session with two contrasts a, b: crops ``x_a``, ``x_b`` at one place and ``x_a_ref``
+    of scan a at another place, flipped front to back (so it shares no anatomy with ``x_a``). The
+    anatomy of ``x_b`` is decoded with the contrast code of ``x_a_ref``. If the latents are
+    disentangled the result is ``x_a`` — b's anatomy in a's contrast — and is nearer to ``x_a`` than
+    to ``x_b`` (b's own intensities) and to ``x_a_ref`` (the crop the contrast code came from). The
+    same with the contrast code of ``x_a`` itself (``copy``) shows what a copying latent would give.
+
+    Returns:
+        mean squared errors of the recombination to each target, the share of sessions where
+        ``x_a`` is the nearest, ``passed`` (that share above one half and the mean error to ``x_a``
+        the smallest), and the number of sessions; empty for a backbone without separate latents.
+    """
+    from neurofm.data.sampling import random_box
+
+    if not getattr(model, "disentangles", False):
+        return {}
+    rng = np.random.default_rng(seed)
+    errs: dict[str, list[float]] = {"to_a": [], "to_b": [], "to_a_ref": [], "copy_to_a": []}
+    for key in keys:
+        rec = store.record(key)
+        names = sorted(rec["images"])
+        if len(names) < 2:
+            continue
+        a, b = rng.choice(names, size=2, replace=False)
+        shape = tuple(rec["shape"])
+        box = random_box(shape, patch, rng)
+        # the reference crop: as far from the first as the scan allows, and flipped front to back
+        far = tuple(slice(s - sl.stop, s - sl.stop + (sl.stop - sl.start)) for sl, s in zip(box, shape, strict=True))
+
+        x_a, x_b = _crop(store, key, a, box, patch, device), _crop(store, key, b, box, patch, device)
+        x_ref = _crop(store, key, a, far, patch, device, flip=True)
+        y = model.recombine(x_b, x_ref)
+        y_copy = model.recombine(x_b, x_a)
+        errs["to_a"].append(float(((y - x_a) ** 2).mean()))
+        errs["to_b"].append(float(((y - x_b) ** 2).mean()))
+        errs["to_a_ref"].append(float(((y - x_ref) ** 2).mean()))
+        errs["copy_to_a"].append(float(((y_copy - x_a) ** 2).mean()))
+    if not errs["to_a"]:
+        return {}
+    e = {k: np.asarray(v) for k, v in errs.items()}
+    nearest = (e["to_a"] < e["to_b"]) & (e["to_a"] < e["to_a_ref"])
+    means = {f"mse_{k}": float(v.mean()) for k, v in e.items()}
+    return {
+        **means,
+        "a_nearest": float(nearest.mean()),
+        "passed": bool(nearest.mean() > 0.5 and means["mse_to_a"] < min(means["mse_to_b"], means["mse_to_a_ref"])),
+        "sessions": int(len(nearest)),
+    }
+
+
+def _crop(store: Any, key: str, name: str, box: tuple[slice, ...], patch: int, device: str, flip: bool = False):
+    """One scan's crop as a ``(1, 1, P, P, P)`` tensor (padded; flipped front to back on request)."""
+    from neurofm.preprocess.transforms import pad_to
+
+    arr = np.asarray(store.read(key, name, box), np.float32)
+    arr = pad_to(arr, patch, float(arr.min()))
+    arr = arr[:, ::-1] if flip else arr
+    return torch.from_numpy(np.ascontiguousarray(arr))[None, None].to(device)

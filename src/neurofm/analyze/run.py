@@ -1,9 +1,12 @@
 """``neurofm analyze``: the paper's analyses of a pretrained run, as figures, tables and JSON.
 
 Always: the latent analysis (anatomy-latent similarity within vs across subjects; linear
-probes of the contrast from each latent). On request, and more expensive because they
-fine-tune: the ablation against other pretrained runs (e.g. plain mae), the label-efficiency
-curve, and the FOMO25 protocol in miniature (train on some sites, test on others).
+probes of the contrast from each latent) and, for a backbone with separate anatomy and
+contrast latents, the swap check. On request, and more expensive because they fine-tune:
+the ablation against other pretrained runs (e.g. plain mae), the label-efficiency curve, and
+the FOMO25 protocol in miniature (train on some sites, test on others). Every fine-tuning
+table is paired over seeds with a scratch reference and two floors (a frozen random encoder
+and the constant predictor); see :mod:`neurofm.analyze.experiments`.
 """
 
 from __future__ import annotations
@@ -17,8 +20,9 @@ from rich.console import Console
 
 from neurofm.analyze import experiments, figures
 from neurofm.analyze.embed import embed_store
-from neurofm.analyze.latent import latent_analysis, summary_table
+from neurofm.analyze.latent import latent_analysis, summary_table, swap_check
 from neurofm.evaluate.report import Section, write_report
+from neurofm.models.registry import model_from_checkpoint
 from neurofm.store import Store
 from neurofm.train.config import FinetuneConfig
 from neurofm.utils import to_jsonable, write_json
@@ -37,7 +41,9 @@ class AnalyzeConfig:
     train_sites: list[str] | None = None
     test_sites: list[str] | None = None
     fomo_scale: float = 1.0
-    seeds: int = 1
+    seeds: int = 5
+    modes: list[str] = field(default_factory=lambda: ["linear", "frozen", "full"])  # the pretrained arms
+    floors: bool = True  # a frozen random encoder and the constant predictor on every table
     finetune: dict[str, Any] = field(default_factory=dict)  # FinetuneConfig settings (steps, patch, contrasts, ...)
 
 
@@ -48,7 +54,12 @@ def drop_values(d: Any) -> Any:
     return d
 
 
+def _interval(lo: float | None, hi: float | None) -> str:
+    return f"[{lo:.3g}, {hi:.3g}]" if lo is not None and lo == lo and hi == hi else "–"
+
+
 def score_table(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Report rows: each arm's headline metric (mean over seeds) and its paired difference from scratch."""
     out = []
     for r in rows:
         if "skipped" in r:
@@ -61,9 +72,11 @@ def score_table(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
                 "labelled subjects": r.get("x"),
                 "metric": r["metric"],
                 "value": r["value"],
-                "95% CI": f"[{r['ci_low']:.3g}, {r['ci_high']:.3g}]" if r["ci_low"] == r["ci_low"] else "–",
-                "test cases": r["cases"],
+                "95% CI": _interval(r["ci_low"], r["ci_high"]),
+                "minus scratch": r.get("difference"),
+                "difference 95% CI": _interval(r.get("difference_low"), r.get("difference_high")),
                 "seeds": r["seeds"],
+                "test cases": r["cases"],
             }
         )
     return out
@@ -113,12 +126,35 @@ def analyze(
         )
     )
 
-    base = FinetuneConfig(task="seg", target="lesion", source="scratch", **cfg.finetune)
-    inits = {"pretrained": str(run), "scratch": "scratch"}
+    model, info = model_from_checkpoint(run)
+    if model.disentangles:
+        console.rule("swap check")
+        swap = swap_check(model.eval(), store, keys, int(info["run"].get("data", {}).get("patch", 64)))
+        result["swap"] = swap
+        sections.append(
+            Section(
+                "Swap check",
+                text=(
+                    "The anatomy of scan b decoded with the contrast code of scan a taken from another crop (far away "
+                    "and flipped front to back). Disentangled latents give b's anatomy in a's contrast: nearest to "
+                    "x_a, not to x_b (b's own intensities) or to the crop the code came from. 'copy' uses the contrast "
+                    "code of x_a's own crop, which a contrast latent that copies its input would also pass."
+                ),
+                tables=[[{k: v for k, v in swap.items()}]],
+            )
+        )
+
+    base = FinetuneConfig(task="seg", target="lesion", source="scratch", arch=str(run), **cfg.finetune)
     if cfg.compare:
         console.rule("ablation")
-        ab_inits = {"recipe": str(run), **cfg.compare, "scratch": "scratch"}
-        rows = experiments.compare_inits(data, out / "ablation", cfg.tasks, ab_inits, base, cfg.seeds, progress=False)
+        floors = [a for a in experiments.standard_arms(str(run), "seg", [], cfg.floors) if a.name != "scratch"]
+        ab = [
+            experiments.Arm("recipe", str(run)),
+            *(experiments.Arm(name, path) for name, path in cfg.compare.items()),
+            experiments.Arm("scratch", "scratch"),
+            *floors,
+        ]
+        rows = experiments.compare_inits(data, out / "ablation", cfg.tasks, ab, base, cfg.seeds, progress=False)
         result["ablation"] = rows
         png = figures.scores_figure(rows, out / "ablation.png", "recipe vs ablation vs scratch, same budget")
         sections.append(Section("Ablation", images=[png.name] if png else [], tables=[score_table(rows)]))
@@ -126,7 +162,14 @@ def analyze(
         console.rule("label efficiency")
         task, target = cfg.label_efficiency
         rows = experiments.label_efficiency(
-            data, out / "label-efficiency", task, target, inits, base, cfg.shots, cfg.seeds
+            data,
+            out / "label-efficiency",
+            task,
+            target,
+            experiments.standard_arms(str(run), task, cfg.modes, cfg.floors),
+            base,
+            cfg.shots,
+            cfg.seeds,
         )
         result["label_efficiency"] = rows
         png = figures.curve_figure(rows, out / "label_efficiency.png", title=f"{task} {target}: pretrained vs scratch")
@@ -135,8 +178,9 @@ def analyze(
         console.rule("FOMO25 protocol in miniature")
         sites = sorted({str(r.get("labels", {}).get("site", "")) for r in store.records.values()})
         train = cfg.train_sites or sites[:1]
+        fomo_arms = experiments.standard_arms(str(run), "cls", cfg.modes, cfg.floors)
         rows = experiments.fomo_protocol(
-            data, out / "fomo", inits, base, train, cfg.test_sites, cfg.fomo_scale, cfg.seeds
+            data, out / "fomo", fomo_arms, base, train, cfg.test_sites, cfg.fomo_scale, cfg.seeds
         )
         result["fomo"] = rows
         ok = [r for r in rows if "skipped" not in r]
@@ -148,7 +192,8 @@ def analyze(
                 tables=[score_table(rows)],
                 note=(
                     "Case counts follow FOMO25 (infarct 13 positive / 8 negative, 23 lesion segmentations, 200 ages), "
-                    f"scaled by {cfg.fomo_scale} and limited to what the training sites hold."
+                    f"scaled by {cfg.fomo_scale} and limited to what the training sites hold. The training subjects "
+                    "are fixed; the seeds vary the initialisation and training."
                 ),
             )
         )

@@ -151,3 +151,98 @@ def summarize(task: str, cases: list[dict[str, Any]], reps: int = 1000, seed: in
     pred = np.array([c["prediction"] for c in cases], float)
     y = np.array([c["target"] for c in cases], float)
     return bootstrap(lambda idx: regression_metrics(pred[idx], y[idx]), n, reps, seed)
+
+
+#: the metric every comparison reports per task, and whether higher is better
+HEADLINE = {"seg": ("dice", True), "cls": ("auroc", True), "reg": ("mae", False)}
+
+
+def _headline_arrays(task: str, rows: list[dict[str, Any]]) -> tuple[np.ndarray, ...]:
+    if task == "seg":
+        return (np.array([r["dice"] for r in rows], float),)
+    if task == "cls":
+        return np.array([r["prob"] for r in rows], float), np.array([r["target"] for r in rows], int)
+    return np.array([r["prediction"] for r in rows], float), np.array([r["target"] for r in rows], float)
+
+
+def _headline_value(task: str, arrays: tuple[np.ndarray, ...], idx: np.ndarray) -> float:
+    if task == "seg":
+        return float(np.nanmean(arrays[0][idx]))
+    if task == "cls":
+        from sklearn.metrics import roc_auc_score
+
+        prob, y = arrays[0][idx], arrays[1][idx]
+        if len(np.unique(y)) < 2:
+            return float("nan")
+        if prob.shape[1] == 2:
+            return float(roc_auc_score(y, prob[:, 1]))
+        return float(roc_auc_score(y, prob, multi_class="ovr", average="macro", labels=list(range(prob.shape[1]))))
+    pred, y = arrays[0][idx], arrays[1][idx]
+    return float(np.abs(pred - y).mean())
+
+
+def headline_value(task: str, rows: list[dict[str, Any]]) -> float:
+    """The headline metric (``HEADLINE``) of one set of per-case rows."""
+    return _headline_value(task, _headline_arrays(task, rows), np.arange(len(rows)))
+
+
+def paired_seeds(
+    task: str,
+    arm: list[list[dict[str, Any]]],
+    reference: list[list[dict[str, Any]]] | None = None,
+    reps: int = 1000,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """The headline metric of an arm over several seeds and, with ``reference``, its paired difference.
+
+    ``arm[s]`` and ``reference[s]`` are the per-case rows of seed ``s`` (one few-shot draw and
+    initialisation), on the same test cases in the same order. The value is the mean over seeds of
+    each seed's metric; the difference the mean over seeds of (arm - reference) on the same cases.
+    The 95 % intervals come from a hierarchical bootstrap: seeds are resampled, then cases within
+    each drawn seed, the same cases for both arms; so they hold both sources of noise.
+    """
+    import warnings
+
+    n = len(arm)
+    if reference is not None and len(reference) != n:
+        raise ValueError(f"{n} seeds of the arm but {len(reference)} of the reference")
+    a = [_headline_arrays(task, rows) for rows in arm]
+    b = [_headline_arrays(task, rows) for rows in reference] if reference is not None else None
+    for s in range(n):
+        if b is not None and [r.get("key") for r in arm[s]] != [r.get("key") for r in reference[s]]:
+            raise ValueError(f"seed {s}: the two arms were not scored on the same cases")
+    full = [np.arange(len(rows)) for rows in arm]
+    per_seed = [_headline_value(task, a[s], full[s]) for s in range(n)]
+    diffs = [per_seed[s] - _headline_value(task, b[s], full[s]) for s in range(n)] if b is not None else None
+    rng = np.random.default_rng(seed)
+    vals, dvals = [], []
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for _ in range(reps):
+            va, vd = [], []
+            for s in rng.integers(0, n, n):
+                idx = rng.integers(0, len(full[s]), len(full[s]))
+                x = _headline_value(task, a[s], idx)
+                va.append(x)
+                if b is not None:
+                    vd.append(x - _headline_value(task, b[s], idx))
+            vals.append(np.nanmean(va))
+            if b is not None:
+                dvals.append(np.nanmean(vd))
+    out: dict[str, Any] = {
+        "metric": HEADLINE[task][0],
+        "value": float(np.nanmean(per_seed)),
+        "ci_low": float(np.nanpercentile(vals, 2.5)),
+        "ci_high": float(np.nanpercentile(vals, 97.5)),
+        "per_seed": per_seed,
+        "seeds": n,
+        "cases": int(sum(len(f) for f in full)),
+    }
+    if diffs is not None:
+        out.update(
+            difference=float(np.nanmean(diffs)),
+            difference_low=float(np.nanpercentile(dvals, 2.5)),
+            difference_high=float(np.nanpercentile(dvals, 97.5)),
+            difference_per_seed=diffs,
+        )
+    return out

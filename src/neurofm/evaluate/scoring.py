@@ -134,3 +134,44 @@ def evaluate_run(
     write_predictions(out / "predictions.csv", rows)
     write_json(out / "summary.json", summary)
     return summary
+
+
+def constant_rows(store: Store, cfg: Any) -> list[dict[str, Any]]:
+    """The constant predictor's rows on the held-out cases of a fine-tuning config's splits: the
+    training mean (reg), the training class frequencies (cls), background everywhere (seg).
+
+    ``cfg`` is a :class:`~neurofm.train.config.FinetuneConfig`; the splits are the ones
+    :func:`~neurofm.tasks.finetune.finetune` draws for it, so the rows pair with its predictions.
+    """
+    from neurofm.data.finetune import make_splits
+
+    cs = build_cases(store, cfg.task, cfg.target, cfg.contrasts, positive_only=cfg.positive_only)
+    splits = make_splits(
+        cs,
+        seed=cfg.seed,
+        shots=cfg.shots,
+        folds=cfg.folds,
+        train_sites=cfg.train_sites,
+        test_sites=cfg.test_sites,
+        train_subjects=cfg.train_subjects,
+        test_fraction=cfg.test_fraction,
+    )
+    rows = []
+    for f, (train, test) in enumerate(splits):
+        if cs.task == "reg":
+            mean = float(np.mean([c.target for c in train]))
+        if cs.task == "cls":
+            freq = np.bincount([c.target for c in train], minlength=cs.n_out).astype(float)
+            freq /= freq.sum()
+        for c in test:
+            row: dict[str, Any] = {"fold": f, "key": c.key, "subject": c.subject, "session": c.session, "site": c.site}
+            if cs.task == "seg":  # background everywhere: perfect only where the truth is empty too
+                values = store.record(c.key).get("label_maps", {}).get(c.target, {}).get("values", [])
+                empty = not any(v > 0 for v in values)
+                row.update(dice=float(empty), nsd=float(empty), hd95=0.0 if empty else float("nan"))
+            elif cs.task == "cls":
+                row.update(target=int(c.target), prediction=int(np.argmax(freq)), prob=[float(p) for p in freq])
+            else:
+                row.update(target=float(c.target), prediction=mean)
+            rows.append(row)
+    return rows
