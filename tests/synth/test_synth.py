@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import hashlib
 
+import nibabel as nib
 import numpy as np
 import pandas as pd
 import pytest
@@ -164,3 +165,18 @@ def test_cli_synth_with_montage(tmp_path, run_cli):
     assert code == 0, err
     assert (tmp_path / "m.png").stat().st_size > 10_000
     assert len(list((tmp_path / "d").glob("sub-*/ses-1/anat/*.nii.gz"))) == 10
+
+
+def test_first_subject_renames_only(tmp_path, run_cli):
+    """A pool numbered from 1001 has the same images as one numbered from 1, under names no demo subject has."""
+    args = ["--subjects", "2", "--seed", "9", "--pathology", "", "--no-progress"]
+    assert run_cli("synth", tmp_path / "a", *args)[0] == 0
+    code, _, err = run_cli("synth", tmp_path / "b", *args, "--first-subject", "1001")
+    assert code == 0, err
+    assert sorted(p.name for p in (tmp_path / "b").glob("sub-*")) == ["sub-1001", "sub-1002"]
+    for i in (1, 2):
+        a = nib.load(tmp_path / "a" / f"sub-00{i}" / "ses-1" / "anat" / f"sub-00{i}_ses-1_T1w.nii.gz")
+        b = nib.load(tmp_path / "b" / f"sub-100{i}" / "ses-1" / "anat" / f"sub-100{i}_ses-1_T1w.nii.gz")
+        assert np.array_equal(a.get_fdata(), b.get_fdata()) and np.array_equal(a.affine, b.affine)
+    code, _, err = run_cli("synth", tmp_path / "c", "--first-subject", "-1", "--no-progress")
+    assert code != 0 and "first_subject" in err and "Traceback" not in err

@@ -74,6 +74,8 @@ class SynthConfig:
         healthy_fraction: share of subjects without a lesion.
         contrasts: contrasts acquired per session.
         missing_rate: probability that a non-T1w contrast of a session is missing.
+        first_subject: number of the first subject (``sub-001`` by default); give pools that must
+            never be confused with another dataset their own range, e.g. 1001.
     """
 
     subjects: int = 20
@@ -85,13 +87,15 @@ class SynthConfig:
     healthy_fraction: float = 0.4
     contrasts: tuple[str, ...] = CONTRASTS
     missing_rate: float = 0.0
+    first_subject: int = 1
 
     def __post_init__(self) -> None:
         self.pathology = tuple(p.strip() for p in self.pathology if p.strip())
         self.contrasts = tuple(self.contrasts)
-        if self.subjects < 1 or self.sessions < 1 or self.sites < 1:
+        if self.subjects < 1 or self.sessions < 1 or self.sites < 1 or self.first_subject < 0:
             raise ConfigError(
-                f"subjects, sessions and sites must be >= 1, got {self.subjects}, {self.sessions}, {self.sites}"
+                f"subjects, sessions and sites must be >= 1 and first_subject >= 0, got {self.subjects}, "
+                f"{self.sessions}, {self.sites}, {self.first_subject}"
             )
         if self.resolution not in (1, 2):
             raise ConfigError(f"resolution should be 1 or 2 (mm), got {self.resolution!r}")
@@ -159,7 +163,7 @@ def plan_subjects(cfg: SynthConfig, template: Template) -> list[SubjectPlan]:
         plans.append(
             SubjectPlan(
                 i,
-                f"sub-{i + 1:03d}",
+                f"sub-{cfg.first_subject + i:03d}",
                 sex,
                 age,
                 site,
