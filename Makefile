@@ -11,15 +11,15 @@ demo: setup
 	$(BIN)/neurofm demo $(ARGS)
 
 test: setup
-	$(BIN)/ruff check src tests benchmarks
+	$(BIN)/ruff check src tests benchmarks scripts experiments
 	$(BIN)/python -m pytest -q $(ARGS)
 
 test-fast: setup
 	$(BIN)/python -m pytest -q -m "not slow" $(ARGS)
 
 lint: setup
-	$(BIN)/ruff check src tests benchmarks
-	$(BIN)/ruff format --check src tests benchmarks
+	$(BIN)/ruff check src tests benchmarks scripts experiments
+	$(BIN)/ruff format --check src tests benchmarks scripts experiments
 
 bench: setup
 	$(BIN)/python benchmarks/run_all.py $(ARGS)

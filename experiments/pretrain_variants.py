@@ -1,0 +1,189 @@
+"""Which fomo25 objective disentangles? Pretrain each variant, then measure its latents and its frozen features.
+
+For every variant (a set of ``--set`` overrides on ``fomo25-tiny``):
+
+1. pretrain on an unlabelled pool store for ``--steps`` steps;
+2. on a separate evaluation store (other subjects): the latent analysis of ``neurofm analyze``
+   (centred anatomy cosine within vs across subjects, contrast probes from each latent) and the
+   swap check;
+3. a quick read of the frozen features: ridge regression of age and logistic regression of
+   health from each session's pooled features (T1w and FLAIR), cross-validated by subject,
+   against the constant predictor.
+
+    python experiments/pretrain_variants.py --pool POOL_STORE --eval EVAL_STORE --out DIR --steps 3000 \
+        [--only NAME ...]
+
+Writes ``DIR/<variant>/`` (the run) and ``DIR/results.json`` (one row per variant, updated as they finish).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+
+GLOBAL = ["model.kwargs.contrast_code=global", "objective.kl_reduction=sum", "objective.swap_anatomy=other"]
+VARIANTS = {
+    # the paper's form (spatial contrast latent, plain cosine, swap from the same crop), KL averaged or summed
+    "paper-klmean": [
+        "model.kwargs.contrast_code=spatial",
+        "objective.align=cosine",
+        "objective.kl_reduction=mean",
+        "objective.swap_anatomy=mean",
+        "objective.swap_contrast=same",
+    ],
+    "paper": [
+        "model.kwargs.contrast_code=spatial",
+        "objective.align=cosine",
+        "objective.kl_reduction=sum",
+        "objective.swap_anatomy=mean",
+        "objective.swap_contrast=same",
+    ],
+    # a global contrast code; the anatomy of one scan with the contrast code of another crop of the other
+    "global-centred": [*GLOBAL, "objective.align=centred", "objective.swap_contrast=reference"],
+    "global-nce": [*GLOBAL, "objective.align=dense_nce", "objective.swap_contrast=reference"],
+    # ... and each scan rebuilt from its own or its partner's anatomy at random (CALAMITI)
+    "global-calamiti": [
+        *GLOBAL,
+        "objective.align=centred",
+        "objective.swap_contrast=reference",
+        "objective.rec_anatomy=random",
+    ],
+    "global-calamiti-same": [
+        *GLOBAL,
+        "objective.align=centred",
+        "objective.swap_contrast=same",
+        "objective.rec_anatomy=random",
+    ],
+    "mae": [
+        "objective.w_swap=0",
+        "objective.w_kl=0",
+        "objective.w_align=0",
+        "objective.w_repel=0",
+        "objective.variational=false",
+    ],
+}
+
+
+def session_features(run: Path, store_root: Path, contrasts=("T1w", "FLAIR")) -> tuple[np.ndarray, list[dict]]:
+    """Per session: the frozen encoder's pooled + anatomy + contrast vectors of each contrast, concatenated."""
+    import torch
+
+    from neurofm.data.sampling import window_slices
+    from neurofm.models.registry import model_from_checkpoint
+    from neurofm.preprocess.transforms import pad_to
+    from neurofm.store import Store
+
+    model, info = model_from_checkpoint(run)
+    model.eval()
+    patch = int(info["run"]["data"]["patch"])
+    store = Store(store_root)
+    rows, feats = [], []
+    for key in store.keys:
+        rec = store.record(key)
+        if not all(c in rec["images"] for c in contrasts):
+            continue
+        vec = []
+        for c in contrasts:
+            arr = np.asarray(store.read(key, c), np.float32)
+            arr = pad_to(arr, patch, float(arr.min()))
+            x = torch.from_numpy(arr)[None, None]
+            parts = []
+            with torch.no_grad():
+                for w in window_slices(tuple(x.shape[2:]), patch, 0.0):
+                    f = model.forward_features(x[(slice(None), slice(None), *w)])
+                    parts.append(torch.cat([f.pooled, f.anatomy, f.contrast], 1))
+            vec.append(torch.cat(parts).mean(0).numpy())
+        feats.append(np.concatenate(vec))
+        rows.append({"subject": rec["subject"], **rec.get("labels", {})})
+    return np.stack(feats), rows
+
+
+def probes(x: np.ndarray, rows: list[dict]) -> dict:
+    from sklearn.linear_model import LogisticRegression, RidgeCV
+    from sklearn.metrics import roc_auc_score
+    from sklearn.model_selection import GroupKFold, cross_val_predict
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    groups = np.array([r["subject"] for r in rows])
+    age = np.array([float(r["age"]) for r in rows])
+    healthy = np.array([int(r["healthy"]) for r in rows])
+    cv = GroupKFold(n_splits=5)
+    reg = make_pipeline(StandardScaler(), RidgeCV(alphas=np.logspace(-2, 4, 13)))
+    pred = cross_val_predict(reg, x, age, groups=groups, cv=cv)
+    const = np.zeros_like(age)
+    for tr, te in cv.split(x, age, groups):
+        const[te] = age[tr].mean()
+    clf = make_pipeline(StandardScaler(), LogisticRegression(C=0.1, max_iter=5000))
+    prob = cross_val_predict(clf, x, healthy, groups=groups, cv=cv, method="predict_proba")[:, 1]
+    return {
+        "age_mae": float(np.abs(pred - age).mean()),
+        "age_mae_constant": float(np.abs(const - age).mean()),
+        "age_r": float(np.corrcoef(pred, age)[0, 1]),
+        "health_auroc": float(roc_auc_score(healthy, prob)),
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--pool", type=Path, required=True)
+    ap.add_argument("--eval", type=Path, required=True)
+    ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--steps", type=int, default=3000)
+    ap.add_argument("--only", nargs="*")
+    ap.add_argument("--set", nargs="*", default=[], dest="extra", help="overrides for every variant")
+    args = ap.parse_args()
+
+    from neurofm.analyze.embed import embed_store
+    from neurofm.analyze.latent import latent_analysis, summary_table, swap_check
+    from neurofm.io.checkpoint import latest_checkpoint
+    from neurofm.models.registry import model_from_checkpoint
+    from neurofm.store import Store
+    from neurofm.tasks.pretrain import pretrain
+
+    args.out.mkdir(parents=True, exist_ok=True)
+    res_path = args.out / "results.json"
+    results = json.loads(res_path.read_text()) if res_path.is_file() else {}
+    for name, sets in VARIANTS.items():
+        if args.only and name not in args.only:
+            continue
+        run = args.out / name
+        t0 = time.time()
+        overrides = [
+            *sets,
+            f"trainer.max_steps={args.steps}",
+            f"trainer.checkpoint_every={max(100, args.steps // 4)}",
+            "data.num_workers=1",
+            *args.extra,
+        ]
+        ck = latest_checkpoint(run)
+        if ck is None:
+            pretrain(args.pool, run, "fomo25-tiny", overrides=overrides, progress=True)
+        elif int(ck.name.split("-")[1]) < args.steps:
+            pretrain(None, run, resume=True, overrides=[f"trainer.max_steps={args.steps}"], progress=True)
+        t_train = time.time() - t0
+        store = Store(args.eval)
+        lat = latent_analysis(embed_store(run, args.eval))
+        model, info = model_from_checkpoint(run)
+        swap = swap_check(model.eval(), store, store.keys, int(info["run"]["data"]["patch"]))
+        x, rows = session_features(run, args.eval)
+        row = {
+            "overrides": overrides,
+            "train_seconds": round(t_train, 1),
+            "losses": info["meta"].get("losses"),
+            "latent": summary_table(lat),
+            "anatomy_difference": lat.get("anatomy", {}).get("similarity", {}).get("difference"),
+            "swap": swap,
+            "probes": probes(x, rows),
+        }
+        results[name] = row
+        res_path.write_text(json.dumps(results, indent=2))
+        print(name, json.dumps({k: row[k] for k in ("anatomy_difference", "swap", "probes", "latent")}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
