@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from dataclasses import replace
 from pathlib import Path
 
 from neurofm.analyze.experiments import Arm, paired_study
@@ -82,7 +83,7 @@ def main() -> None:
     results = json.loads(res_path.read_text()) if res_path.is_file() else {}
     for task in args.tasks:
         target, shots, arms = tasks[task]
-        cfg = FinetuneConfig(**{**base.to_dict(), "task": task, "target": target, "shots": shots})
+        cfg = replace(base, task=task, target=target, shots=shots)
         rows = paired_study(args.data, args.out, cfg, arms, args.seeds, f"{task}-{target}")
         results[task] = rows
         res_path.write_text(json.dumps(to_jsonable(results), indent=2))

@@ -99,8 +99,8 @@ _TINY_TRAINER = {"checkpoint_every": 10, "log_every": 1}
 TINY: dict[str, dict[str, Any]] = {
     "fomo25": {
         "model": {"kwargs": {"features": [8, 16, 32, 64], "latent": 32}},
-        "objective": {"kl_warmup_epochs": 2.0},
-        "data": _TINY_DATA,
+        # KL warmed up over SPEC's 10 epochs of 100 steps (1,000 steps), not over 20 steps
+        "data": {**_TINY_DATA, "steps_per_epoch": 100},
         "optim": {"lr": 2e-3, "warmup_epochs": 1, "epochs": 4},
         "trainer": _TINY_TRAINER,
     },
