@@ -88,11 +88,11 @@ def main() -> None:
         results[task] = rows
         res_path.write_text(json.dumps(to_jsonable(results), indent=2))
         for r in rows:
-            d = f"  minus scratch {r['difference']:+.3f} [{r['difference_low']:+.3f}, {r['difference_high']:+.3f}]"
-            print(
-                f"{task} {r['init']:22s} {r['metric']} {r['value']:.3f}"
-                + (d if r.get("difference") is not None else "")
-            )
+            line = f"{task} {r['init']:22s} {r['metric']} {r['value']:.3f}"
+            if r.get("difference") is not None:
+                lo, hi = r["difference_low"], r["difference_high"]
+                line += f"  minus scratch {r['difference']:+.3f} [{lo:+.3f}, {hi:+.3f}]"
+            print(line)
 
 
 if __name__ == "__main__":

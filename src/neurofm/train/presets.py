@@ -143,7 +143,11 @@ PRESET_HELP = {name: row["help"] for name, row in BASE.items()}
 
 #: fine-tuning presets (``neurofm finetune --preset NAME``): rows over FinetuneConfig's defaults
 FINETUNE_PRESETS: dict[str, dict[str, Any]] = {
-    "full": {"help": "the whole network, the encoder at a tenth of the head's learning rate", "mode": "full"},
+    "full": {
+        "help": "the whole network; a pretrained encoder held still for the first quarter of the steps, "
+        "then at the head's rate",
+        "mode": "full",
+    },
     "frozen": {"help": "encoder frozen, head or decoder trained", "mode": "frozen"},
     "linear": {"help": "linear probe on the frozen encoder's features (cls/reg)", "mode": "linear"},
 }
