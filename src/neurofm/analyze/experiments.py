@@ -47,11 +47,13 @@ class Arm:
 
 def standard_arms(pretrained: str, task: str, modes: list[str] | None = None, floors: bool = True) -> list[Arm]:
     """Pretrained in each mode (linear is cls/reg only), scratch, and the two floors: a frozen random
-    encoder with the same head and the constant predictor."""
+    encoder and the constant predictor. The random encoder gets the pretrained arms' lightest head: a
+    linear probe where they include one, else the trained head / decoder of ``frozen``."""
     modes = [m for m in (modes or ["linear", "frozen", "full"]) if not (task == "seg" and m == "linear")]
     arms = [Arm(f"pretrained {m}", pretrained, m) for m in modes] + [Arm("scratch", "scratch", "full")]
     if floors:
-        arms += [Arm("random frozen", "random", "frozen"), Arm("constant", "constant", "")]
+        floor = "linear" if "linear" in modes else "frozen"
+        arms += [Arm(f"random {floor}", "random", floor), Arm("constant", "constant", "")]
     return arms
 
 

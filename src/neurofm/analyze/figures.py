@@ -91,7 +91,12 @@ def scores_figure(rows: list[dict], png: str | Path, title: str = "pretrained vs
         x = np.arange(len(sub))
         vals = [r["value"] for r in sub]
         err = [[max(r["value"] - r["ci_low"], 0) for r in sub], [max(r["ci_high"] - r["value"], 0) for r in sub]]
-        colours = {"scratch": "tab:gray", "random frozen": "lightgray", "constant": "whitesmoke"}
+        colours = {
+            "scratch": "tab:gray",
+            "random frozen": "lightgray",
+            "random linear": "lightgray",
+            "constant": "whitesmoke",
+        }
         ax.bar(x, vals, yerr=err, capsize=4, edgecolor="k", color=[colours.get(r["init"], "tab:green") for r in sub])
         ax.set_xticks(x, [r["init"] for r in sub], fontsize=8)
         ax.set_title(f"{t}\n{sub[0]['metric']}", fontsize=9)
@@ -121,7 +126,8 @@ def difference_figure(rows: list[dict], png: str | Path) -> Path | None:
             ax.plot(r["difference_per_seed"], [k] * len(r["difference_per_seed"]), ".", color="tab:blue", alpha=0.6)
         ax.axvline(0, color="gray", lw=1, ls="--")
         ax.set_yticks(y, [r["init"] for r in sub], fontsize=8)
-        ax.set_title(f"{t}\n{sub[0]['metric']} minus scratch", fontsize=9)
+        better = "lower" if sub[0]["metric"] in ("mae", "rmse", "hd95") else "higher"
+        ax.set_title(f"{t}\n{sub[0]['metric']} minus scratch ({better} is better)", fontsize=9)
     fig.suptitle("paired differences from scratch (same seeds and cases)", fontsize=10)
     return save_figure(fig, png)
 
