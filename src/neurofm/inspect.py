@@ -11,12 +11,18 @@ from neurofm.utils import read_json
 
 
 def describe(path: str | Path) -> str:
-    path = Path(path)
+    from neurofm.io.checkpoint import resolve_run
+
+    path = resolve_run(path)
     if (path / "store.json").is_file():
         return describe_store(path)
     if (path / "run.json").is_file() or (path / "checkpoints").is_dir():
-        return describe_run(path)
-    raise NeurofmError(f"{path}: neither a store (store.json) nor a run folder (run.json)")
+        card = path / "MODEL_CARD.md"  # a model that ships with neurofm: its card follows
+        return describe_run(path) + ("\n\n" + card.read_text() if card.is_file() else "")
+    from neurofm.pretrained import shipped
+
+    names = ", ".join(shipped()) or "none"
+    raise NeurofmError(f"{path}: neither a store (store.json) nor a run folder (run.json) (models that ship: {names})")
 
 
 def describe_store(path: Path) -> str:

@@ -145,9 +145,22 @@ def checkpoint_step(folder: Path) -> int:
     return int(folder.name.split("-")[1])
 
 
+def resolve_run(path: str | Path) -> Path:
+    """The folder of a run: ``path`` itself, or the model of that name that ships with neurofm
+    (:mod:`neurofm.pretrained`)."""
+    from neurofm.pretrained import shipped_path
+
+    if not Path(path).exists() and shipped_path(str(path)) is not None:
+        return shipped_path(str(path))
+    return Path(path)
+
+
 def resolve_checkpoint(path: str | Path) -> Path:
-    """A run folder (its latest checkpoint) or a checkpoint folder -> the checkpoint folder."""
-    path = Path(path)
+    """A run folder (its latest checkpoint), a checkpoint folder, or the name of a model that ships with
+    neurofm -> the checkpoint folder."""
+    from neurofm.pretrained import shipped
+
+    path = resolve_run(path)
     if is_complete(path):
         return path
     if (path / "run.json").is_file() or checkpoint_dir(path).is_dir():
@@ -155,7 +168,8 @@ def resolve_checkpoint(path: str | Path) -> Path:
         if ck is None:
             raise CheckpointError(f"{path}: run has no complete checkpoint yet")
         return ck
-    raise CheckpointError(f"{path}: neither a run folder nor a checkpoint folder")
+    names = ", ".join(shipped()) or "none"
+    raise CheckpointError(f"{path}: neither a run folder nor a checkpoint folder (models that ship: {names})")
 
 
 def write_checkpoint_files(folder: Path, model: nn.Module, run_cfg: dict[str, Any], meta: dict[str, Any]) -> None:

@@ -1,0 +1,196 @@
+"""Pretrain the model that ships with neurofm, measure it, and package it with its model card.
+
+One command (about two hours on a 2-core CPU at the default 30,000 steps)::
+
+    .venv/bin/python scripts/make_pretrained.py --work runs/shipped
+
+1. ``neurofm synth`` a pool of unlabelled subjects (seed 1000: none of them is a subject of the
+   demo, whose seed is 0, or of the evaluation set, seed 3000), prepared at 4 mm;
+2. ``neurofm pretrain --preset fomo25-tiny`` on it for ``--steps`` steps;
+3. ``neurofm analyze`` (latents, contrast probes, swap check) on a separate evaluation set;
+4. copies the weights and descriptions (no optimizer state, no machine paths) to
+   ``src/neurofm/pretrained/<name>/`` and writes its ``MODEL_CARD.md``.
+
+Every stage reuses what is already in ``--work``, so an interrupted run resumes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+NEUROFM = [sys.executable, "-m", "neurofm.cli"]
+CARRY = ("model.safetensors", "model.json", "transfer.json", "preprocessing.json", "run.json", "meta.json")
+
+
+def sh(*args: object) -> None:
+    print("+ neurofm", " ".join(map(str, args)), flush=True)
+    subprocess.run([*NEUROFM, *map(str, args)], check=True)
+
+
+def synth_and_prepare(work: Path, name: str, subjects: int, seed: int, workers: int) -> Path:
+    """Subjects are numbered from seed + 1 (sub-1001, ...), so no name is shared with the demo's sub-001, ..."""
+    bids, store = work / f"{name}-bids", work / f"{name}-store"
+    if not (bids / "participants.tsv").is_file():
+        shutil.rmtree(bids, ignore_errors=True)
+        synth = ["synth", bids, "--subjects", subjects, "--sessions", 2, "--seed", seed, "--resolution", 2]
+        synth += ["--first-subject", seed + 1]
+        sh(*synth, "--sites", 3, "--missing-rate", 0.05, "--workers", workers, "--no-progress")
+    sh("prepare", bids, store, "--spacing", 4, "--workers", workers, "--no-progress")
+    return store
+
+
+def scrub(run_cfg: dict, pool_command: str) -> dict:
+    """The run config without this machine's paths (the store becomes the command that makes it)."""
+    extra = dict(run_cfg.get("extra", {}))
+    extra["store"] = pool_command
+    return {**run_cfg, "extra": extra}
+
+
+def model_card(name: str, args: argparse.Namespace, run_cfg: dict, meta: dict, analysis: dict, pool_cmd: str) -> str:
+    lat = analysis.get("latent", {})
+
+    def latent(part: str, key: str, sub: str) -> str:
+        v = lat.get(part, {}).get(key, {}).get(sub)
+        return "n/a" if v is None else f"{v:.3f}"
+
+    swap = analysis.get("swap", {})
+    checks = [
+        (
+            "anatomy latent, centred cosine same subject / other subjects",
+            f"{latent('anatomy', 'similarity', 'within')} / {latent('anatomy', 'similarity', 'across')}",
+        ),
+        ("anatomy latent, within minus across", latent("anatomy", "similarity", "difference")),
+        (
+            "contrast probe from the anatomy latent (chance)",
+            f"{latent('anatomy', 'contrast_probe', 'accuracy')} ({latent('anatomy', 'contrast_probe', 'chance')})",
+        ),
+        (
+            "contrast probe from the contrast latent (chance)",
+            f"{latent('contrast', 'contrast_probe', 'accuracy')} ({latent('contrast', 'contrast_probe', 'chance')})",
+        ),
+        (
+            "swap check: recombination nearest to the anatomy in the other contrast",
+            f"{swap.get('a_nearest', float('nan')):.2f} of {swap.get('sessions', 0)} sessions "
+            f"({'passed' if swap.get('passed') else 'failed'})",
+        ),
+    ]
+    table = "\n".join(f"| {k} | {v} |" for k, v in checks)
+    losses = ", ".join(f"{k} {v:.4g}" for k, v in meta.get("losses", {}).items())
+    model = f"`{run_cfg['model']['name']}` {json.dumps(run_cfg['model']['kwargs'])}"
+    d, o = run_cfg["data"], run_cfg["optim"]
+    return f"""# {name}
+
+fomo25-tiny ({model}), pretrained without labels on synthetic multi-contrast heads made by
+`neurofm synth` from the ICBM 2009c / CerebrA anatomy.
+
+## Data
+{args.pool_subjects} synthetic subjects x 2 sessions (T1w, T1c, T2w, FLAIR, PDw; 3 site intensity models;
+5 % of non-T1w scans missing), seed {args.pool_seed}, prepared at 4 mm:
+
+    {pool_cmd}
+
+None of them is a subject of `neurofm demo` (seed 0, sub-001 ...) or of the evaluation set below
+(seed {args.eval_seed}, sub-{args.eval_seed + 1} ...); the pool's subjects are sub-{args.pool_seed + 1} ...
+The synthetic heads come from one template: the model has seen no real scan.
+
+## Training
+    .venv/bin/python scripts/make_pretrained.py --work WORK --steps {args.steps} --pool-subjects {args.pool_subjects}
+
+Recipe `fomo25-tiny` ({d["patch"]}^3 crops, batch {d["batch_size"]}, AdamW lr {o["lr"]}, cosine), {meta["step"]}
+steps; objective `{json.dumps(run_cfg["objective"])}`. Wall time {args.train_minutes:.0f} min on a CPU ({args.threads}).
+Last logged losses: {losses}.
+
+## What `neurofm analyze` measured (evaluation set: {args.eval_subjects} other subjects x 2 sessions)
+| check | value |
+| --- | --- |
+{table}
+
+## Use
+    neurofm finetune --from {name} --data STORE --task seg --target lesion --out ft/
+    neurofm inspect {name}
+
+Inputs must be prepared at 4 mm (`neurofm prepare --spacing 4`) and z-scored, as here.
+"""
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--work", type=Path, required=True, help="folder for the data and the run")
+    ap.add_argument("--name", default="fomo25-tiny-synth")
+    ap.add_argument("--steps", type=int, default=30000)
+    ap.add_argument("--pool-subjects", type=int, default=300)
+    ap.add_argument("--pool-seed", type=int, default=1000)
+    ap.add_argument("--eval-subjects", type=int, default=40)
+    ap.add_argument("--eval-seed", type=int, default=3000)
+    ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--set", nargs="*", default=[], dest="extra", help="more recipe overrides")
+    args = ap.parse_args()
+    work = args.work.resolve()
+    work.mkdir(parents=True, exist_ok=True)
+    pool = synth_and_prepare(work, "pool", args.pool_subjects, args.pool_seed, args.workers)
+    pool_cmd = (
+        f"neurofm synth POOL --subjects {args.pool_subjects} --sessions 2 --seed {args.pool_seed} --resolution 2 "
+        f"--first-subject {args.pool_seed + 1} --sites 3 --missing-rate 0.05 "
+        "&& neurofm prepare POOL POOL_STORE --spacing 4"
+    )
+    run = work / "run"
+    t0 = time.time()
+    sets = [f"trainer.max_steps={args.steps}", "trainer.checkpoint_every=1000", "data.num_workers=1", *args.extra]
+    if (run / "run.json").is_file():
+        sh("pretrain", "--out", run, "--resume", "--max-steps", args.steps, "--no-progress")
+    else:
+        sh(
+            "pretrain",
+            "--preset",
+            "fomo25-tiny",
+            "--data",
+            pool,
+            "--out",
+            run,
+            "--no-progress",
+            *sum((["--set", s] for s in sets), []),
+        )
+    args.train_minutes = (time.time() - t0) / 60
+    threads = os.environ.get("OMP_NUM_THREADS")
+    args.threads = f"OMP_NUM_THREADS={threads}" if threads else f"{os.cpu_count()} cores"
+    evaluation = synth_and_prepare(work, "eval", args.eval_subjects, args.eval_seed, args.workers)
+    sh("analyze", run, "--data", evaluation, "--out", work / "analysis", "--max-sessions", 2 * args.eval_subjects)
+    analysis = json.loads((work / "analysis" / "analysis.json").read_text())
+    analysis.update(
+        run=args.name, data=f"neurofm synth, {args.eval_subjects} subjects x 2 sessions, seed {args.eval_seed}"
+    )
+
+    from neurofm.io.checkpoint import latest_checkpoint
+
+    ck = latest_checkpoint(run)
+    dest = ROOT / "src" / "neurofm" / "pretrained" / args.name
+    shutil.rmtree(dest, ignore_errors=True)
+    (dest / "checkpoints" / ck.name).mkdir(parents=True)
+    run_cfg = scrub(json.loads((run / "run.json").read_text()), pool_cmd)
+    for f in CARRY:
+        src = ck / f
+        if f == "run.json":
+            (dest / "checkpoints" / ck.name / f).write_text(
+                json.dumps(scrub(json.loads(src.read_text()), pool_cmd), indent=2) + "\n"
+            )
+        else:
+            shutil.copy(src, dest / "checkpoints" / ck.name / f)
+    (dest / "checkpoints" / "last").write_text(ck.name + "\n")
+    (dest / "run.json").write_text(json.dumps(run_cfg, indent=2) + "\n")
+    meta = json.loads((ck / "meta.json").read_text())
+    (dest / "MODEL_CARD.md").write_text(model_card(args.name, args, run_cfg, meta, analysis, pool_cmd))
+    (dest / "analysis.json").write_text(json.dumps(analysis, indent=2) + "\n")
+    size = sum(p.stat().st_size for p in dest.rglob("*") if p.is_file()) / 1e6
+    print(f"packaged {dest.relative_to(ROOT)} ({size:.1f} MB)")
+
+
+if __name__ == "__main__":
+    main()

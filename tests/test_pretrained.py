@@ -1,0 +1,74 @@
+"""The pretrained models that ship inside the package (src/neurofm/pretrained/)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from neurofm.models.registry import model_from_checkpoint
+from neurofm.pretrained import ROOT, shipped, shipped_path
+
+SHIPPED = shipped()
+
+
+def test_a_pretrained_model_ships():
+    assert "fomo25-tiny-synth" in SHIPPED
+    assert shipped_path("no-such-model") is None and shipped_path("../pretrained") is None
+
+
+@pytest.mark.parametrize("name", SHIPPED)
+def test_shipped_model_is_small_safe_and_described(name):
+    folder = ROOT / name
+    files = [p for p in folder.rglob("*") if p.is_file()]
+    assert sum(p.stat().st_size for p in files) <= 20e6
+    assert not [p for p in files if p.suffix in (".pt", ".pth", ".ckpt", ".pkl")]  # safetensors only, nothing pickled
+    for p in files:  # nothing of the machine it was made on
+        if p.suffix in (".json", ".md") or p.name == "last":
+            text = p.read_text()
+            for bad in ("/tmp/", "/work/", "/root/", "/home/"):
+                assert bad not in text, f"{p.name} holds a machine path"
+    card = (folder / "MODEL_CARD.md").read_text()
+    for needed in ("## Data", "## Training", "swap check", "scripts/make_pretrained.py"):
+        assert needed in card
+    model, info = model_from_checkpoint(name)  # resolved by name, loaded from safetensors
+    ck = (folder / "checkpoints" / "last").read_text().strip()
+    weights = load_file(folder / "checkpoints" / ck / "model.safetensors")
+    assert set(weights) == set(model.state_dict())
+    assert info["meta"]["step"] >= 1000 and info["preprocessing"]["spacing"] == 4.0
+    x = torch.randn(1, 1, 32, 32, 32)
+    with torch.no_grad():
+        assert torch.isfinite(model.eval()(x)).all()
+
+
+def test_inspect_and_finetune_by_name(tiny_store, tmp_path, run_cli):
+    code, out, err = run_cli("inspect", "fomo25-tiny-synth")
+    assert code == 0, err
+    assert "fomo25-tiny" in out and "## What `neurofm analyze` measured" in out
+    code, _, err = run_cli(
+        "finetune",
+        "--data",
+        tiny_store,
+        "--task",
+        "cls",
+        "--target",
+        "healthy",
+        "--from",
+        "fomo25-tiny-synth",
+        "--mode",
+        "linear",
+        "--shots",
+        "4",
+        "--steps",
+        "2",
+        "--no-tta",
+        "--out",
+        tmp_path / "ft",
+    )
+    assert code == 0, err
+    summary = json.loads((tmp_path / "ft" / "summary.json").read_text())
+    assert summary["splits"][0]["transferred_tensors"] > 10
+    code, _, err = run_cli("inspect", "fomo25-tiny-syn")
+    assert code == 2 and "models that ship: fomo25-tiny-synth" in err and "Traceback" not in err
