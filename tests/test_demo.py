@@ -9,28 +9,43 @@ from neurofm.demo import DemoConfig, run_demo
 
 @pytest.mark.slow
 def test_demo_end_to_end_tiny(tmp_path, capsys):
+    # pretrain_steps > 0: the demo's "from nothing" path (a separate pool, pretrained here)
     cfg = DemoConfig(
         subjects=6,
         sessions=1,
         pretrain_steps=4,
+        pool_subjects=3,
         finetune_steps=2,
         shots={"seg": 2, "cls": 3, "reg": 3},
+        seeds=2,
         latent_sessions=3,
     )
     page = run_demo(tmp_path / "demo", cfg)
     said = capsys.readouterr().err
     assert "anatomy latent: cosine same subject" in said and "contrast probe" in said
+    assert "swap check:" in said and "minus scratch" in said
     assert said.rstrip().endswith(str(page.resolve()))
     html = page.read_text()
-    for title in ("Data", "Pretraining", "Latent analysis", "does pretraining help", "Timings"):
+    for title in ("Data", "Pretrained model", "Latent analysis", "does pretraining help", "Timings"):
         assert title in html
     figs = tmp_path / "demo" / "figures"
-    for png in ("synth_montage.png", "pretrain_curves.png", "reconstructions.png", "latent.png", "scores.png"):
+    for png in ("synth_montage.png", "pretrain_curves.png", "latent.png", "scores.png", "differences.png"):
         assert (figs / png).stat().st_size > 2000, png
+    # the pool is other subjects than the demo's
+    pool = {p.name for p in (tmp_path / "demo" / "pool-bids").glob("sub-*")}
+    demo = {p.name for p in (tmp_path / "demo" / "bids").glob("sub-*")}
+    assert len(pool) == 3 and len(demo) == 6 and not pool & demo
     summary = json.loads((tmp_path / "demo" / "demo.json").read_text())
-    assert {(r["task"], r["init"]) for r in summary["scores"]} == {
-        (t, i) for t in ("seg", "cls", "reg") for i in ("pretrained", "scratch")
+    arms = {(r["task"], r["init"]) for r in summary["scores"]}
+    assert arms == {
+        ("seg", "pretrained full"),
+        ("cls", "pretrained frozen"),
+        ("reg", "pretrained frozen"),
+        *((t, a) for t in ("seg", "cls", "reg") for a in ("scratch", "random frozen", "constant")),
     }
+    for r in summary["scores"]:
+        if r["init"] != "scratch":  # every arm is paired with scratch, with an interval
+            assert r["difference_low"] <= r["difference"] <= r["difference_high"]
     # a second run reuses every finished stage
     again = run_demo(tmp_path / "demo", cfg)
     assert again == page

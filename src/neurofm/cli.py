@@ -92,6 +92,9 @@ def synth(
     sites: Annotated[int, typer.Option(help="Number of scanner sites (intensity, resolution, orientation).")] = 3,
     healthy_fraction: Annotated[float, typer.Option(help="Share of subjects without a lesion.")] = 0.4,
     missing_rate: Annotated[float, typer.Option(help="Probability that a non-T1w contrast is missing.")] = 0.0,
+    first_subject: Annotated[
+        int, typer.Option(help="Number of the first subject (sub-001); e.g. 1001 keeps a pool's names apart.")
+    ] = 1,
     workers: Annotated[int, typer.Option("--workers", "-j", help="Parallel worker processes.")] = 1,
     montage: Annotated[Path | None, typer.Option(help="Also save a montage PNG of a few subjects x contrasts.")] = None,
     progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
@@ -108,6 +111,7 @@ def synth(
         sites=sites,
         healthy_fraction=healthy_fraction,
         missing_rate=missing_rate,
+        first_subject=first_subject,
     )
     synthesize(out, cfg, workers=workers, progress=progress)
     console.print(f"wrote {subjects} subjects x {sessions} sessions to {out}")
@@ -223,7 +227,11 @@ def finetune(
         float | None, typer.Option(help="Learning rate of the head/decoder (encoder: x backbone-lr-scale) [1e-3].")
     ] = None,
     backbone_lr_scale: Annotated[
-        float | None, typer.Option(help="Encoder learning rate relative to --lr (full mode) [0.1].")
+        float | None, typer.Option(help="Encoder learning rate relative to --lr (full mode) [1.0].")
+    ] = None,
+    head_warmup: Annotated[
+        float | None,
+        typer.Option(help="Full mode from pretrained weights: share of the steps with the encoder held still [0.25]."),
     ] = None,
     seed: Annotated[int | None, typer.Option(help="Seed of the subsets, folds and training [0].")] = None,
     workers: Annotated[int | None, typer.Option("--workers", "-j", help="Data-loader worker processes [2].")] = None,
@@ -258,6 +266,7 @@ def finetune(
         "batch_size": batch_size,
         "lr": lr,
         "backbone_lr_scale": backbone_lr_scale,
+        "head_warmup": head_warmup,
         "seed": seed,
         "num_workers": workers,
         "tta": tta,
@@ -368,13 +377,20 @@ def analyze(
     ] = False,
     train_sites: Annotated[str | None, typer.Option(help="Sites to fine-tune on (default: the first).")] = None,
     fomo_scale: Annotated[float, typer.Option(help="Scale FOMO25's case counts (13/8, 23, 200).")] = 1.0,
-    seeds: Annotated[int, typer.Option(help="Seeds per point (different subsets and training).")] = 1,
+    seeds: Annotated[
+        int, typer.Option(help="Seeds per point (few-shot draw x initialisation), paired across arms.")
+    ] = 5,
+    modes: Annotated[str, typer.Option(help="Fine-tuning modes of the pretrained arms.")] = "linear,frozen,full",
+    floors: Annotated[
+        bool, typer.Option(help="Add a frozen random encoder and the constant predictor to every table.")
+    ] = True,
     steps: Annotated[int, typer.Option(help="Fine-tuning steps per model.")] = 150,
     patch: Annotated[int | None, typer.Option(help="Fine-tuning crop (default: the pretraining patch).")] = None,
     contrasts: Annotated[str | None, typer.Option(help="Fine-tuning contrasts.")] = None,
     max_sessions: Annotated[int, typer.Option(help="Sessions embedded for the latent analysis.")] = 60,
 ) -> None:
-    """The paper's analyses: latent similarity and contrast probes; optionally ablation, label efficiency, FOMO25."""
+    """The paper's analyses: latent similarity, contrast probes, swap check; optionally ablation, label efficiency,
+    FOMO25 — each fine-tuning table paired over seeds against scratch, with a random-encoder and a constant floor."""
     from neurofm.analyze.run import AnalyzeConfig
     from neurofm.analyze.run import analyze as run_analyze
 
@@ -389,6 +405,8 @@ def analyze(
         train_sites=_csv(train_sites),
         fomo_scale=fomo_scale,
         seeds=seeds,
+        modes=_csv(modes) or ["full"],
+        floors=floors,
         finetune=ft,
     )
     result = run_analyze(run, data, out, cfg)
@@ -448,22 +466,34 @@ def demo(
     out: Annotated[Path, typer.Option(help="Folder for everything the demo writes.")] = Path("neurofm-demo"),
     workers: Annotated[int, typer.Option("--workers", "-j", help="Parallel worker processes.")] = 2,
     subjects: Annotated[int, typer.Option(help="Synthetic subjects.")] = 40,
-    pretrain_steps: Annotated[int, typer.Option(help="Pretraining steps.")] = 1500,
-    finetune_steps: Annotated[int, typer.Option(help="Fine-tuning steps per model.")] = 300,
+    pretrained: Annotated[
+        str, typer.Option(help="The pretrained model: one that ships with neurofm, or a run folder.")
+    ] = "fomo25-tiny-synth",
+    pretrain_steps: Annotated[
+        int, typer.Option(help="> 0: pretrain fomo25-tiny from nothing instead, on a separate synthetic pool.")
+    ] = 0,
+    pool_subjects: Annotated[int, typer.Option(help="Subjects of that pool (two sessions each).")] = 100,
+    finetune_steps: Annotated[int, typer.Option(help="Fine-tuning steps per model.")] = 200,
+    seeds: Annotated[
+        int, typer.Option(help="Seeds (few-shot draw x initialisation) per task, paired across arms.")
+    ] = 3,
     shots: Annotated[
-        int | None, typer.Option(help="Labelled subjects for every task (default: seg 8, cls 16, reg 24).")
+        int | None, typer.Option(help="Labelled subjects for every task (default: seg 4, cls 16, reg 24).")
     ] = None,
     spacing: Annotated[float, typer.Option(help="Voxel size of the store in mm.")] = 4.0,
 ) -> None:
-    """The embedded default end to end, offline, on a CPU (~9 min on 2 cores):
-    synth -> prepare -> pretrain -> fine-tune (pretrained vs scratch) -> analyze -> HTML report."""
+    """The embedded default end to end, offline, on a CPU (about 15 min on 2 cores): synth -> prepare ->
+    the pretrained model -> fine-tune (pretrained, scratch, two floors; paired over seeds) -> analyze -> HTML report."""
     from neurofm.demo import DemoConfig, run_demo
 
     cfg = DemoConfig(
         subjects=subjects,
         workers=workers,
+        pretrained=pretrained,
         pretrain_steps=pretrain_steps,
+        pool_subjects=pool_subjects,
         finetune_steps=finetune_steps,
+        seeds=seeds,
         spacing=spacing,
     )
     if shots is not None:

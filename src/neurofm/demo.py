@@ -1,12 +1,16 @@
-"""``neurofm demo``: the embedded default end to end, offline, on a 2-core CPU in about 9 minutes.
+"""``neurofm demo``: the embedded default end to end, offline, on a 2-core CPU in about 15 minutes.
 
 1. synth — synthetic subjects on the real ICBM 2009c / CerebrA anatomy (2 mm, 3 sites);
 2. prepare — RAS, 4 mm (so a 32³ crop holds most of a brain), crop, z-score, blosc2 store;
-3. pretrain — fomo25-tiny on every session (no labels used);
+3. pretrained model — the fomo25-tiny model that ships with neurofm (pretrained on a separate
+   pool of synthetic subjects, none of them the demo's), or, with ``pretrain_steps``, one
+   pretrained here from nothing on a freshly synthesised pool disjoint from the demo's subjects;
 4. fine-tune — lesion segmentation, health classification and age regression from a few
-   labelled subjects, pretrained against scratch with the same budget, tested on the others;
-5. analyze — anatomy-latent similarity and contrast probes;
-6. report — HTML with the figures and the scores with bootstrap 95 % intervals.
+   labelled subjects: the pretrained model, scratch with the same architecture and budget, a
+   frozen random encoder and the constant predictor, on the same few-shot draws for several
+   seeds; the paired difference from scratch with its 95 % interval;
+5. analyze — anatomy-latent similarity, contrast probes and the swap check;
+6. report — HTML with the figures and the tables.
 
 Every stage reuses its output if it is already there, so an interrupted demo resumes.
 """
@@ -21,24 +25,32 @@ from typing import Any
 
 from rich.console import Console
 
+SHIPPED = "fomo25-tiny-synth"
+
 
 @dataclass
 class DemoConfig:
     subjects: int = 40
     sessions: int = 2
     workers: int = 2
-    spacing: float = 4.0  # mm: a 32^3 crop holds most of a brain, so a 2-core CPU finishes in ~9 minutes
-    pretrain_steps: int = 1500
+    spacing: float = 4.0  # mm: a 32^3 crop holds most of a brain
+    pretrained: str = SHIPPED  # a shipped model or a run folder; ignored when pretrain_steps > 0
+    pretrain_steps: int = 0  # > 0: pretrain fomo25-tiny from nothing on a separate synthetic pool
+    pool_subjects: int = 100  # subjects of that pool (two sessions each)
     patch: int = 32
-    finetune_steps: int = 300
+    finetune_steps: int = 200
     finetune_lr: float = 3e-3
-    shots: dict[str, int] = field(default_factory=lambda: {"seg": 8, "cls": 16, "reg": 24})  # labelled subjects
-    seeds: int = 1
+    shots: dict[str, int] = field(default_factory=lambda: {"seg": 4, "cls": 16, "reg": 24})  # labelled subjects
+    # the pretrained protocol per task, fixed before the demo's data is seen (docs/finetuning.md)
+    modes: dict[str, list[str]] = field(default_factory=lambda: {"seg": ["full"], "cls": ["frozen"], "reg": ["frozen"]})
+    head_warmup: float = 0.25
+    seeds: int = 3
+    floors: bool = True
     contrasts: list[str] = field(default_factory=lambda: ["T1w", "FLAIR"])
     tasks: list[tuple[str, str]] = field(
         default_factory=lambda: [("seg", "lesion"), ("cls", "healthy"), ("reg", "age")]
     )
-    latent_sessions: int = 20
+    latent_sessions: int = 40
     seed: int = 0
 
 
@@ -46,15 +58,15 @@ def run_demo(out: str | Path = "neurofm-demo", cfg: DemoConfig | None = None) ->
     """Run every stage (see module docstring); returns the path of the HTML report."""
     from neurofm.analyze import experiments, figures
     from neurofm.analyze.embed import embed_store
-    from neurofm.analyze.latent import latent_analysis, summary_table
+    from neurofm.analyze.latent import latent_analysis, summary_table, swap_check
     from neurofm.analyze.run import drop_values, score_table, spread_sessions
     from neurofm.evaluate.report import Section, write_report
     from neurofm.inspect import describe_run, describe_store
-    from neurofm.io.checkpoint import checkpoint_step, latest_checkpoint
+    from neurofm.io.checkpoint import resolve_run
+    from neurofm.models.registry import model_from_checkpoint
     from neurofm.preprocess import PrepareConfig, prepare
-    from neurofm.synth import SynthConfig, synthesize
+    from neurofm.store import Store
     from neurofm.synth.montage import montage
-    from neurofm.tasks.pretrain import pretrain
     from neurofm.train.config import FinetuneConfig
     from neurofm.utils import to_jsonable, write_json
 
@@ -70,17 +82,7 @@ def run_demo(out: str | Path = "neurofm-demo", cfg: DemoConfig | None = None) ->
         return time.time()
 
     t = stage("1/6 synth", f"{cfg.subjects} synthetic subjects x {cfg.sessions} sessions on the ICBM 2009c anatomy")
-    bids = out / "bids"
-    if not (bids / "participants.tsv").is_file():
-        if bids.exists():
-            shutil.rmtree(bids)
-        synthesize(
-            bids,
-            SynthConfig(
-                subjects=cfg.subjects, sessions=cfg.sessions, seed=cfg.seed, resolution=2, sites=3, missing_rate=0.05
-            ),
-            workers=cfg.workers,
-        )
+    bids = _synth(out / "bids", cfg.subjects, cfg.sessions, cfg.seed, cfg.workers)
     fig_dir = out / "figures"
     fig_dir.mkdir(exist_ok=True)
     montage(bids, fig_dir / "synth_montage.png", subjects=5)
@@ -93,7 +95,146 @@ def run_demo(out: str | Path = "neurofm-demo", cfg: DemoConfig | None = None) ->
     console.print(describe_store(store))
     times["prepare"] = time.time() - t
 
-    t = stage("3/6 pretrain", f"fomo25-tiny, {cfg.pretrain_steps} steps on every session, no labels")
+    if cfg.pretrain_steps > 0:
+        title = f"fomo25-tiny from nothing: {cfg.pretrain_steps} steps on {cfg.pool_subjects} other synthetic subjects"
+        t = stage("3/6 pretrain", title)
+        run = _pretrain_pool(out, cfg, console)
+        figures.training_curves(run, fig_dir / "pretrain_curves.png", "fomo25-tiny pretraining")
+    else:
+        t = stage("3/6 pretrained model", f"{cfg.pretrained}, shipped with neurofm (no pretraining here)")
+        run = cfg.pretrained
+    console.print(describe_run(resolve_run(run)))
+    times["pretrain"] = time.time() - t
+
+    shots = ", ".join(f"{k} {v}" for k, v in cfg.shots.items())
+    t = stage("4/6 fine-tune", f"labelled subjects {shots}; {cfg.seeds} seeds; pretrained, scratch and two floors")
+    base = FinetuneConfig(
+        task="seg",
+        target="lesion",
+        source="scratch",
+        arch=str(run),  # scratch and the random floor: the pretrained model's architecture
+        contrasts=cfg.contrasts,
+        steps=cfg.finetune_steps,
+        lr=cfg.finetune_lr,
+        head_warmup=cfg.head_warmup,
+        patch=cfg.patch,
+        fg_p=0.5,
+        positive_only=True,
+        num_workers=1,
+        tta=False,
+        seed=cfg.seed,
+    )
+    rows = []
+    for task, target in cfg.tasks:
+        arms = experiments.standard_arms(str(run), task, cfg.modes.get(task, ["full"]), cfg.floors)
+        task_cfg = replace(base, task=task, target=target, shots=cfg.shots.get(task, 8))
+        rows += experiments.paired_study(
+            store, out / "finetune", task_cfg, arms, cfg.seeds, f"{task}-{target}", progress=True
+        )
+    figures.scores_figure(rows, fig_dir / "scores.png", f"labelled subjects: {shots}; mean over {cfg.seeds} seeds")
+    figures.difference_figure(rows, fig_dir / "differences.png")
+    scores = score_table(rows)
+    console.print(_score_text(rows))
+    times["finetune"] = time.time() - t
+
+    t = stage("5/6 analyze", "anatomy-latent similarity across contrasts, contrast probes, swap check")
+    keys = spread_sessions(Store(store), cfg.latent_sessions)
+    lat = latent_analysis(embed_store(run, store, keys=keys, progress=True))
+    figures.latent_figure(lat, fig_dir / "latent.png")
+    model, info = model_from_checkpoint(run)
+    swap = swap_check(model.eval(), Store(store), keys, int(info["run"].get("data", {}).get("patch", cfg.patch)))
+    console.print(_latent_text(summary_table(lat), swap))
+    times["analyze"] = time.time() - t
+
+    t = stage("6/6 report", "HTML with figures and tables")
+    times["report"] = time.time() - t
+    times["total"] = time.time() - t_all
+    pre_text = (
+        f"fomo25-tiny pretrained here for {cfg.pretrain_steps} steps on {cfg.pool_subjects} other synthetic subjects "
+        "(no labels; none of them is a fine-tuning or test subject)."
+        if cfg.pretrain_steps > 0
+        else f"<code>{cfg.pretrained}</code>, which ships with neurofm: its model card (<code>neurofm inspect "
+        f"{cfg.pretrained}</code>) gives the data, the command and the steps. None of its pretraining subjects "
+        "is a fine-tuning or test subject here."
+    )
+    sections = [
+        Section(
+            "Data",
+            text=f"<code>neurofm synth</code>: {cfg.subjects} subjects x {cfg.sessions} sessions, 3 sites, "
+            f"2 mm, prepared at {cfg.spacing:g} mm; healthy subjects and patients with tumours, infarcts or "
+            "white-matter hyperintensities.",
+            images=["figures/synth_montage.png"],
+        ),
+        Section(
+            "Pretrained model",
+            text=pre_text,
+            images=["figures/pretrain_curves.png"] if cfg.pretrain_steps > 0 else [],
+        ),
+        Section(
+            "Latent analysis",
+            images=["figures/latent.png"],
+            tables=[summary_table(lat), [swap] if swap else []],
+            note="swap check: one scan's anatomy decoded with the contrast code of another crop of another "
+            "contrast; mse_to_a is the error to that anatomy in that contrast, which disentangled latents make "
+            "the smallest.",
+        ),
+        Section(
+            "Fine-tuning: does pretraining help with few labels?",
+            text=f"{cfg.shots} labelled subjects per task, inputs {', '.join(cfg.contrasts)}, {cfg.finetune_steps} "
+            f"steps for every trained arm; every other subject is a test case (all sessions). {cfg.seeds} seeds, "
+            "each a few-shot draw and an initialisation shared by all arms; values are means over seeds, differences "
+            "are paired (same cases, same seed) against scratch; 95 % intervals from a bootstrap over seeds and cases. "
+            "Floors: a frozen randomly initialised encoder with the same head, and the constant predictor "
+            "(training mean, class frequencies, or background everywhere).",
+            images=["figures/scores.png", "figures/differences.png"],
+            tables=[scores],
+        ),
+        Section("Timings (s)", tables=[[{k: round(v, 1) for k, v in times.items()}]]),
+    ]
+    page = write_report(
+        out / "report.html", "neurofm demo", sections, intro="The embedded default, end to end, offline, on a CPU."
+    )
+    write_json(
+        out / "demo.json", to_jsonable({"scores": rows, "latent": drop_values(lat), "swap": swap, "times": times})
+    )
+    console.rule("done")
+    console.print(f"total {times['total'] / 60:.1f} min")
+    console.print(f"report: {page.resolve()}")
+    return page
+
+
+def _synth(bids: Path, subjects: int, sessions: int, seed: int, workers: int, first_subject: int = 1) -> Path:
+    from neurofm.synth import SynthConfig, synthesize
+
+    if not (bids / "participants.tsv").is_file():
+        if bids.exists():
+            shutil.rmtree(bids)
+        synthesize(
+            bids,
+            SynthConfig(
+                subjects=subjects,
+                sessions=sessions,
+                seed=seed,
+                resolution=2,
+                sites=3,
+                missing_rate=0.05,
+                first_subject=first_subject,
+            ),
+            workers=workers,
+        )
+    return bids
+
+
+def _pretrain_pool(out: Path, cfg: DemoConfig, console: Console) -> Path:
+    """fomo25-tiny pretrained on a pool of other synthetic subjects (another seed, named sub-1001 ...: none is a
+    demo subject)."""
+    from neurofm.io.checkpoint import checkpoint_step, latest_checkpoint
+    from neurofm.preprocess import PrepareConfig, prepare
+    from neurofm.tasks.pretrain import pretrain
+
+    pool = _synth(out / "pool-bids", cfg.pool_subjects, 2, cfg.seed + 1000, cfg.workers, first_subject=1001)
+    pool_store = out / "pool-store"
+    console.print(prepare(pool, pool_store, PrepareConfig(spacing=cfg.spacing), workers=cfg.workers).summary())
     run = out / "pretrain"
     ck = latest_checkpoint(run)
     if ck is None or checkpoint_step(ck) < cfg.pretrain_steps:
@@ -104,116 +245,39 @@ def run_demo(out: str | Path = "neurofm-demo", cfg: DemoConfig | None = None) ->
             f"trainer.checkpoint_every={max(50, cfg.pretrain_steps // 4)}",
             f"trainer.seed={cfg.seed}",
         ]
-        pretrain(
-            store if ck is None else None, run, "fomo25-tiny", overrides=overrides, resume=ck is not None, progress=True
-        )
-    console.print(describe_run(run))
-    figures.training_curves(run, fig_dir / "pretrain_curves.png", "fomo25-tiny pretraining")
-    if (run / "figures" / "reconstructions.png").is_file():
-        shutil.copy(run / "figures" / "reconstructions.png", fig_dir / "reconstructions.png")
-    times["pretrain"] = time.time() - t
-
-    shots = ", ".join(f"{k} {v}" for k, v in cfg.shots.items())
-    t = stage("4/6 fine-tune", f"few labelled subjects ({shots}), pretrained vs scratch, same budget")
-    base = FinetuneConfig(
-        task="seg",
-        target="lesion",
-        source="scratch",
-        arch="fomo25-tiny",
-        contrasts=cfg.contrasts,
-        steps=cfg.finetune_steps,
-        lr=cfg.finetune_lr,
-        patch=cfg.patch,
-        fg_p=0.5,
-        positive_only=True,
-        num_workers=1,
-        tta=False,
-        seed=cfg.seed,
-    )
-    rows = []
-    for task, target in cfg.tasks:
-        rows += experiments.compare_inits(
-            store,
-            out / "finetune",
-            [(task, target)],
-            {"pretrained": str(run), "scratch": "scratch"},
-            replace(base, shots=cfg.shots.get(task, 8)),
-            seeds=cfg.seeds,
-            progress=True,
-        )
-    figures.scores_figure(rows, fig_dir / "scores.png", f"labelled subjects: {shots}; pretrained vs scratch")
-    score_table = score_table(rows)
-    console.print(_score_text(score_table))
-    times["finetune"] = time.time() - t
-
-    t = stage("5/6 analyze", "anatomy-latent similarity across contrasts, contrast probes")
-    from neurofm.store import Store
-
-    keys = spread_sessions(Store(store), cfg.latent_sessions)
-    lat = latent_analysis(embed_store(run, store, keys=keys, progress=True))
-    figures.latent_figure(lat, fig_dir / "latent.png")
-    console.print(_latent_text(summary_table(lat)))
-    times["analyze"] = time.time() - t
-
-    t = stage("6/6 report", "HTML with figures and scores")
-    times["report"] = time.time() - t
-    times["total"] = time.time() - t_all
-    sections = [
-        Section(
-            "Data",
-            text=f"<code>neurofm synth</code>: {cfg.subjects} subjects x {cfg.sessions} sessions, 3 sites, "
-            f"2 mm, prepared at {cfg.spacing:g} mm; healthy subjects and patients with tumours, infarcts or "
-            "white-matter hyperintensities.",
-            images=["figures/synth_montage.png"],
-        ),
-        Section(
-            "Pretraining",
-            text=f"fomo25-tiny for {cfg.pretrain_steps} steps on every session (no labels): "
-            "masked reconstruction, subject and contrast latents, cross-contrast swap.",
-            images=["figures/pretrain_curves.png", "figures/reconstructions.png"],
-            note="reconstructions: input, masked input, reconstruction, the other contrast of the same session, "
-            "and the swap (the anatomy rendered in that other contrast)",
-        ),
-        Section("Latent analysis", images=["figures/latent.png"], tables=[summary_table(lat)]),
-        Section(
-            "Fine-tuning: does pretraining help with few labels?",
-            text=f"{cfg.shots} labelled subjects per task, inputs {', '.join(cfg.contrasts)}, {cfg.finetune_steps} "
-            "steps from the pretrained encoder or from scratch (same architecture and budget); every other "
-            "subject is a test case (all sessions). Intervals: bootstrap over test cases.",
-            images=["figures/scores.png"],
-            tables=[score_table],
-        ),
-        Section("Timings (s)", tables=[[{k: round(v, 1) for k, v in times.items()}]]),
-    ]
-    page = write_report(
-        out / "report.html", "neurofm demo", sections, intro="The embedded default, end to end, offline, on a CPU."
-    )
-    write_json(out / "demo.json", to_jsonable({"scores": rows, "latent": drop_values(lat), "times": times}))
-    console.rule("done")
-    console.print(f"total {times['total'] / 60:.1f} min")
-    console.print(f"report: {page.resolve()}")
-    return page
+        resume = ck is not None
+        pretrain(None if resume else pool_store, run, "fomo25-tiny", overrides=overrides, resume=resume, progress=True)
+    return run
 
 
-def _latent_text(rows: list[dict[str, Any]]) -> str:
+def _latent_text(rows: list[dict[str, Any]], swap: dict[str, Any]) -> str:
     def f(x: Any) -> str:
         return "n/a" if x is None else f"{x:.2f}"
 
-    return "\n".join(
+    lines = [
         f"  {r['latent']} latent: cosine same subject {f(r['cosine within subject'])} vs other subjects "
         f"{f(r['cosine across subjects'])}; contrast probe {f(r['contrast probe accuracy'])} (chance {f(r['chance'])})"
         for r in rows
-    )
+    ]
+    if swap:
+        lines.append(
+            f"  swap check: {'passed' if swap['passed'] else 'failed'} — the recombination is nearest to the anatomy "
+            f"in the other contrast in {swap['a_nearest']:.0%} of {swap['sessions']} sessions"
+        )
+    return "\n".join(lines)
 
 
 def _score_text(rows: list[dict[str, Any]]) -> str:
     lines = []
     for r in rows:
-        v = r["value"]
-        lines.append(
-            f"  {r['task']:14s} {r['init']:10s} {r['metric']}: {v:.3f} {r.get('95% CI', '')} "
-            f"({r['test cases']} test cases)"
-            if isinstance(v, float)
-            else f"  {r['task']}: {v}"
+        if "skipped" in r:
+            lines.append(f"  {r['task_label']}: skipped ({r['skipped']})")
+            continue
+        line = (
+            f"  {r['task_label']:14s} {r['init']:18s} {r['metric']} {r['value']:.3f} "
+            f"[{r['ci_low']:.3f}, {r['ci_high']:.3f}]"
         )
+        if r.get("difference") is not None:
+            line += f"   minus scratch {r['difference']:+.3f} [{r['difference_low']:+.3f}, {r['difference_high']:+.3f}]"
+        lines.append(line)
     return "\n".join(lines)
