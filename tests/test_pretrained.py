@@ -36,7 +36,9 @@ def test_shipped_model_is_small_safe_and_described(name):
     model, info = model_from_checkpoint(name)  # resolved by name, loaded from safetensors
     ck = (folder / "checkpoints" / "last").read_text().strip()
     weights = load_file(folder / "checkpoints" / ck / "model.safetensors")
-    assert set(weights) == set(model.state_dict())
+    state = model.state_dict()  # dynamic-network-architectures blocks hold each tensor under two names
+    assert set(weights) <= set(state) and all(torch.equal(weights[k], state[k]) for k in weights)
+    assert len(weights) == len({t.data_ptr() for t in state.values()})  # every tensor of the model is in the file
     assert info["meta"]["step"] >= 1000 and info["preprocessing"]["spacing"] == 4.0
     x = torch.randn(1, 1, 32, 32, 32)
     with torch.no_grad():
@@ -47,10 +49,17 @@ def test_inspect_and_finetune_by_name(tiny_store, tmp_path, run_cli):
     code, out, err = run_cli("inspect", "fomo25-tiny-synth")
     assert code == 0, err
     assert "fomo25-tiny" in out and "## What `neurofm analyze` measured" in out
+    # the model was pretrained at 4 mm: a store at another spacing is refused, one at 4 mm is taken
+    args = ["--task", "cls", "--target", "healthy", "--from", "fomo25-tiny-synth", "--out", tmp_path / "x"]
+    code, _, err = run_cli("finetune", "--data", tiny_store, *args)
+    assert code == 2 and "4.0 mm" in err and "Traceback" not in err
+    store4 = tmp_path / "store4"
+    code, _, err = run_cli("prepare", tiny_store.parent / "bids", store4, "--spacing", "4", "--no-progress")
+    assert code == 0, err
     code, _, err = run_cli(
         "finetune",
         "--data",
-        tiny_store,
+        store4,
         "--task",
         "cls",
         "--target",

@@ -473,7 +473,9 @@ def demo(
         int, typer.Option(help="> 0: pretrain fomo25-tiny from nothing instead, on a separate synthetic pool.")
     ] = 0,
     pool_subjects: Annotated[int, typer.Option(help="Subjects of that pool (two sessions each).")] = 100,
-    finetune_steps: Annotated[int, typer.Option(help="Fine-tuning steps per model.")] = 200,
+    finetune_steps: Annotated[
+        int | None, typer.Option(help="Fine-tuning steps per model (default: seg 200, cls 100, reg 100).")
+    ] = None,
     seeds: Annotated[
         int, typer.Option(help="Seeds (few-shot draw x initialisation) per task, paired across arms.")
     ] = 3,
@@ -492,12 +494,13 @@ def demo(
         pretrained=pretrained,
         pretrain_steps=pretrain_steps,
         pool_subjects=pool_subjects,
-        finetune_steps=finetune_steps,
         seeds=seeds,
         spacing=spacing,
     )
     if shots is not None:
         cfg.shots = {t: shots for t in cfg.shots}
+    if finetune_steps is not None:
+        cfg.finetune_steps = finetune_steps
     run_demo(out, cfg)  # its last line says where the report is
 
 

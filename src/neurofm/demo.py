@@ -38,7 +38,9 @@ class DemoConfig:
     pretrain_steps: int = 0  # > 0: pretrain fomo25-tiny from nothing on a separate synthetic pool
     pool_subjects: int = 100  # subjects of that pool (two sessions each)
     patch: int = 32
-    finetune_steps: int = 200
+    # fine-tuning steps per model and task (or one number for all); 100 for the frozen-encoder heads of
+    # cls/reg keeps the demo within 15 minutes on 2 cores
+    finetune_steps: int | dict[str, int] = field(default_factory=lambda: {"seg": 200, "cls": 100, "reg": 100})
     finetune_lr: float = 3e-3
     shots: dict[str, int] = field(default_factory=lambda: {"seg": 4, "cls": 16, "reg": 24})  # labelled subjects
     # the pretrained protocol per task, fixed before the demo's data is seen (docs/finetuning.md)
@@ -114,7 +116,7 @@ def run_demo(out: str | Path = "neurofm-demo", cfg: DemoConfig | None = None) ->
         source="scratch",
         arch=str(run),  # scratch and the random floor: the pretrained model's architecture
         contrasts=cfg.contrasts,
-        steps=cfg.finetune_steps,
+        steps=_steps(cfg, "seg"),
         lr=cfg.finetune_lr,
         head_warmup=cfg.head_warmup,
         patch=cfg.patch,
@@ -127,7 +129,7 @@ def run_demo(out: str | Path = "neurofm-demo", cfg: DemoConfig | None = None) ->
     rows = []
     for task, target in cfg.tasks:
         arms = experiments.standard_arms(str(run), task, cfg.modes.get(task, ["full"]), cfg.floors)
-        task_cfg = replace(base, task=task, target=target, shots=cfg.shots.get(task, 8))
+        task_cfg = replace(base, task=task, target=target, shots=cfg.shots.get(task, 8), steps=_steps(cfg, task))
         rows += experiments.paired_study(
             store, out / "finetune", task_cfg, arms, cfg.seeds, f"{task}-{target}", progress=True
         )
@@ -180,8 +182,9 @@ def run_demo(out: str | Path = "neurofm-demo", cfg: DemoConfig | None = None) ->
         ),
         Section(
             "Fine-tuning: does pretraining help with few labels?",
-            text=f"{cfg.shots} labelled subjects per task, inputs {', '.join(cfg.contrasts)}, {cfg.finetune_steps} "
-            f"steps for every trained arm; every other subject is a test case (all sessions). {cfg.seeds} seeds, "
+            text=f"{cfg.shots} labelled subjects per task, inputs {', '.join(cfg.contrasts)}, "
+            f"{ {t: _steps(cfg, t) for t, _ in cfg.tasks} } steps for every trained arm; every other subject is a "
+            f"test case (all sessions). {cfg.seeds} seeds, "
             "each a few-shot draw and an initialisation shared by all arms; values are means over seeds, differences "
             "are paired (same cases, same seed) against scratch; 95 % intervals from a bootstrap over seeds and cases. "
             "Floors: a frozen randomly initialised encoder with the same head, and the constant predictor "
@@ -201,6 +204,10 @@ def run_demo(out: str | Path = "neurofm-demo", cfg: DemoConfig | None = None) ->
     console.print(f"total {times['total'] / 60:.1f} min")
     console.print(f"report: {page.resolve()}")
     return page
+
+
+def _steps(cfg: DemoConfig, task: str) -> int:
+    return cfg.finetune_steps if isinstance(cfg.finetune_steps, int) else cfg.finetune_steps.get(task, 200)
 
 
 def _synth(bids: Path, subjects: int, sessions: int, seed: int, workers: int, first_subject: int = 1) -> Path:

@@ -51,10 +51,14 @@ def standard_arms(pretrained: str, task: str, modes: list[str] | None = None, fl
     linear probe where they include one, else the trained head / decoder of ``frozen``."""
     modes = [m for m in (modes or ["linear", "frozen", "full"]) if not (task == "seg" and m == "linear")]
     arms = [Arm(f"pretrained {m}", pretrained, m) for m in modes] + [Arm("scratch", "scratch", "full")]
-    if floors:
-        floor = "linear" if "linear" in modes else "frozen"
-        arms += [Arm(f"random {floor}", "random", floor), Arm("constant", "constant", "")]
-    return arms
+    return arms + (floor_arms(modes) if floors else [])
+
+
+def floor_arms(modes: list[str]) -> list[Arm]:
+    """The two floors: a frozen random encoder with the lightest head among ``modes`` (a linear probe
+    where they include one, else the trained head / decoder of ``frozen``) and the constant predictor."""
+    floor = "linear" if "linear" in modes else "frozen"
+    return [Arm(f"random {floor}", "random", floor), Arm("constant", "constant", "")]
 
 
 def arm_rows(data: str | Path, folder: Path, cfg: FinetuneConfig, progress: bool = False) -> list[dict[str, Any]]:

@@ -147,7 +147,7 @@ def analyze(
     base = FinetuneConfig(task="seg", target="lesion", source="scratch", arch=str(run), **cfg.finetune)
     if cfg.compare:
         console.rule("ablation")
-        floors = [a for a in experiments.standard_arms(str(run), "seg", [], cfg.floors) if a.name != "scratch"]
+        floors = experiments.floor_arms(["frozen"]) if cfg.floors else []
         ab = [
             experiments.Arm("recipe", str(run)),
             *(experiments.Arm(name, path) for name, path in cfg.compare.items()),
