@@ -136,17 +136,11 @@ def evaluate_run(
     return summary
 
 
-def constant_rows(store: Store, cfg: Any) -> list[dict[str, Any]]:
-    """The constant predictor's rows on the held-out cases of a fine-tuning config's splits: the
-    training mean (reg), the training class frequencies (cls), background everywhere (seg).
-
-    ``cfg`` is a :class:`~neurofm.train.config.FinetuneConfig`; the splits are the ones
-    :func:`~neurofm.tasks.finetune.finetune` draws for it, so the rows pair with its predictions.
-    """
+def config_splits(cs: Any, cfg: Any) -> list:
+    """The (train, test) splits a :class:`~neurofm.train.config.FinetuneConfig` asks of a case set."""
     from neurofm.data.finetune import make_splits
 
-    cs = build_cases(store, cfg.task, cfg.target, cfg.contrasts, positive_only=cfg.positive_only)
-    splits = make_splits(
+    return make_splits(
         cs,
         seed=cfg.seed,
         shots=cfg.shots,
@@ -156,6 +150,17 @@ def constant_rows(store: Store, cfg: Any) -> list[dict[str, Any]]:
         train_subjects=cfg.train_subjects,
         test_fraction=cfg.test_fraction,
     )
+
+
+def constant_rows(store: Store, cfg: Any) -> list[dict[str, Any]]:
+    """The constant predictor's rows on the held-out cases of a fine-tuning config's splits: the
+    training mean (reg), the training class frequencies (cls), background everywhere (seg).
+
+    ``cfg`` is a :class:`~neurofm.train.config.FinetuneConfig`; the splits are the ones
+    :func:`~neurofm.tasks.finetune.finetune` draws for it, so the rows pair with its predictions.
+    """
+    cs = build_cases(store, cfg.task, cfg.target, cfg.contrasts, positive_only=cfg.positive_only)
+    splits = config_splits(cs, cfg)
     rows = []
     for f, (train, test) in enumerate(splits):
         if cs.task == "reg":

@@ -27,11 +27,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from neurofm.data.finetune import CaseSet, FinetuneDataset, build_cases, make_splits
+from neurofm.data.finetune import CaseSet, FinetuneDataset, build_cases
 from neurofm.data.loader import training_loader
 from neurofm.errors import ConfigError, NonFiniteLossError
 from neurofm.evaluate.metrics import summarize
-from neurofm.evaluate.scoring import score_cases, write_predictions
+from neurofm.evaluate.scoring import config_splits, score_cases, write_predictions
 from neurofm.infer.predictor import Predictor
 from neurofm.io.checkpoint import WEIGHTS, count_parameters, load_weights, read_checkpoint
 from neurofm.models.downstream import DownstreamModel, load_pretrained
@@ -261,16 +261,7 @@ def finetune(data: str | Path, out: str | Path, cfg: FinetuneConfig, progress: b
     source = backbone_from(cfg)
     _check_spacing(source[2], store)
     patch = int(cfg.patch or source[2].get("patch") or 64)
-    splits = make_splits(
-        cs,
-        seed=cfg.seed,
-        shots=cfg.shots,
-        folds=cfg.folds,
-        train_sites=cfg.train_sites,
-        test_sites=cfg.test_sites,
-        train_subjects=cfg.train_subjects,
-        test_fraction=cfg.test_fraction,
-    )
+    splits = config_splits(cs, cfg)
     rows: list[dict[str, Any]] = []
     fold_info = []
     for f, (train, test) in enumerate(splits):
