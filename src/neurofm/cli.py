@@ -438,17 +438,38 @@ def bench(
 
 @app.command(name="import")
 def import_(
-    kind: Annotated[str, typer.Argument(help="nnssl, nnunet (ResEnc checkpoints) or monai (ViTAutoEnc state dict).")],
-    src: Annotated[Path, typer.Argument(help="The checkpoint file (.pth/.pt).")],
+    kind: Annotated[
+        str,
+        typer.Argument(help="nnssl or nnunet (ResEnc-L, Primus checkpoints) or monai (ViTAutoEnc state dict)."),
+    ],
+    src: Annotated[Path, typer.Argument(help="The checkpoint file (.pth/.pt), e.g. checkpoint_final.pth.")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Run folder to create.")],
-    num_heads: Annotated[int | None, typer.Option(help="ViT attention heads (default hidden/64).")] = None,
-    spacing: Annotated[float, typer.Option(help="Voxel size the weights were trained at (mm).")] = 1.0,
+    num_heads: Annotated[
+        int | None, typer.Option(help="Attention heads (ViT: default hidden/64; Primus: from its size).")
+    ] = None,
+    spacing: Annotated[
+        float | None, typer.Option(help="Voxel size the weights were trained at, mm (default: the plan's, else 1).")
+    ] = None,
 ) -> None:
-    """Import weights into a neurofm run folder (never unpickles code: tensors only)."""
+    """Import weights into a neurofm run folder, with the source's plan (never unpickles code)."""
     from neurofm.inspect import describe_run
     from neurofm.models.importers import import_weights
 
     results.print(describe_run(import_weights(kind, src, out, num_heads=num_heads, spacing=spacing)))
+
+
+@app.command(name="export")
+def export_(
+    run: Annotated[Path, typer.Argument(help="A pretrained run folder (ResEnc or Primus backbone).")],
+    out: Annotated[
+        Path, typer.Option("--out", "-o", help="File to write (.pth), or a folder for FOLDER/checkpoint_final.pth.")
+    ],
+    format_: Annotated[str, typer.Option("--format", help="nnssl (loads in nnssl and nnU-Net fine-tuning).")] = "nnssl",
+) -> None:
+    """Export a run's weights for another tool: --format nnssl writes network_weights + nnssl_adaptation_plan."""
+    from neurofm.models.exporters import export_run
+
+    console.print(f"wrote {export_run(run, format_, out)}")
 
 
 @app.command()

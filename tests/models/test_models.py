@@ -14,6 +14,7 @@ TINY = {
         (2, 1, 16, 16, 16),
     ),
     "vit_autoenc": ({"size": "tiny", "img_size": 16, "patch_size": 4}, (2, 4, 16, 16, 16)),
+    "primus": ({"size": "tiny", "img_size": 16, "patch_size": 8}, (2, 1, 16, 16, 16)),
 }
 
 

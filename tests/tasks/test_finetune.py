@@ -64,12 +64,13 @@ def test_build_cases_from_the_store(tiny_store):
         build_cases(store, "reg", "diagnosis")
 
 
-@pytest.mark.parametrize("backbone", ["dual_latent_unet", "resenc_unet"])
+@pytest.mark.parametrize("backbone", ["dual_latent_unet", "resenc_unet", "primus"])
 @pytest.mark.parametrize("task", ["seg", "cls"])
 def test_missing_contrast_never_influences_the_output(backbone, task):
     kw = {
         "dual_latent_unet": {"features": [4, 8, 16], "latent": 6},
         "resenc_unet": {"features": [4, 8, 16], "blocks": [1, 1, 1]},
+        "primus": {"size": "tiny", "img_size": 16},
     }
     torch.manual_seed(0)
     model = DownstreamModel({"name": backbone, "kwargs": kw[backbone]}, task, 2, ["T1w", "FLAIR"]).eval()
@@ -279,3 +280,59 @@ def test_constant_predictor_rows_pair_with_the_fine_tuning_split(tiny_store):
     assert all(r["prediction"] == pytest.approx(mean) for r in rows)
     cls = constant_rows(Store(tiny_store), FinetuneConfig(task="cls", target="healthy", shots=4))
     assert len({tuple(r["prob"]) for r in cls}) == 1 and sum(cls[0]["prob"]) == pytest.approx(1.0)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("source", "task", "target"),
+    [("primus", "seg", "lesion"), ("primus", "cls", "healthy"), ("primus", "reg", "age"), ("nnunet", "seg", "lesion")],
+)
+def test_finetune_from_imported_field_checkpoints(source, task, target, tiny_store, tmp_path, run_cli):
+    """nnssl's Primus and a 4-channel nnU-Net ResEnc, imported through the CLI, fine-tune on every task."""
+    from dynamic_network_architectures.architectures.unet import ResidualEncoderUNet
+    from torch import nn
+
+    from field_checkpoints import nnssl_checkpoint, nnunet_checkpoint
+
+    torch.manual_seed(0)
+    if source == "primus":
+        net = create_model("primus", size="tiny", img_size=32)
+        ck = nnssl_checkpoint(
+            net,
+            "Primus",
+            None,
+            patch=[32, 32, 32],
+            spacing=[2.0, 2.0, 2.0],
+            key_to_stem="down_projection",
+            key_to_encoder="eva",
+            keys_to_in_proj=["down_projection.proj"],
+            key_to_lpe="eva.pos_embed",
+        )
+    else:
+        feats, blocks = [4, 8, 16, 16], [1, 1, 1, 1]
+        net = ResidualEncoderUNet(
+            4, 4, feats, nn.Conv3d, 3, [1, 2, 2, 2], blocks, 3, [1, 1, 1], True, nn.InstanceNorm3d,
+            {"eps": 1e-5, "affine": True}, None, None, nn.LeakyReLU, {"inplace": True},
+        )  # fmt: skip
+        ck = nnunet_checkpoint(
+            net, feats, blocks, spacing=[2.0] * 3, patch=[32] * 3,
+            channels={"0": "T1", "1": "T1ce", "2": "T2", "3": "FLAIR"}, labels={"background": 0, "a": 1, "b": 2},
+        )  # fmt: skip
+    torch.save(ck, tmp_path / "checkpoint_final.pth")
+    code, _, err = run_cli("import", "nnssl", tmp_path / "checkpoint_final.pth", "--out", tmp_path / "imp")
+    assert code == 0, err
+    args = ["--steps", "3", "--shots", "3", "--workers", "0", "--no-tta", "--no-progress", "--bootstrap", "20"]
+    code, _, err = run_cli(
+        "finetune", "--data", tiny_store, "--task", task, "--target", target, "--from", tmp_path / "imp",
+        "--out", tmp_path / "ft", "--contrasts", "T1w,FLAIR", *args,
+    )  # fmt: skip
+    assert code == 0, err
+    summary = json.loads((tmp_path / "ft" / "summary.json").read_text())
+    split = summary["splits"][0]
+    assert split["transferred_tensors"] > 10
+    _, info = model_from_checkpoint(tmp_path / "ft")
+    assert info["run"]["data"]["patch"] == 32  # the source plan's patch, by default
+    left = info["transfer"]["from_pretrained"]["initialised"]
+    assert not [k for k in left if k.startswith(("encoder.", "decoder.encoder.", "eva.", "down_projection."))], left
+    stem = info["transfer"]["from_pretrained"]["stem_adaptation"]
+    assert (stem is not None) == (source == "nnunet")  # 4 channels -> the shared 1-channel encoder

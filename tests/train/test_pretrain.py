@@ -279,6 +279,10 @@ def test_checkpoint_weights_round_trip(tmp_path):
 
     m = create_model("resenc_unet", features=[4, 8], blocks=[1, 1])
     save_weights(m, tmp_path / "w.safetensors")
+    stored = load_weights(tmp_path / "w.safetensors")
+    # DNA's decoder holds the encoder too: each shared tensor is stored once, under its encoder name
+    assert not [k for k in stored if k.startswith("decoder.encoder.")]
+    assert "encoder.stem.convs.0.conv.weight" in stored and len(stored) < len(m.state_dict())
     m2 = create_model("resenc_unet", features=[4, 8], blocks=[1, 1])
     load_state(m2, load_weights(tmp_path / "w.safetensors"))
     for (k, a), (_, b) in zip(m.state_dict().items(), m2.state_dict().items(), strict=True):

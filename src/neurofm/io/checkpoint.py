@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_model
+from safetensors.torch import load_file, save_file
 from torch import nn
 
 from neurofm.errors import CheckpointError
@@ -55,8 +55,19 @@ def count_parameters(model: nn.Module, trainable_only: bool = False) -> int:
 
 
 def save_weights(model: nn.Module, path: str | Path) -> None:
-    """safetensors; tensors shared under two names (DNA aliases) are stored once."""
-    save_model(unwrap(model), str(path))
+    """safetensors; a tensor shared under several names (DNA's decoder also holds the encoder, as
+    ``decoder.encoder.*``; a stem conv is also ``all_modules.0``) is stored once, under its first
+    name in the model's own order (``encoder.*``), which :func:`load_state` fills the others from."""
+    state = unwrap(model).state_dict()
+    seen: set[tuple[int, int, tuple[int, ...]]] = set()
+    out = {}
+    for k, v in state.items():
+        ident = (v.untyped_storage().data_ptr(), v.storage_offset(), tuple(v.shape)) if v.numel() else (id(v), 0, ())
+        if ident in seen:
+            continue
+        seen.add(ident)
+        out[k] = v.detach().contiguous()
+    save_file(out, str(path))
 
 
 def load_weights(path: str | Path) -> dict[str, torch.Tensor]:
@@ -71,16 +82,64 @@ def load_weights(path: str | Path) -> dict[str, torch.Tensor]:
         raise CheckpointError(f"{path}: not a readable safetensors file ({e})") from None
 
 
+def _numpy_globals() -> list[Any]:
+    """numpy's constructors of plain values (scalars, dtypes, arrays), under numpy 2's and numpy 1's names.
+
+    nnU-Net-family trainers log ``np.mean(...)`` values and keep numpy arrays in their plans,
+    so their checkpoints hold these; none of them runs code: an array of objects holds objects
+    that the same restricted unpickler rebuilt.
+    """
+    import numpy as np
+    from numpy._core import multiarray
+
+    out: list[Any] = [np.dtype, np.ndarray, multiarray.scalar, multiarray._reconstruct]
+    out += [
+        (multiarray.scalar, "numpy.core.multiarray.scalar"),
+        (multiarray._reconstruct, "numpy.core.multiarray._reconstruct"),
+    ]
+    out += [c for c in vars(np.dtypes).values() if isinstance(c, type) and issubclass(c, np.dtype)]
+    return out
+
+
+def _unsafe_globals(path: Path) -> list[str]:
+    """The callables a pickle names that :func:`safe_load` does not allow (read, never run)."""
+    import pickletools
+
+    allowed = {g[1] if isinstance(g, tuple) else f"{g.__module__}.{g.__name__}" for g in _numpy_globals()}
+    try:
+        names = torch.serialization.get_unsafe_globals_in_checkpoint(path)
+    except Exception:  # not a zip checkpoint: scan the raw pickle's opcodes
+        names, strings = [], []
+        try:
+            with open(path, "rb") as fh:
+                for op, arg, _ in pickletools.genops(fh):
+                    if op.name == "GLOBAL":
+                        names.append(str(arg).replace(" ", "."))
+                    elif op.name == "STACK_GLOBAL" and len(strings) >= 2:
+                        names.append(f"{strings[-2]}.{strings[-1]}")
+                    elif isinstance(arg, str):
+                        strings.append(arg)
+        except Exception:
+            pass
+    return [n for n in dict.fromkeys(names) if n not in allowed and not n.startswith(("torch.", "collections."))]
+
+
 def safe_load(path: str | Path) -> Any:
-    """``torch.load`` of another tool's file that never runs code from it (``weights_only``)."""
+    """``torch.load`` of another tool's file that never runs code from it (``weights_only``).
+
+    Loads tensors, plain containers, ``torch.device`` and numpy scalars, dtypes and arrays (what
+    nnssl's and nnU-Net's trainers write); refuses anything else that a pickle would call.
+    """
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: no such file")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        with torch.serialization.safe_globals(_numpy_globals()):
+            return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         name = re.search(r"GLOBAL ([\w.]+)", str(e))
-        what = f" (it calls {name.group(1)})" if name else ""
+        called = [name.group(1)] if name else _unsafe_globals(path)
+        what = f" (it calls {', '.join(called[:3])})" if called else ""
         raise CheckpointError(
             f"{path}: refused: the file holds executable pickle content{what}; "
             "only tensors and plain containers are loaded"
@@ -182,8 +241,10 @@ def write_checkpoint_files(folder: Path, model: nn.Module, run_cfg: dict[str, An
     tmap = m.transfer_map()
     if run_cfg.get("transfer"):  # how a fine-tuned model took over its pretrained weights (stem adaptation)
         tmap["from_pretrained"] = run_cfg["transfer"]
-    write_json(folder / "transfer.json", tmap)
     extra = run_cfg.get("extra", {})
+    if extra.get("source_keys"):  # an imported run: the source plan's stem / encoder / input-projection keys
+        tmap["source_keys"] = extra["source_keys"]
+    write_json(folder / "transfer.json", tmap)
     pre = dict(extra.get("preprocessing", {}))
     pre["contrasts"] = run_cfg.get("data", {}).get("contrasts")
     write_json(folder / "preprocessing.json", pre)

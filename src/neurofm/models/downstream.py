@@ -284,7 +284,8 @@ def load_pretrained(
             raise CheckpointError(f"pretrained key {k!r} has no place in the {type(bb).__name__} backbone")
         v = state[k]
         if k in bb.stem_keys and tuple(v.shape) != tuple(own[k].shape):
-            v, src = adapt_stem(v, pretrained_contrasts, model.contrasts)
+            # a shared single-input encoder takes one contrast at a time: its one channel is the mean
+            v, src = adapt_stem(v, pretrained_contrasts, model.contrasts if model.stack else ["(each contrast)"])
             report["stem_adaptation"] = {
                 "key": k,
                 "pretrained_contrasts": pretrained_contrasts,

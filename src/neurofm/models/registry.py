@@ -34,7 +34,7 @@ def register_model(name: str):
 
 def load_builtin() -> None:
     """Importing the modules registers their models (a new backbone adds its module here)."""
-    from neurofm.models import downstream, dual_latent, resenc, vit  # noqa: F401
+    from neurofm.models import downstream, dual_latent, primus, resenc, vit  # noqa: F401
 
 
 def list_models() -> list[str]:

@@ -169,7 +169,8 @@ class ResEncUNet(Backbone):
     # ------------------------------------------------------------------ downstream
     @classmethod
     def downstream_kwargs(cls, kwargs: dict[str, Any], n_contrasts: int) -> dict[str, Any]:
-        return {**kwargs, "anatomy_outputs": 0, "health_classes": 0, "dense_classes": 0}
+        # one contrast at a time through the shared encoder (a multi-channel source's stem is adapted)
+        return {**kwargs, "in_channels": 1, "anatomy_outputs": 0, "health_classes": 0, "dense_classes": 0}
 
     def reset_head(self, task: str, classes: int) -> None:
         check_task(task)

@@ -18,15 +18,17 @@ from neurofm.config import build
 from neurofm.errors import ConfigError
 from neurofm.objectives.fomo25 import Fomo25Config, Fomo25Loss
 from neurofm.objectives.lamim import LaMIMConfig, LaMIMLoss
+from neurofm.objectives.mae import MAEConfig, MAELoss
 from neurofm.objectives.ssl3d import SSL3DConfig, SSL3DLoss
 
 OBJECTIVES: dict[str, tuple[type, type]] = {
     "fomo25": (Fomo25Config, Fomo25Loss),
     "ssl3d": (SSL3DConfig, SSL3DLoss),
     "lamim": (LaMIMConfig, LaMIMLoss),
+    "mae": (MAEConfig, MAELoss),
 }
 
-ObjectiveConfig = Fomo25Config | SSL3DConfig | LaMIMConfig
+ObjectiveConfig = Fomo25Config | SSL3DConfig | LaMIMConfig | MAEConfig
 
 
 def objective_config(d: dict[str, Any] | ObjectiveConfig) -> ObjectiveConfig:

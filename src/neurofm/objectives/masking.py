@@ -89,3 +89,15 @@ def holes_for_fraction(spatial: tuple[int, int, int], hole: int, fraction: float
     """How many holes cover about ``fraction`` of the volume (counting overlaps once each, as the paper)."""
     vol = spatial[0] * spatial[1] * spatial[2]
     return max(1, int(round(fraction * vol / hole**3)))
+
+
+def masked_reconstruction(
+    model: torch.nn.Module, x: torch.Tensor, block: int, ratio: float
+) -> tuple[torch.Tensor, dict[str, torch.Tensor | None], torch.Tensor]:
+    """Hide ``ratio`` of the ``block^3`` cubes of ``x`` (zeros), run ``model.forward_pretext`` on it and score
+    the reconstruction on the hidden voxels (MSE). Returns (that loss, the model's outputs, the mask)."""
+    mask = block_mask(x.shape[0], tuple(x.shape[2:]), block, ratio, device=x.device)
+    pred = model.forward_pretext(x.masked_fill(mask, 0.0))
+    m = mask.float()
+    mse = (((pred["reconstruction"] - x) ** 2) * m).sum() / m.sum().clamp_min(1.0)
+    return mse, pred, mask

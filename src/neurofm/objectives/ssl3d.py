@@ -25,7 +25,7 @@ from torch import nn
 from neurofm.data.config import DataConfig
 from neurofm.data.pretrain import DataNeeds
 from neurofm.errors import ConfigError
-from neurofm.objectives.masking import block_mask
+from neurofm.objectives.masking import masked_reconstruction
 
 
 @dataclass
@@ -83,11 +83,9 @@ class SSL3DLoss(nn.Module):
         """
         cfg = self.cfg
         x = batch["x"]
-        mask = block_mask(x.shape[0], tuple(x.shape[2:]), cfg.block, cfg.mask_ratio, device=x.device)
-        pred = model.forward_pretext(x.masked_fill(mask, 0.0))
+        mse, pred, mask = masked_reconstruction(model, x, cfg.block, cfg.mask_ratio)
         rec = pred["reconstruction"]
-        m = mask.float()
-        terms = {"mae": (((rec - x) ** 2) * m).sum() / m.sum().clamp_min(1.0)}
+        terms = {"mae": mse}
         total = cfg.w_mae * terms["mae"]
         if cfg.w_anatomy > 0 and pred["anatomy"] is not None:
             proj = pred["anatomy"]

@@ -33,8 +33,9 @@ from neurofm.errors import ConfigError, NonFiniteLossError
 from neurofm.evaluate.metrics import summarize
 from neurofm.evaluate.scoring import config_splits, score_cases, write_predictions
 from neurofm.infer.predictor import Predictor
-from neurofm.io.checkpoint import WEIGHTS, count_parameters, load_weights, read_checkpoint
+from neurofm.io.checkpoint import count_parameters, read_checkpoint
 from neurofm.models.downstream import DownstreamModel, load_pretrained
+from neurofm.models.registry import model_from_checkpoint
 from neurofm.store import Store
 from neurofm.train.callbacks import RunCheckpoint
 from neurofm.train.config import FinetuneConfig
@@ -63,7 +64,10 @@ def backbone_from(cfg: FinetuneConfig) -> tuple[dict[str, Any], dict[str, torch.
         "preset": info["run"].get("preset"),
     }
     spec = info["model"]
-    return {"name": spec["name"], "kwargs": spec["kwargs"]}, load_weights(Path(info["folder"]) / WEIGHTS), meta
+    # the rebuilt model's state dict names every tensor under each of its names (a DNA decoder also holds
+    # the encoder as decoder.encoder.*; a weights file stores such a tensor once, under one of them)
+    model, _ = model_from_checkpoint(info["folder"])
+    return {"name": spec["name"], "kwargs": spec["kwargs"]}, dict(model.state_dict()), meta
 
 
 def _pretrained_info(path: str) -> dict[str, Any]:

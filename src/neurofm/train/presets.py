@@ -72,6 +72,20 @@ BASE: dict[str, dict[str, Any]] = {
         "help": "plain masked autoencoder on ResEnc-L (ablation)",
         "objective": {"w_anatomy": 0.0, "w_health": 0.0},
     },
+    "primus-mae": {
+        "help": "Primus-M transformer (nnssl, OpenMind), masked autoencoder on 8^3 tokens",
+        "model": {"name": "primus", "kwargs": {"size": "M", "img_size": 160, "patch_size": 8}},
+        "objective": {"kind": "mae", "block": 8, "mask_ratio": 0.75},
+        "data": {"patch": 160, "batch_size": 2, "steps_per_epoch": 250},
+        "optim": {
+            "name": "adamw",
+            "lr": 3e-4,
+            "weight_decay": 0.05,
+            "warmup_epochs": 10,
+            "epochs": 1000,
+            "grad_clip": 1.0,
+        },
+    },
     "lamim16": {
         "help": "ViT autoencoder, per-contrast 16^3 coarse dropout (LaMIM)",
         "model": {"name": "vit_autoenc", "kwargs": {"size": "paper", "img_size": 96, "patch_size": 16}},
@@ -109,6 +123,12 @@ TINY: dict[str, dict[str, Any]] = {
         "objective": {"block": 8},
         "data": _TINY_DATA,
         "optim": {"lr": 1e-2, "epochs": 4, "momentum": 0.9},
+        "trainer": _TINY_TRAINER,
+    },
+    "primus-mae": {
+        "model": {"kwargs": {"size": "tiny", "img_size": 32}},
+        "data": _TINY_DATA,
+        "optim": {"lr": 1e-3, "warmup_epochs": 1, "epochs": 4},
         "trainer": _TINY_TRAINER,
     },
     "lamim16": {
