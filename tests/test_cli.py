@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import re
+
 import pytest
 
 from helpers import blob_volume, write_nifti
@@ -46,3 +48,48 @@ def test_analyze_and_bench_verbs(tiny_store, pretrained_run, tmp_path, run_cli):
     assert code == 2 and "NAME=RUN" in err
     code, _, _ = run_cli("bench", "--only", "store")
     assert code == 0
+
+
+#: one bad input per verb, refused before any work: (arguments, words the one-line error must contain)
+BAD_INPUT = {
+    "prepare": (["prepare", "{tmp}/nowhere", "{tmp}/store"], "no such file or folder"),
+    "synth": (["synth", "{tmp}/bids", "--resolution", "3", "--no-progress"], "resolution should be 1 or 2"),
+    "pretrain": (["pretrain", "--preset", "nope", "--data", "{tmp}", "--out", "{tmp}/run"], "unknown preset"),
+    "finetune": (
+        ["finetune", "--data", "{tmp}/nowhere", "--task", "seg", "--target", "lesion", "--out", "{tmp}/ft"],
+        "not a neurofm store",
+    ),
+    "evaluate": (["evaluate", "{tmp}/nowhere", "--data", "{tmp}"], "not a neurofm store"),
+    "predict": (["predict", "{tmp}/nowhere", "T1w={tmp}/t1.nii.gz", "--out", "{tmp}/p"], "neither a run folder"),
+    "embed": (["embed", "{tmp}/nowhere", "--data", "{tmp}", "--out", "{tmp}/e.csv"], "neither a run folder"),
+    "analyze": (["analyze", "{tmp}/nowhere", "--data", "{tmp}", "--out", "{tmp}/a"], "neither a run folder"),
+    "bench": (["bench", "--only", "nope"], "unknown benchmark"),
+    "import": (["import", "nnssl", "{tmp}/missing.pth", "--out", "{tmp}/i"], "no such file"),
+    "export": (["export", "{tmp}/nowhere", "--out", "{tmp}/x.pth"], "neither a run folder"),
+    "inspect": (["inspect", "{tmp}"], "neither a store"),
+    "demo": (["demo", "--out", "{tmp}/demo", "--subjects", "2"], "too few"),
+}
+
+
+@pytest.mark.parametrize("verb", sorted(BAD_INPUT))
+def test_every_verb_refuses_bad_input_in_one_line(verb, tmp_path, run_cli):
+    args, words = BAD_INPUT[verb]
+    code, out, err = run_cli(*[a.replace("{tmp}", str(tmp_path)) for a in args])
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert code == 2, err
+    assert len(lines) == 1 and lines[0].startswith("error:") and words in lines[0], err
+    assert "Traceback" not in err + out
+    assert not (tmp_path / "demo").exists() and not (tmp_path / "a").exists()  # refused before any work
+
+
+def test_every_verb_is_tested_through_the_cli():
+    """Each verb has a bad-input case above and at least one run through the CLI that succeeds."""
+    from pathlib import Path
+
+    from neurofm.cli import app
+
+    verbs = {c.name or c.callback.__name__ for c in app.registered_commands}
+    assert verbs == set(BAD_INPUT)
+    tests = "\n".join(p.read_text() for p in Path(__file__).parent.rglob("test_*.py"))
+    untested = [v for v in verbs if not re.search(rf'(run_cli\(|args = \[)\s*"{v}"', tests)]
+    assert not untested, f"verbs never run through the CLI: {untested}"

@@ -4,24 +4,15 @@ import json
 
 import pytest
 
-from neurofm.demo import DemoConfig, run_demo
-
 
 @pytest.mark.slow
-def test_demo_end_to_end_tiny(tmp_path, capsys):
-    # pretrain_steps > 0: the demo's "from nothing" path (a separate pool, pretrained here)
-    cfg = DemoConfig(
-        subjects=6,
-        sessions=1,
-        pretrain_steps=4,
-        pool_subjects=3,
-        finetune_steps=2,
-        shots={"seg": 2, "cls": 3, "reg": 3},
-        seeds=2,
-        latent_sessions=3,
-    )
-    page = run_demo(tmp_path / "demo", cfg)
-    said = capsys.readouterr().err
+def test_demo_end_to_end_tiny(tmp_path, run_cli):
+    # --pretrain-steps > 0: the demo's "from nothing" path (a separate pool, pretrained here); through the CLI
+    args = ["demo", "--out", tmp_path / "demo", "--subjects", "6", "--pretrain-steps", "4", "--pool-subjects", "3"]
+    args += ["--finetune-steps", "2", "--shots", "seg=2,cls=3,reg=3", "--seeds", "2"]
+    code, _, said = run_cli(*args)
+    assert code == 0, said
+    page = tmp_path / "demo" / "report.html"
     assert "anatomy latent: cosine same subject" in said and "contrast probe" in said
     assert "swap check:" in said and "minus scratch" in said
     assert said.rstrip().endswith(str(page.resolve()))
@@ -47,5 +38,7 @@ def test_demo_end_to_end_tiny(tmp_path, capsys):
         if r["init"] != "scratch":  # every arm is paired with scratch, with an interval
             assert r["difference_low"] <= r["difference"] <= r["difference_high"]
     # a second run reuses every finished stage
-    again = run_demo(tmp_path / "demo", cfg)
-    assert again == page
+    made = {p: p.stat().st_mtime_ns for p in (tmp_path / "demo").glob("*bids/participants.tsv")}
+    code, _, said = run_cli(*args)
+    assert code == 0 and said.rstrip().endswith(str(page.resolve()))
+    assert len(made) == 2 and all(p.stat().st_mtime_ns == t for p, t in made.items())

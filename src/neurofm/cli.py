@@ -432,6 +432,10 @@ def bench(
     script = Path(neurofm.__file__).resolve().parents[2] / "benchmarks" / "run_all.py"
     if not script.is_file():
         raise NeurofmError("the benchmarks live in the source checkout (benchmarks/run_all.py); run from a clone")
+    known = ("store", "prepare", "synth", "loader", "train", "infer", "flops")  # benchmarks/run_all.py's CPU table
+    unknown = [b for b in _csv(only) or [] if b not in known]
+    if unknown:
+        raise NeurofmError(f"unknown benchmark(s) {', '.join(unknown)}; choose from {', '.join(known)}")
     args = [sys.executable, str(script)] + (["--gpu"] if gpu else []) + (["--only", *_csv(only)] if only else [])
     raise typer.Exit(subprocess.run(args).returncode)
 
@@ -501,7 +505,8 @@ def demo(
         int, typer.Option(help="Seeds (few-shot draw x initialisation) per task, paired across arms.")
     ] = 3,
     shots: Annotated[
-        int | None, typer.Option(help="Labelled subjects for every task (default: seg 4, cls 16, reg 24).")
+        str | None,
+        typer.Option(help="Labelled subjects: one number for every task, or per task, e.g. seg=2,cls=8,reg=8."),
     ] = None,
     spacing: Annotated[float, typer.Option(help="Voxel size of the store in mm.")] = 4.0,
 ) -> None:
@@ -519,10 +524,26 @@ def demo(
         spacing=spacing,
     )
     if shots is not None:
-        cfg.shots = {t: shots for t in cfg.shots}
+        cfg.shots = _per_task(shots, cfg.shots)
     if finetune_steps is not None:
         cfg.finetune_steps = finetune_steps
     run_demo(out, cfg)  # its last line says where the report is
+
+
+def _per_task(text: str, default: dict[str, int]) -> dict[str, int]:
+    """``"4"`` -> every task 4; ``"seg=2,cls=8"`` -> those tasks, the others as ``default``."""
+    from neurofm.errors import ConfigError
+
+    try:
+        if "=" not in text:
+            return {t: int(text) for t in default}
+        given = {k.strip(): int(v) for k, v in (p.split("=") for p in text.split(",") if p.strip())}
+    except ValueError:
+        raise ConfigError(f"--shots takes a number or TASK=N pairs (e.g. seg=2,cls=8), got {text!r}") from None
+    unknown = set(given) - set(default)
+    if unknown:
+        raise ConfigError(f"--shots names unknown tasks {sorted(unknown)}; the demo's are {sorted(default)}")
+    return {**default, **given}
 
 
 def main() -> None:

@@ -56,6 +56,22 @@ class DemoConfig:
     seed: int = 0
 
 
+def _check(cfg: DemoConfig) -> None:
+    """Refuse settings the demo cannot finish with before any work is done."""
+    from neurofm.errors import ConfigError
+    from neurofm.io.checkpoint import resolve_checkpoint
+
+    need = max(cfg.shots.values()) + 2
+    if cfg.subjects < need:
+        shots = ", ".join(f"{t} {n}" for t, n in cfg.shots.items())
+        raise ConfigError(
+            f"--subjects {cfg.subjects} is too few for labelled sets of {shots} subjects plus held-out ones: "
+            f"use at least {need}, or lower --shots"
+        )
+    if cfg.pretrain_steps <= 0:
+        resolve_checkpoint(cfg.pretrained)  # a missing model is said now, not after synth and prepare
+
+
 def run_demo(out: str | Path = "neurofm-demo", cfg: DemoConfig | None = None) -> Path:
     """Run every stage (see module docstring); returns the path of the HTML report."""
     from neurofm.analyze import experiments, figures
@@ -73,6 +89,7 @@ def run_demo(out: str | Path = "neurofm-demo", cfg: DemoConfig | None = None) ->
     from neurofm.utils import to_jsonable, write_json
 
     cfg = cfg or DemoConfig()
+    _check(cfg)
     console = Console(stderr=True, soft_wrap=True)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)

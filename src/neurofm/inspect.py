@@ -64,6 +64,16 @@ def describe_run(run: str | Path) -> str:
     extra, d = cfg.get("extra", {}), cfg.get("data", {})
     if extra.get("imported_from"):
         lines.append(f"imported from: {extra['imported_from']}")
+        src, pre = extra.get("source") or {}, extra.get("preprocessing") or {}
+        if src.get("tool", "none") != "none":
+            what = [src["tool"], src.get("architecture") or "?", f"trainer {src.get('trainer') or '?'}"]
+            if src.get("patch"):
+                what.append(f"patch {'x'.join(map(str, src['patch']))}")
+            lines.append("source plan: " + ", ".join(what))
+        lines.append(
+            f"preprocessing: {pre.get('spacing')} mm, {pre.get('normalize')}, patch {d.get('patch')}^3"
+            + ("" if src.get("spacing") else " (spacing not in the source: given or 1 mm)")
+        )
     if "mode" in d:
         lines.append(
             f"data: {extra.get('store', '?')} ({extra.get('sessions', '?')} sessions), mode {d['mode']}, "
@@ -80,7 +90,8 @@ def describe_run(run: str | Path) -> str:
         spec = read_json(ck / "model.json")
         meta = read_json(ck / "meta.json")
         lines.append(f"parameters: {spec.get('parameters', 0):,}")
-        lines.append(f"latest checkpoint: {ck.name} (step {meta['step']}, epoch {meta['epoch']}, {meta['time']})")
+        when = f", {meta['time']}" if meta.get("time") else ""
+        lines.append(f"latest checkpoint: {ck.name} (step {meta['step']}, epoch {meta['epoch']}{when})")
         if meta.get("losses"):
             lines.append("losses: " + ", ".join(f"{k} {v:.4g}" for k, v in meta["losses"].items()))
     return "\n".join(lines)

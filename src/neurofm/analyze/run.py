@@ -97,12 +97,15 @@ def analyze(
     run: str | Path, data: str | Path, out: str | Path, cfg: AnalyzeConfig | None = None, progress: bool = True
 ) -> dict[str, Any]:
     """Run the analyses (see module docstring); returns the JSON summary, writes ``out/report.html``."""
+    from neurofm.io.checkpoint import resolve_checkpoint
+
     cfg = cfg or AnalyzeConfig()
     console = Console(stderr=True, soft_wrap=True)
+    resolve_checkpoint(run)  # a missing run or store is said before anything is written
+    store = Store(data)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
-    store = Store(data)
     result: dict[str, Any] = {"run": str(run), "data": str(data)}
     sections: list[Section] = []
 
