@@ -11,7 +11,7 @@ SRC = Path(neurofm.__file__).parent
 
 #: lowest first; a module may import from its own layer and the ones below it
 LAYERS = [
-    {"errors", "utils", "config", "plots", "pretrained", ""},  # "" is the package root (its version)
+    {"errors", "faults", "utils", "config", "plots", "pretrained", ""},  # "" is the package root (its version)
     {"io"},
     {"store"},
     {"preprocess"},

@@ -54,6 +54,9 @@ def prepare(
     shard: Annotated[str, typer.Option(help="Take part i of n of the sessions, e.g. 0/8 (job arrays).")] = "0/1",
     duplicates: Annotated[str, typer.Option(help="Repeated scans of one contrast: error, or first.")] = "error",
     progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
+    space_check: Annotated[
+        bool, typer.Option(help="Refuse to start when the output's device has less free space than an estimate.")
+    ] = True,
 ) -> None:
     """Preprocess a dataset into a compressed, chunked store (RAS, resampled, cropped, z-scored).
 
@@ -66,7 +69,9 @@ def prepare(
     cfg = PrepareConfig(
         spacing=sp, margin=margin, normalize=normalize, mask_images=mask_images, skull_stripped=skull_stripped
     )
-    report = prepare_store(src, out, cfg, workers=workers, shard=shard, progress=progress, duplicates=duplicates)
+    report = prepare_store(
+        src, out, cfg, workers=workers, shard=shard, progress=progress, duplicates=duplicates, space_check=space_check
+    )
     console.print(report.summary())
     if not report.ok:
         from rich.table import Table
@@ -113,7 +118,8 @@ def synth(
         missing_rate=missing_rate,
         first_subject=first_subject,
     )
-    synthesize(out, cfg, workers=workers, progress=progress)
+    with _guarded(out, "writing the synthetic dataset"):
+        synthesize(out, cfg, workers=workers, progress=progress)
     console.print(f"wrote {subjects} subjects x {sessions} sessions to {out}")
     if montage is not None:
         from neurofm.synth.montage import montage as make_montage
@@ -164,7 +170,10 @@ def pretrain(
         overrides.append(f"trainer.accelerator={accelerator}")
     if max_steps is not None:
         overrides.append(f"trainer.max_steps={max_steps}")
-    folder = pretrain_run(data, out, preset, config=config, overrides=overrides, resume=resume, progress=progress)
+    with _guarded(
+        out, "writing checkpoints and logs", f"free space and continue: neurofm pretrain --out {out} --resume"
+    ):
+        folder = pretrain_run(data, out, preset, config=config, overrides=overrides, resume=resume, progress=progress)
     from lightning.pytorch.utilities import rank_zero_only
 
     if rank_zero_only.rank != 0:  # DDP: every rank runs this command; one reports
@@ -240,6 +249,9 @@ def finetune(
     bootstrap: Annotated[int | None, typer.Option(help="Bootstrap resamples for the 95 % intervals [1000].")] = None,
     devices: Annotated[str | None, typer.Option(help="Devices (e.g. 1, 4, auto).")] = None,
     progress: Annotated[bool | None, typer.Option(help="Progress bar (default: on terminals).")] = None,
+    resume: Annotated[
+        bool, typer.Option(help="Continue a stopped run in --out (same settings) from each split's last checkpoint.")
+    ] = False,
 ) -> None:
     """Fine-tune a pretrained run (or a from-scratch baseline) and evaluate it on held-out subjects.
 
@@ -277,7 +289,8 @@ def finetune(
     if devices:
         values["trainer"] = {"devices": int(devices) if devices.isdigit() else devices}
     cfg = FinetuneConfig.resolve(preset, config, set_, values=values)
-    summary = finetune_run(data, out, cfg, progress=progress)
+    with _guarded(out, "writing the fine-tuned model and its predictions", "free space and run it again with --resume"):
+        summary = finetune_run(data, out, cfg, progress=progress, resume=resume)
     _print_metrics(summary)
     console.print(f"per-case predictions: {out / 'predictions.csv'}; summary: {out / 'summary.json'}")
 
@@ -304,7 +317,8 @@ def evaluate(
     """Score a fine-tuned run on a store: per-case CSV and a summary with bootstrap 95 % intervals."""
     from neurofm.evaluate.scoring import evaluate_run
 
-    _print_metrics(evaluate_run(run, data, out, split=split, tta=tta, lcc=lcc, bootstrap=bootstrap))
+    with _guarded(out or run, "writing the evaluation"):
+        _print_metrics(evaluate_run(run, data, out, split=split, tta=tta, lcc=lcc, bootstrap=bootstrap))
 
 
 @app.command()
@@ -323,7 +337,10 @@ def predict(
     """Predict whole scans straight from NIfTI: masks on each input's own grid, a CSV for cls/reg."""
     from neurofm.infer.inputs import predict_inputs
 
-    table = predict_inputs(run, inputs, out, tta=tta, lcc=lcc, overlap=overlap, reference=reference, progress=progress)
+    with _guarded(out, "writing predictions"):
+        table = predict_inputs(
+            run, inputs, out, tta=tta, lcc=lcc, overlap=overlap, reference=reference, progress=progress
+        )
     console.print(f"{len(table)} case(s) -> {out / 'predictions.csv'}")
 
 
@@ -337,8 +354,9 @@ def embed(
     """Per-scan features: the subject (anatomy) and contrast latents of a pretrained model."""
     from neurofm.analyze.embed import embed_store, save_embeddings
 
-    df = embed_store(run, data, progress=progress)
-    console.print(f"{len(df)} scans -> {save_embeddings(df, out)}")
+    with _guarded(out.parent, "writing the embeddings"):
+        df = embed_store(run, data, progress=progress)
+        console.print(f"{len(df)} scans -> {save_embeddings(df, out)}")
 
 
 def _pair(text: str) -> tuple[str, str]:
@@ -409,7 +427,8 @@ def analyze(
         floors=floors,
         finetune=ft,
     )
-    result = run_analyze(run, data, out, cfg)
+    with _guarded(out, "writing the analysis"):
+        result = run_analyze(run, data, out, cfg)
     from neurofm.analyze.latent import summary_table
 
     for r in summary_table(result.get("latent", {})):
@@ -459,7 +478,8 @@ def import_(
     from neurofm.inspect import describe_run
     from neurofm.models.importers import import_weights
 
-    results.print(describe_run(import_weights(kind, src, out, num_heads=num_heads, spacing=spacing)))
+    with _guarded(out, "writing the imported run"):
+        results.print(describe_run(import_weights(kind, src, out, num_heads=num_heads, spacing=spacing)))
 
 
 @app.command(name="export")
@@ -473,17 +493,30 @@ def export_(
     """Export a run's weights for another tool: --format nnssl writes network_weights + nnssl_adaptation_plan."""
     from neurofm.models.exporters import export_run
 
-    console.print(f"wrote {export_run(run, format_, out)}")
+    with _guarded(out.parent if out.suffix else out, "writing the exported weights"):
+        console.print(f"wrote {export_run(run, format_, out)}")
 
 
 @app.command()
 def inspect(
     path: Annotated[Path, typer.Argument(help="A store folder or a run folder.")],
+    verify: Annotated[
+        bool, typer.Option(help="Store: check every array's checksum and decompress every chunk (exit 1 if damaged).")
+    ] = False,
 ) -> None:
     """Describe a store (sessions, contrasts, failures) or a run (model card)."""
     from neurofm.inspect import describe
 
     typer.echo(describe(path))
+    if verify:
+        from neurofm.store import Store
+
+        checked, bad = Store(path).verify(progress=sys.stderr.isatty())
+        for row in bad:
+            console.print(f"damaged: {row['key']} {row['name']}: {row['path']}: {row['reason']}", highlight=False)
+        console.print(f"verified {checked} arrays: {len(bad)} damaged")
+        if bad:
+            raise typer.Exit(1)
 
 
 @app.command()
@@ -527,7 +560,15 @@ def demo(
         cfg.shots = _per_task(shots, cfg.shots)
     if finetune_steps is not None:
         cfg.finetune_steps = finetune_steps
-    run_demo(out, cfg)  # its last line says where the report is
+    with _guarded(out, "running the demo", "free space and run the demo again: finished stages are kept"):
+        run_demo(out, cfg)  # its last line says where the report is
+
+
+def _guarded(folder: Path, what: str, then: str = "free space and run the same command again"):
+    """A full disk inside the block becomes one line naming ``folder`` and ``what`` (neurofm.faults)."""
+    from neurofm.faults import disk_guard
+
+    return disk_guard(folder, what, then)
 
 
 def _per_task(text: str, default: dict[str, int]) -> dict[str, int]:
@@ -552,7 +593,7 @@ def main() -> None:
         app()
     except NeurofmError as e:
         console.print(f"[bold red]error:[/] {e}", highlight=False)
-        sys.exit(2)
+        sys.exit(e.exit_code)
     except KeyboardInterrupt:
         console.print("[yellow]interrupted[/]")
         sys.exit(130)

@@ -6,7 +6,9 @@ from pathlib import Path
 
 
 class NeurofmError(Exception):
-    """Base class: the CLI prints the message and exits with status 2."""
+    """Base class: the CLI prints the message and exits with ``exit_code`` (2)."""
+
+    exit_code = 2
 
 
 class ConfigError(NeurofmError, ValueError):
@@ -36,3 +38,14 @@ class ScanError(NeurofmError):
 
 class NonFiniteLossError(NeurofmError):
     """The loss became NaN or infinite: training stops, the last checkpoint stays intact."""
+
+
+class Preempted(NeurofmError):
+    """Training stopped on SIGTERM / SIGUSR1 after writing a checkpoint at the current step.
+
+    The CLI exits with 128 + the signal number (143 for SIGTERM), as a process killed by it would,
+    so that ``pretrain && finetune`` does not go on with an unfinished model."""
+
+    def __init__(self, message: str, signum: int):
+        super().__init__(message)
+        self.exit_code = 128 + int(signum)

@@ -84,6 +84,9 @@ def describe_run(run: str | Path) -> str:
         steps = cfg.get("trainer", {}).get("max_steps", -1)
         budget = f"{steps} steps" if steps and steps > 0 else f"{o['epochs']} epochs x {d['steps_per_epoch']} steps"
         lines.append(f"optimiser: {o['name']} lr {o['lr']} ({o['schedule']}), {budget}")
+    skipped = sorted((run / "skipped").glob("*.json"))
+    if skipped:
+        lines.append(f"skipped sessions (data could not be read): {len(skipped)}, listed in {run / 'skipped'}")
     if ck is None:
         lines.append("checkpoints: none yet")
     else:

@@ -17,7 +17,10 @@ What a recipe needs beyond the images (regional volumes, dense label maps) it sa
 
 from __future__ import annotations
 
+import contextlib
 import math
+import sys
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -33,6 +36,7 @@ from neurofm.data.sampling import random_box, stack_contrasts
 from neurofm.errors import StoreError
 from neurofm.preprocess.transforms import minmax, pad_to
 from neurofm.store import Store
+from neurofm.utils import write_json
 
 ICV_NAMES = ("total intracranial", "estimatedtotalintracranialvol", "etiv", "icv", "intracranial volume")
 
@@ -193,6 +197,14 @@ class Augment:
         return img, lab
 
 
+class DamagedSession(Exception):
+    """A session's stored data cannot be read (a damaged or missing chunk)."""
+
+    def __init__(self, key: str, path: str, reason: str):
+        super().__init__(f"{key}: {path}: {reason}")
+        self.key, self.path, self.reason = key, path, reason
+
+
 class PretrainDataset(Dataset):
     """``length`` random samples per epoch from the sessions of ``index`` (see module docstring)."""
 
@@ -204,6 +216,7 @@ class PretrainDataset(Dataset):
         length: int,
         seed: int = 0,
         needs: DataNeeds | None = None,
+        report_dir: str | Path | None = None,
     ):
         self.store_root = str(store_root)
         self.index = index
@@ -216,6 +229,8 @@ class PretrainDataset(Dataset):
             self.items = [(i, c) for i, cs in enumerate(index.contrasts) for c in cs]
         else:
             self.items = [(i, "") for i in range(len(index.keys))]
+        self.report_dir = str(report_dir) if report_dir else None
+        self._damaged: set[str] = set()
         self._store: Store | None = None
         self._rng: np.random.Generator | None = None
         self._augment: Augment | None = None
@@ -239,9 +254,23 @@ class PretrainDataset(Dataset):
             self._rng = np.random.default_rng(seed)
             self._augment = Augment(self.cfg, int(seed % 2**31)) if self.cfg.augment else None
 
-    def _read(self, key: str, name: str, box: tuple[slice, ...] | None) -> np.ndarray:
+    def _read(self, key: str, name: str, box: tuple[slice, ...] | None, dtype: Any = np.float32) -> np.ndarray:
         assert self._store is not None
-        return np.asarray(self._store.read(key, name, box), dtype=np.float32)
+        try:
+            return np.asarray(self._store.read(key, name, box), dtype=dtype)
+        except Exception as e:  # a damaged or missing chunk: this session is skipped (see __getitem__)
+            raise DamagedSession(key, str(self._store.array_path(key, name)), f"{type(e).__name__}: {e}") from None
+
+    def _skip(self, err: DamagedSession) -> None:
+        """Note a damaged session once per worker: a line on stderr and ``report_dir/skipped/<key>.json``."""
+        if err.key in self._damaged:
+            return
+        self._damaged.add(err.key)
+        print(f"neurofm: skipped session {err.key}: cannot read {err.path} ({err.reason})", file=sys.stderr)
+        if self.report_dir:
+            row = {"key": err.key, "path": err.path, "reason": err.reason, "time": time.strftime("%Y-%m-%dT%H:%M:%S")}
+            with contextlib.suppress(OSError):  # the line above has said it
+                write_json(Path(self.report_dir) / "skipped" / f"{err.key}.json", row)
 
     def _crop(
         self, key: str, shape: tuple[int, ...], names: list[str], avail: list[str]
@@ -254,7 +283,7 @@ class PretrainDataset(Dataset):
         label = None
         if self.dense:
             maps = self._store.record(key).get("label_maps", {})
-            lab = self._store.read(key, "dseg", box) if "dseg" in maps else None
+            lab = self._read(key, "dseg", box, np.int64) if "dseg" in maps else None
             label = (self._lut[np.asarray(lab, np.int64)] if lab is not None else np.full(img.shape[1:], -1))[None]
         if cfg.fit == "resize":
             img = F.interpolate(torch.from_numpy(img)[None], size=(cfg.patch,) * 3, mode="trilinear")[0].numpy()
@@ -270,10 +299,25 @@ class PretrainDataset(Dataset):
         return img, present, label
 
     def __getitem__(self, i: int) -> dict[str, Any]:
+        """A sample of item ``i``; a session whose data cannot be read is skipped for a random other one."""
         self._setup()
         rng = self._rng
         assert rng is not None
-        s, contrast = self.items[i % len(self.items)]
+        item = i % len(self.items)
+        for _ in range(len(self.items) + 10):
+            s = self.items[item][0]
+            if self.index.keys[s] not in self._damaged:
+                try:
+                    return self._sample(item)
+                except DamagedSession as e:
+                    self._skip(e)
+            item = int(rng.integers(len(self.items)))
+        raise StoreError(f"{self.store_root}: no readable session left ({len(self._damaged)} damaged)")
+
+    def _sample(self, item: int) -> dict[str, Any]:
+        rng = self._rng
+        assert rng is not None
+        s, contrast = self.items[item]
         key, shape, avail = self.index.keys[s], self.index.shapes[s], self.index.contrasts[s]
         cfg = self.cfg
         if cfg.mode == "pair":
@@ -306,8 +350,15 @@ class PretrainDataset(Dataset):
 
 
 def pretrain_loader(
-    store_root: str | Path, index: SessionIndex, cfg: DataConfig, needs: DataNeeds, seed: int
+    store_root: str | Path,
+    index: SessionIndex,
+    cfg: DataConfig,
+    needs: DataNeeds,
+    seed: int,
+    report_dir: str | Path | None = None,
 ) -> DataLoader:
-    """Batches of ``cfg.steps_per_epoch * cfg.batch_size`` random samples per epoch."""
-    ds = PretrainDataset(store_root, index, cfg, length=cfg.steps_per_epoch * cfg.batch_size, seed=seed, needs=needs)
+    """Batches of ``cfg.steps_per_epoch * cfg.batch_size`` random samples per epoch; damaged sessions are
+    skipped and listed in ``report_dir/skipped/``."""
+    length = cfg.steps_per_epoch * cfg.batch_size
+    ds = PretrainDataset(store_root, index, cfg, length=length, seed=seed, needs=needs, report_dir=report_dir)
     return training_loader(ds, cfg.batch_size, cfg.num_workers)

@@ -39,11 +39,12 @@ import numpy as np
 import pandas as pd
 
 from neurofm.errors import ConfigError, ScanError
+from neurofm.faults import DiskFullError, FolderLock, disk_guard, free_bytes, human, is_disk_full
 from neurofm.io.manifest import CONTRASTS, Manifest, SessionSpec, discover, session_key
 from neurofm.io.nifti import Scan, load_scan
 from neurofm.preprocess import transforms
 from neurofm.preprocess.tissue import choose_contrast, tissue_volumes
-from neurofm.store import Store, write_array
+from neurofm.store import Store, file_crc32, write_array
 from neurofm.utils import stable_hash, write_json
 
 MIN_OVERLAP = 0.5  # fraction of a scan's signal that must land on the session grid
@@ -291,6 +292,8 @@ def prepare_session(spec: SessionSpec, store_root: str, cfg_dict: dict[str, Any]
     except ScanError as e:
         failures.append({"name": "*", "path": e.path, "reason": e.reason})
     except Exception as e:  # a bug or a file nobody anticipated must not stop the run
+        if is_disk_full(e, root):  # ... but a full disk is no fault of the scan: it stops the run
+            raise
         tb = traceback.extract_tb(e.__traceback__)[-1]
         failures.append(
             {
@@ -316,12 +319,12 @@ def _write_session(root: Path, spec: SessionSpec, p: PreparedSession, maps: dict
     for name, arr in p.images.items():
         rel = f"arrays/{key}/{name}.b2nd"
         write_array(root / rel, arr)
-        images[name] = {"array": rel, **p.image_meta[name]}
+        images[name] = {"array": rel, "crc32": file_crc32(root / rel), **p.image_meta[name]}
     label_entries = {}
     for name, arr in p.label_maps.items():
         rel = f"arrays/{key}/label-{name}.b2nd"
         write_array(root / rel, arr)
-        label_entries[name] = {"array": rel, **p.label_meta[name]}
+        label_entries[name] = {"array": rel, "crc32": file_crc32(root / rel), **p.label_meta[name]}
     volumes = spec.volumes
     volume_source = "table" if volumes is not None else None
     if volumes is None and "dseg" in maps:
@@ -398,8 +401,13 @@ def prepare(
     shard: str | tuple[int, int] | None = None,
     progress: bool = True,
     duplicates: str = "error",
+    space_check: bool = True,
 ) -> PrepareReport:
-    """Prepare a dataset (BIDS folder, nnU-Net raw folder, CSV/TSV, or a Manifest) into a store."""
+    """Prepare a dataset (BIDS folder, nnU-Net raw folder, CSV/TSV, or a Manifest) into a store.
+
+    Before any work the free space of the output's device is checked against an estimate
+    (``space_check``); a second ``prepare`` of the same shard into the same store is refused while
+    this one runs (a lock naming it); a full disk ends the run with one line, finished sessions kept."""
     t0 = time.time()
     cfg = cfg or PrepareConfig()
     manifest = src if isinstance(src, Manifest) else discover(src, duplicates=duplicates)
@@ -420,8 +428,19 @@ def prepare(
         todo.append(s)
     if workers < 1:
         raise ConfigError(f"workers should be >= 1, got {workers}")
-    results = list(_run(todo, str(store.root), cfg.to_dict(), workers, progress))
-    _, all_failures = store.rebuild_index()
+    if space_check and todo:
+        need, free = estimate_bytes(todo, cfg), free_bytes(store.root)
+        if free < need:
+            raise DiskFullError(
+                f"{store.root}: preparing {len(todo)} sessions needs about {human(need)} (estimated from the scans' "
+                f"headers at {cfg.spacing} mm), {human(free)} free there; free space, choose another output "
+                "folder, or skip this check with --no-space-check"
+            )
+    lock = FolderLock(store.root / "locks" / f"prepare-shard-{i}-of-{n}.lock", f"prepare shard {i}/{n}")
+    with lock, disk_guard(store.root, f"writing the store (shard {i}/{n})", _AGAIN):
+        results = list(_run(todo, str(store.root), cfg.to_dict(), workers, progress))
+    with disk_guard(store.root, "writing the store's manifest", _AGAIN):
+        _, all_failures = store.rebuild_index()
     keys = {s.key for s in specs}
     mine = _shard_failures(all_failures, keys)
     return PrepareReport(
@@ -433,6 +452,34 @@ def prepare(
         failures=mine,
         seconds=time.time() - t0,
     )
+
+
+_AGAIN = "free space and run the same prepare again: finished sessions are kept"
+
+
+def estimate_bytes(todo: list[SessionSpec], cfg: PrepareConfig, sample: int = 200) -> int:
+    """Bytes the store will take for ``todo``: float32 images and label maps at the target spacing, from
+    the scans' headers (a random ``sample`` of them, scaled up), halved for compression (blosc2 ZSTD on
+    brain scans compresses 2-4x; the foreground crop makes it smaller still, so this errs high)."""
+    import random
+
+    import nibabel as nib
+
+    files = [(p, 4) for s in todo for p in s.images.values()] + [(p, 1) for s in todo for p in s.label_maps.values()]
+    if not files:
+        return 0
+    picked = random.Random(0).sample(files, min(sample, len(files)))
+    sp = np.broadcast_to(np.asarray(cfg.spacing, float), (3,))
+    total = 0.0
+    for path, per_voxel in picked:
+        try:
+            hdr = nib.load(str(path)).header  # the header only
+            shape = np.asarray(hdr.get_data_shape()[:3], float)
+            zooms = np.asarray(hdr.get_zooms()[:3], float)
+            total += float(np.prod(shape * zooms / sp)) * per_voxel
+        except Exception:  # unreadable here: prepare will say why
+            continue
+    return int(total * len(files) / len(picked) / 2)
 
 
 def _shard_failures(failures: pd.DataFrame, keys: set[str]) -> pd.DataFrame:
@@ -471,6 +518,10 @@ def _run(todo: list[SessionSpec], root: str, cfg: dict[str, Any], workers: int, 
                 try:
                     yield fut.result()
                 except Exception as e:  # the worker process itself died (e.g. out of memory)
+                    if is_disk_full(e, root):
+                        for f in futures:
+                            f.cancel()
+                        raise
                     fail = [
                         {
                             "subject": spec.subject,

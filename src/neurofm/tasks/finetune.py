@@ -29,16 +29,18 @@ import torch.nn.functional as F
 
 from neurofm.data.finetune import CaseSet, FinetuneDataset, build_cases
 from neurofm.data.loader import training_loader
-from neurofm.errors import ConfigError, NonFiniteLossError
+from neurofm.errors import ConfigError, NonFiniteLossError, Preempted
 from neurofm.evaluate.metrics import summarize
 from neurofm.evaluate.scoring import config_splits, score_cases, write_predictions
+from neurofm.faults import FolderLock, OutOfMemory, process_rank
 from neurofm.infer.predictor import Predictor
-from neurofm.io.checkpoint import count_parameters, read_checkpoint
+from neurofm.io.checkpoint import STATE, count_parameters, latest_checkpoint, read_checkpoint
 from neurofm.models.downstream import DownstreamModel, load_pretrained
 from neurofm.models.registry import model_from_checkpoint
 from neurofm.store import Store
-from neurofm.train.callbacks import RunCheckpoint
+from neurofm.train.callbacks import Preemption, RunCheckpoint
 from neurofm.train.config import FinetuneConfig
+from neurofm.train.memory import is_oom, oom_error, probe
 from neurofm.train.presets import PRESETS, get_preset
 from neurofm.train.trainer import build_trainer
 from neurofm.utils import write_json
@@ -211,6 +213,7 @@ def train_fold(
     patch: int,
     seed: int,
     progress: bool | None = None,
+    resume: bool = False,
 ) -> tuple[Predictor | None, dict[str, Any]]:
     """Fine-tune one split; returns its predictor (None on non-zero DDP ranks) and what it did."""
     backbone, weights, src = source
@@ -237,10 +240,29 @@ def train_fold(
     module = FinetuneModule(model, cfg, class_weights, stats)
     tc = replace(cfg.trainer, seed=seed)
     saver = RunCheckpoint(fold_dir, run_cfg, tc.checkpoint_every, tc.keep_checkpoints)
+    preempt = Preemption(saver)
     trainer = build_trainer(
-        tc, fold_dir, cfg.steps, grad_clip=1.0, callbacks=[saver], progress=progress, progress_lines=5
+        tc, fold_dir, cfg.steps, grad_clip=1.0, callbacks=[saver, preempt], progress=progress, progress_lines=5
     )
-    trainer.fit(module, training_loader(ds, cfg.batch_size, cfg.num_workers))
+    last = latest_checkpoint(fold_dir) if resume else None
+    try:
+        with preempt.handling():
+            trainer.fit(
+                module,
+                training_loader(ds, cfg.batch_size, cfg.num_workers),
+                ckpt_path=str(last / STATE) if last is not None else None,
+                weights_only=True,
+            )
+    except Exception as e:
+        if not is_oom(e):
+            raise
+        raise _oom(module, cfg, cs, patch) from None
+    if preempt.stopped():
+        raise Preempted(
+            f"stopped by {preempt.stopped()} at step {preempt.step} of {cfg.steps}; a checkpoint at that step is in "
+            f"{fold_dir}. Continue with the same command and --resume",
+            preempt.signum or 15,
+        )
     done = {
         "train_cases": len(train),
         "test_cases": len(test),
@@ -253,13 +275,20 @@ def train_fold(
     return Predictor(model, info, device=module.device, tta=cfg.tta, overlap=cfg.overlap, lcc=cfg.lcc), done
 
 
-def finetune(data: str | Path, out: str | Path, cfg: FinetuneConfig, progress: bool | None = None) -> dict[str, Any]:
+def finetune(
+    data: str | Path, out: str | Path, cfg: FinetuneConfig, progress: bool | None = None, resume: bool = False
+) -> dict[str, Any]:
     """Fine-tune and evaluate (see module docstring): every split is trained, then its held-out
-    cases are scored. Writes ``predictions.csv`` and ``summary.json``; returns the summary."""
+    cases are scored. Writes ``predictions.csv`` and ``summary.json``; returns the summary.
+
+    ``resume``: continue a stopped run (preempted, killed) in ``out`` from each split's newest checkpoint."""
     t0 = time.time()
     out = Path(out)
     if (out / "summary.json").is_file():
         raise ConfigError(f"{out} already holds a fine-tuning run; choose another --out")
+    started = [p for p in [out, *out.glob("fold-*")] if latest_checkpoint(p) is not None]
+    if started and not resume:
+        raise ConfigError(f"{out} holds a fine-tuning run that did not finish; continue it with --resume")
     store = Store(data)
     cs = build_cases(store, cfg.task, cfg.target, cfg.contrasts, positive_only=cfg.positive_only)
     source = backbone_from(cfg)
@@ -268,13 +297,22 @@ def finetune(data: str | Path, out: str | Path, cfg: FinetuneConfig, progress: b
     splits = config_splits(cs, cfg)
     rows: list[dict[str, Any]] = []
     fold_info = []
-    for f, (train, test) in enumerate(splits):
-        fold_dir = out / (f"fold-{f}" if len(splits) > 1 else "")
-        predictor, done = train_fold(data, fold_dir, cfg, cs, train, test, source, patch, cfg.seed + f, progress)
-        if predictor is None:
-            continue
-        rows.extend(score_cases(predictor, store, cs, test, f))
-        fold_info.append({"fold": f, **done})
+    lock = FolderLock(out / ".lock", "finetune") if process_rank() == 0 else None
+    if lock is not None:
+        lock.acquire()
+    try:
+        for f, (train, test) in enumerate(splits):
+            fold_dir = out / (f"fold-{f}" if len(splits) > 1 else "")
+            predictor, done = train_fold(
+                data, fold_dir, cfg, cs, train, test, source, patch, cfg.seed + f, progress, resume=resume
+            )
+            if predictor is None:
+                continue
+            rows.extend(score_cases(predictor, store, cs, test, f))
+            fold_info.append({"fold": f, **done})
+    finally:
+        if lock is not None:
+            lock.release()
     summary = {
         "task": cs.task,
         "target": cs.target,
@@ -291,3 +329,21 @@ def finetune(data: str | Path, out: str | Path, cfg: FinetuneConfig, progress: b
     write_predictions(out / "predictions.csv", rows)
     write_json(out / "summary.json", summary)
     return summary
+
+
+def _oom(module: FinetuneModule, cfg: FinetuneConfig, cs: CaseSet, patch: int) -> OutOfMemory:
+    """The out-of-memory error of a fine-tuning run, with the largest batch and patch that fit."""
+    model = module.model
+    device = next(model.parameters()).device
+    n_c = len(cs.contrasts)
+
+    def try_step(b: int, p: int) -> None:
+        model.zero_grad(set_to_none=True)
+        x = torch.randn(b, n_c, p, p, p, device=device)
+        out = model(x, torch.ones(b, n_c, dtype=torch.bool, device=device))
+        out.float().mean().backward()
+        model.zero_grad(set_to_none=True)
+
+    fixed = getattr(model.backbone, "fixed_size", None) is not None
+    fits = probe(try_step, cfg.batch_size, patch, int(model.downsampling), fixed, device)
+    return oom_error("fine-tuning", cfg.batch_size, patch, device, fits, "--batch-size", "--patch")

@@ -15,13 +15,15 @@ import lightning as L
 import torch
 
 from neurofm.data.pretrain import SessionIndex, build_index, pretrain_loader
-from neurofm.errors import ConfigError, NeurofmError, NonFiniteLossError
+from neurofm.errors import ConfigError, NeurofmError, NonFiniteLossError, Preempted
+from neurofm.faults import FolderLock, OutOfMemory, process_rank
 from neurofm.io.checkpoint import STATE, latest_checkpoint
 from neurofm.models.registry import create_model
 from neurofm.objectives import build_objective
 from neurofm.store import Store
-from neurofm.train.callbacks import RunCheckpoint
+from neurofm.train.callbacks import Preemption, RunCheckpoint
 from neurofm.train.config import Recipe
+from neurofm.train.memory import is_oom, oom_error, probe
 from neurofm.train.optim import build_optimizer, lr_factor
 from neurofm.train.trainer import build_trainer
 from neurofm.utils import read_json
@@ -124,15 +126,34 @@ def pretrain(
     run.mkdir(parents=True, exist_ok=True)
     from neurofm import __version__
 
-    run_dict = cfg.save(run / "run.json", neurofm_version=__version__)
-    module = PretrainModule(cfg)
-    saver = RunCheckpoint(run, run_dict, cfg.trainer.checkpoint_every, cfg.trainer.keep_checkpoints)
-    trainer = build_trainer(
-        cfg.trainer, run, cfg.total_steps, cfg.optim.grad_clip, callbacks=[saver, *(callbacks or [])], progress=progress
-    )
-    loader = pretrain_loader(data, index, cfg.data, cfg.data_needs(), cfg.trainer.seed)
-    # Our own checkpoints hold only tensors and plain containers: load them without unpickling code.
-    trainer.fit(module, loader, ckpt_path=ckpt_path, weights_only=True)
+    lock = FolderLock(run / ".lock", "pretrain") if process_rank() == 0 else None
+    if lock is not None:
+        lock.acquire()
+    try:
+        run_dict = cfg.save(run / "run.json", neurofm_version=__version__)
+        module = PretrainModule(cfg)
+        saver = RunCheckpoint(run, run_dict, cfg.trainer.checkpoint_every, cfg.trainer.keep_checkpoints)
+        preempt = Preemption(saver)
+        callbacks = [saver, preempt, *(callbacks or [])]
+        trainer = build_trainer(cfg.trainer, run, cfg.total_steps, cfg.optim.grad_clip, callbacks, progress=progress)
+        loader = pretrain_loader(data, index, cfg.data, cfg.data_needs(), cfg.trainer.seed, report_dir=run)
+        try:
+            # Our own checkpoints hold only tensors and plain containers: load them without unpickling code.
+            with preempt.handling():
+                trainer.fit(module, loader, ckpt_path=ckpt_path, weights_only=True)
+        except Exception as e:
+            if not is_oom(e):
+                raise
+            raise _oom(module, cfg, index) from None
+    finally:
+        if lock is not None:
+            lock.release()
+    if preempt.stopped():
+        raise Preempted(
+            f"stopped by {preempt.stopped()} at step {preempt.step}; a checkpoint at that step is in {run}. "
+            f"Continue with: neurofm pretrain --out {run} --resume",
+            preempt.signum or 15,
+        )
     if trainer.is_global_zero:
         try:
             from neurofm.tasks.figures import reconstruction_figure
@@ -141,3 +162,22 @@ def pretrain(
         except Exception as e:  # a figure must never lose a finished run
             print(f"warning: could not draw the reconstruction figure: {e}", file=sys.stderr)
     return run
+
+
+def _oom(module: PretrainModule, cfg: Recipe, index: SessionIndex) -> OutOfMemory:
+    """The out-of-memory error of a pretraining run, with the largest batch and patch that fit."""
+    model, objective = module.model, module.objective
+    device = next(model.parameters()).device
+
+    def try_step(b: int, p: int) -> None:
+        model.zero_grad(set_to_none=True)
+        batch = cfg.objective.example_batch(b, p, index.extra, device=device)
+        loss, _, _ = objective(model, batch, 0.0)
+        loss.backward()
+        model.zero_grad(set_to_none=True)
+
+    fixed = getattr(model, "fixed_size", None) is not None
+    fits = probe(try_step, cfg.data.batch_size, cfg.data.patch, int(getattr(model, "downsampling", 16)), fixed, device)
+    return oom_error(
+        "pretraining", cfg.data.batch_size, cfg.data.patch, device, fits, "--set data.batch_size", "--set data.patch"
+    )

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import shutil
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -74,3 +76,96 @@ class RunCheckpoint(Callback):
             publish_checkpoint(tmp, final, keep=self.keep)
         trainer.strategy.barrier("neurofm-ckpt-end")
         return final
+
+
+class Preemption(Callback):
+    """SIGTERM / SIGUSR1 (SLURM's preemption, ``scancel``, the time limit's warning) stop training cleanly.
+
+    Used as ``with preempt.handling(): trainer.fit(...)``. The handler only notes the signal; at the
+    end of the current step ``saver`` writes a checkpoint at that step and the trainer stops (under
+    DDP every rank stops at the same step). Lightning's own SIGTERM handler is replaced once
+    training starts (a signal before that ends the fit with Lightning's ``SIGTERMException``).
+    ``--resume`` continues from the checkpoint. Under SLURM a SIGUSR1 (``#SBATCH --signal=USR1@120``)
+    also requeues the job with ``scontrol requeue`` when ``requeue`` is on.
+    """
+
+    SIGNALS = ("SIGTERM", "SIGUSR1")
+
+    def __init__(self, saver: RunCheckpoint, requeue: bool = True):
+        self.saver = saver
+        self.requeue = requeue
+        self.signum: int | None = None
+        self.step: int | None = None
+
+    def _note(self, signum: int, frame: Any) -> None:
+        self.signum = signum
+
+    @contextmanager
+    def handling(self) -> Iterator[None]:
+        import signal
+        import threading
+
+        from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+        previous = {}
+        if threading.current_thread() is threading.main_thread():
+            for name in self.SIGNALS:
+                sig = getattr(signal, name, None)
+                if sig is not None:
+                    previous[sig] = signal.signal(sig, self._note)
+        try:
+            yield
+        except SIGTERMException:
+            if self.step is None:  # stopped before a checkpoint at the current step was written
+                raise
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+        if self.step is not None and self.requeue and self.signum == getattr(signal, "SIGUSR1", None):
+            requeue_slurm_job()
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        # Lightning has by now put its own SIGTERM handler in front of ours; it would end the fit at the next
+        # step boundary, possibly before this callback has written the checkpoint. Ours alone decides.
+        import signal
+        import threading
+
+        if threading.current_thread() is threading.main_thread():
+            for name in self.SIGNALS:
+                sig = getattr(signal, name, None)
+                if sig is not None:
+                    signal.signal(sig, self._note)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        stop = trainer.strategy.reduce_boolean_decision(self.signum is not None, all=False)
+        if not stop or self.step is not None:
+            return
+        if self.saver.last_saved != trainer.global_step:
+            self.saver.save(trainer, pl_module)
+        self.step = trainer.global_step
+        trainer.should_stop = True
+
+    def stopped(self) -> str | None:
+        """The signal's name when training stopped on one."""
+        import signal
+
+        return signal.Signals(self.signum).name if self.step is not None and self.signum else None
+
+
+def requeue_slurm_job() -> bool:
+    """``scontrol requeue $SLURM_JOB_ID`` when running under SLURM (array tasks by their own id)."""
+    import os
+    import subprocess
+
+    job = os.environ.get("SLURM_ARRAY_JOB_ID") and os.environ.get("SLURM_ARRAY_TASK_ID")
+    job_id = (
+        f"{os.environ['SLURM_ARRAY_JOB_ID']}_{os.environ['SLURM_ARRAY_TASK_ID']}"
+        if job
+        else os.environ.get("SLURM_JOB_ID")
+    )
+    if not job_id:
+        return False
+    try:
+        return subprocess.run(["scontrol", "requeue", job_id], capture_output=True, timeout=60).returncode == 0
+    except (OSError, subprocess.SubprocessError):
+        return False
