@@ -321,3 +321,28 @@ def test_a_damaged_chunk_skips_its_session_and_verify_finds_it(tiny_store, tmp_p
     assert code == 1
     assert f"{len(damaged) + len(flipped)} damaged" in err, err
     assert err.count(f"damaged: {keys[1]}") == len(flipped) and "checksum differs" in err
+
+
+@pytest.mark.slow
+def test_prepare_on_a_real_small_filesystem(small_bids, tmp_path, run_cli):
+    """Where the test may mount a tmpfs (root in a container), the full disk is a real one."""
+    code, _, err = run_cli("prepare", small_bids, tmp_path / "clean", "--no-progress", "--spacing", "1")
+    assert code == 0, err
+    size = sum(p.stat().st_size for p in (tmp_path / "clean").rglob("*") if p.is_file())
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    half = max(64 * 1024, size // 2)
+    if subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", f"size={half}", "tmpfs", str(mnt)], capture_output=True
+    ).returncode:
+        pytest.skip("cannot mount a tmpfs here (not root)")
+    try:
+        args = ["prepare", small_bids, mnt / "store", "--no-progress", "--spacing", "1", "--no-space-check"]
+        code, out, err = run_cli(*args)
+        _one_line(code, out, err, "no space left on the device while writing the store")
+        subprocess.run(["mount", "-o", f"remount,size={4 * size + 2**20}", str(mnt)], check=True)
+        code, _, err = run_cli(*args)
+        assert code == 0, err
+        assert _tree_digest(mnt / "store") == _tree_digest(tmp_path / "clean")
+    finally:
+        subprocess.run(["umount", str(mnt)], capture_output=True)

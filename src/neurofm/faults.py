@@ -85,10 +85,12 @@ def human(n: float) -> str:
     return f"{n:.1f} TB"
 
 
-def _filename(e: BaseException) -> str | None:
+def _filename(e: BaseException, folder: str | Path) -> str | None:
+    """The file in ``folder`` that the failed write was for, where the error names one."""
+    root = Path(folder).absolute()
     for x in _chain(e):
         name = getattr(x, "filename", None)
-        if name:
+        if name and Path(name).absolute().is_relative_to(root):
             return str(name)
     return None
 
@@ -105,7 +107,7 @@ def disk_guard(
     except BaseException as e:
         if not is_disk_full(e, folder):
             raise
-        where = _filename(e) or str(folder)
+        where = _filename(e, folder) or str(folder)
         raise DiskFullError(
             f"{where}: no space left on the device while {what} ({human(free_bytes(folder))} free there); {then}"
         ) from None
