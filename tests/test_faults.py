@@ -345,4 +345,4 @@ def test_prepare_on_a_real_small_filesystem(small_bids, tmp_path, run_cli):
         assert code == 0, err
         assert _tree_digest(mnt / "store") == _tree_digest(tmp_path / "clean")
     finally:
-        subprocess.run(["umount", str(mnt)], capture_output=True)
+        subprocess.run(["umount", "-l", str(mnt)], capture_output=True)  # lazy: a handle left open must not block

@@ -323,25 +323,47 @@ def evaluate(
 
 @app.command()
 def predict(
-    run: Annotated[Path, typer.Argument(help="A fine-tuned run folder.")],
+    run: Annotated[Path, typer.Argument(help="A fine-tuned run folder, or an exported one (--engine onnx).")],
     inputs: Annotated[
         list[str], typer.Argument(help="CONTRAST=scan.nii.gz pairs for one case, or a dataset folder / CSV.")
     ],
-    out: Annotated[Path, typer.Option("--out", "-o", help="Output folder.")],
+    out: Annotated[
+        Path | None,
+        typer.Option("--out", "-o", help="Output folder (a BIDS dataset: default DATASET/derivatives/neurofm-RUN)."),
+    ] = None,
     tta: Annotated[bool, typer.Option(help="Mirror test-time augmentation.")] = True,
     lcc: Annotated[bool, typer.Option(help="Keep the largest connected component (seg).")] = False,
     overlap: Annotated[float, typer.Option(help="Sliding-window overlap.")] = 0.5,
+    probabilities: Annotated[
+        bool, typer.Option(help="Segmentation of a BIDS dataset: also write the probability maps (_probseg).")
+    ] = False,
     reference: Annotated[str | None, typer.Option(help="Contrast whose grid the mask is written on.")] = None,
     progress: Annotated[bool, typer.Option(help="Progress bar for datasets.")] = True,
+    engine: Annotated[
+        str, typer.Option(help="torch, or onnx (onnxruntime: an export folder, or the run exported once).")
+    ] = "torch",
 ) -> None:
-    """Predict whole scans straight from NIfTI: masks on each input's own grid, a CSV for cls/reg."""
+    """Predict whole scans straight from NIfTI: masks on each input's own grid, a table for cls/reg. A BIDS
+    dataset gets a BIDS derivative dataset (sub-*/anat/*_desc-TARGET_mask.nii.gz, predictions.tsv)."""
     from neurofm.infer.inputs import predict_inputs
 
-    with _guarded(out, "writing predictions"):
+    with _guarded(out or Path(inputs[0]), "writing predictions"):
         table = predict_inputs(
-            run, inputs, out, tta=tta, lcc=lcc, overlap=overlap, reference=reference, progress=progress
+            run,
+            inputs,
+            out,
+            tta=tta,
+            lcc=lcc,
+            overlap=overlap,
+            reference=reference,
+            progress=progress,
+            engine=engine,
+            probabilities=probabilities,
         )
-    console.print(f"{len(table)} case(s) -> {out / 'predictions.csv'}")
+    failed = int(table["error"].notna().sum()) if "error" in table else 0
+    console.print(
+        f"{len(table)} case(s) -> {table.attrs.get('written', out)}" + (f"; {failed} failed" if failed else "")
+    )
 
 
 @app.command()
@@ -488,9 +510,16 @@ def export_(
     out: Annotated[
         Path, typer.Option("--out", "-o", help="File to write (.pth), or a folder for FOLDER/checkpoint_final.pth.")
     ],
-    format_: Annotated[str, typer.Option("--format", help="nnssl (loads in nnssl and nnU-Net fine-tuning).")] = "nnssl",
+    format_: Annotated[
+        str,
+        typer.Option(
+            "--format",
+            help="nnssl (a pretrained run, for nnssl / nnU-Net fine-tuning), onnx or torchscript (a fine-tuned run).",
+        ),
+    ] = "nnssl",
 ) -> None:
-    """Export a run's weights for another tool: --format nnssl writes network_weights + nnssl_adaptation_plan."""
+    """Export a run: --format nnssl writes network_weights + nnssl_adaptation_plan; onnx / torchscript write the
+    fine-tuned model as a graph with its preprocessing and labels (OUT is then a folder)."""
     from neurofm.models.exporters import export_run
 
     with _guarded(out.parent if out.suffix else out, "writing the exported weights"):

@@ -127,8 +127,9 @@ def test_cli_predict_on_a_dataset_folder(tiny_store, pretrained_run, tmp_path, r
         "predict", tmp_path / "ft", str(bids), "--out", tmp_path / "pred", "--no-tta", "--no-progress"
     )
     assert code == 0, err
-    table = pd.read_csv(tmp_path / "pred" / "predictions.csv")
+    table = pd.read_csv(tmp_path / "pred" / "predictions.tsv", sep="\t")  # a BIDS dataset: a BIDS derivative
     assert len(table) == 12 and set(table["prediction"]) <= {0, 1}
+    assert (tmp_path / "pred" / "dataset_description.json").is_file()
     assert np.allclose(table["p_0"] + table["p_1"], 1.0)
     seg = tmp_path / "seg"
     cfg = FinetuneConfig(

@@ -50,6 +50,24 @@ class CasePrediction:
     value: float | None = None  # reg
 
 
+class OnnxModel(torch.nn.Module):
+    """An exported graph on onnxruntime, called like the fine-tuned model: ``(x, present) -> logits``."""
+
+    def __init__(self, path: str | Path, threads: int | None = None):
+        super().__init__()
+        import onnxruntime as ort
+
+        opts = ort.SessionOptions()
+        if threads:
+            opts.intra_op_num_threads = threads
+        self.path = str(path)
+        self.session = ort.InferenceSession(self.path, opts, providers=["CPUExecutionProvider"])
+
+    def forward(self, x: torch.Tensor, present: torch.Tensor) -> torch.Tensor:
+        feed = {"image": x.detach().float().cpu().numpy(), "present": present.detach().float().cpu().numpy()}
+        return torch.from_numpy(self.session.run(None, feed)[0]).to(x.device)
+
+
 class Predictor:
     """Applies a fine-tuned model (a :class:`~neurofm.models.downstream.DownstreamModel`).
 
@@ -95,6 +113,21 @@ class Predictor:
             raise ConfigError(f"{run}: not a fine-tuned run (pretrained runs have no task; use neurofm finetune)")
         pred = cls(model, task, **kwargs)
         pred.preprocessing = info["preprocessing"]
+        return pred
+
+    @classmethod
+    def from_export(cls, folder: str | Path, **kwargs: Any) -> Predictor:
+        """A predictor running an exported ONNX graph on onnxruntime (``neurofm export --format onnx``)."""
+        from neurofm.utils import read_json
+
+        meta_path = Path(folder) / "neurofm-export.json"
+        if not meta_path.is_file():
+            raise ConfigError(f"{folder}: not an exported model (no neurofm-export.json)")
+        meta = read_json(meta_path)
+        if meta.get("format") != "onnx":
+            raise ConfigError(f"{folder}: holds a {meta.get('format')} export; --engine onnx runs an ONNX one")
+        pred = cls(OnnxModel(Path(folder) / meta["file"]), meta["task_info"], **kwargs)
+        pred.preprocessing = meta["preprocessing"]
         return pred
 
     def _stack(self, images: dict[str, np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -166,9 +199,13 @@ class Predictor:
         out_dir: str | Path | None = None,
         case_id: str = "case",
         reference: str | None = None,
+        mask_path: str | Path | None = None,
+        prob_path: str | Path | None = None,
     ) -> dict[str, Any]:
         """Preprocess scans as the run's store was, predict, and (seg) write the mask on the
-        reference scan's own grid: ``out_dir/<case_id>_seg.nii.gz``."""
+        reference scan's own grid: ``mask_path`` (default ``out_dir/<case_id>_seg.nii.gz``) and, with
+        ``prob_path``, the foreground probabilities there (float32; 4D over the classes after background
+        when there are several)."""
         from neurofm.io.nifti import load_scan, save_like
         from neurofm.preprocess.prepare import PrepareConfig, preprocess_scans
 
@@ -191,8 +228,13 @@ class Predictor:
             meta = prepared.image_meta[ref]
             grid = (tuple(meta["native_shape"]), np.asarray(meta["native_affine"]))
             native = transforms.resample(result.labels, prepared.affine, grid, order=0)
-            out = Path(out_dir or ".") / f"{case_id}_seg.nii.gz"
+            out = Path(mask_path) if mask_path else Path(out_dir or ".") / f"{case_id}_seg.nii.gz"
             save_like(out, native, files[ref], dtype=np.uint8)
+            if prob_path is not None:
+                fg = [transforms.resample(p, prepared.affine, grid, order=1) for p in result.probs[1:]]
+                probs = fg[0] if len(fg) == 1 else np.stack(fg, axis=-1)
+                save_like(prob_path, probs.astype(np.float32), files[ref], dtype=np.float32)
+                row["probabilities"] = str(prob_path)
             vox = float(abs(np.linalg.det(grid[1][:3, :3])))
             row.update(mask=str(out), reference=ref, volume_mm3=float((native > 0).sum()) * vox)
         elif self.task == "cls":

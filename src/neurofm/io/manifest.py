@@ -249,8 +249,21 @@ def _labels_table(df: pd.DataFrame, key_cols: Iterable[str]) -> pd.DataFrame:
     return df[[c for c in df.columns if c not in set(BASE_COLUMNS) | set(key_cols)]]
 
 
-def discover_bids(root: str | Path, duplicates: str = "error") -> Manifest:
-    """Discover a BIDS dataset (see module docstring)."""
+def _neurofm_predictions(folder: Path) -> bool:
+    """A derivative dataset that ``neurofm predict`` wrote (model predictions, not labels)."""
+    desc = folder / "dataset_description.json"
+    try:
+        gen = json.loads(desc.read_text()).get("GeneratedBy") or []
+    except (OSError, ValueError):
+        return False
+    return any(isinstance(g, dict) and g.get("Name") == "neurofm" for g in gen)
+
+
+def discover_bids(root: str | Path, duplicates: str = "error", predictions: bool = False) -> Manifest:
+    """Discover a BIDS dataset (see module docstring).
+
+    Derivative datasets written by ``neurofm predict`` hold a model's predictions, not labels: they
+    are left out (listed as ignored) unless ``predictions`` is set."""
     root = Path(root)
     rows, ignored = [], []
     subjects = sorted(p for p in root.glob("sub-*") if p.is_dir())
@@ -270,7 +283,12 @@ def discover_bids(root: str | Path, duplicates: str = "error") -> Manifest:
     deriv = root / "derivatives"
     volume_tables = []
     if deriv.is_dir():
+        skip = [d for d in deriv.iterdir() if d.is_dir() and not predictions and _neurofm_predictions(d)]
         for f in sorted(deriv.rglob("*")):
+            if any(f.is_relative_to(d) for d in skip):
+                if f.is_file() and is_nifti(f):
+                    ignored.append(str(f))
+                continue
             if f.is_file() and is_nifti(f) and f.name.startswith("sub-"):
                 ent, suffix = parse_bids_name(f.name)
                 if suffix == "mask":

@@ -190,7 +190,7 @@ def save_like(path: str | Path, data: np.ndarray, reference: str | Path, dtype: 
     """
     ref = nib.load(str(reference))
     arr = np.asarray(data)
-    if arr.shape != tuple(ref.shape[:3]):
+    if arr.shape[:3] != tuple(ref.shape[:3]):  # a 4th axis (classes) may follow the grid
         raise ValueError(f"data shape {arr.shape} differs from the reference grid {ref.shape[:3]}")
     hdr = ref.header.copy()
     hdr.set_data_shape(arr.shape)

@@ -156,20 +156,30 @@ class DownstreamModel(nn.Module):
         return self._fused(x, present, learned=False)[0]
 
     def _fused(
-        self, x: torch.Tensor, present: torch.Tensor, learned: bool = True
+        self, x: torch.Tensor, present: torch.Tensor, learned: bool = True, every: bool = False
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """(the fixed fused vector, the learned pooling of the maps or None)."""
+        """(the fixed fused vector, the learned pooling of the maps or None).
+
+        ``every``: encode every contrast and mask the missing ones out afterwards (the same result, no
+        data-dependent shapes: what an exported graph does) instead of encoding only the present ones."""
         use_pool = learned and len(self.pool) > 0
         if self.stack:
             f = self._encode(x * present[:, :, None, None, None].to(x.dtype))
             return f.pooled, (self._learned_pool(f.maps) if use_pool else None)
         b, c = present.shape
-        idx = present.reshape(-1).nonzero().squeeze(1)
-        f = self._encode(x.reshape(b * c, 1, *x.shape[2:])[idx])
         w = present.to(x.dtype)
+        if every:
+            f = self._encode(x.reshape(b * c, 1, *x.shape[2:]))
 
-        def per_contrast(v: torch.Tensor) -> torch.Tensor:  # (n_present, D) -> (B, C, D), zeros where missing
-            return v.new_zeros(b * c, v.shape[1]).index_copy(0, idx, v).view(b, c, -1)
+            def per_contrast(v: torch.Tensor) -> torch.Tensor:  # (B*C, D) -> (B, C, D), zeros where missing
+                return v.reshape(b, c, -1) * w[..., None]
+
+        else:
+            idx = present.reshape(-1).nonzero().squeeze(1)
+            f = self._encode(x.reshape(b * c, 1, *x.shape[2:])[idx])
+
+            def per_contrast(v: torch.Tensor) -> torch.Tensor:  # (n_present, D) -> (B, C, D), zeros where missing
+                return v.new_zeros(b * c, v.shape[1]).index_copy(0, idx, v).view(b, c, -1)
 
         parts = []
         if f.anatomy is not None:  # the anatomy is the subject's: averaged over its contrasts
@@ -194,10 +204,10 @@ class DownstreamModel(nn.Module):
         self.feature_std.copy_(feats.std(0, unbiased=False).clamp_min(1e-3) if len(feats) > 1 else 1.0)
         return len(feats)
 
-    def normalised_features(self, x: torch.Tensor, present: torch.Tensor) -> torch.Tensor:
+    def normalised_features(self, x: torch.Tensor, present: torch.Tensor, every: bool = False) -> torch.Tensor:
         """Standardised fused features, clipped to +-6 (a value the training crops never showed, such as a
         contrast missing only at test time, stays bounded), and the learned pooling of the maps."""
-        fixed, maps = self._fused(x, present)
+        fixed, maps = self._fused(x, present, every=every)
         fixed = ((fixed - self.feature_mean) / self.feature_std).clamp(-6.0, 6.0)
         return torch.cat([fixed, maps], dim=1) if maps is not None else fixed
 
@@ -205,8 +215,11 @@ class DownstreamModel(nn.Module):
     def _segment(self, x: torch.Tensor) -> torch.Tensor:
         return self.backbone.forward_head(self._encode(x))
 
-    def forward(self, x: torch.Tensor, present: torch.Tensor | None = None) -> torch.Tensor:
-        """Logits: ``(B, n_out, X, Y, Z)`` for seg, ``(B, n_out)`` for cls/reg."""
+    def forward(self, x: torch.Tensor, present: torch.Tensor | None = None, every: bool = False) -> torch.Tensor:
+        """Logits: ``(B, n_out, X, Y, Z)`` for seg, ``(B, n_out)`` for cls/reg.
+
+        ``every``: run every contrast through the encoder and mask the missing ones out (same logits;
+        the form an exported graph takes, with no shape that depends on which contrasts are present)."""
         if x.ndim != 5 or x.shape[1] != len(self.contrasts):
             raise ValueError(
                 f"expected (B, {len(self.contrasts)}, X, Y, Z) for contrasts {self.contrasts}, got {tuple(x.shape)}"
@@ -214,16 +227,22 @@ class DownstreamModel(nn.Module):
         if present is None:
             present = torch.ones(x.shape[:2], dtype=torch.bool, device=x.device)
         present = present.bool()
-        if not present.any(dim=1).all():
+        tracing = torch.jit.is_tracing() or torch.onnx.is_in_onnx_export()
+        if not tracing and not present.any(dim=1).all():
             raise ValueError("every case needs at least one present contrast")
         if self.task != "seg":
-            return self.head(self.normalised_features(x, present))
+            return self.head(self.normalised_features(x, present, every=every))
         if self.stack:
             return self._segment(x * present[:, :, None, None, None].to(x.dtype))
         b, c = present.shape
-        idx = present.reshape(-1).nonzero().squeeze(1)
-        logits = self._segment(x.reshape(b * c, 1, *x.shape[2:])[idx])
-        full = logits.new_zeros(b * c, *logits.shape[1:]).index_copy(0, idx, logits).view(b, c, *logits.shape[1:])
+        if every:
+            logits = self._segment(x.reshape(b * c, 1, *x.shape[2:]))
+            full = logits.reshape(b, c, *logits.shape[1:])
+        else:
+            idx = present.reshape(-1).nonzero().squeeze(1)
+            logits = self._segment(x.reshape(b * c, 1, *x.shape[2:])[idx])
+            full = logits.new_zeros(b * c, *logits.shape[1:]).index_copy(0, idx, logits)
+            full = full.view(b, c, *logits.shape[1:])
         w = torch.softmax(self.fusion.masked_fill(~present, float("-inf")), dim=1)  # (B, C), 0 where missing
         return (full * w[:, :, None, None, None, None]).sum(1)
 

@@ -171,8 +171,10 @@ class DualLatentUNet(Backbone):
         feats = Features(maps=skips, pooled=global_pool(skips))
         if self.subject_head is None:  # a segmentation trunk: no latents
             return feats
-        grid = skips[-1].shape[2:]
-        pooled = torch.cat([F.adaptive_avg_pool3d(s, grid) for s in skips], dim=1)
+        # every stage averaged down to the bottleneck grid: stage i is 2^(n-1-i) times larger (sizes are multiples
+        # of the downsampling), so a fixed-kernel average is exact and keeps the graph free of data-dependent sizes
+        n = len(skips)
+        pooled = torch.cat([F.avg_pool3d(s, 2 ** (n - 1 - i)) if i < n - 1 else s for i, s in enumerate(skips)], dim=1)
         mu_s, logvar_s = self.subject_head(pooled).chunk(2, dim=1)
         mu_c, logvar_c = self.contrast_head(pooled).chunk(2, dim=1)  # global: (B, latent, 1, 1, 1)
         feats.latents = {
