@@ -25,6 +25,7 @@ CPU = {
     "train": ["--crop", "64", "--batch", "2", "--vit-size", "base", "--steps", "3", "--warmup", "1"],
     "infer": ["--shape", "96", "112", "96", "--window", "64"],
     "flops": ["--crop", "64"],
+    "export": [],
 }
 GPU = {
     **CPU,
@@ -70,6 +71,14 @@ def summary_md(results: dict[str, dict]) -> str:
                 f"fomo25 pairs {L['crop']}³, {r['workers']} workers",
                 f"{r['samples_per_s']:.1f} samples/s = {r['loader_over_model']:.1f}x what the model consumes",
             )
+    if "export" in results:
+        E = results["export"]
+        row(
+            "export",
+            f"fomo25 seg, {'x'.join(map(str, E['shape']))} whole scan, onnxruntime / PyTorch",
+            f"{E['onnxruntime_over_torch']:.2f}x time, max prob diff {E['max_abs_prob_difference']:.1e}, "
+            f"ONNX {E['seg_onnx_MB']:.0f} MB",
+        )
     if "train" in results:
         for r in results["train"]["rows"]:
             if "error" in r:

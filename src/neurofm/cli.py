@@ -461,7 +461,7 @@ def analyze(
 def bench(
     gpu: Annotated[bool, typer.Option(help="GPU sizes: 128^3 crops, paper-size models, bf16.")] = False,
     only: Annotated[
-        str | None, typer.Option(help="Comma list of benchmarks (store,prepare,synth,loader,train,infer,flops).")
+        str | None, typer.Option(help="Comma list of benchmarks (store,prepare,synth,loader,train,infer,flops,export).")
     ] = None,
 ) -> None:
     """Run the benchmark suite of a source checkout (benchmarks/run_all.py) and print its table."""
@@ -473,7 +473,7 @@ def bench(
     script = Path(neurofm.__file__).resolve().parents[2] / "benchmarks" / "run_all.py"
     if not script.is_file():
         raise NeurofmError("the benchmarks live in the source checkout (benchmarks/run_all.py); run from a clone")
-    known = ("store", "prepare", "synth", "loader", "train", "infer", "flops")  # benchmarks/run_all.py's CPU table
+    known = ("store", "prepare", "synth", "loader", "train", "infer", "flops", "export")  # run_all.py's CPU table
     unknown = [b for b in _csv(only) or [] if b not in known]
     if unknown:
         raise NeurofmError(f"unknown benchmark(s) {', '.join(unknown)}; choose from {', '.join(known)}")
