@@ -247,6 +247,10 @@ def finetune(
     tta: Annotated[bool | None, typer.Option(help="Mirror test-time augmentation at evaluation [yes].")] = None,
     lcc: Annotated[bool | None, typer.Option(help="Keep the largest connected component (seg) [no].")] = None,
     bootstrap: Annotated[int | None, typer.Option(help="Bootstrap resamples for the 95 % intervals [1000].")] = None,
+    calibration: Annotated[
+        float | None,
+        typer.Option(help="cls: share of the training subjects held out to fit a temperature (0: none) [0]."),
+    ] = None,
     devices: Annotated[str | None, typer.Option(help="Devices (e.g. 1, 4, auto).")] = None,
     progress: Annotated[bool | None, typer.Option(help="Progress bar (default: on terminals).")] = None,
     resume: Annotated[
@@ -284,6 +288,7 @@ def finetune(
         "tta": tta,
         "lcc": lcc,
         "bootstrap": bootstrap,
+        "calibration": calibration,
     }
     values = {k: v for k, v in flags.items() if v is not None}
     if devices:

@@ -9,6 +9,7 @@ Regression: MAE, RMSE and Pearson r. Every summary carries a bootstrap 95 % inte
 from __future__ import annotations
 
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -246,3 +247,91 @@ def paired_seeds(
             difference_per_seed=diffs,
         )
     return out
+
+
+#: the per-case uncertainty each task ranks its cases by for selective prediction
+UNCERTAINTY = {"seg": "uncertainty_entropy", "cls": "uncertainty_entropy", "reg": "uncertainty_window_std"}
+
+
+def selective(task: str, rows: list[dict[str, Any]], coverages: tuple[float, ...] = (1.0, 0.9, 0.75, 0.5)) -> dict:
+    """The headline metric when only the most certain cases are kept (risk-coverage), by the per-case
+    uncertainty of :data:`UNCERTAINTY`; empty when the rows carry none."""
+    key = UNCERTAINTY[task]
+    if not rows or any(key not in r or r[key] != r[key] for r in rows):
+        return {}
+    order = np.argsort([r[key] for r in rows], kind="stable")
+    arrays = _headline_arrays(task, rows)
+    metric = {"seg": "dice", "cls": "accuracy", "reg": "mae"}[task]  # per-case scores: accuracy, not AUROC
+
+    def value(idx: np.ndarray) -> float:
+        if task == "cls":
+            return float((arrays[0][idx].argmax(1) == arrays[1][idx]).mean())
+        return _headline_value(task, arrays, idx)
+
+    out = {"ranked_by": key, "metric": metric, "points": []}
+    for cov in coverages:
+        k = max(1, int(round(cov * len(rows))))
+        out["points"].append({"coverage": k / len(rows), "cases": int(k), metric: value(order[:k])})
+    return out
+
+
+def fit_temperature(log_probs: np.ndarray, y: np.ndarray) -> float:
+    """The temperature T that minimises the negative log-likelihood of ``softmax(log_probs / T)`` (Guo et al.
+    2017's temperature scaling), searched over T in [0.05, 20]."""
+    from scipy.optimize import minimize_scalar
+
+    z = torch.as_tensor(np.asarray(log_probs, float))
+    t = torch.as_tensor(np.asarray(y, int))
+
+    def nll(log_t: float) -> float:
+        return float(torch.nn.functional.cross_entropy(z / float(np.exp(log_t)), t))
+
+    res = minimize_scalar(nll, bounds=(np.log(0.05), np.log(20.0)), method="bounded")
+    return float(np.exp(res.x))
+
+
+def per_site(task: str, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The headline metric (and for classification the ECE) of the cases of each site."""
+    out = []
+    sites = sorted({str(r.get("site")) for r in rows})
+    metric, _ = HEADLINE[task]
+    for site in sites:
+        sub = [r for r in rows if str(r.get("site")) == site]
+        row = {"site": site, "cases": len(sub), metric: headline_value(task, sub) if len(sub) > 1 else float("nan")}
+        if task == "cls" and len(sub) > 1:
+            row["ece"] = expected_calibration_error(
+                np.array([r["prob"] for r in sub]), np.array([r["target"] for r in sub])
+            )
+        out.append(row)
+    return out
+
+
+def reliability_figure(rows: list[dict[str, Any]], png: str | Path, bins: int = 10) -> Path | None:
+    """Reliability diagram of classification rows: accuracy against top-label confidence per bin, with the
+    case count per bin and the ECE in the title; None when the rows are not classification rows."""
+    from neurofm.plots import pyplot, save_figure
+
+    if not rows or "prob" not in rows[0]:
+        return None
+    prob = np.array([r["prob"] for r in rows], float)
+    y = np.array([r["target"] for r in rows], int)
+    conf, pred = prob.max(1), prob.argmax(1)
+    edges = np.linspace(0.0, 1.0, bins + 1)
+    which = np.clip(np.digitize(conf, edges) - 1, 0, bins - 1)
+    centres, accs, counts = [], [], []
+    for b in range(bins):
+        sel = which == b
+        if sel.any():
+            centres.append(conf[sel].mean())
+            accs.append((pred[sel] == y[sel]).mean())
+            counts.append(int(sel.sum()))
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(4.2, 4.0))
+    ax.plot([0, 1], [0, 1], color="0.6", lw=1, ls="--", label="perfect calibration")
+    ax.plot(centres, accs, "o-", color="C0", label="this model")
+    for c, a, n in zip(centres, accs, counts, strict=True):
+        ax.annotate(str(n), (c, a), textcoords="offset points", xytext=(0, 6), ha="center", fontsize=7)
+    ax.set(xlim=(0, 1), ylim=(0, 1.05), xlabel="confidence (top-class probability)", ylabel="accuracy")
+    ax.set_title(f"reliability, {len(rows)} cases, ECE {expected_calibration_error(prob, y):.3f}", fontsize=9)
+    ax.legend(fontsize=7, loc="upper left")
+    return save_figure(fig, png)

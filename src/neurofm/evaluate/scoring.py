@@ -17,7 +17,7 @@ import pandas as pd
 
 from neurofm.data.finetune import Case, CaseSet, build_cases
 from neurofm.errors import CheckpointError
-from neurofm.evaluate.metrics import segmentation_case, summarize
+from neurofm.evaluate.metrics import per_site, reliability_figure, segmentation_case, selective, summarize
 from neurofm.infer.predictor import Predictor
 from neurofm.store import Store
 from neurofm.utils import atomic_write_text, read_json, write_json
@@ -53,6 +53,7 @@ def score_cases(predictor: Any, store: Store, cs: CaseSet, cases: list[Case], fo
             row.update(target=int(c.target), prediction=int(np.argmax(res.probs)), prob=[float(p) for p in res.probs])
         else:
             row.update(target=float(c.target), prediction=float(res.value))
+        row.update({f"uncertainty_{k}": v for k, v in (res.uncertainty or {}).items()})
         rows.append(row)
     return rows
 
@@ -128,11 +129,14 @@ def evaluate_run(
         "target": info.get("target"),
         "cases": len(rows),
         "metrics": summarize(info["task"], rows, reps=bootstrap),
+        "selective": selective(info["task"], rows),
+        "per_site": per_site(info["task"], rows),
     }
     out = Path(out) if out else run / f"eval-{Path(data).resolve().name}"
     out.mkdir(parents=True, exist_ok=True)
     write_predictions(out / "predictions.csv", rows)
     write_json(out / "summary.json", summary)
+    reliability_figure(rows, out / "reliability.png")
     return summary
 
 

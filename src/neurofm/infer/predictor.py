@@ -48,6 +48,11 @@ class CasePrediction:
     probs: np.ndarray | None = None  # seg (K, X, Y, Z) / cls (K,)
     labels: np.ndarray | None = None  # seg (X, Y, Z)
     value: float | None = None  # reg
+    #: per-case uncertainty: ``entropy`` (predictive entropy: seg averaged over the voxels of the prepared,
+    #: head-cropped volume, cls of the class probabilities), ``tta_std`` (the spread over mirror flips:
+    #: seg foreground probability, cls top-class probability, reg prediction in target units; 0 without TTA)
+    #: and for regression ``window_std`` (the spread over windows, in target units)
+    uncertainty: dict[str, float] | None = None
 
 
 class OnnxModel(torch.nn.Module):
@@ -153,7 +158,7 @@ class Predictor:
         def net(t: torch.Tensor) -> torch.Tensor:
             return torch.softmax(self.model(t, present.expand(t.shape[0], -1)), dim=1)
 
-        probs = None
+        probs, sq = None, None
         for f in flips:
             xi = torch.flip(x, f) if f else x
             p = sliding_window_inference(
@@ -167,12 +172,18 @@ class Predictor:
                 cval=bg,
             )
             p = torch.flip(p, f) if f else p
+            fg = 1.0 - p[:, 0]
             probs = p if probs is None else probs + p
+            sq = fg**2 if sq is None else sq + fg**2
         probs = (probs / len(flips))[0].float().cpu().numpy()
         labels = probs.argmax(0).astype(np.uint8)
+        fg_mean = 1.0 - probs[0]
+        fg_std = np.sqrt(np.clip(sq[0].float().cpu().numpy() / len(flips) - fg_mean**2, 0.0, None))
+        entropy = -(probs * np.log(np.clip(probs, 1e-8, 1.0))).sum(0)
+        unc = {"entropy": float(entropy.mean()), "tta_std": float(fg_std.mean())}  # over the (cropped) volume
         if self.lcc:
             labels = largest_component(labels)
-        return CasePrediction("seg", probs=probs, labels=labels)
+        return CasePrediction("seg", probs=probs, labels=labels, uncertainty=unc)
 
     def _global(self, x: torch.Tensor, present: torch.Tensor, flips) -> CasePrediction:
         arr = x[0].cpu().numpy()
@@ -183,14 +194,25 @@ class Predictor:
         for i in range(0, len(wins), self.sw_batch):
             batch = torch.cat([xs[(slice(None), slice(None), *w)] for w in wins[i : i + self.sw_batch]])
             pr = present.expand(batch.shape[0], -1)
-            out = torch.stack([self.model(torch.flip(batch, f) if f else batch, pr) for f in flips]).mean(0)
-            per_window.append(out.float().cpu())
-        logits = torch.cat(per_window)  # (windows, K)
+            per_window.append(torch.stack([self.model(torch.flip(batch, f) if f else batch, pr) for f in flips]))
+        outs = torch.cat(per_window, dim=1).float().cpu()  # (flips, windows, K)
+        logits = outs.mean(0)  # (windows, K)
+        temperature = float(self.info.get("temperature", 1.0))
         if self.task == "cls":
-            probs = torch.softmax(logits.mean(0), dim=0).numpy()
-            return CasePrediction("cls", probs=probs)
-        value = float(logits[:, 0].median()) * self.info.get("target_std", 1.0) + self.info.get("target_mean", 0.0)
-        return CasePrediction("reg", value=value)
+            probs = torch.softmax(logits.mean(0) / temperature, dim=0).numpy()
+            per_flip = torch.softmax(outs.mean(1) / temperature, dim=1)[:, int(probs.argmax())]
+            unc = {
+                "entropy": float(-(probs * np.log(np.clip(probs, 1e-8, 1.0))).sum()),
+                "tta_std": float(per_flip.std(unbiased=False)),
+            }
+            return CasePrediction("cls", probs=probs, uncertainty=unc)
+        std, mean = self.info.get("target_std", 1.0), self.info.get("target_mean", 0.0)
+        value = float(logits[:, 0].median()) * std + mean
+        unc = {
+            "tta_std": float(outs[:, :, 0].median(1).values.std(unbiased=False)) * std,
+            "window_std": float(logits[:, 0].std(unbiased=False)) * std if len(logits) > 1 else 0.0,
+        }
+        return CasePrediction("reg", value=value, uncertainty=unc)
 
     # ------------------------------------------------------------ from NIfTI files
     def predict_files(
@@ -243,4 +265,5 @@ class Predictor:
             row.update({f"p_{c}": float(p) for c, p in zip(classes, result.probs, strict=True)})
         else:
             row["prediction"] = result.value
+        row.update({f"uncertainty_{k}": v for k, v in (result.uncertainty or {}).items()})
         return row

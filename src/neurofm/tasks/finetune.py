@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from neurofm.data.finetune import CaseSet, FinetuneDataset, build_cases
 from neurofm.data.loader import training_loader
 from neurofm.errors import ConfigError, NonFiniteLossError, Preempted
-from neurofm.evaluate.metrics import summarize
+from neurofm.evaluate.metrics import per_site, reliability_figure, selective, summarize
 from neurofm.evaluate.scoring import config_splits, score_cases, write_predictions
 from neurofm.faults import FolderLock, OutOfMemory, process_rank
 from neurofm.infer.predictor import Predictor
@@ -303,11 +303,14 @@ def finetune(
     try:
         for f, (train, test) in enumerate(splits):
             fold_dir = out / (f"fold-{f}" if len(splits) > 1 else "")
+            train, calib = calibration_split(train, cfg.calibration if cs.task == "cls" else 0.0, cfg.seed + f)
             predictor, done = train_fold(
                 data, fold_dir, cfg, cs, train, test, source, patch, cfg.seed + f, progress, resume=resume
             )
             if predictor is None:
                 continue
+            if calib:
+                done.update(calibrate(predictor, store, calib, fold_dir))
             rows.extend(score_cases(predictor, store, cs, test, f))
             fold_info.append({"fold": f, **done})
     finally:
@@ -325,9 +328,12 @@ def finetune(
         "seconds": time.time() - t0,
         "splits": fold_info,
         "metrics": summarize(cs.task, rows, reps=cfg.bootstrap, seed=cfg.seed),
+        "selective": selective(cs.task, rows),
+        "per_site": per_site(cs.task, rows),
     }
     write_predictions(out / "predictions.csv", rows)
     write_json(out / "summary.json", summary)
+    reliability_figure(rows, out / "reliability.png")
     return summary
 
 
@@ -347,3 +353,38 @@ def _oom(module: FinetuneModule, cfg: FinetuneConfig, cs: CaseSet, patch: int) -
     fixed = getattr(model.backbone, "fixed_size", None) is not None
     fits = probe(try_step, cfg.batch_size, patch, int(model.downsampling), fixed, device)
     return oom_error("fine-tuning", cfg.batch_size, patch, device, fits, "--batch-size", "--patch")
+
+
+def calibration_split(train: list, fraction: float, seed: int) -> tuple[list, list]:
+    """Hold ``fraction`` of the training subjects (at least one, never all) out for temperature scaling."""
+    if fraction <= 0:
+        return train, []
+    subjects = sorted({c.subject for c in train})
+    if len(subjects) < 3:
+        raise ConfigError(f"calibration needs at least 3 training subjects, got {len(subjects)}")
+    k = min(len(subjects) - 2, max(1, int(round(fraction * len(subjects)))))
+    held = set(np.random.default_rng(seed).choice(subjects, size=k, replace=False).tolist())
+    return [c for c in train if c.subject not in held], [c for c in train if c.subject in held]
+
+
+def calibrate(predictor: Predictor, store: Store, cases: list, fold_dir: Path) -> dict[str, Any]:
+    """Fit the temperature of a classifier on held-out training cases and record it with the model
+    (``task_info.temperature``, which the predictor divides the logits by)."""
+    from neurofm.evaluate.metrics import fit_temperature
+    from neurofm.io.checkpoint import latest_checkpoint
+    from neurofm.utils import read_json
+
+    predictor.info["temperature"] = 1.0
+    logp, ys = [], []
+    for c in cases:
+        res = predictor.predict({k: np.asarray(store.read(c.key, k), np.float32) for k in c.contrasts})
+        logp.append(np.log(np.clip(res.probs, 1e-8, 1.0)))
+        ys.append(int(c.target))
+    temperature = fit_temperature(np.array(logp), np.array(ys))
+    predictor.info["temperature"] = temperature
+    ck = latest_checkpoint(fold_dir)
+    for path in [fold_dir / "run.json"] + ([ck / "run.json"] if ck is not None else []):
+        rec = read_json(path)
+        rec.setdefault("task_info", {})["temperature"] = temperature
+        write_json(path, rec)
+    return {"temperature": temperature, "calibration_cases": len(cases)}

@@ -167,6 +167,7 @@ class FinetuneConfig(Config):
     overlap: float = 0.5
     lcc: bool = False
     bootstrap: int = 1000
+    calibration: float = 0.0  # cls: share of the training subjects held out to fit a temperature (0: none)
     trainer: TrainerConfig = field(default_factory=lambda: TrainerConfig(checkpoint_every=0, keep_checkpoints=1))
 
     NAME_FIELD: ClassVar[str | None] = "preset"
