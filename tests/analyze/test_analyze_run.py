@@ -43,6 +43,11 @@ def test_analyze_latents_ablation_label_efficiency_and_fomo(tiny_store, pretrain
     assert constant["metric"] == "mae" and constant["value"] > 0
     fomo = {r["task_label"] for r in res["fomo"]}
     assert fomo == {"fomo-cls-infarct", "fomo-seg-lesion", "fomo-reg-age"} or any("skipped" in r for r in res["fomo"])
+    # the domain-shift table: every tested arm on each test site (never a training site), ECE for cls
+    shift = res["domain_shift"]
+    assert bool(shift) == any("skipped" not in r for r in res["fomo"])
+    assert {r["site"] for r in shift}.isdisjoint({"site-0", "site-1"})
+    assert all("ece" in r for r in shift if r["task"] == "fomo-cls-infarct" and r["cases"] > 1)
     saved = json.loads((tmp_path / "an" / "analysis.json").read_text())
     assert "within_values" not in json.dumps(saved)
     page = (tmp_path / "an" / "report.html").read_text()

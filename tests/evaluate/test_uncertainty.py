@@ -100,3 +100,19 @@ def test_selective_prediction_keeps_the_most_certain_cases_and_per_site_tables(t
     assert png.stat().st_size > 2000
     reg = [{"prediction": float(i), "target": 0.0, "uncertainty_window_std": float(i), "site": "a"} for i in range(4)]
     assert selective("reg", reg)["points"][-1]["mae"] == 0.5  # the two most certain: errors 0 and 1
+
+
+def test_domain_shift_table_lists_each_arm_on_each_test_site():
+    from neurofm.analyze.run import domain_shift_table
+
+    rows = [
+        {
+            "task_label": "fomo-cls-infarct",
+            "init": "scratch",
+            "per_site": [{"site": "site-2", "cases": 4, "auroc": 0.5}],
+        },
+        {"task_label": "fomo-cls-infarct", "init": "pretrained full", "per_site": [{"site": "site-2", "cases": 4}]},
+    ]
+    table = domain_shift_table(rows)
+    assert [(r["init"], r["site"]) for r in table] == [("scratch", "site-2"), ("pretrained full", "site-2")]
+    assert table[0]["task"] == "fomo-cls-infarct" and table[0]["auroc"] == 0.5

@@ -24,7 +24,7 @@ import numpy as np
 
 from neurofm.data.finetune import Case, build_cases
 from neurofm.errors import ConfigError, StoreError
-from neurofm.evaluate.metrics import HEADLINE, paired_seeds
+from neurofm.evaluate.metrics import HEADLINE, paired_seeds, per_site
 from neurofm.evaluate.scoring import constant_rows, read_predictions
 from neurofm.store import Store
 from neurofm.tasks.finetune import finetune
@@ -108,6 +108,8 @@ def paired_study(
                 "x": x,
                 "reference": reference if "difference" in res else None,
                 **res,
+                # every seed's held-out cases by site: the domain-shift view (and, for cls, calibration per site)
+                "per_site": per_site(base.task, [r for seed_rows in per_arm[arm.name] for r in seed_rows]),
             }
         )
     return rows

@@ -93,6 +93,16 @@ def spread_sessions(store: Store, limit: int) -> list[str]:
     return order[:limit]
 
 
+def domain_shift_table(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One row per task, arm and test site: the headline metric of that site's held-out cases over every seed
+    (and for classification the site's ECE): how a model fine-tuned on some sites holds up on each other one."""
+    out = []
+    for r in rows:
+        for site in r.get("per_site", []):
+            out.append({"task": r["task_label"], "init": r["init"], **site})
+    return out
+
+
 def analyze(
     run: str | Path, data: str | Path, out: str | Path, cfg: AnalyzeConfig | None = None, progress: bool = True
 ) -> dict[str, Any]:
@@ -187,12 +197,14 @@ def analyze(
         )
         result["fomo"] = rows
         ok = [r for r in rows if "skipped" not in r]
+        shift = domain_shift_table(ok)
+        result["domain_shift"] = shift
         png = figures.scores_figure(ok, out / "fomo.png", f"fine-tuned on {', '.join(train)}, tested on other sites")
         sections.append(
             Section(
                 "FOMO25 protocol in miniature",
                 images=[png.name] if png else [],
-                tables=[score_table(rows)],
+                tables=[score_table(rows), shift] if shift else [score_table(rows)],
                 note=(
                     "Case counts follow FOMO25 (infarct 13 positive / 8 negative, 23 lesion segmentations, 200 ages), "
                     f"scaled by {cfg.fomo_scale} and limited to what the training sites hold. The training subjects "
