@@ -219,6 +219,7 @@ def nnunet_checkpoint(
             "configuration": "3d_fullres",
             "fold": 0,
             "dataset_json": {"channel_names": channels, "labels": labels, "numTraining": 484, "file_ending": ".nii.gz"},
+            "unpack_dataset": True,
             "device": torch.device("cuda"),
         },
         "trainer_name": "nnUNetTrainer",

@@ -8,7 +8,8 @@ import pytest
 @pytest.mark.slow
 def test_demo_end_to_end_tiny(tmp_path, run_cli):
     # --pretrain-steps > 0: the demo's "from nothing" path (a separate pool, pretrained here); through the CLI
-    args = ["demo", "--out", tmp_path / "demo", "--subjects", "6", "--pretrain-steps", "4", "--pool-subjects", "3"]
+    args = ["demo", "--out", tmp_path / "demo", "--subjects", "6", "--sessions", "1", "--pretrain-steps", "4"]
+    args += ["--pool-subjects", "3"]
     args += ["--finetune-steps", "2", "--shots", "seg=2,cls=3,reg=3", "--seeds", "2"]
     code, _, said = run_cli(*args)
     assert code == 0, said

@@ -558,6 +558,7 @@ def demo(
     out: Annotated[Path, typer.Option(help="Folder for everything the demo writes.")] = Path("neurofm-demo"),
     workers: Annotated[int, typer.Option("--workers", "-j", help="Parallel worker processes.")] = 2,
     subjects: Annotated[int, typer.Option(help="Synthetic subjects.")] = 40,
+    sessions: Annotated[int, typer.Option(help="Sessions (visits) per synthetic subject.")] = 2,
     pretrained: Annotated[
         str, typer.Option(help="The pretrained model: one that ships with neurofm, or a run folder.")
     ] = "fomo25-tiny-synth",
@@ -583,6 +584,7 @@ def demo(
 
     cfg = DemoConfig(
         subjects=subjects,
+        sessions=sessions,
         workers=workers,
         pretrained=pretrained,
         pretrain_steps=pretrain_steps,
