@@ -342,6 +342,12 @@ def predict(
     probabilities: Annotated[
         bool, typer.Option(help="Segmentation of a BIDS dataset: also write the probability maps (_probseg).")
     ] = False,
+    ensemble: Annotated[
+        str | None,
+        typer.Option(
+            help="More fine-tuned runs of the same task (comma list, e.g. other seeds): averaged, with spread."
+        ),
+    ] = None,
     reference: Annotated[str | None, typer.Option(help="Contrast whose grid the mask is written on.")] = None,
     progress: Annotated[bool, typer.Option(help="Progress bar for datasets.")] = True,
     engine: Annotated[
@@ -364,6 +370,7 @@ def predict(
             progress=progress,
             engine=engine,
             probabilities=probabilities,
+            ensemble=_csv(ensemble),
         )
     failed = int(table["error"].notna().sum()) if "error" in table else 0
     console.print(

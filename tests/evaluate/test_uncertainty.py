@@ -116,3 +116,32 @@ def test_domain_shift_table_lists_each_arm_on_each_test_site():
     table = domain_shift_table(rows)
     assert [(r["init"], r["site"]) for r in table] == [("scratch", "site-2"), ("pretrained full", "site-2")]
     assert table[0]["task"] == "fomo-cls-infarct" and table[0]["auroc"] == 0.5
+
+
+def test_an_ensemble_of_seeds_averages_its_members_and_reports_their_spread():
+    import pytest
+
+    from neurofm.errors import ConfigError
+
+    vol = {"T1w": np.random.default_rng(1).normal(size=(24, 24, 24)).astype(np.float32)}
+    for task, n_out in (("seg", 2), ("cls", 2), ("reg", 1)):
+        members = []
+        for seed in (0, 1):
+            torch.manual_seed(seed)
+            members.append(DownstreamModel({"name": "dual_latent_unet", "kwargs": {"features": [4, 8, 16],
+                                            "latent": 8}}, task, n_out, ["T1w"]).eval())  # fmt: skip
+        info = {"task": task, "contrasts": ["T1w"], "classes": [0, 1], "patch": 16, "target": "x"}
+        singles = [Predictor(m, info, tta=False).predict(vol) for m in members]
+        ens = Predictor(members[0], info, tta=False)
+        ens.add_member(members[1], info)
+        got = ens.predict(vol)
+        assert got.uncertainty["ensemble_std"] > 0
+        if task == "reg":
+            assert got.value == pytest.approx((singles[0].value + singles[1].value) / 2, abs=1e-5)
+        else:
+            assert np.allclose(got.probs, (singles[0].probs + singles[1].probs) / 2, atol=1e-6)
+        same = Predictor(members[0], info, tta=False)
+        same.add_member(members[0], info)
+        assert same.predict(vol).uncertainty["ensemble_std"] == pytest.approx(0.0, abs=1e-7)
+    with pytest.raises(ConfigError, match="differ in task"):
+        ens.add_member(members[0], {**info, "task": "cls"})

@@ -39,13 +39,23 @@ def parse_case(inputs: list[str], model_contrasts: list[str]) -> dict[str, str]:
 ENGINES = ("torch", "onnx")
 
 
-def load_predictor(run: str | Path, engine: str = "torch", **kwargs: Any):
+def load_predictor(run: str | Path, engine: str = "torch", ensemble: list[str] | None = None, **kwargs: Any):
     """The predictor of a fine-tuned run (``torch``), or of its ONNX export on onnxruntime (``onnx``: an export
-    folder, or a run folder, exported once into ``RUN/export-onnx``)."""
+    folder, or a run folder, exported once into ``RUN/export-onnx``). ``ensemble``: more fine-tuned runs of the
+    same task whose predictions are averaged (torch engine)."""
     from neurofm.infer.predictor import Predictor
+    from neurofm.models.registry import model_from_checkpoint
 
     if engine not in ENGINES:
         raise ConfigError(f"--engine should be one of {ENGINES}, got {engine!r}")
+    if ensemble:
+        if engine != "torch":
+            raise ConfigError("--ensemble runs with --engine torch")
+        pred = Predictor.from_run(run, **kwargs)
+        for other in ensemble:
+            model, info = model_from_checkpoint(other)
+            pred.add_member(model, info["run"].get("task_info") or {})
+        return pred
     run = Path(run)
     if (run / "neurofm-export.json").is_file():
         if engine != "onnx":
@@ -73,6 +83,7 @@ def predict_inputs(
     progress: bool = True,
     engine: str = "torch",
     probabilities: bool = False,
+    ensemble: list[str] | None = None,
 ) -> pd.DataFrame:
     """Predict one case (``CONTRAST=path`` pairs) or every session of a dataset (see ``neurofm predict``).
 
@@ -80,7 +91,7 @@ def predict_inputs(
     datasets get ``OUT/<session>_seg.nii.gz`` masks and ``OUT/predictions.csv``."""
     from rich.progress import track
 
-    predictor = load_predictor(run, engine, tta=tta, lcc=lcc, overlap=overlap)
+    predictor = load_predictor(run, engine, ensemble, tta=tta, lcc=lcc, overlap=overlap)
     if out is None:
         root = Path(inputs[0]) if len(inputs) == 1 else None
         if root is None or not (root / "dataset_description.json").is_file():

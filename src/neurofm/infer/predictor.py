@@ -51,7 +51,8 @@ class CasePrediction:
     #: per-case uncertainty: ``entropy`` (predictive entropy: seg averaged over the voxels of the prepared,
     #: head-cropped volume, cls of the class probabilities), ``tta_std`` (the spread over mirror flips:
     #: seg foreground probability, cls top-class probability, reg prediction in target units; 0 without TTA)
-    #: and for regression ``window_std`` (the spread over windows, in target units)
+    #: for regression ``window_std`` (the spread over windows, in target units) and, for an ensemble,
+    #: ``ensemble_std`` (the spread over its members: foreground probability, top-class probability, value)
     uncertainty: dict[str, float] | None = None
 
 
@@ -101,6 +102,7 @@ class Predictor:
             raise ConfigError(f"overlap should be in [0, 1), got {overlap}")
         self.device = torch.device(device)
         self.model = model.to(self.device).eval()
+        self.members = [self.model]  # more with :meth:`add_member` (an ensemble of fine-tuning seeds)
         self.info = info
         self.task = info["task"]
         self.contrasts = list(info["contrasts"])
@@ -141,14 +143,53 @@ class Predictor:
         x, present = stack_contrasts(images, self.contrasts)
         return torch.from_numpy(x)[None].to(self.device), torch.from_numpy(present)[None].to(self.device)
 
+    def add_member(self, model: torch.nn.Module, info: dict[str, Any]) -> None:
+        """Add another model of the same task, contrasts and classes (e.g. the same fine-tuning with another
+        seed): predictions average the members and their spread becomes ``uncertainty['ensemble_std']``."""
+        for key in ("task", "contrasts", "classes", "target"):
+            if str(info.get(key)) != str(self.info.get(key)):
+                raise ConfigError(f"ensemble members differ in {key}: {info.get(key)} vs {self.info.get(key)}")
+        self.members.append(model.to(self.device).eval())
+
     @torch.no_grad()
     def predict(self, images: dict[str, np.ndarray]) -> CasePrediction:
         """Predict from preprocessed arrays (store grid), ``contrast -> (X, Y, Z)``."""
         x, present = self._stack(images)
         flips = FLIPS if self.tta else [()]
-        if self.task == "seg":
-            return self._segment(x, present, flips)
-        return self._global(x, present, flips)
+        parts = []
+        for member in self.members:
+            self.model = member
+            parts.append(self._segment(x, present, flips) if self.task == "seg" else self._global(x, present, flips))
+        self.model = self.members[0]
+        return parts[0] if len(parts) == 1 else self._combine(parts)
+
+    def _combine(self, parts: list[CasePrediction]) -> CasePrediction:
+        """The ensemble's prediction: members averaged; their spread as ``ensemble_std``."""
+
+        def mean_unc(key: str) -> float:
+            return float(np.mean([p.uncertainty[key] for p in parts]))
+
+        if self.task == "reg":
+            values = np.array([p.value for p in parts])
+            unc = {
+                "tta_std": mean_unc("tta_std"),
+                "window_std": mean_unc("window_std"),
+                "ensemble_std": float(values.std()),
+            }
+            return CasePrediction("reg", value=float(values.mean()), uncertainty=unc)
+        probs = np.mean([p.probs for p in parts], axis=0)
+        entropy = -(probs * np.log(np.clip(probs, 1e-8, 1.0))).sum(0)
+        if self.task == "cls":
+            top = int(probs.argmax())
+            spread = float(np.std([p.probs[top] for p in parts]))
+            unc = {"entropy": float(entropy), "tta_std": mean_unc("tta_std"), "ensemble_std": spread}
+            return CasePrediction("cls", probs=probs, uncertainty=unc)
+        labels = probs.argmax(0).astype(np.uint8)
+        if self.lcc:
+            labels = largest_component(labels)
+        spread = float(np.std([1.0 - p.probs[0] for p in parts], axis=0).mean())
+        unc = {"entropy": float(entropy.mean()), "tta_std": mean_unc("tta_std"), "ensemble_std": spread}
+        return CasePrediction("seg", probs=probs, labels=labels, uncertainty=unc)
 
     def _segment(self, x: torch.Tensor, present: torch.Tensor, flips) -> CasePrediction:
         from monai.inferers import sliding_window_inference
