@@ -336,3 +336,17 @@ def test_finetune_from_imported_field_checkpoints(source, task, target, tiny_sto
     assert not [k for k in left if k.startswith(("encoder.", "decoder.encoder.", "eva.", "down_projection."))], left
     stem = info["transfer"]["from_pretrained"]["stem_adaptation"]
     assert (stem is not None) == (source == "nnunet")  # 4 channels -> the shared 1-channel encoder
+
+
+def test_fixed_training_subjects_may_take_a_whole_site():
+    from neurofm.data.finetune import CaseSet, make_splits
+
+    cases = [Case(f"s{i}", f"s{i}", "", ["T1w"], float(i), site=f"site-{i % 3}") for i in range(9)]
+    cs = CaseSet(cases=cases, task="reg", target="age", contrasts=["T1w"], classes=[])
+    site0 = [c.subject for c in cases if c.site == "site-0"]
+    ((train, test),) = make_splits(cs, train_subjects=site0, train_sites=["site-0"])
+    assert {c.site for c in train} == {"site-0"} and {c.site for c in test} == {"site-1", "site-2"}
+    ((_, test),) = make_splits(cs, train_subjects=site0, train_sites=["site-0"], test_sites=["site-2"])
+    assert {c.site for c in test} == {"site-2"}
+    with pytest.raises(ConfigError, match="unknown site"):
+        make_splits(cs, train_subjects=site0, train_sites=["site-9"])

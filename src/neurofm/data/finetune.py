@@ -200,8 +200,9 @@ def make_splits(
         if missing:
             raise ConfigError(f"training subjects without the target or contrasts: {sorted(missing)[:5]}")
         test = [c for c in cases if c.subject not in chosen]
-        if train_sites:
-            test = by_site(test, train_sites, test_sites)[1]
+        if train_sites:  # the names are checked against every case: all of a site may be in training
+            by_site(cases, train_sites, test_sites)
+            test = [c for c in test if c.site not in train_sites and (not test_sites or c.site in test_sites)]
         return [([c for c in cases if c.subject in chosen], test)]
     if train_sites:
         cases_train, cases_test = by_site(cases, train_sites, test_sites)
