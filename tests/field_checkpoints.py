@@ -83,6 +83,21 @@ def _configuration_plan(patch: list[int], spacing: list[float]) -> dict[str, Any
     }
 
 
+#: what nnssl's adaptation plans say about each architecture's keys
+PRIMUS_KEYS = {
+    "key_to_stem": "down_projection",
+    "key_to_encoder": "eva",
+    "keys_to_in_proj": ["down_projection.proj"],
+    "key_to_lpe": "eva.pos_embed",
+}
+RESENC_KEYS = {
+    "key_to_stem": "encoder.stem",
+    "key_to_encoder": "encoder.stages",
+    "keys_to_in_proj": ["encoder.stem.convs.0.conv", "encoder.stem.convs.0.all_modules.0"],
+    "key_to_lpe": None,
+}
+
+
 def nnssl_checkpoint(
     net: nn.Module,
     arch_class_name: str,

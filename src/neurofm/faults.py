@@ -44,7 +44,8 @@ class OutOfMemory(NeurofmError):
     """A training step did not fit in memory; the message names what would."""
 
 
-def _chain(e: BaseException) -> Iterator[BaseException]:
+def exception_chain(e: BaseException) -> Iterator[BaseException]:
+    """``e`` and the exceptions that caused it or were being handled when it was raised."""
     seen: set[int] = set()
     while e is not None and id(e) not in seen:
         seen.add(id(e))
@@ -55,7 +56,7 @@ def _chain(e: BaseException) -> Iterator[BaseException]:
 def is_disk_full(e: BaseException, folder: str | Path | None = None) -> bool:
     """Whether ``e`` (or what caused it) is a full disk or quota; a bare write failure counts when
     ``folder``'s device has under 1 MiB left."""
-    for x in _chain(e):
+    for x in exception_chain(e):
         if isinstance(x, OSError) and x.errno in (errno.ENOSPC, errno.EDQUOT):
             return True
         text = str(x).lower()
@@ -88,7 +89,7 @@ def human(n: float) -> str:
 def _filename(e: BaseException, folder: str | Path) -> str | None:
     """The file in ``folder`` that the failed write was for, where the error names one."""
     root = Path(folder).absolute()
-    for x in _chain(e):
+    for x in exception_chain(e):
         name = getattr(x, "filename", None)
         if name and Path(name).absolute().is_relative_to(root):
             return str(name)

@@ -150,6 +150,12 @@ def test_cli_predict_on_a_dataset_folder(tiny_store, pretrained_run, tmp_path, r
     assert code == 0, err
     mask = nib.load(tmp_path / "p2" / "sub-001_ses-1_seg.nii.gz")
     assert mask.shape == nib.load(t1).shape and np.array_equal(mask.affine, nib.load(t1).affine)
+    # an ensemble of the same run twice: the same mask, no spread between its members
+    code, _, err = run_cli("predict", seg, f"T1w={t1}", "--out", tmp_path / "p3", "--no-tta", "--ensemble", str(seg))
+    assert code == 0, err
+    row = pd.read_csv(tmp_path / "p3" / "predictions.csv").iloc[0]
+    assert row["uncertainty_ensemble_std"] == 0.0
+    assert np.array_equal(nib.load(tmp_path / "p3" / "sub-001_ses-1_seg.nii.gz").get_fdata(), mask.get_fdata())
 
 
 def test_world_geometry_helper_round_trip():

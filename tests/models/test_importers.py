@@ -12,7 +12,7 @@ from dynamic_network_architectures.architectures.unet import ResidualEncoderUNet
 from monai.networks.nets import ViTAutoEnc
 from torch import nn
 
-from field_checkpoints import nnssl_checkpoint, nnunet_checkpoint, resenc_arch_kwargs
+from field_checkpoints import PRIMUS_KEYS, RESENC_KEYS, nnssl_checkpoint, nnunet_checkpoint, resenc_arch_kwargs
 from neurofm.errors import CheckpointError
 from neurofm.io.checkpoint import safe_load
 from neurofm.models.importers import import_weights
@@ -70,10 +70,7 @@ def _resenc_file(tmp_path, layout: str):
             resenc_arch_kwargs([8, 16, 32, 32], [1, 2, 2, 1]),
             patch=[64, 64, 64],
             spacing=[1.0, 1.0, 1.0],
-            key_to_stem="encoder.stem",
-            key_to_encoder="encoder.stages",
-            keys_to_in_proj=["encoder.stem.convs.0.conv", "encoder.stem.convs.0.all_modules.0"],
-            key_to_lpe=None,
+            **RESENC_KEYS,
         )
     prefix = {"ddp": "module.", "compiled": "_orig_mod.", "ddp-compiled": "module._orig_mod."}.get(layout, "")
     ck["network_weights"] = {prefix + k: v for k, v in ck["network_weights"].items()}
@@ -116,10 +113,7 @@ def test_primus_import_as_nnssl_writes_it(tmp_path):
         None,
         patch=[32, 32, 32],
         spacing=[1.0, 1.0, 1.0],
-        key_to_stem="down_projection",
-        key_to_encoder="eva",
-        keys_to_in_proj=["down_projection.proj"],
-        key_to_lpe="eva.pos_embed",
+        **PRIMUS_KEYS,
         trainer="BaseEvaMAETrainer",
     )
     torch.save(ck, tmp_path / "primus.pth")
@@ -145,10 +139,7 @@ def test_primus_m_import_reads_heads_from_the_plan(tmp_path):
         None,
         patch=[16, 16, 16],
         spacing=[1.0, 1.0, 1.0],
-        key_to_stem="down_projection",
-        key_to_encoder="eva",
-        keys_to_in_proj=["down_projection.proj"],
-        key_to_lpe="eva.pos_embed",
+        **PRIMUS_KEYS,
     )
     torch.save(ck, tmp_path / "primus_m.pth")
     model, info = model_from_checkpoint(import_weights("nnssl", tmp_path / "primus_m.pth", tmp_path / "run"))

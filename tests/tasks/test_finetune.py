@@ -292,7 +292,7 @@ def test_finetune_from_imported_field_checkpoints(source, task, target, tiny_sto
     from dynamic_network_architectures.architectures.unet import ResidualEncoderUNet
     from torch import nn
 
-    from field_checkpoints import nnssl_checkpoint, nnunet_checkpoint
+    from field_checkpoints import PRIMUS_KEYS, nnssl_checkpoint, nnunet_checkpoint
 
     torch.manual_seed(0)
     if source == "primus":
@@ -303,10 +303,7 @@ def test_finetune_from_imported_field_checkpoints(source, task, target, tiny_sto
             None,
             patch=[32, 32, 32],
             spacing=[2.0, 2.0, 2.0],
-            key_to_stem="down_projection",
-            key_to_encoder="eva",
-            keys_to_in_proj=["down_projection.proj"],
-            key_to_lpe="eva.pos_embed",
+            **PRIMUS_KEYS,
         )
     else:
         feats, blocks = [4, 8, 16, 16], [1, 1, 1, 1]
@@ -350,3 +347,19 @@ def test_fixed_training_subjects_may_take_a_whole_site():
     assert {c.site for c in test} == {"site-2"}
     with pytest.raises(ConfigError, match="unknown site"):
         make_splits(cs, train_subjects=site0, train_sites=["site-9"])
+
+
+@pytest.mark.slow
+def test_temperature_is_fitted_on_held_out_training_subjects_and_kept_with_the_model(tiny_store, tmp_path, run_cli):
+    args = ["finetune", "--data", tiny_store, "--task", "cls", "--target", "healthy", "--from", "scratch"]
+    args += ["--arch", "fomo25-tiny", "--shots", "4", "--steps", "3", "--workers", "0", "--no-tta", "--no-progress"]
+    code, _, err = run_cli(*args, "--bootstrap", "20", "--calibration", "0.5", "--out", tmp_path / "ft")
+    assert code == 0, err
+    split = json.loads((tmp_path / "ft" / "summary.json").read_text())["splits"][0]
+    assert split["calibration_cases"] > 0 and split["train_subjects"] == 2  # 2 of the 4 held out for it
+    _, info = model_from_checkpoint(tmp_path / "ft")
+    t = info["run"]["task_info"]["temperature"]
+    assert t == pytest.approx(split["temperature"]) and 0.05 <= t <= 20
+    assert (tmp_path / "ft" / "reliability.png").stat().st_size > 2000
+    code, _, err = run_cli(*args, "--calibration", "0.5", "--shots", "2", "--out", tmp_path / "few")
+    assert code == 2 and "at least 3 training subjects" in err

@@ -34,6 +34,7 @@ from neurofm.io.checkpoint import read_checkpoint
 from neurofm.io.nnssl import primus_adaptation_plan, resenc_adaptation_plan
 from neurofm.models.primus import PRIMUS_SIZES
 from neurofm.models.registry import model_from_checkpoint
+from neurofm.utils import write_json
 
 FORMATS = ("nnssl", "onnx", "torchscript")
 EXPORT_JSON = "neurofm-export.json"
@@ -168,8 +169,6 @@ def _export_graph(run: str | Path, fmt: str, out: Path) -> Path:
     if fmt == "onnx":
         _onnx_metadata(tmp, meta)
     os.replace(tmp, path)
-    from neurofm.utils import write_json
-
     write_json(out / EXPORT_JSON, meta)
     return path
 

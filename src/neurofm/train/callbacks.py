@@ -100,19 +100,23 @@ class Preemption(Callback):
     def _note(self, signum: int, frame: Any) -> None:
         self.signum = signum
 
-    @contextmanager
-    def handling(self) -> Iterator[None]:
+    def _listen(self) -> dict[int, Any]:
+        """Put this callback's handler on the signals (main thread only); returns the handlers it replaced."""
         import signal
         import threading
 
+        if threading.current_thread() is not threading.main_thread():
+            return {}
+        sigs = [getattr(signal, name) for name in self.SIGNALS if hasattr(signal, name)]
+        return {sig: signal.signal(sig, self._note) for sig in sigs}
+
+    @contextmanager
+    def handling(self) -> Iterator[None]:
+        import signal
+
         from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-        previous = {}
-        if threading.current_thread() is threading.main_thread():
-            for name in self.SIGNALS:
-                sig = getattr(signal, name, None)
-                if sig is not None:
-                    previous[sig] = signal.signal(sig, self._note)
+        previous = self._listen()
         try:
             yield
         except SIGTERMException:
@@ -127,14 +131,7 @@ class Preemption(Callback):
     def on_train_start(self, trainer, pl_module) -> None:
         # Lightning has by now put its own SIGTERM handler in front of ours; it would end the fit at the next
         # step boundary, possibly before this callback has written the checkpoint. Ours alone decides.
-        import signal
-        import threading
-
-        if threading.current_thread() is threading.main_thread():
-            for name in self.SIGNALS:
-                sig = getattr(signal, name, None)
-                if sig is not None:
-                    signal.signal(sig, self._note)
+        self._listen()
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         stop = trainer.strategy.reduce_boolean_decision(self.signum is not None, all=False)

@@ -13,21 +13,18 @@ from collections.abc import Callable
 
 import torch
 
-from neurofm.faults import OutOfMemory
+from neurofm.faults import OutOfMemory, exception_chain
 
 _WORDS = ("out of memory", "can't allocate memory", "cannot allocate memory", "failed to allocate")
 
 
 def is_oom(e: BaseException) -> bool:
-    seen = set()
-    while e is not None and id(e) not in seen:
-        seen.add(id(e))
-        if isinstance(e, (torch.OutOfMemoryError, MemoryError)):
-            return True
-        if isinstance(e, RuntimeError) and any(w in str(e).lower() for w in _WORDS):
-            return True
-        e = e.__cause__ or e.__context__  # type: ignore[assignment]
-    return False
+    """Whether ``e`` (or what caused it) is an allocation that did not fit."""
+    return any(
+        isinstance(x, (torch.OutOfMemoryError, MemoryError))
+        or (isinstance(x, RuntimeError) and any(w in str(x).lower() for w in _WORDS))
+        for x in exception_chain(e)
+    )
 
 
 def _free(device: torch.device) -> None:
