@@ -2,10 +2,10 @@
 
 The fomo25 backbone (the paper's size, or --tiny) with a segmentation decoder, a
 classification head and a regression head, each exported to ONNX and TorchScript; then one
-brain-sized volume (two contrasts) predicted whole by neurofm's Predictor (sliding windows,
-Gaussian weighting) with the PyTorch model and with the ONNX graph on onnxruntime, with the
-same number of threads. Reported as ratios (onnxruntime / PyTorch) with the largest
-probability difference and the mask agreement.
+brain-sized volume (two contrasts) predicted whole (sliding windows, Gaussian weighting) with
+the PyTorch model (MONAI's sliding window) and with the ONNX graph on onnxruntime (neurofm's
+PyTorch-free runtime: numpy windows), with the same number of threads. Reported as ratios
+(onnxruntime / PyTorch) with the largest probability difference and the mask agreement.
 
     python benchmarks/bench_export.py [--shape 96 112 96] [--window 64] [--tiny]
 """
@@ -34,7 +34,7 @@ def main() -> None:
     import numpy as np
     import torch
 
-    from neurofm.infer.predictor import OnnxModel, Predictor
+    from neurofm.infer.predictor import OnnxPredictor, Predictor
     from neurofm.io.checkpoint import write_run_folder
     from neurofm.models.downstream import DownstreamModel
     from neurofm.models.exporters import export_run
@@ -64,8 +64,7 @@ def main() -> None:
             if task != "seg":
                 continue
             torch_pred = Predictor(model, info, tta=False, sw_batch=2)
-            onnx_pred = Predictor(OnnxModel(Path(tmp) / "seg-onnx" / "model.onnx", threads), info, tta=False,
-                                  sw_batch=2)  # fmt: skip
+            onnx_pred = OnnxPredictor(Path(tmp) / "seg-onnx", threads=threads, tta=False, sw_batch=2)
 
             def timed(pred):
                 times, out = [], None

@@ -97,8 +97,9 @@ def test_every_verb_is_tested_through_the_cli():
 
 def test_predict_options_that_do_not_go_together_are_refused(tmp_path, run_cli):
     args = ["predict", tmp_path / "ft", "T1w=x.nii.gz", "--out", tmp_path / "p", "--engine", "onnx"]
+    (tmp_path / "ft").mkdir()  # neither a run nor an export
     code, out, err = run_cli(*args, "--ensemble", tmp_path / "ft2")
     lines = [line for line in err.splitlines() if line.strip()]
-    assert code == 2 and len(lines) == 1 and "--ensemble runs with --engine torch" in lines[0]
+    assert code == 2 and len(lines) == 1 and "neither an exported model" in lines[0]
     code, _, err = run_cli(*args[:-1], "tensorrt")
     assert code == 2 and "--engine should be one of" in err and "Traceback" not in err

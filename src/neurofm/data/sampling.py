@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Mapping, Sequence
 
 import numpy as np
@@ -21,11 +22,19 @@ def box_around(centre: Sequence[int], shape: tuple[int, ...], patch: int) -> tup
 
 
 def window_slices(shape: tuple[int, ...], patch: int, overlap: float) -> list[tuple[slice, ...]]:
-    """Sliding windows of ``patch^3`` covering ``shape`` (MONAI's dense grid), ``overlap`` in [0, 1)."""
-    from monai.data.utils import dense_patch_slices
-
-    step = [max(1, int(patch * (1 - overlap))) for _ in shape]
-    return [tuple(s) for s in dense_patch_slices(tuple(shape), (patch,) * 3, step)]
+    """Sliding windows of ``patch^3`` covering ``shape``, ``overlap`` in [0, 1): MONAI's dense grid (starts
+    every ``int(patch * (1 - overlap))`` voxels, the last one moved back to end at the edge; a dimension no
+    larger than the patch gets one window), written out here so that inference needs no PyTorch."""
+    starts = []
+    for size in shape:
+        p = min(patch, size)
+        step = size if p == size else max(1, int(patch * (1 - overlap)))
+        n = next((i for i in range(-(-size // step)) if i * step + p >= size), 0) + 1
+        starts.append([i * step - max(i * step + p - size, 0) for i in range(n)])
+    return [
+        tuple(slice(a, a + min(patch, size)) for a, size in zip(corner, shape, strict=True))
+        for corner in itertools.product(*starts)
+    ]
 
 
 def stack_contrasts(images: Mapping[str, np.ndarray | None], order: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:

@@ -42,33 +42,41 @@ ENGINES = ("torch", "onnx")
 def load_predictor(run: str | Path, engine: str = "torch", ensemble: list[str] | None = None, **kwargs: Any):
     """The predictor of a fine-tuned run (``torch``), or of its ONNX export on onnxruntime (``onnx``: an export
     folder, or a run folder, exported once into ``RUN/export-onnx``). ``ensemble``: more fine-tuned runs of the
-    same task whose predictions are averaged (torch engine)."""
+    same task (or, with ``onnx``, their exports) whose predictions are averaged."""
+    if engine not in ENGINES:
+        raise ConfigError(f"--engine should be one of {ENGINES}, got {engine!r}")
+    run = Path(run)
+    if engine == "onnx":  # PyTorch is imported only to export a run that has no ONNX export yet
+        from neurofm.infer.runtime import OnnxPredictor
+
+        pred = OnnxPredictor(onnx_folder(run), **kwargs)
+        for other in ensemble or []:
+            pred.add_export(onnx_folder(Path(other)))
+        return pred
+    if (run / "neurofm-export.json").is_file():
+        raise ConfigError(f"{run} is an exported model; run it with --engine onnx")
     from neurofm.infer.predictor import Predictor
     from neurofm.models.registry import model_from_checkpoint
 
-    if engine not in ENGINES:
-        raise ConfigError(f"--engine should be one of {ENGINES}, got {engine!r}")
-    if ensemble:
-        if engine != "torch":
-            raise ConfigError("--ensemble runs with --engine torch")
-        pred = Predictor.from_run(run, **kwargs)
-        for other in ensemble:
-            model, info = model_from_checkpoint(other)
-            pred.add_member(model, info["run"].get("task_info") or {})
-        return pred
-    run = Path(run)
-    if (run / "neurofm-export.json").is_file():
-        if engine != "onnx":
-            raise ConfigError(f"{run} is an exported model; run it with --engine onnx")
-        return Predictor.from_export(run, **kwargs)
-    if engine == "torch":
-        return Predictor.from_run(run, **kwargs)
-    from neurofm.models.exporters import export_run
+    pred = Predictor.from_run(run, **kwargs)
+    for other in ensemble or []:
+        model, info = model_from_checkpoint(other)
+        pred.add_member(model, info["run"].get("task_info") or {})
+    return pred
 
+
+def onnx_folder(run: Path) -> Path:
+    """An ONNX export folder as given, or a fine-tuned run's export in ``RUN/export-onnx`` (made once)."""
+    if (run / "neurofm-export.json").is_file():
+        return run
     folder = run / "export-onnx"
     if not (folder / "neurofm-export.json").is_file():
+        if not (run / "run.json").is_file() and not (run / "checkpoints").is_dir():
+            raise ConfigError(f"{run}: neither an exported model (neurofm-export.json) nor a fine-tuned run")
+        from neurofm.models.exporters import export_run
+
         export_run(run, "onnx", folder)
-    return Predictor.from_export(folder, **kwargs)
+    return folder
 
 
 def predict_inputs(
