@@ -58,6 +58,31 @@ VARIANTS = {
         "objective.swap_contrast=same",
         "objective.rec_anatomy=random",
     ],
+    # ... and an adversary removing the contrast from the anatomy latent, a contrast classifier on the code
+    "global-adversary": [
+        *GLOBAL,
+        "objective.align=centred",
+        "objective.swap_contrast=reference",
+        "objective.w_adversary=0.5",
+        "objective.w_contrast_id=0.5",
+    ],
+    "global-adversary-calamiti": [
+        *GLOBAL,
+        "objective.align=centred",
+        "objective.swap_contrast=reference",
+        "objective.rec_anatomy=random",
+        "objective.w_adversary=0.5",
+        "objective.w_contrast_id=0.5",
+    ],
+    # ... the adversary and classifier reading unmasked encodings (what the analysis and fine-tuning see)
+    "global-adversary-clean": [
+        *GLOBAL,
+        "objective.align=centred",
+        "objective.swap_contrast=reference",
+        "objective.w_adversary=1.0",
+        "objective.w_contrast_id=1.0",
+        "objective.contrast_input=clean",
+    ],
     "mae": [
         "objective.w_swap=0",
         "objective.w_kl=0",

@@ -1,7 +1,8 @@
 """Pretraining data: random crops streamed from the store, in three shapes.
 
 * ``pair`` (fomo25, mae): two different contrasts of one session, same crop; a session
-  with a single scan yields ``pair_valid = False``. When the objective needs it
+  with a single scan yields ``pair_valid = False``; ``contrast_a`` / ``contrast_b`` name
+  each scan's contrast by its index in ``CONTRASTS`` (-1 for another). When the objective needs it
   (``DataNeeds.reference_crop``) the same two scans at a second, independently placed and
   augmented crop come along too.
 * ``scan`` (ssl3d): one scan with its subject's regional-volume vector, health label and
@@ -34,6 +35,7 @@ from neurofm.data.config import DataConfig
 from neurofm.data.loader import training_loader
 from neurofm.data.sampling import random_box, stack_contrasts
 from neurofm.errors import StoreError
+from neurofm.io.manifest import CONTRASTS
 from neurofm.preprocess.transforms import minmax, pad_to
 from neurofm.store import Store
 from neurofm.utils import write_json
@@ -68,6 +70,11 @@ class SessionIndex:
     volumes: np.ndarray | None = None  # (N, D) standardised ICV-normalised region volumes
     has_volumes: np.ndarray | None = None  # (N,) bool
     extra: dict[str, Any] = field(default_factory=dict)
+
+
+def contrast_id(name: str) -> int:
+    """The index of a contrast in ``io.manifest.CONTRASTS`` (the scan's BIDS suffix), -1 for another name."""
+    return CONTRASTS.index(name) if name in CONTRASTS else -1
 
 
 def health_target(labels: dict[str, Any], column: str) -> int:
@@ -334,6 +341,8 @@ class PretrainDataset(Dataset):
                 x_a=torch.from_numpy(img[:1].copy()),
                 x_b=torch.from_numpy(img[1:2].copy()),
                 pair_valid=torch.tensor(len(set(names)) == 2),
+                contrast_a=torch.tensor(contrast_id(names[0])),
+                contrast_b=torch.tensor(contrast_id(names[1])),
             )
             if self.needs.reference_crop:  # the same two scans elsewhere: a contrast code that shares no crop
                 ref, _, _ = self._crop(key, shape, names, avail)

@@ -12,6 +12,11 @@ pooled features, broadcast over the grid in the decoder (``"global"``). A spatia
 map can carry the whole scan, so a decoder fed ``[z_subject of b, z_contrast of a]``
 rebuilds ``a`` by copying; a single vector cannot hold the anatomy of a crop.
 
+With ``contrast_classes > 0`` two small pretext heads read the latents: a contrast classifier on
+the contrast latent's spatial mean and an adversary at every position of the anatomy latent
+(trained through a gradient reversal by ``objective.w_adversary``), so that no part of the anatomy
+latent can tell the contrast. Both are dropped downstream.
+
 Decoder (reconstruction only, no skips): transposed-convolution upsampling of
 ``[z_subject, z_contrast]`` back to the input size. ~19 M parameters at full size.
 """
@@ -73,11 +78,12 @@ class DualLatentUNet(Backbone):
         n_conv: convolutions per encoder level.
         out_channels: reconstruction channels.
         contrast_code: ``spatial`` (a map, as the paper) or ``global`` (one vector per scan).
+        contrast_classes: > 0 builds the contrast classifier and the anatomy adversary (pretext heads).
     """
 
     stem_keys = ("encoder.stages.0.0.convs.0.conv.weight", "encoder.stages.0.0.convs.0.all_modules.0.weight")
     encoder_prefixes = ("encoder.", "subject_head.", "contrast_head.")
-    pretext_prefixes = ("decoder.",)
+    pretext_prefixes = ("decoder.", "adversary.", "contrast_classifier.")
     disentangles = True
 
     def __init__(
@@ -88,6 +94,7 @@ class DualLatentUNet(Backbone):
         n_conv: int = 2,
         out_channels: int = 1,
         contrast_code: str = "spatial",
+        contrast_classes: int = 0,
     ):
         super().__init__()
         features = tuple(int(f) for f in features)
@@ -97,6 +104,8 @@ class DualLatentUNet(Backbone):
             raise ConfigError(f"features should list >= 2 positive filter counts, got {features}")
         if latent < 1:
             raise ConfigError(f"latent should be >= 1, got {latent}")
+        if contrast_classes < 0:
+            raise ConfigError(f"contrast_classes should be >= 0, got {contrast_classes}")
         self.config: dict[str, Any] = {
             "in_channels": in_channels,
             "features": list(features),
@@ -105,6 +114,8 @@ class DualLatentUNet(Backbone):
             "out_channels": out_channels,
             "contrast_code": contrast_code,
         }
+        if contrast_classes:  # recorded only when used: older runs' model.json stay as they were
+            self.config["contrast_classes"] = contrast_classes
         self.in_channels = in_channels
         self.global_contrast = contrast_code == "global"
         self.latent = latent
@@ -144,6 +155,13 @@ class DualLatentUNet(Backbone):
             }
         )
         self.seg_decoder: nn.Module | None = None  # installed by reset_head("seg", n)
+        self.adversary: nn.Module | None = None
+        self.contrast_classifier: nn.Module | None = None
+        if contrast_classes:
+            self.adversary = nn.Sequential(  # per position of the anatomy map
+                nn.Conv3d(latent, latent, 1), nn.LeakyReLU(0.01), nn.Conv3d(latent, contrast_classes, 1)
+            )
+            self.contrast_classifier = nn.Linear(latent, contrast_classes)
         he_init(self)
         # Start the posteriors narrow (sigma ~ 0.08): with unit variance the sampled latents are mostly
         # noise and the decoder learns nothing for hundreds of steps; the KL term widens them as needed.
@@ -210,6 +228,7 @@ class DualLatentUNet(Backbone):
     def reset_head(self, task: str, classes: int) -> None:
         check_task(task)
         self.decoder = None  # the reconstruction decoder (no skips)
+        self.adversary = self.contrast_classifier = None
         if task == "seg":
             self.subject_head = self.contrast_head = None
             self.seg_decoder = UNetDecoder(self.encoder, classes, 1, deep_supervision=False)

@@ -20,6 +20,13 @@ Loss = w_rec (rec_a + rec_b) + w_swap (swap_ab + swap_ba) + w_kl(t) KL
   position, against all other positions and samples of the batch (a shared offset cannot
   meet it, and it asks the latent to say *which* anatomy is where).
 * repel: cos(zc_a, zc_b) pushes the contrast latents of two contrasts apart.
+* adversary (``w_adversary``): a small classifier reads the contrast from the anatomy latent at
+  every position while a gradient reversal (Ganin & Lempitsky 2015) makes the encoder remove what it
+  reads: the anatomy latent of a crop must not tell its contrast. ``w_contrast_id`` trains a
+  classifier of the contrast on the contrast latent's mean. Both use the scan's BIDS suffix
+  (T1w, T1c, ...), which every scan of a store has: metadata, not a downstream label. They read the
+  masked encodings the other terms use, or (``contrast_input="clean"``) an extra encoding of the
+  unmasked crops, which is what a downstream model and the latent analysis see.
 * ``rec_anatomy="random"`` rebuilds each scan of a valid pair from its own anatomy latent or its
   partner's, at random (as CALAMITI does): reconstruction itself then asks the anatomy latent to
   be the same for both contrasts, and the contrast to come from the contrast latent.
@@ -41,6 +48,7 @@ from torch import nn
 from neurofm.data.config import DataConfig
 from neurofm.data.pretrain import DataNeeds
 from neurofm.errors import ConfigError
+from neurofm.io.manifest import CONTRASTS
 from neurofm.objectives.masking import block_mask
 
 
@@ -60,6 +68,9 @@ class Fomo25Config:
     align: str = "cosine"  # cosine (paper) | centred | dense_nce
     align_temperature: float = 0.1
     w_repel: float = 0.5
+    w_adversary: float = 0.0
+    w_contrast_id: float = 0.0
+    contrast_input: str = "masked"  # masked: the adversary and classifier read the masked encodings | clean
     swap_anatomy: str = "mean"  # mean (paper) | other
     swap_contrast: str = "same"  # same (paper) | reference
     rec_anatomy: str = "own"  # own (paper) | random
@@ -76,11 +87,12 @@ class Fomo25Config:
             "swap_anatomy": ("mean", "other"),
             "swap_contrast": ("same", "reference"),
             "rec_anatomy": ("own", "random"),
+            "contrast_input": ("masked", "clean"),
         }
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ConfigError(f"objective.{name} should be {' or '.join(allowed)}, got {getattr(self, name)!r}")
-        for name in ("w_rec", "w_swap", "w_kl", "w_align", "w_repel"):
+        for name in ("w_rec", "w_swap", "w_kl", "w_align", "w_repel", "w_adversary", "w_contrast_id"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"objective.{name} should be >= 0, got {getattr(self, name)}")
         if not self.align_temperature > 0:
@@ -90,13 +102,18 @@ class Fomo25Config:
         return DataNeeds(reference_crop=self.w_swap > 0 and self.swap_contrast == "reference")
 
     def model_kwargs(self, kwargs: dict[str, Any], data: DataConfig, extra: dict[str, Any]) -> dict[str, Any]:
-        return dict(kwargs)
+        out = dict(kwargs)
+        if self.w_adversary > 0 or self.w_contrast_id > 0:
+            out["contrast_classes"] = len(CONTRASTS)
+        return out
 
     def example_batch(self, batch: int, patch: int, extra: dict[str, Any], device: Any = "cpu") -> dict[str, Any]:
         """Random inputs of the shapes the loader gives (benchmarks, tests)."""
         names = ["x_a", "x_b"] + (["x_a_ref", "x_b_ref"] if self.data_needs().reference_crop else [])
         out: dict[str, Any] = {n: torch.randn(batch, 1, patch, patch, patch, device=device) for n in names}
         out["pair_valid"] = torch.ones(batch, dtype=torch.bool, device=device)
+        out["contrast_a"] = torch.zeros(batch, dtype=torch.long, device=device)
+        out["contrast_b"] = torch.ones(batch, dtype=torch.long, device=device)
         return out
 
 
@@ -123,6 +140,22 @@ def dense_nce(a: torch.Tensor, b: torch.Tensor, temperature: float) -> torch.Ten
         F.cross_entropy(logits, target, reduction="none") + F.cross_entropy(logits.T, target, reduction="none")
     )
     return loss.view(n, -1).mean(1)
+
+
+class _ReverseGradient(torch.autograd.Function):
+    """Identity forward; the gradient's sign flipped backward (a gradient reversal layer)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        return -grad
+
+
+def reverse_gradient(x: torch.Tensor) -> torch.Tensor:
+    return _ReverseGradient.apply(x)
 
 
 def _wmean(v: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
@@ -247,4 +280,30 @@ class Fomo25Loss(nn.Module):
         if cfg.w_repel > 0:
             terms["repel"] = _wmean(cosine(muc_a, muc_b), valid)
             total = total + cfg.w_repel * terms["repel"]
+        if cfg.w_adversary > 0 or cfg.w_contrast_id > 0:
+            if cfg.contrast_input == "clean":  # what a downstream model sees: the scans unmasked (one more encoding)
+                clean = model.forward_features(x).latents
+                mu_s, mu_c = clean["mu_s"], clean["mu_c"]
+            total = total + self.contrast_terms(model, mu_s, mu_c, batch, bsz, use_ref, terms)
         return total, {k: v.detach() for k, v in terms.items()}, out
+
+    def contrast_terms(self, model, mu_s, mu_c, batch, bsz: int, use_ref: bool, terms: dict) -> torch.Tensor:
+        """The anatomy adversary and the contrast classifier on every encoded scan (see module docstring)."""
+        cfg = self.cfg
+        if getattr(model, "adversary", None) is None:
+            raise ConfigError("objective.w_adversary / w_contrast_id need a model built with contrast_classes > 0")
+        ids = [batch["contrast_a"], batch["contrast_b"]]
+        target = torch.cat(ids + (ids if use_ref else [])).long().view(-1)
+        if not bool((target >= 0).any()):
+            return mu_s.sum() * 0.0
+        total = mu_s.sum() * 0.0
+        if cfg.w_adversary > 0:
+            logits = model.adversary(reverse_gradient(mu_s))  # (N, classes, *grid)
+            per_position = target.view(-1, *([1] * (mu_s.dim() - 2))).expand(-1, *mu_s.shape[2:])
+            terms["adversary"] = F.cross_entropy(logits, per_position, ignore_index=-1)
+            total = total + cfg.w_adversary * terms["adversary"]
+        if cfg.w_contrast_id > 0:
+            logits = model.contrast_classifier(mu_c.mean(dim=(2, 3, 4)))
+            terms["contrast_id"] = F.cross_entropy(logits, target, ignore_index=-1)
+            total = total + cfg.w_contrast_id * terms["contrast_id"]
+        return total
