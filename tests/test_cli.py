@@ -67,6 +67,7 @@ BAD_INPUT = {
     "import": (["import", "nnssl", "{tmp}/missing.pth", "--out", "{tmp}/i"], "no such file"),
     "export": (["export", "{tmp}/nowhere", "--out", "{tmp}/x.pth"], "neither a run folder"),
     "inspect": (["inspect", "{tmp}"], "neither a store"),
+    "brain-extract": (["brain-extract", "{tmp}/t1.nii.gz", "--out", "{tmp}/a", "--method", "none"], "needs a method"),
     "demo": (["demo", "--out", "{tmp}/demo", "--subjects", "2"], "too few"),
 }
 

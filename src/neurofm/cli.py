@@ -50,6 +50,14 @@ def prepare(
     skull_stripped: Annotated[
         bool, typer.Option(help="Scans are brain-extracted: non-zero voxels are the brain mask where none is given.")
     ] = False,
+    brain_extraction: Annotated[
+        str,
+        typer.Option(
+            help="Sessions without a brain mask: auto (deepbet on a T1w/T1c, else neurofm's extractor), deepbet, "
+            "neurofm or none (crop and z-score over the whole head)."
+        ),
+    ] = "auto",
+    bias_correction: Annotated[str, typer.Option(help="n4 (SimpleITK's N4 on every scan) or none.")] = "none",
     workers: Annotated[int, typer.Option("--workers", "-j", help="Parallel worker processes.")] = 1,
     shard: Annotated[str, typer.Option(help="Take part i of n of the sessions, e.g. 0/8 (job arrays).")] = "0/1",
     duplicates: Annotated[str, typer.Option(help="Repeated scans of one contrast: error, or first.")] = "error",
@@ -67,8 +75,9 @@ def prepare(
 
     sp = tuple(float(x) for x in spacing.split(",")) if "," in spacing else float(spacing)
     cfg = PrepareConfig(
-        spacing=sp, margin=margin, normalize=normalize, mask_images=mask_images, skull_stripped=skull_stripped
-    )
+        spacing=sp, margin=margin, normalize=normalize, mask_images=mask_images, skull_stripped=skull_stripped,
+        brain_extraction=brain_extraction, bias_correction=bias_correction,
+    )  # fmt: skip
     report = prepare_store(
         src, out, cfg, workers=workers, shard=shard, progress=progress, duplicates=duplicates, space_check=space_check
     )
@@ -353,6 +362,10 @@ def predict(
     engine: Annotated[
         str, typer.Option(help="torch, or onnx (onnxruntime: an export folder, or the run exported once).")
     ] = "torch",
+    brain_extraction: Annotated[
+        str | None,
+        typer.Option(help="Inputs without a brain mask: auto, deepbet, neurofm or none (default: as the run's data)."),
+    ] = None,
 ) -> None:
     """Predict whole scans straight from NIfTI: masks on each input's own grid, a table for cls/reg. A BIDS
     dataset gets a BIDS derivative dataset (sub-*/anat/*_desc-TARGET_mask.nii.gz, predictions.tsv)."""
@@ -371,11 +384,41 @@ def predict(
             engine=engine,
             probabilities=probabilities,
             ensemble=_csv(ensemble),
+            brain_extraction=brain_extraction,
         )
     failed = int(table["error"].notna().sum()) if "error" in table else 0
     console.print(
         f"{len(table)} case(s) -> {table.attrs.get('written', out)}" + (f"; {failed} failed" if failed else "")
     )
+
+
+@app.command("brain-extract")
+def brain_extract(
+    inputs: Annotated[list[Path], typer.Argument(help="NIfTI scans (raw heads).")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Output folder.")],
+    method: Annotated[
+        str, typer.Option(help="auto (deepbet on T1w/T1c, else neurofm's extractor), deepbet or neurofm.")
+    ] = "auto",
+    contrast: Annotated[
+        str | None, typer.Option(help="Contrast of every input (default: from BIDS names, else T1w).")
+    ] = None,
+    brain: Annotated[bool, typer.Option(help="Also write the extracted brain (scan zeroed outside the mask).")] = False,
+    progress: Annotated[bool, typer.Option(help="Progress bar.")] = True,
+) -> None:
+    """Brain masks of raw heads, each on its input's own grid (NAME_mask.nii.gz), with the intracranial volume.
+
+    Exit status: 0 when every input was done, 1 when some failed (see OUT/brain_extraction.csv).
+    """
+    from neurofm.preprocess.brain import extract_files
+
+    with _guarded(out, "writing brain masks"):
+        table = extract_files(inputs, out, method, contrast=contrast, brain=brain, progress=progress)
+    failed = table[table["error"].notna()] if "error" in table else table.iloc[:0]
+    console.print(f"{len(table) - len(failed)} of {len(table)} scan(s) -> {table.attrs['written']}")
+    for _, row in failed.iterrows():
+        console.print(f"[red]failed[/] {row['input']}: {row['error']}", highlight=False)
+    if len(failed):
+        raise typer.Exit(1)
 
 
 @app.command()

@@ -111,6 +111,8 @@ def test_bids_derivatives_round_trip_with_the_onnx_engine(tiny_store, pretrained
     assert len(table) == 2 and set(table["participant_id"]) == {"sub-001", "sub-002"}
     failed = table[table["error"].notna()]
     assert set(failed["participant_id"]) == {"sub-002"} and "sub-002" in failed["error"].iloc[0]
+    # the raw heads were brain-extracted as the run's store was prepared (its default: auto)
+    assert table.loc[table["error"].isna(), "brain_mask"].str.startswith("extracted: deepbet on T1w").all()
     masks = sorted(out.rglob("*_desc-lesion_mask.nii.gz"))
     assert len(masks) == len(table) - len(failed)
     for m in masks:  # on the reference scan's own grid, with a sidecar naming its sources

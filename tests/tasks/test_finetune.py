@@ -210,6 +210,23 @@ def test_finetune_modes_and_scratch_via_cli(tiny_store, pretrained_run, tmp_path
     assert code == 2 and "linear probe" in err
 
 
+def test_contrast_dropout_keeps_a_random_nonempty_subset(tiny_store):
+    from neurofm.data.finetune import FinetuneDataset
+
+    cs = build_cases(Store(tiny_store), "seg", "lesion", ["T1w", "T1c", "T2w", "FLAIR", "PDw"])
+    full = [c for c in cs.cases if len(c.contrasts) >= 4]
+    ds = FinetuneDataset(tiny_store, cs, full, 16, length=60, seed=0, contrast_dropout=0.6)
+    seen = [ds[i] for i in range(60)]
+    counts = [int(s["present"].sum()) for s in seen]
+    assert min(counts) >= 1 and 1 in counts and max(counts) > 1  # never none, often one, sometimes more
+    for s in seen:  # a left-out contrast is zeroed like a missing one
+        assert not s["x"][~s["present"]].any()
+    plain = FinetuneDataset(tiny_store, cs, full, 16, length=5, seed=0)
+    assert all(int(plain[i]["present"].sum()) >= 4 for i in range(5))
+    with pytest.raises(ConfigError, match="contrast_dropout"):
+        FinetuneConfig(task="seg", target="x", contrast_dropout=1.0)
+
+
 def test_bad_finetune_settings():
     with pytest.raises(ConfigError, match="from scratch"):
         FinetuneConfig(task="cls", target="x", mode="frozen")

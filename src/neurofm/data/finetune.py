@@ -227,7 +227,9 @@ class FinetuneDataset(Dataset):
     """Random training crops of labelled cases: ``x`` (C, P, P, P), ``present`` (C,), ``y``.
 
     Segmentation crops are centred on a foreground voxel with probability ``fg_p`` (as
-    nnU-Net's oversampling) so that small lesions are seen.
+    nnU-Net's oversampling) so that small lesions are seen. With ``contrast_dropout`` each present
+    contrast of a crop is left out with that probability (one always stays), so that a model
+    trained on complete sessions also works on any one contrast alone.
     """
 
     def __init__(
@@ -240,12 +242,14 @@ class FinetuneDataset(Dataset):
         seed: int = 0,
         fg_p: float = 0.33,
         augment: bool = True,
+        contrast_dropout: float = 0.0,
     ):
         if not cases:
             raise ConfigError("no training cases")
         self.store_root = str(store_root)
         self.cs, self.cases, self.patch, self.length = case_set, cases, patch, length
         self.seed, self.fg_p, self.augment = seed, fg_p, augment
+        self.contrast_dropout = float(contrast_dropout)
         self._store: Store | None = None
         self._rng: np.random.Generator | None = None
         if case_set.task == "seg":
@@ -280,6 +284,11 @@ class FinetuneDataset(Dataset):
         box = self._box(case, shape)
         images = {c: np.asarray(self._store.read(case.key, c, box), np.float32) for c in case.contrasts}
         img, present = stack_contrasts(images, self.cs.contrasts)
+        if self.augment and self.contrast_dropout > 0 and present.sum() > 1:
+            keep = present & (self._rng.random(len(present)) >= self.contrast_dropout)
+            if not keep.any():
+                keep[self._rng.choice(np.flatnonzero(present))] = True
+            present = keep
         img = np.stack([pad_to(a, self.patch, float(a.min())) for a in img])
         img *= present.astype(np.float32)[:, None, None, None]
         out: dict[str, Any] = {}

@@ -92,6 +92,7 @@ def predict_inputs(
     engine: str = "torch",
     probabilities: bool = False,
     ensemble: list[str] | None = None,
+    brain_extraction: str | None = None,
 ) -> pd.DataFrame:
     """Predict one case (``CONTRAST=path`` pairs) or every session of a dataset (see ``neurofm predict``).
 
@@ -100,6 +101,10 @@ def predict_inputs(
     from rich.progress import track
 
     predictor = load_predictor(run, engine, ensemble, tta=tta, lcc=lcc, overlap=overlap)
+    if brain_extraction is not None:  # otherwise the run's own setting (its store's), as it was trained
+        from neurofm.preprocess.brain import check_method
+
+        predictor.preprocessing = {**predictor.preprocessing, "brain_extraction": check_method(brain_extraction)}
     if out is None:
         root = Path(inputs[0]) if len(inputs) == 1 else None
         if root is None or not (root / "dataset_description.json").is_file():

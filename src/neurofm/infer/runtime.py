@@ -289,7 +289,11 @@ class PredictorBase:
         row: dict[str, Any] = {
             "case": case_id,
             "contrasts": ",".join(c for c in self.contrasts if c in prepared.images),
+            "brain_mask": prepared.label_meta.get("brain", {}).get("source", "none"),
         }
+        failed = [f["reason"] for f in prepared.failures if f.get("name") == "brain"]
+        if failed:  # predicted without a mask (the head's foreground), as the row says
+            row["brain_mask"] = f"none ({failed[0]})"
         if self.task == "seg":
             ref = reference or next(c for c in self.contrasts if c in files)
             meta = prepared.image_meta[ref]

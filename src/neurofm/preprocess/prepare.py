@@ -2,15 +2,19 @@
 
 Per session (all contrasts of one subject's visit together):
 
-1. read every scan (a bad one is recorded in the failures table and skipped);
+1. read every scan (a bad one is recorded in the failures table and skipped); with
+   ``--bias-correction n4`` remove each scan's bias field (``neurofm.preprocess.bias``);
 2. reorient the reference scan (first of T1w, T1c, T2w, FLAIR, PDw present) to RAS and
    define the session grid: axis-aligned, ``spacing`` mm, covering its field of view;
 3. resample every contrast onto that grid by world coordinates (linear, anti-aliased
    when downsampling; label maps nearest). Contrasts acquired on other grids — another
    resolution, orientation or field of view — are thus brought onto one grid rather
    than refused; a scan that barely overlaps the reference is refused;
-4. crop to a foreground box shared by all contrasts (the brain mask when the dataset
-   has one, else the union of each contrast's head foreground), plus a margin;
+4. a session without a brain mask gets one by brain extraction (``--brain-extraction``,
+   ``neurofm.preprocess.brain``: deepbet on a T1w/T1c, else neurofm's extractor), on the chosen
+   scan's own grid, brought to the session grid; its source and the intracranial volume are recorded;
+   crop to a foreground box shared by all contrasts (the brain mask, else the union of each
+   contrast's head foreground), plus a margin;
 5. z-score each contrast within the foreground; optionally zero outside a brain mask;
 6. regional volumes for ssl3d: the dataset's ``volumes.csv`` row, else counted from its
    ``dseg`` label map, else neurofm's own tissue segmentation inside the brain mask
@@ -43,6 +47,8 @@ from neurofm.faults import DiskFullError, FolderLock, disk_guard, free_bytes, hu
 from neurofm.io.manifest import CONTRASTS, Manifest, SessionSpec, discover, session_key
 from neurofm.io.nifti import Scan, load_scan
 from neurofm.preprocess import transforms
+from neurofm.preprocess.bias import BIAS_METHODS, correct_bias
+from neurofm.preprocess.brain import brain_mask, check_method
 from neurofm.preprocess.tissue import choose_contrast, tissue_volumes
 from neurofm.store import Store, file_crc32, write_array
 from neurofm.utils import stable_hash, write_json
@@ -64,6 +70,12 @@ class PrepareConfig:
             mask gets one from its reference scan's non-zero voxels (recorded as derived),
             which then serves the crop, the z-score and the tissue volumes.
         orientation: always ``"RAS"``; recorded so that consumers can check.
+        brain_extraction: how a session without a ``brain`` mask gets one: ``auto`` (deepbet on a T1w
+            or T1c, else neurofm's extractor), ``deepbet``, ``neurofm`` or ``none`` (the crop and the
+            z-score then take the head's foreground). A scan whose field of view is shorter than
+            ``MIN_HEAD_MM`` on some axis (a patch, not a head) is left as it is. The mask's source and the intracranial volume
+            are recorded; ``predict`` applies the same to raw heads (``neurofm.preprocess.brain``).
+        bias_correction: ``n4`` (SimpleITK's N4 on every scan before resampling) or ``none``.
     """
 
     spacing: float | tuple[float, float, float] = 1.0
@@ -72,6 +84,8 @@ class PrepareConfig:
     mask_images: bool = False
     orientation: str = "RAS"
     skull_stripped: bool = False
+    brain_extraction: str = "auto"
+    bias_correction: str = "none"
 
     def __post_init__(self) -> None:
         sp = np.atleast_1d(np.asarray(self.spacing, dtype=float))
@@ -82,6 +96,10 @@ class PrepareConfig:
             raise ConfigError(f"normalize should be 'zscore' or 'none', got {self.normalize!r}")
         if not 0 <= int(self.margin) <= 64:
             raise ConfigError(f"margin should be in [0, 64] voxels, got {self.margin!r}")
+        check_method(self.brain_extraction)
+        if self.bias_correction not in BIAS_METHODS:
+            allowed = ", ".join(BIAS_METHODS)
+            raise ConfigError(f"bias_correction should be one of {allowed}, got {self.bias_correction!r}")
         if self.orientation != "RAS":
             raise ConfigError(f"orientation should be 'RAS', got {self.orientation!r}")
 
@@ -133,6 +151,14 @@ def _native_meta(scan: Scan) -> dict[str, Any]:
     }
 
 
+#: a field of view shorter than this (mm) on some axis is no whole head: it is not brain-extracted
+MIN_HEAD_MM = 80.0
+
+
+def _head_sized(scan: Scan) -> bool:
+    return min(n * s for n, s in zip(scan.shape, scan.spacing, strict=True)) >= MIN_HEAD_MM
+
+
 def _to_grid(scan: Scan, grid: transforms.Grid, order: int) -> np.ndarray:
     """Sample a scan on the session grid. Reorientation is part of the same mapping (a flip
     is exact at integer positions), so no reoriented copy is made."""
@@ -169,6 +195,8 @@ def preprocess_scans(
     for name in order:
         scan = images[name]
         try:
+            if cfg.bias_correction != "none":
+                scan = images[name] = correct_bias(scan, cfg.bias_correction)
             arr = _to_grid(scan, grid, order=1)
             src_mass = float(np.abs(scan.data).sum() * np.prod(scan.spacing))
             out_mass = float(np.abs(arr).sum() * np.prod(np.sqrt((grid[1][:3, :3] ** 2).sum(0))))
@@ -184,6 +212,8 @@ def preprocess_scans(
         resampled[name] = arr
         other_grid = not transforms.same_grid((scan.shape, scan.affine), (ref.shape, ref.affine))
         meta[name] = {**_native_meta(scan), "resampled_to_reference": other_grid}
+        if cfg.bias_correction != "none":
+            meta[name]["bias_correction"] = cfg.bias_correction
 
     labels_rs: dict[str, np.ndarray] = {}
     lmeta: dict[str, dict[str, Any]] = {}
@@ -206,6 +236,16 @@ def preprocess_scans(
         else:
             labels_rs["brain"] = brain
             lmeta["brain"] = {"source": f"derived: non-zero voxels of the skull-stripped {ref_name}"}
+    usable = {n: images[n] for n in order if n in resampled}
+    if (brain is None or not brain.any()) and cfg.brain_extraction != "none" and usable and _head_sized(ref):
+        try:
+            found = brain_mask(usable, cfg.brain_extraction)
+            on_grid = _to_grid(Scan(found.mask[None].astype(np.float32), found.scan.affine), grid, order=1) > 0.5
+            brain = on_grid.astype(np.uint8)
+            labels_rs["brain"] = brain
+            lmeta["brain"] = {"source": f"extracted: {found.source}", "icv_ml": round(found.icv_ml, 1)}
+        except ScanError as e:  # the session goes on without a mask (head foreground), the reason listed
+            failures.append({"name": "brain", "path": e.path, "reason": e.reason})
     if brain is not None and brain.any():
         fg = brain > 0
     else:

@@ -234,7 +234,10 @@ def train_fold(
         train_subjects=sorted({c.subject for c in train}),
         test_subjects=sorted({c.subject for c in test}),
     )
-    ds = FinetuneDataset(data, cs, train, patch, length=cfg.steps * cfg.batch_size, seed=seed, fg_p=cfg.fg_p)
+    ds = FinetuneDataset(
+        data, cs, train, patch, length=cfg.steps * cfg.batch_size, seed=seed, fg_p=cfg.fg_p,
+        contrast_dropout=cfg.contrast_dropout,
+    )  # fmt: skip
     if cs.task != "seg":
         model.fit_feature_norm(_norm_batches(ds, cfg.batch_size))
     module = FinetuneModule(model, cfg, class_weights, stats)
