@@ -7,8 +7,8 @@ One command (CPU; about an hour at the defaults)::
 1. ``neurofm synth`` training heads (seed 5000: subjects sub-5001 ..., none of the demo's or of the
    evaluation set's) with skull, scalp and neck, every contrast, lesions included; a CSV manifest
    gives each session's generator brain mask as the label ``brainmask`` (not as a crop mask);
-2. ``neurofm prepare`` at 4 mm (the backbone's spacing) with ``--brain-extraction none`` (the whole head, z-scored over its
-   foreground: what the extractor sees at run time);
+2. ``neurofm prepare`` at 4 mm (the backbone's spacing) with ``--brain-extraction none`` (the whole
+   head, z-scored over its foreground: what the extractor sees at run time);
 3. ``neurofm finetune --task seg --target brainmask --from fomo25-tiny-synth`` with every contrast and
    contrast dropout, so that each contrast alone gives a mask;
 4. ``neurofm export --format onnx`` (the extractor runs on onnxruntime, without PyTorch);

@@ -44,6 +44,7 @@ import pandas as pd
 
 from neurofm.errors import ConfigError, ScanError
 from neurofm.faults import DiskFullError, FolderLock, disk_guard, free_bytes, human, is_disk_full
+from neurofm.io.dicom import dicom_to_bids, looks_like_dicom_folder
 from neurofm.io.manifest import CONTRASTS, Manifest, SessionSpec, discover, session_key
 from neurofm.io.nifti import Scan, load_scan
 from neurofm.preprocess import transforms
@@ -73,8 +74,9 @@ class PrepareConfig:
         brain_extraction: how a session without a ``brain`` mask gets one: ``auto`` (deepbet on a T1w
             or T1c, else neurofm's extractor), ``deepbet``, ``neurofm`` or ``none`` (the crop and the
             z-score then take the head's foreground). A scan whose field of view is shorter than
-            ``MIN_HEAD_MM`` on some axis (a patch, not a head) is left as it is. The mask's source and the intracranial volume
-            are recorded; ``predict`` applies the same to raw heads (``neurofm.preprocess.brain``).
+            ``MIN_HEAD_MM`` on some axis (a patch, not a head) is left as it is. The mask's source and
+            the intracranial volume are recorded; ``predict`` applies the same to raw heads
+            (``neurofm.preprocess.brain``).
         bias_correction: ``n4`` (SimpleITK's N4 on every scan before resampling) or ``none``.
     """
 
@@ -403,6 +405,7 @@ class PrepareReport:
     failed_sessions: int  # sessions with no usable image
     failures: pd.DataFrame  # every failed scan of this shard
     seconds: float
+    notes: list[str] = field(default_factory=list)  # e.g. what a DICOM conversion kept and skipped
 
     @property
     def ok(self) -> bool:
@@ -413,7 +416,7 @@ class PrepareReport:
             f"{self.prepared} sessions prepared, {self.skipped} already done, "
             f"{self.failed_sessions} failed entirely, {len(self.failures)} scans failed "
             f"({self.seconds:.1f} s) -> {self.store}"
-        )
+        ) + "".join(f"\n{n}" for n in self.notes)
 
 
 def parse_shard(text: str | tuple[int, int] | None) -> tuple[int, int]:
@@ -450,6 +453,13 @@ def prepare(
     this one runs (a lock naming it); a full disk ends the run with one line, finished sessions kept."""
     t0 = time.time()
     cfg = cfg or PrepareConfig()
+    notes = []
+    if not isinstance(src, Manifest) and looks_like_dicom_folder(Path(src)):  # DICOM: a BIDS tree beside the store
+        bids = Path(out).parent / f"{Path(out).name}-bids"
+        src, series = dicom_to_bids(src, bids, progress=progress)
+        skipped = int(series["skipped"].notna().sum()) if "skipped" in series else 0
+        kept = len(series) - skipped
+        notes.append(f"DICOM: {kept} series -> {bids}, {skipped} skipped (see {bids / 'dicom_conversion.tsv'})")
     manifest = src if isinstance(src, Manifest) else discover(src, duplicates=duplicates)
     store = Store.create(out, cfg.to_dict())
     i, n = parse_shard(shard)
@@ -491,6 +501,7 @@ def prepare(
         failed_sessions=sum(not r["ok"] for r in results),
         failures=mine,
         seconds=time.time() - t0,
+        notes=notes,
     )
 
 
