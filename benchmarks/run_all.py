@@ -26,6 +26,7 @@ CPU = {
     "infer": ["--shape", "96", "112", "96", "--window", "64"],
     "flops": ["--crop", "64"],
     "export": [],
+    "raw": ["--resolution", "2"],
 }
 GPU = {
     **CPU,
@@ -79,6 +80,13 @@ def summary_md(results: dict[str, dict]) -> str:
             f"{E['onnxruntime_over_torch']:.2f}x time, max prob diff {E['max_abs_prob_difference']:.1e}, "
             f"ONNX {E['seg_onnx_MB']:.0f} MB",
         )
+    if "raw" in results:
+        R = results["raw"]
+        for key in sorted({k.rsplit("_", 2)[0] for k in R if k.endswith("_n4_s")}):
+            parts = [f"{m} {R[f'{key}_{m}_s']:.2f} s (Dice {R[f'{key}_{m}_dice']:.3f})"
+                     for m in ("deepbet", "neurofm") if f"{key}_{m}_s" in R]  # fmt: skip
+            row("raw head", f"{key.replace('_', ' ')} {R.get(f'{key}_shape', '')}",
+                ", ".join(parts) + f"; N4 {R[f'{key}_n4_s']:.2f} s")  # fmt: skip
     if "train" in results:
         for r in results["train"]["rows"]:
             if "error" in r:

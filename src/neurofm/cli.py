@@ -528,7 +528,7 @@ def bench(
     script = Path(neurofm.__file__).resolve().parents[2] / "benchmarks" / "run_all.py"
     if not script.is_file():
         raise NeurofmError("the benchmarks live in the source checkout (benchmarks/run_all.py); run from a clone")
-    known = ("store", "prepare", "synth", "loader", "train", "infer", "flops", "export")  # run_all.py's CPU table
+    known = ("store", "prepare", "synth", "loader", "train", "infer", "flops", "export", "raw")  # run_all.py
     unknown = [b for b in _csv(only) or [] if b not in known]
     if unknown:
         raise NeurofmError(f"unknown benchmark(s) {', '.join(unknown)}; choose from {', '.join(known)}")
