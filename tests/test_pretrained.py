@@ -19,20 +19,48 @@ def test_a_pretrained_model_ships():
     assert shipped_path("no-such-model") is None and shipped_path("../pretrained") is None
 
 
+#: what each shipped folder's model card must name: the script that makes it, and its own checks
+CARD = {
+    "fomo25-tiny-synth": ("scripts/make_pretrained.py", "swap check"),
+    "neurofm-brain-extract": ("scripts/make_brain_extractor.py", "Dice against the generator's brain mask"),
+}
+
+
 @pytest.mark.parametrize("name", SHIPPED)
-def test_shipped_model_is_small_safe_and_described(name):
+def test_every_shipped_model_is_small_safe_and_described(name):
     folder = ROOT / name
     files = [p for p in folder.rglob("*") if p.is_file()]
     assert sum(p.stat().st_size for p in files) <= 20e6
-    assert not [p for p in files if p.suffix in (".pt", ".pth", ".ckpt", ".pkl")]  # safetensors only, nothing pickled
+    assert not [p for p in files if p.suffix in (".pt", ".pth", ".ckpt", ".pkl")]  # safetensors / ONNX, no pickle
     for p in files:  # nothing of the machine it was made on
         if p.suffix in (".json", ".md") or p.name == "last":
             text = p.read_text()
             for bad in ("/tmp/", "/work/", "/root/", "/home/"):
                 assert bad not in text, f"{p.name} holds a machine path"
     card = (folder / "MODEL_CARD.md").read_text()
-    for needed in ("## Data", "## Training", "swap check", "scripts/make_pretrained.py"):
+    assert name in CARD, f"{name}: say what its card must hold"
+    for needed in ("## Data", "## Training", *CARD[name]):
         assert needed in card
+    model, info = model_from_checkpoint(name)  # resolved by name, loaded from safetensors
+    ck = (folder / "checkpoints" / "last").read_text().strip()
+    weights = load_file(folder / "checkpoints" / ck / "model.safetensors")
+    state = model.state_dict()  # dynamic-network-architectures blocks hold each tensor under two names
+    assert set(weights) <= set(state) and all(torch.equal(weights[k], state[k]) for k in weights)
+
+
+def test_the_brain_extractor_ships_with_its_onnx_export():
+    folder = ROOT / "neurofm-brain-extract"
+    meta = json.loads((folder / "export-onnx" / "neurofm-export.json").read_text())
+    assert meta["task_info"]["task"] == "seg" and meta["task_info"]["target"] == "brainmask"
+    assert meta["preprocessing"]["brain_extraction"] == "none"  # it sees whole heads
+    assert meta["parity_max_abs_logit"] <= 1e-4
+    evaluation = json.loads((folder / "evaluation.json").read_text())
+    assert {r["contrast"] for r in evaluation if r["method"] == "neurofm"} >= {"T1w", "T2w", "FLAIR"}
+
+
+def test_the_pretrained_backbone_loads_whole():
+    name = "fomo25-tiny-synth"
+    folder = ROOT / name
     model, info = model_from_checkpoint(name)  # resolved by name, loaded from safetensors
     ck = (folder / "checkpoints" / "last").read_text().strip()
     weights = load_file(folder / "checkpoints" / ck / "model.safetensors")
