@@ -64,6 +64,15 @@ def check_method(method: str) -> str:
     return method
 
 
+def check_available(method: str) -> None:
+    """Refuse, before any work, an extractor asked for by name that this installation lacks."""
+    check_method(method)
+    if method == "deepbet" and not deepbet_available():
+        _deepbet()  # raises with the install command
+    if method == "neurofm":
+        _extractor()
+
+
 def choose(scans: dict[str, Scan], method: str) -> tuple[str, str]:
     """(method, contrast) that ``method`` resolves to for a session with these scans."""
     check_method(method)

@@ -49,7 +49,7 @@ from neurofm.io.manifest import CONTRASTS, Manifest, SessionSpec, discover, sess
 from neurofm.io.nifti import Scan, load_scan
 from neurofm.preprocess import transforms
 from neurofm.preprocess.bias import BIAS_METHODS, correct_bias
-from neurofm.preprocess.brain import brain_mask, check_method
+from neurofm.preprocess.brain import brain_mask, check_available, check_method
 from neurofm.preprocess.tissue import choose_contrast, tissue_volumes
 from neurofm.store import Store, file_crc32, write_array
 from neurofm.utils import stable_hash, write_json
@@ -453,6 +453,7 @@ def prepare(
     this one runs (a lock naming it); a full disk ends the run with one line, finished sessions kept."""
     t0 = time.time()
     cfg = cfg or PrepareConfig()
+    check_available(cfg.brain_extraction)
     notes = []
     if not isinstance(src, Manifest) and looks_like_dicom_folder(Path(src)):  # DICOM: a BIDS tree beside the store
         bids = Path(out).parent / f"{Path(out).name}-bids"
