@@ -46,7 +46,9 @@ def main() -> None:
                 if not found:
                     continue
                 scan = load_scan(found[0])
-                gt = transforms.resample(truth.data[0].astype(np.float32), truth.affine, (scan.shape, scan.affine), 1)
+                gt = transforms.resample(
+                    truth.data[0].astype(np.float32), truth.affine, (scan.shape, scan.affine), order=1
+                )
                 key = f"{res}mm_{contrast}"
                 rows[f"{key}_shape"] = "x".join(map(str, scan.shape))
                 methods = {"neurofm": lambda s=scan, c=contrast: brain.neurofm_mask(s, c)}

@@ -15,8 +15,9 @@ from monai.data.utils import compute_importance_map, dense_patch_slices
 from monai.inferers import sliding_window_inference
 
 from neurofm.data.sampling import window_slices
-from neurofm.infer.runtime import OnnxPredictor, gaussian_importance, sliding_window
+from neurofm.infer.runtime import OnnxPredictor
 from neurofm.models.exporters import export_run
+from neurofm.preprocess.windows import gaussian_importance, sliding_window
 
 from .test_export import _fine_tuned_run
 

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
-import itertools
 from collections.abc import Mapping, Sequence
 
 import numpy as np
+
+from neurofm.preprocess.windows import window_slices
+
+__all__ = ["box_around", "random_box", "stack_contrasts", "window_slices"]
 
 
 def random_box(shape: tuple[int, ...], patch: int, rng: np.random.Generator) -> tuple[slice, ...]:
@@ -19,22 +22,6 @@ def box_around(centre: Sequence[int], shape: tuple[int, ...], patch: int) -> tup
         slice(s0 := int(np.clip(c - patch // 2, 0, max(s - patch, 0))), min(s0 + patch, s))
         for c, s in zip(centre, shape, strict=True)
     )
-
-
-def window_slices(shape: tuple[int, ...], patch: int, overlap: float) -> list[tuple[slice, ...]]:
-    """Sliding windows of ``patch^3`` covering ``shape``, ``overlap`` in [0, 1): MONAI's dense grid (starts
-    every ``int(patch * (1 - overlap))`` voxels, the last one moved back to end at the edge; a dimension no
-    larger than the patch gets one window), written out here so that inference needs no PyTorch."""
-    starts = []
-    for size in shape:
-        p = min(patch, size)
-        step = size if p == size else max(1, int(patch * (1 - overlap)))
-        n = next((i for i in range(-(-size // step)) if i * step + p >= size), 0) + 1
-        starts.append([i * step - max(i * step + p - size, 0) for i in range(n)])
-    return [
-        tuple(slice(a, a + min(patch, size)) for a, size in zip(corner, shape, strict=True))
-        for corner in itertools.product(*starts)
-    ]
 
 
 def stack_contrasts(images: Mapping[str, np.ndarray | None], order: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:

@@ -4,13 +4,13 @@ Everything a prediction needs after the network is shared by both engines and li
 the run's preprocessing (``neurofm.preprocess``, itself torch-free), the mirror flips, the
 pooling of cls/reg windows, ensembles, uncertainty and writing the mask on the input's own
 grid (:class:`PredictorBase`). :class:`OnnxPredictor` runs an exported graph
-(``neurofm export --format onnx``) on onnxruntime with the numpy sliding window below, so a
-site with neither PyTorch nor MONAI installed can apply a model::
+(``neurofm export --format onnx``) on onnxruntime with a numpy sliding window
+(``neurofm.preprocess.windows``), so a site with neither PyTorch nor MONAI installed can apply a model::
 
     pip install --no-deps neurofm && pip install -r requirements/runtime.txt
     neurofm predict EXPORT_DIR T1w=head.nii.gz --engine onnx --out preds/
 
-:func:`sliding_window` follows MONAI's ``sliding_window_inference`` (window grid, Gaussian
+The numpy sliding window follows MONAI's ``sliding_window_inference`` (window grid, Gaussian
 importance map with sigma = patch / 8 and its floor, constant padding of inputs smaller than a
 window split evenly before and after) so the two engines agree to float precision; a test holds
 them to it. The PyTorch engine (:mod:`neurofm.infer.predictor`) keeps MONAI's own.
@@ -27,9 +27,10 @@ from typing import Any
 import numpy as np
 import scipy.ndimage as ndi
 
-from neurofm.data.sampling import stack_contrasts, window_slices
+from neurofm.data.sampling import stack_contrasts
 from neurofm.errors import ConfigError, ScanError
 from neurofm.preprocess import transforms
+from neurofm.preprocess.windows import sliding_window, window_slices
 
 #: the 8 mirror flips of a ``(B, C, X, Y, Z)`` batch (axes to flip; ``()`` is the identity)
 FLIPS = [f for r in range(4) for f in itertools.combinations((2, 3, 4), r)]
@@ -60,46 +61,6 @@ def softmax(x: np.ndarray, axis: int) -> np.ndarray:
 
 def entropy(probs: np.ndarray, axis: int = 0) -> np.ndarray:
     return -(probs * np.log(np.clip(probs, 1e-8, 1.0))).sum(axis)
-
-
-def gaussian_importance(patch: tuple[int, ...], sigma_scale: float = 0.125) -> np.ndarray:
-    """MONAI's Gaussian window weight: a product of 1D Gaussians (sigma = ``sigma_scale`` x size), floored at
-    its minimum (at least 1e-3) so that no voxel gets zero weight."""
-    w = np.ones((), np.float32)
-    for size in patch:
-        x = np.arange(-(size - 1) / 2.0, (size - 1) / 2.0 + 1, dtype=np.float32)
-        g = np.exp(x**2 / (-2 * (size * sigma_scale) ** 2)).astype(np.float32)
-        w = w[..., None] * g
-    return np.maximum(w, max(float(w.min()), 1e-3)).astype(np.float32)
-
-
-def sliding_window(
-    x: np.ndarray, patch: int, net: Callable[[np.ndarray], np.ndarray], *, batch: int = 4, overlap: float = 0.5,
-    cval: float = 0.0,
-) -> np.ndarray:  # fmt: skip
-    """Apply ``net`` (``(B, C, *patch) -> (B, K, *patch)``) over ``x`` ``(1, C, X, Y, Z)`` in overlapping
-    windows blended with a Gaussian weight: ``(1, K, X, Y, Z)``. Inputs smaller than a window are padded
-    with ``cval`` (evenly before and after) and the output cropped back."""
-    shape = x.shape[2:]
-    pads = [(max(patch - s, 0) // 2, max(patch - s, 0) - max(patch - s, 0) // 2) for s in shape]
-    if any(sum(p) for p in pads):
-        x = np.pad(x, [(0, 0), (0, 0), *pads], constant_values=cval)
-    wins = window_slices(tuple(x.shape[2:]), patch, overlap)
-    weight = gaussian_importance((patch,) * 3)
-    out: np.ndarray | None = None
-    norm = np.zeros(x.shape[2:], np.float32)
-    for i in range(0, len(wins), batch):
-        group = wins[i : i + batch]
-        pred = net(np.concatenate([x[(slice(None), slice(None), *w)] for w in group]))
-        if out is None:
-            out = np.zeros((1, pred.shape[1], *x.shape[2:]), np.float32)
-        for w, p in zip(group, pred, strict=True):
-            out[(0, slice(None), *w)] += p * weight
-            norm[w] += weight
-    assert out is not None
-    out /= norm
-    crop = tuple(slice(a, a + s) for (a, _), s in zip(pads, shape, strict=True))
-    return out[(slice(None), slice(None), *crop)]
 
 
 def flip(x: np.ndarray, axes: tuple[int, ...]) -> np.ndarray:

@@ -8,7 +8,7 @@ Two extractors, behind one function (:func:`brain_mask`), so that another can re
 * ``neurofm`` — neurofm's own extractor (``pretrained/neurofm-brain-extract``): a segmentation model
   fine-tuned from the shipped pretrained backbone on ``neurofm synth`` heads of all five contrasts
   (skull, scalp and neck included; the generator's brain mask is the label), run from its ONNX
-  export on onnxruntime, so it needs no PyTorch. Used for sessions without a T1-weighted scan.
+  export on onnxruntime in sliding windows, so it needs no PyTorch. Used for sessions without a T1-weighted scan.
 
 ``auto`` takes deepbet when the session has a T1w (or T1c) and neurofm's extractor otherwise (and
 wherever deepbet or PyTorch is not installed).
@@ -179,30 +179,35 @@ def _extractor(folder: Path | None = None) -> tuple[Any, dict[str, Any]]:
 
 
 def neurofm_mask(scan: Scan, contrast: str, folder: str | Path | None = None) -> np.ndarray:
-    """neurofm's extractor on one scan (any contrast): its preprocessing (whole head, no mask), one pass
-    of the fully convolutional network over the padded head, the mask put back on the scan's own grid.
+    """neurofm's extractor on one scan (any contrast): its preprocessing (whole head, no mask), Gaussian-blended
+    sliding windows of the patch it was trained on (one pass over the whole padded head did worse: its
+    instance norms then see other statistics), the mask put back on the scan's own grid.
     ``folder``: another extractor's ONNX export (default: the shipped one)."""
     from neurofm.preprocess import transforms
     from neurofm.preprocess.prepare import PrepareConfig, preprocess_scans
+    from neurofm.preprocess.windows import sliding_window
 
     session, meta = _extractor(Path(folder).resolve() if folder is not None else None)
-    contrasts = list(meta["task_info"]["contrasts"])
+    info = meta["task_info"]
+    contrasts = list(info["contrasts"])
     cfg = PrepareConfig.from_dict({**meta["preprocessing"], "brain_extraction": "none", "bias_correction": "none"})
     name = contrast if contrast in contrasts else contrasts[0]
     prepared = preprocess_scans({name: scan}, cfg=cfg)
     if name not in prepared.images:
         raise ScanError(scan.path, "no usable image for brain extraction")
     image = prepared.images[name]
-    multiple = int(meta.get("size_multiple", 16))
-    padded = transforms.pad_to_multiple(image, multiple, float(image.min()))
-    x = np.zeros((1, len(contrasts), *padded.shape), np.float32)
-    x[0, contrasts.index(name)] = padded
+    x = np.zeros((1, len(contrasts), *image.shape), np.float32)
+    x[0, contrasts.index(name)] = image
     present = np.zeros((1, len(contrasts)), np.float32)
     present[0, contrasts.index(name)] = 1.0
-    logits = session.run(None, {"image": x, "present": present})[0][0]
-    logits = logits[(slice(None), *(slice(0, s) for s in image.shape))]
-    e = np.exp(logits - logits.max(0, keepdims=True))
-    fg = 1.0 - e[0] / e.sum(0)
+
+    def net(t: np.ndarray) -> np.ndarray:
+        logits = session.run(None, {"image": t, "present": np.repeat(present, len(t), axis=0)})[0]
+        e = np.exp(logits - logits.max(1, keepdims=True))
+        return e / e.sum(1, keepdims=True)
+
+    probs = sliding_window(x, int(info.get("infer_patch") or info["patch"]), net, overlap=0.5, cval=float(image.min()))
+    fg = 1.0 - probs[0, 0]
     native = transforms.resample(fg.astype(np.float32), prepared.affine, (scan.shape, scan.affine), order=1)
     return tidy(native > 0.5)
 

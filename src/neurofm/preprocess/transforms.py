@@ -201,10 +201,3 @@ def minmax(x: np.ndarray) -> np.ndarray:
     """Scale to [0, 1] between the 0.5th and 99.5th percentiles (LaMIM scales every channel to [0, 1])."""
     lo, hi = np.percentile(x, [0.5, 99.5])
     return np.clip((x - lo) / max(hi - lo, 1e-6), 0, 1).astype(np.float32)
-
-
-def pad_to_multiple(x: np.ndarray, multiple: int, value: float) -> np.ndarray:
-    """Pad the last three axes of ``x`` at their ends up to a multiple of ``multiple`` (a network's
-    total downsampling); the original sits at the start, so ``out[..., :X, :Y, :Z]`` crops it back."""
-    pads = [(0, 0)] * (x.ndim - 3) + [(0, -s % multiple) for s in x.shape[-3:]]
-    return np.pad(x, pads, constant_values=value) if any(p[1] for p in pads) else x
