@@ -179,8 +179,12 @@ def main() -> None:
         sh("export", run, "--format", "onnx", "--out", export)
     summary = json.loads((run / "summary.json").read_text())
     eval_bids = synth(work, "eval", args.eval_subjects, args.eval_seed, args.workers)
-    res = evaluate(eval_bids, export, deepbet=not args.no_deepbet)
-    res.to_csv(work / "evaluation.csv", index=False)
+    done = work / "evaluation.csv"
+    if done.is_file() and done.stat().st_mtime > (export / "model.onnx").stat().st_mtime:
+        res = pd.read_csv(done)  # measured already, on this export
+    else:
+        res = evaluate(eval_bids, export, deepbet=not args.no_deepbet)
+        res.to_csv(done, index=False)
     print(res.groupby(["contrast", "method"])[["dice", "seconds"]].mean().round(3).to_string())
 
     from neurofm.io.checkpoint import latest_checkpoint
@@ -191,9 +195,20 @@ def main() -> None:
     (dest / "checkpoints" / ck.name).mkdir(parents=True)
     store_cmd = f"scripts/make_brain_extractor.py --subjects {args.subjects} --seed {args.seed}"
 
-    def scrub(cfg: dict) -> dict:  # no paths of this machine in the package
+    def paths_out(v: object) -> object:  # no paths of this machine in the package
+        if isinstance(v, dict):
+            return {k: paths_out(x) for k, x in v.items()}
+        if isinstance(v, list):
+            return [paths_out(x) for x in v]
+        if isinstance(v, str) and v.startswith("/"):
+            for base, name in ((ROOT / "src" / "neurofm", "neurofm"), (work, "WORK")):
+                if v == str(base) or v.startswith(str(base) + "/"):
+                    return name + v[len(str(base)) :]
+        return v
+
+    def scrub(cfg: dict) -> dict:
         extra = {**cfg.get("extra", {}), "store": store_cmd}
-        return {**cfg, "extra": extra, "source": "fomo25-tiny-synth"}
+        return paths_out({**cfg, "extra": extra, "source": "fomo25-tiny-synth"})
 
     for f in CARRY:
         if f == "run.json":
@@ -204,6 +219,15 @@ def main() -> None:
     (dest / "checkpoints" / "last").write_text(ck.name + "\n")
     (dest / "run.json").write_text(json.dumps(scrub(json.loads((run / "run.json").read_text())), indent=2) + "\n")
     shutil.copytree(export, dest / "export-onnx")
+    export_json = dest / "export-onnx" / "neurofm-export.json"
+    export_json.write_text(json.dumps(paths_out(json.loads(export_json.read_text())), indent=2) + "\n")
+    import onnx
+
+    graph = onnx.load(str(dest / "export-onnx" / "model.onnx"))
+    for prop in graph.metadata_props:  # the same description rides in the graph's metadata
+        if prop.key == "neurofm":
+            prop.value = json.dumps(paths_out(json.loads(prop.value)))
+    onnx.save(graph, str(dest / "export-onnx" / "model.onnx"))
     meta = json.loads((ck / "meta.json").read_text())
     seg = summary.get("metrics", summary)
     dice = seg.get("dice", {}).get("value") if isinstance(seg.get("dice"), dict) else seg.get("dice")

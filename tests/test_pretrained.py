@@ -54,6 +54,12 @@ def test_the_brain_extractor_ships_with_its_onnx_export():
     assert meta["task_info"]["task"] == "seg" and meta["task_info"]["target"] == "brainmask"
     assert meta["preprocessing"]["brain_extraction"] == "none"  # it sees whole heads
     assert meta["parity_max_abs_logit"] <= 1e-4
+    import onnx
+
+    graph = onnx.load(str(folder / "export-onnx" / "model.onnx"))
+    described = json.loads({p.key: p.value for p in graph.metadata_props}["neurofm"])
+    assert described["task_info"] == meta["task_info"]
+    assert not any(bad in json.dumps(described) for bad in ("/tmp/", "/work/", "/root/", "/home/"))
     evaluation = json.loads((folder / "evaluation.json").read_text())
     assert {r["contrast"] for r in evaluation if r["method"] == "neurofm"} >= {"T1w", "T2w", "FLAIR"}
 

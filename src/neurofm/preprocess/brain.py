@@ -37,6 +37,10 @@ DEEPBET_CONTRASTS = ("T1w", "T1c")
 #: which scan of a session the neurofm extractor reads, in order of preference
 NEUROFM_ORDER = ("T1w", "T1c", "T2w", "FLAIR", "PDw")
 EXTRACTOR = "neurofm-brain-extract"
+#: neurofm's extractor refuses a mask when its uncertain voxels (probability 0.05-0.95) number more than this
+#: share of the mask's size (synthetic heads of every contrast: 0.11-0.18; a box phantom: 0.51; Gaussian
+#: noise: 0.26, so noise is *not* caught)
+MAX_UNSURE = 0.35
 
 
 @dataclass
@@ -208,6 +212,10 @@ def neurofm_mask(scan: Scan, contrast: str, folder: str | Path | None = None) ->
 
     probs = sliding_window(x, int(info.get("infer_patch") or info["patch"]), net, overlap=0.5, cval=float(image.min()))
     fg = 1.0 - probs[0, 0]
+    unsure = float(((fg > 0.05) & (fg < 0.95)).sum() / max((fg > 0.5).sum(), 1))
+    if unsure > MAX_UNSURE:  # synthetic heads: 0.11-0.18; a box phantom 0.51
+        raise ScanError(scan.path, f"brain extraction (neurofm) is unsure: {unsure:.0%} of the mask's size is "
+                        "uncertain voxels; does the scan show a head?")  # fmt: skip
     native = transforms.resample(fg.astype(np.float32), prepared.affine, (scan.shape, scan.affine), order=1)
     return tidy(native > 0.5)
 
