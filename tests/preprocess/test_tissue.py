@@ -142,9 +142,15 @@ def test_skull_stripped_scans_get_a_derived_brain_mask_and_tissue_volumes(tmp_pa
     for f in [f for f in (bids / "derivatives").rglob("*") if f.is_file() and f.suffix != ".json"]:
         f.unlink()
 
-    prepare(bids, tmp_path / "plain", PrepareConfig(spacing=2.0), workers=1, progress=False)
+    cfg = PrepareConfig(spacing=2.0, brain_extraction="none")
+    prepare(bids, tmp_path / "plain", cfg, workers=1, progress=False)
     rec = Store(tmp_path / "plain").record(Store(tmp_path / "plain").keys[0])
     assert rec["volumes"] is None and "brain" not in rec["label_maps"]
+    # by default the scan is brain-extracted (deepbet takes a stripped T1w as well)
+    prepare(bids, tmp_path / "auto", PrepareConfig(spacing=2.0), workers=1, progress=False)
+    rec = Store(tmp_path / "auto").record(Store(tmp_path / "auto").keys[0])
+    assert rec["label_maps"]["brain"]["source"] == "extracted: deepbet on T1w"
+    assert rec["volumes"][ICV_KEY] == pytest.approx(true_icv, rel=0.15)
 
     prepare(bids, tmp_path / "ss", PrepareConfig(spacing=2.0, skull_stripped=True), workers=1, progress=False)
     store = Store(tmp_path / "ss")
