@@ -79,7 +79,7 @@ class Predictor(PredictorBase):
 
     def _net(self, x: np.ndarray, present: np.ndarray) -> np.ndarray:
         t = torch.from_numpy(np.ascontiguousarray(x, np.float32)).to(self.device)
-        p = torch.from_numpy(np.ascontiguousarray(present, np.float32)).to(self.device)
+        p = torch.from_numpy(np.array(present, np.float32)).to(self.device)  # a copy: broadcast views are read-only
         return self.member(t, p).float().cpu().numpy()
 
     def _segment_probs(self, x: np.ndarray, present: np.ndarray, axes: tuple[int, ...]) -> np.ndarray:
