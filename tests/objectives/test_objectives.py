@@ -188,3 +188,31 @@ def test_reference_swap_takes_the_contrast_code_from_the_other_crop():
     _, _, out = loss(Painter(), batch)
     # anatomy of a (~1) with the contrast code of b's other crop (~20): ~21, not a copy of x_b's own crop (~2 + 2)
     assert torch.allclose(out["swap"], torch.full_like(out["swap"], 21.0), atol=0.5)
+
+
+def test_contrast_adversary_reverses_its_gradient_and_the_classifier_learns():
+    from neurofm.objectives.fomo25 import reverse_gradient
+
+    x = torch.randn(4, requires_grad=True)
+    (reverse_gradient(x) * torch.arange(4.0)).sum().backward()
+    assert torch.equal(x.grad, -torch.arange(4.0))  # identity forward, negated gradient backward
+    cfg = Fomo25Config(w_adversary=1.0, w_contrast_id=1.0, w_swap=0, w_kl=0, w_align=0, w_repel=0)
+    torch.manual_seed(0)
+    model = DualLatentUNet(features=(4, 8, 16), latent=8, **cfg.model_kwargs({}, None, {}))
+    loss_fn = Fomo25Loss(cfg)
+    batch = cfg.example_batch(2, 16, {})
+    batch["x_b"] = batch["x_b"] * 3 + 2  # the two "contrasts" differ, so a classifier can tell them
+    batch["contrast_b"][1] = -1  # a contrast outside CONTRASTS is left out of both terms
+    _, terms, _ = loss_fn(model, batch)
+    assert {"adversary", "contrast_id"} <= set(terms)
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    first = None
+    for _ in range(30):
+        loss, terms, _ = loss_fn(model, batch)
+        first = first if first is not None else float(terms["contrast_id"])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert float(terms["contrast_id"]) < 0.5 * first  # the contrast code learns to name the contrast
+    with pytest.raises(ConfigError, match="contrast_classes"):
+        loss_fn(DualLatentUNet(features=(4, 8, 16), latent=8), batch)

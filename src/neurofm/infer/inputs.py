@@ -8,7 +8,7 @@ from typing import Any
 import pandas as pd
 
 from neurofm.errors import ConfigError, ScanError
-from neurofm.io.manifest import canonical_contrast, discover, parse_bids_name
+from neurofm.io.manifest import canonical_contrast, contrast_from_filename, discover
 from neurofm.utils import atomic_write_text
 
 
@@ -21,8 +21,7 @@ def parse_case(inputs: list[str], model_contrasts: list[str]) -> dict[str, str]:
             name = canonical_contrast(name)
         else:
             path = item
-            ent, suffix = parse_bids_name(Path(item).name)
-            name = "T1c" if suffix == "T1w" and "ce" in ent else canonical_contrast(suffix)
+            name = contrast_from_filename(Path(item).name)
             if name not in model_contrasts and len(model_contrasts) == 1 and len(inputs) == 1:
                 name = model_contrasts[0]
             if name not in model_contrasts:

@@ -30,7 +30,7 @@ import scipy.ndimage as ndi
 from neurofm.data.sampling import stack_contrasts
 from neurofm.errors import ConfigError, ScanError
 from neurofm.preprocess import transforms
-from neurofm.preprocess.windows import sliding_window, window_slices
+from neurofm.preprocess.windows import onnx_session, sliding_window, softmax, window_slices
 
 #: the 8 mirror flips of a ``(B, C, X, Y, Z)`` batch (axes to flip; ``()`` is the identity)
 FLIPS = [f for r in range(4) for f in itertools.combinations((2, 3, 4), r)]
@@ -52,11 +52,6 @@ def largest_component(labels: np.ndarray) -> np.ndarray:
         sizes[0] = 0
         out[comp == int(np.argmax(sizes))] = c
     return out
-
-
-def softmax(x: np.ndarray, axis: int) -> np.ndarray:
-    e = np.exp(x - x.max(axis=axis, keepdims=True))
-    return e / e.sum(axis=axis, keepdims=True)
 
 
 def entropy(probs: np.ndarray, axis: int = 0) -> np.ndarray:
@@ -310,12 +305,3 @@ class OnnxPredictor(PredictorBase):
     def _net(self, x: np.ndarray, present: np.ndarray) -> np.ndarray:
         feed = {"image": np.ascontiguousarray(x, np.float32), "present": np.ascontiguousarray(present, np.float32)}
         return self.member.run(None, feed)[0]
-
-
-def onnx_session(path: str | Path, threads: int | None = None) -> Any:
-    import onnxruntime as ort
-
-    opts = ort.SessionOptions()
-    if threads:
-        opts.intra_op_num_threads = threads
-    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])

@@ -67,6 +67,7 @@ class Series:
     uid: str
     files: list[Path] = field(default_factory=list)
     tags: dict[str, Any] = field(default_factory=dict)
+    positions: set[tuple[float, ...]] = field(default_factory=set)  # distinct slice positions (ImagePositionPatient)
 
     @property
     def description(self) -> str:
@@ -145,8 +146,7 @@ def read_series(folder: Path) -> tuple[list[Series], list[dict[str, str]]]:
         s.files.append(f)
         if not s.tags:
             s.tags = {k: _plain(ds.get(k)) for k in wanted if k != "ImagePositionPatient"}
-        position = tuple(round(float(v), 2) for v in (ds.get("ImagePositionPatient") or ()))
-        s.tags.setdefault("_positions", set()).add(position)
+        s.positions.add(tuple(round(float(v), 2) for v in (ds.get("ImagePositionPatient") or ())))
     return list(series.values()), other
 
 
@@ -181,10 +181,10 @@ def convert_series(series: Series, out_stem: Path) -> Path:
             raise ManifestError(f"dcm2niix could not convert series {series.description!r}: {last[0][:200]}")
         nii = made[0]  # several outputs (echoes, parts): the first, as the table says
         out_stem.parent.mkdir(parents=True, exist_ok=True)
-        shutil.move(str(nii), out_stem.with_name(out_stem.name + ".nii.gz"))
         side = nii.with_name(nii.name.removesuffix(".nii.gz") + ".json")
         if side.is_file():
             shutil.move(str(side), out_stem.with_name(out_stem.name + ".json"))
+        shutil.move(str(nii), out_stem.with_name(out_stem.name + ".nii.gz"))  # last: its presence means done
         return out_stem.with_name(out_stem.name + ".nii.gz")
 
 
@@ -211,7 +211,7 @@ def dicom_to_bids(src: str | Path, out: str | Path, progress: bool = True) -> tu
         ses = _label(next(iter(dates)) if len(dates) == 1 else "", f"{stable_hash(study) % 10**6:06d}")
         taken: dict[str, Series] = {}
         for s in sorted(group, key=lambda s: int(float(s.tags.get("SeriesNumber") or 0))):
-            n = len(s.tags.get("_positions", ())) or len(s.files)
+            n = len(s.positions) or len(s.files)
             contrast, how = identify(s.tags, n)
             row = {"subject": f"sub-{sub}", "session": f"ses-{ses}", "series_number": s.tags.get("SeriesNumber"),
                    "description": s.description, "files": len(s.files)}  # fmt: skip
@@ -226,8 +226,9 @@ def dicom_to_bids(src: str | Path, out: str | Path, progress: bool = True) -> tu
             stem = out / f"sub-{sub}" / f"ses-{ses}" / "anat" / f"sub-{sub}_ses-{ses}_{suffix}"
             todo.append((s, stem, {**row, "contrast": contrast, "identified_by": how}))
     for s, stem, row in track(todo, description="dicom", disable=not progress):
-        try:
-            row["path"] = str(convert_series(s, stem).relative_to(out))
+        done = stem.with_name(stem.name + ".nii.gz")
+        try:  # a re-run (a killed conversion) converts only what is not there yet
+            row["path"] = str((done if done.is_file() else convert_series(s, stem)).relative_to(out))
         except (ManifestError, subprocess.TimeoutExpired, OSError) as e:
             row.update(contrast="", skipped=str(e))
         rows.append(row)

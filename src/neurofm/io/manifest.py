@@ -221,6 +221,13 @@ def parse_bids_name(name: str) -> tuple[dict[str, str], str]:
     return entities, parts[-1]
 
 
+def contrast_from_filename(name: str) -> str:
+    """A scan's contrast from its BIDS-style file name: the suffix in neurofm's spelling, a T1w with a ``ce-``
+    entity being T1c (``sub-01_ce-gd_T1w.nii.gz`` -> ``T1c``, ``x_flair.nii.gz`` -> ``FLAIR``)."""
+    ent, suffix = parse_bids_name(name)
+    return "T1c" if suffix == "T1w" and "ce" in ent else canonical_contrast(suffix)
+
+
 def _read_tsv(path: Path) -> pd.DataFrame:
     sep = "," if path.suffix.lower() == ".csv" else "\t"
     try:

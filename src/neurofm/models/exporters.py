@@ -174,10 +174,9 @@ def _export_graph(run: str | Path, fmt: str, out: Path) -> Path:
 
 
 def _onnx_run(path: Path, image: torch.Tensor, present: torch.Tensor) -> Any:
-    import onnxruntime as ort
+    from neurofm.preprocess.windows import onnx_session
 
-    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    return sess.run(None, {"image": image.numpy(), "present": present.numpy()})[0]
+    return onnx_session(path).run(None, {"image": image.numpy(), "present": present.numpy()})[0]
 
 
 def _onnx_metadata(path: Path, meta: dict[str, Any]) -> None:

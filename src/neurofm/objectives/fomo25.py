@@ -158,6 +158,13 @@ def reverse_gradient(x: torch.Tensor) -> torch.Tensor:
     return _ReverseGradient.apply(x)
 
 
+def _known_ce(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy averaged over the targets that are known (>= 0); 0 when none is (no host sync)."""
+    ce = F.cross_entropy(logits, target.clamp_min(0), reduction="none")
+    known = (target >= 0).to(ce.dtype)
+    return (ce * known).sum() / known.sum().clamp_min(1.0)
+
+
 def _wmean(v: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     return (v * w).sum() / w.sum().clamp_min(1.0)
 
@@ -293,17 +300,14 @@ class Fomo25Loss(nn.Module):
         if getattr(model, "adversary", None) is None:
             raise ConfigError("objective.w_adversary / w_contrast_id need a model built with contrast_classes > 0")
         ids = [batch["contrast_a"], batch["contrast_b"]]
-        target = torch.cat(ids + (ids if use_ref else [])).long().view(-1)
-        if not bool((target >= 0).any()):
-            return mu_s.sum() * 0.0
+        target = torch.cat(ids + (ids if use_ref else [])).long().view(-1)  # -1: a contrast outside CONTRASTS
         total = mu_s.sum() * 0.0
         if cfg.w_adversary > 0:
             logits = model.adversary(reverse_gradient(mu_s))  # (N, classes, *grid)
             per_position = target.view(-1, *([1] * (mu_s.dim() - 2))).expand(-1, *mu_s.shape[2:])
-            terms["adversary"] = F.cross_entropy(logits, per_position, ignore_index=-1)
+            terms["adversary"] = _known_ce(logits, per_position)
             total = total + cfg.w_adversary * terms["adversary"]
         if cfg.w_contrast_id > 0:
-            logits = model.contrast_classifier(mu_c.mean(dim=(2, 3, 4)))
-            terms["contrast_id"] = F.cross_entropy(logits, target, ignore_index=-1)
+            terms["contrast_id"] = _known_ce(model.contrast_classifier(mu_c.mean(dim=(2, 3, 4))), target)
             total = total + cfg.w_contrast_id * terms["contrast_id"]
         return total

@@ -26,7 +26,6 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-import scipy.ndimage as ndi
 
 from neurofm.errors import ConfigError, ScanError
 from neurofm.io.nifti import Scan
@@ -83,14 +82,11 @@ def choose(scans: dict[str, Scan], method: str) -> tuple[str, str]:
     if method == "none":
         raise ConfigError("brain extraction is off (none)")
     t1 = next((c for c in DEEPBET_CONTRASTS if c in scans), None)
-    if method == "auto" and t1 is not None and not deepbet_available():
-        t1 = None  # a site without PyTorch (the ONNX runtime): neurofm's extractor runs on onnxruntime
-    if method == "deepbet" or (method == "auto" and t1 is not None):
-        if t1 is None and method == "deepbet":
-            t1 = next(iter(scans))  # asked for explicitly: the user knows their scan
-        return "deepbet", t1  # type: ignore[return-value]
-    contrast = next((c for c in NEUROFM_ORDER if c in scans), next(iter(scans)))
-    return "neurofm", contrast
+    if method == "deepbet":  # asked for by name: on a T1-weighted scan if there is one, else the user's choice
+        return "deepbet", t1 or next(iter(scans))
+    if method == "auto" and t1 is not None and deepbet_available():  # without PyTorch: neurofm's extractor
+        return "deepbet", t1
+    return "neurofm", next((c for c in NEUROFM_ORDER if c in scans), next(iter(scans)))
 
 
 def brain_mask(scans: dict[str, Scan], method: str = "auto") -> BrainMask:
@@ -110,16 +106,6 @@ def brain_mask(scans: dict[str, Scan], method: str = "auto") -> BrainMask:
     if mask.sum() * float(abs(np.linalg.det(scan.affine[:3, :3]))) < 100_000:  # < 100 ml: not a brain
         raise ScanError(scan.path, f"brain extraction ({how}) found no brain (mask under 100 ml)")
     return BrainMask(mask=mask, scan=scan, contrast=contrast, method=how)
-
-
-def tidy(mask: np.ndarray) -> np.ndarray:
-    """The largest connected component, holes filled."""
-    lab, n = ndi.label(mask)
-    if n > 1:
-        sizes = np.bincount(lab.ravel())
-        sizes[0] = 0
-        mask = lab == int(np.argmax(sizes))
-    return ndi.binary_fill_holes(mask)
 
 
 # ---------------------------------------------------------------- deepbet
@@ -168,8 +154,7 @@ def _extractor(folder: Path | None = None) -> tuple[Any, dict[str, Any]]:
     """An extractor's ONNX session and its export description (default: the shipped one)."""
     import json
 
-    import onnxruntime as ort
-
+    from neurofm.preprocess.windows import onnx_session
     from neurofm.pretrained import shipped_path
 
     if folder is None:
@@ -178,7 +163,7 @@ def _extractor(folder: Path | None = None) -> tuple[Any, dict[str, Any]]:
     if folder is None or not (folder / "neurofm-export.json").is_file():
         raise ConfigError(f"neurofm's brain extractor ({EXTRACTOR}) is not in this installation")
     meta = json.loads((folder / "neurofm-export.json").read_text())
-    session = ort.InferenceSession(str(folder / meta["file"]), providers=["CPUExecutionProvider"])
+    session = onnx_session(folder / meta["file"])
     return session, meta
 
 
@@ -189,7 +174,7 @@ def neurofm_mask(scan: Scan, contrast: str, folder: str | Path | None = None) ->
     ``folder``: another extractor's ONNX export (default: the shipped one)."""
     from neurofm.preprocess import transforms
     from neurofm.preprocess.prepare import PrepareConfig, preprocess_scans
-    from neurofm.preprocess.windows import sliding_window
+    from neurofm.preprocess.windows import sliding_window, softmax
 
     session, meta = _extractor(Path(folder).resolve() if folder is not None else None)
     info = meta["task_info"]
@@ -206,9 +191,7 @@ def neurofm_mask(scan: Scan, contrast: str, folder: str | Path | None = None) ->
     present[0, contrasts.index(name)] = 1.0
 
     def net(t: np.ndarray) -> np.ndarray:
-        logits = session.run(None, {"image": t, "present": np.repeat(present, len(t), axis=0)})[0]
-        e = np.exp(logits - logits.max(1, keepdims=True))
-        return e / e.sum(1, keepdims=True)
+        return softmax(session.run(None, {"image": t, "present": np.repeat(present, len(t), axis=0)})[0], axis=1)
 
     probs = sliding_window(x, int(info.get("infer_patch") or info["patch"]), net, overlap=0.5, cval=float(image.min()))
     fg = 1.0 - probs[0, 0]
@@ -217,16 +200,15 @@ def neurofm_mask(scan: Scan, contrast: str, folder: str | Path | None = None) ->
         raise ScanError(scan.path, f"brain extraction (neurofm) is unsure: {unsure:.0%} of the mask's size is "
                         "uncertain voxels; does the scan show a head?")  # fmt: skip
     native = transforms.resample(fg.astype(np.float32), prepared.affine, (scan.shape, scan.affine), order=1)
-    return tidy(native > 0.5)
+    return transforms.largest_filled(native > 0.5)
 
 
 # ---------------------------------------------------------------- files (the brain-extract verb)
 def contrast_of(path: str | Path, default: str | None = None) -> str:
     """A scan's contrast from its BIDS-style name (``*_T1w``, ``*_ce-gd_T1w`` -> T1c, ``*_FLAIR``, ...)."""
-    from neurofm.io.manifest import canonical_contrast, parse_bids_name
+    from neurofm.io.manifest import contrast_from_filename
 
-    ent, suffix = parse_bids_name(Path(path).name)
-    name = "T1c" if suffix == "T1w" and "ce" in ent else canonical_contrast(suffix)
+    name = contrast_from_filename(Path(path).name)
     return name if name in NEUROFM_ORDER or default is None else default
 
 

@@ -121,12 +121,7 @@ def foreground_mask(data: np.ndarray) -> np.ndarray:
     else:
         smooth = ndi.gaussian_filter(data[::2, ::2, ::2].astype(np.float32), 0.5)
         small = smooth > otsu_threshold(smooth.ravel())
-    labels, n = ndi.label(small)
-    if n > 1:
-        sizes = np.bincount(labels.ravel())
-        sizes[0] = 0
-        small = labels == int(np.argmax(sizes))
-    small = ndi.binary_fill_holes(small)
+    small = largest_filled(small)
     full = small.repeat(2, 0).repeat(2, 1).repeat(2, 2)[: data.shape[0], : data.shape[1], : data.shape[2]]
     if nonzero.mean() < 0.9:
         full &= nonzero
@@ -141,7 +136,11 @@ def nonzero_mask(data: np.ndarray, rel: float = 0.01) -> np.ndarray:
     values = mag[mag > 0]
     if values.size == 0:
         return np.zeros(data.shape, bool)
-    mask = mag > rel * float(np.percentile(values, 99))
+    return largest_filled(mag > rel * float(np.percentile(values, 99)))
+
+
+def largest_filled(mask: np.ndarray) -> np.ndarray:
+    """The largest connected component of a binary mask, its holes filled."""
     labels, n = ndi.label(mask)
     if n > 1:
         sizes = np.bincount(labels.ravel())

@@ -1,4 +1,5 @@
-"""Sliding windows without PyTorch: MONAI's window grid and Gaussian blending, in numpy.
+"""Inference without PyTorch: sliding windows (MONAI's window grid and Gaussian blending, in numpy),
+softmax, and an onnxruntime session.
 
 ``sliding_window`` follows MONAI's ``sliding_window_inference`` (the window grid, a Gaussian
 importance map with sigma = patch / 8 floored at its minimum, constant padding of inputs smaller
@@ -10,6 +11,8 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Callable
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -68,3 +71,18 @@ def sliding_window(
     out /= norm
     crop = tuple(slice(a, a + s) for (a, _), s in zip(pads, shape, strict=True))
     return out[(slice(None), slice(None), *crop)]
+
+
+def softmax(x: np.ndarray, axis: int) -> np.ndarray:
+    e = np.exp(x - x.max(axis=axis, keepdims=True))
+    return e / e.sum(axis=axis, keepdims=True)
+
+
+def onnx_session(path: str | Path, threads: int | None = None) -> Any:
+    """An onnxruntime session on the CPU (``threads``: intra-op threads, default onnxruntime's)."""
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    if threads:
+        opts.intra_op_num_threads = threads
+    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
