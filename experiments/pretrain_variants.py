@@ -12,6 +12,7 @@ For every variant (a set of ``--set`` overrides on ``fomo25-tiny``):
 
     python experiments/pretrain_variants.py --pool POOL_STORE --eval EVAL_STORE --out DIR --steps 3000 \
         [--only NAME ...]
+    python experiments/pretrain_variants.py --eval EVAL_STORE --out DIR --runs RUN ...   # measure runs made elsewhere
 
 Writes ``DIR/<variant>/`` (the run) and ``DIR/results.json`` (one row per variant, updated as they finish).
 """
@@ -82,6 +83,15 @@ VARIANTS = {
         "objective.w_adversary=1.0",
         "objective.w_contrast_id=1.0",
         "objective.contrast_input=clean",
+    ],
+    # ... anatomy latents asked to be equal (per-channel normalised squared difference), not only parallel
+    "global-mse": [*GLOBAL, "objective.align=mse", "objective.w_align=1.0", "objective.swap_contrast=reference"],
+    "global-mse-calamiti": [
+        *GLOBAL,
+        "objective.align=mse",
+        "objective.w_align=1.0",
+        "objective.swap_contrast=reference",
+        "objective.rec_anatomy=random",
     ],
     "mae": [
         "objective.w_swap=0",
@@ -155,7 +165,8 @@ def probes(x: np.ndarray, rows: list[dict]) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--pool", type=Path, required=True)
+    ap.add_argument("--pool", type=Path)
+    ap.add_argument("--runs", type=Path, nargs="*", default=[], help="measure these finished runs (no training)")
     ap.add_argument("--eval", type=Path, required=True)
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--steps", type=int, default=3000)
@@ -173,24 +184,31 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     res_path = args.out / "results.json"
     results = json.loads(res_path.read_text()) if res_path.is_file() else {}
-    for name, sets in VARIANTS.items():
-        if args.only and name not in args.only:
-            continue
-        run = args.out / name
+    if args.runs:
+        todo = {run.name: (run, None) for run in args.runs}
+    else:
+        if args.pool is None:
+            ap.error("--pool is needed to train variants")
+        todo = {n: (args.out / n, s) for n, s in VARIANTS.items() if not args.only or n in args.only}
+    for name, (run, sets) in todo.items():
         t0 = time.time()
-        overrides = [
-            *sets,
-            f"trainer.max_steps={args.steps}",
-            f"trainer.checkpoint_every={max(100, args.steps // 4)}",
-            "data.num_workers=1",
-            *args.extra,
-        ]
-        ck = latest_checkpoint(run)
-        if ck is None:
-            pretrain(args.pool, run, "fomo25-tiny", overrides=overrides, progress=True)
-        elif int(ck.name.split("-")[1]) < args.steps:
-            pretrain(None, run, resume=True, overrides=[f"trainer.max_steps={args.steps}"], progress=True)
-        t_train = time.time() - t0
+        if sets is None:  # made elsewhere: its own run.json says how
+            rj = json.loads((run / "run.json").read_text())
+            overrides = {k: rj[k] for k in ("model", "objective", "data", "optim", "trainer")}
+        else:
+            overrides = [
+                *sets,
+                f"trainer.max_steps={args.steps}",
+                f"trainer.checkpoint_every={max(100, args.steps // 4)}",
+                "data.num_workers=1",
+                *args.extra,
+            ]
+            ck = latest_checkpoint(run)
+            if ck is None:
+                pretrain(args.pool, run, "fomo25-tiny", overrides=overrides, progress=True)
+            elif int(ck.name.split("-")[1]) < args.steps:
+                pretrain(None, run, resume=True, overrides=[f"trainer.max_steps={args.steps}"], progress=True)
+        t_train = time.time() - t0 if sets is not None else None
         store = Store(args.eval)
         lat = latent_analysis(embed_store(run, args.eval))
         model, info = model_from_checkpoint(run)
@@ -198,6 +216,7 @@ def main() -> None:
         x, rows = session_features(run, args.eval)
         row = {
             "overrides": overrides,
+            "steps": int(latest_checkpoint(run).name.split("-")[1]),
             "train_seconds": round(t_train, 1),
             "losses": info["meta"].get("losses"),
             "latent": summary_table(lat),

@@ -164,6 +164,31 @@ def test_a_shared_offset_meets_the_plain_cosine_but_not_centred_or_dense_alignme
     assert same < 0.3 and offset_only > 0.9 * math.log(4)
 
 
+def test_mse_alignment_sees_what_a_cosine_misses_a_per_contrast_offset_or_scale():
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(4, 8, 2, 2, 2, generator=g)
+    a = a - a.mean(0)  # the dataset mean is 0, so the centred cosine sees the latents as they are
+    valid = torch.ones(4)
+    for align in ("centred", "mse"):
+        loss = Fomo25Loss(Fomo25Config(align=align))
+        loss.align_term(a, a, valid)  # running statistics from the anatomy itself
+        scaled = loss.align_term(a, 3 * a, valid)  # contrast b triples the anatomy latent
+        same = loss.align_term(a, a.clone(), valid)
+        if align == "centred":
+            assert scaled < 1e-4  # parallel vectors: the cosine cannot see it
+        else:
+            assert scaled > 1.0 and same < 1e-6
+    mse = Fomo25Loss(Fomo25Config(align="mse")).eval()  # eval: the statistics stay those of the first call
+    mse.align_term(a, a, valid)
+    shifted = mse.align_term(a, a + 1.0, valid)  # a per-contrast offset of 1 in every channel
+    var = torch.cat([a, a]).transpose(0, 1).flatten(1).var(1)  # each channel's spread over crops and positions
+    assert shifted == pytest.approx(float((1.0 / (var + 1e-4)).mean()), rel=1e-3)
+    # scale-free: the same anatomy at a tenth of the size (statistics re-estimated) costs the same
+    small = Fomo25Loss(Fomo25Config(align="mse")).eval()
+    small.align_term(0.1 * a, 0.1 * a, valid)
+    assert small.align_term(0.1 * a, 0.1 * (a + 1.0), valid) == pytest.approx(float(shifted), rel=0.05)
+
+
 def test_reference_swap_takes_the_contrast_code_from_the_other_crop():
     class Painter(nn.Module):
         """forward_features: latents equal to the crop's mean; decode paints zs_mean + zc_mean everywhere."""

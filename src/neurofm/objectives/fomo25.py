@@ -18,7 +18,11 @@ Loss = w_rec (rec_a + rec_b) + w_swap (swap_ab + swap_ba) + w_kl(t) KL
   meets it); ``centred`` — the same after subtracting a running mean of the anatomy latent;
   ``dense_nce`` — InfoNCE between the anatomy vectors of a and b at every bottleneck
   position, against all other positions and samples of the batch (a shared offset cannot
-  meet it, and it asks the latent to say *which* anatomy is where).
+  meet it, and it asks the latent to say *which* anatomy is where); ``mse`` — the squared
+  difference of a's and b's anatomy latents at every position, each channel divided by its
+  running variance over crops and positions: the two must be *equal*, not only parallel, so
+  neither a per-contrast offset nor a per-contrast scale (both invisible to a cosine, both read
+  by a linear probe) can stay, and shrinking the latent does not help.
 * repel: cos(zc_a, zc_b) pushes the contrast latents of two contrasts apart.
 * adversary (``w_adversary``): a small classifier reads the contrast from the anatomy latent at
   every position while a gradient reversal (Ganin & Lempitsky 2015) makes the encoder remove what it
@@ -65,7 +69,7 @@ class Fomo25Config:
     kl_warmup_epochs: float = 10.0
     kl_reduction: str = "sum"  # sum (SPEC) | mean
     w_align: float = 0.5
-    align: str = "cosine"  # cosine (paper) | centred | dense_nce
+    align: str = "cosine"  # cosine (paper) | centred | dense_nce | mse
     align_temperature: float = 0.1
     w_repel: float = 0.5
     w_adversary: float = 0.0
@@ -83,7 +87,7 @@ class Fomo25Config:
         choices = {
             "rec_loss": ("smooth_l1", "masked_mse"),
             "kl_reduction": ("sum", "mean"),
-            "align": ("cosine", "centred", "dense_nce"),
+            "align": ("cosine", "centred", "dense_nce", "mse"),
             "swap_anatomy": ("mean", "other"),
             "swap_contrast": ("same", "reference"),
             "rec_anatomy": ("own", "random"),
@@ -175,8 +179,10 @@ class Fomo25Loss(nn.Module):
     def __init__(self, cfg: Fomo25Config):
         super().__init__()
         self.cfg = cfg
-        # the running mean of the anatomy latent (align=centred); not saved: a resumed run re-estimates it
+        # the running mean (align=centred) and per-channel variance (align=mse) of the anatomy latent;
+        # not saved: a resumed run re-estimates them
         self.register_buffer("anatomy_mean", torch.zeros(0), persistent=False)
+        self.register_buffer("anatomy_var", torch.zeros(0), persistent=False)
 
     def reconstruction(self, pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
         """Per-sample reconstruction loss ``(B,)``; ``mask`` (True = hidden) selects voxels for masked_mse."""
@@ -214,6 +220,14 @@ class Fomo25Loss(nn.Module):
             if not keep.any():
                 return mus_a.sum() * 0.0
             return dense_nce(mus_a[keep], mus_b[keep], cfg.align_temperature).mean()
+        if cfg.align == "mse":
+            var = torch.cat([mus_a, mus_b]).detach().transpose(0, 1).flatten(1).var(1)  # (C,) over crops, positions
+            if self.anatomy_var.numel() != var.numel():
+                self.anatomy_var = var.clone()
+            elif self.training:
+                self.anatomy_var.mul_(0.99).add_(0.01 * var)
+            scale = self.anatomy_var.view(1, -1, *([1] * (mus_a.dim() - 2))) + 1e-4
+            return _wmean(((mus_a - mus_b) ** 2 / scale).flatten(1).mean(1), valid)
         if cfg.align == "centred":
             batch_mean = torch.cat([mus_a, mus_b]).mean(0).detach()
             if self.anatomy_mean.numel() != batch_mean.numel():
