@@ -93,6 +93,21 @@ VARIANTS = {
         "objective.swap_contrast=reference",
         "objective.rec_anatomy=random",
     ],
+    # ... and the crop means of the two anatomy latents asked to be equal on the scale of crop means
+    "global-mse-mean": [
+        *GLOBAL,
+        "objective.align=mse",
+        "objective.w_align=1.0",
+        "objective.w_align_mean=1.0",
+        "objective.swap_contrast=reference",
+    ],
+    "global-mse-mean10": [
+        *GLOBAL,
+        "objective.align=mse",
+        "objective.w_align=1.0",
+        "objective.w_align_mean=10.0",
+        "objective.swap_contrast=reference",
+    ],
     "mae": [
         "objective.w_swap=0",
         "objective.w_kl=0",
@@ -217,7 +232,7 @@ def main() -> None:
         row = {
             "overrides": overrides,
             "steps": int(latest_checkpoint(run).name.split("-")[1]),
-            "train_seconds": round(t_train, 1),
+            "train_seconds": None if t_train is None else round(t_train, 1),
             "losses": info["meta"].get("losses"),
             "latent": summary_table(lat),
             "anatomy_difference": lat.get("anatomy", {}).get("similarity", {}).get("difference"),

@@ -14,7 +14,7 @@ def test_demo_end_to_end_tiny(tmp_path, run_cli):
     code, _, said = run_cli(*args)
     assert code == 0, said
     page = tmp_path / "demo" / "report.html"
-    assert "anatomy latent: cosine same subject" in said and "contrast probe" in said
+    assert "anatomy latent: cosine same subject" in said and "contrast probe" in said and "contrast gap" in said
     assert "swap check:" in said and "minus scratch" in said
     assert said.rstrip().endswith(str(page.resolve()))
     html = page.read_text()

@@ -274,13 +274,17 @@ def _pretrain_pool(out: Path, cfg: DemoConfig, console: Console) -> Path:
     return run
 
 
+GAP = "contrast gap (0 same, 2 unrelated)"
+
+
 def _latent_text(rows: list[dict[str, Any]], swap: dict[str, Any]) -> str:
     def f(x: Any) -> str:
         return "n/a" if x is None else f"{x:.2f}"
 
     lines = [
         f"  {r['latent']} latent: cosine same subject {f(r['cosine within subject'])} vs other subjects "
-        f"{f(r['cosine across subjects'])}; contrast probe {f(r['contrast probe accuracy'])} (chance {f(r['chance'])})"
+        f"{f(r['cosine across subjects'])}; contrast probe {f(r['contrast probe accuracy'])} "
+        f"(chance {f(r['chance'])}); contrast gap {f(r.get(GAP))} (0 same, 2 unrelated)"
         for r in rows
     ]
     if swap:

@@ -4,7 +4,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from neurofm.analyze.latent import contrast_probe, latent_analysis, latent_similarity, summary_table
+from neurofm.analyze.latent import contrast_gap, contrast_probe, latent_analysis, latent_similarity, summary_table
 
 CONTRASTS = ["T1w", "T2w", "FLAIR"]
 
@@ -54,6 +54,31 @@ def test_similarity_of_identical_and_orthogonal_vectors():
     assert sim["within"] == pytest.approx(1.0) and sim["across"] == pytest.approx(-1.0)
 
 
+def test_contrast_gap_known_answers():
+    rng = np.random.default_rng(0)
+    n, dim = 200, 8
+    subj = rng.normal(size=(n, dim))
+    rows = []
+    for k, shift in (("same", 0.0), ("offset", 1.0)):
+        for s in range(n):
+            for c, sign in (("T1w", 0.0), ("FLAIR", 1.0)):
+                rows.append({"subject": f"{k}{s}", "contrast": c, "v": subj[s] + sign * shift, "kind": k})
+    df = pd.DataFrame(rows)
+    assert contrast_gap(df[df.kind == "same"], "v")["gap"] == pytest.approx(0.0, abs=1e-12)
+    offset = contrast_gap(df[df.kind == "offset"], "v")
+    # a unit offset in every feature over features of variance 1 + 1/4: 1 / 1.25 per feature
+    assert offset["gap"] == pytest.approx(1 / 1.25, rel=0.1) and offset["pairs"] == n
+    unrelated = pd.DataFrame(
+        [{"subject": f"s{s}", "contrast": c, "v": rng.normal(size=dim)} for s in range(n) for c in ("T1w", "T2w")]
+    )
+    assert contrast_gap(unrelated, "v")["gap"] == pytest.approx(2.0, rel=0.1)
+    # pairs are taken within a session when the table has sessions: another session's scan is no pair
+    two = df[df.kind == "same"].assign(session=lambda d: np.where(d.contrast == "T1w", "ses-1", "ses-2"))
+    assert contrast_gap(two, "v") == {}
+    res = latent_analysis(_latents())
+    assert res["anatomy"]["contrast_gap"]["gap"] < 0.1 < 1.0 < res["contrast"]["contrast_gap"]["gap"]
+
+
 def test_probes_find_contrast_only_in_the_contrast_latent():
     df = _latents(n_subjects=15)
     from_contrast = contrast_probe(df, "contrast_latent")
@@ -65,6 +90,7 @@ def test_probes_find_contrast_only_in_the_contrast_latent():
     table = summary_table(res)
     assert [r["latent"] for r in table] == ["anatomy", "contrast"]
     assert table[1]["contrast probe accuracy"] == 1.0
+    assert table[0]["contrast gap (0 same, 2 unrelated)"] < 0.1 < 1.0 < table[1]["contrast gap (0 same, 2 unrelated)"]
 
 
 def test_probe_never_sees_a_test_subject_in_training():

@@ -189,6 +189,33 @@ def test_mse_alignment_sees_what_a_cosine_misses_a_per_contrast_offset_or_scale(
     assert small.align_term(0.1 * a, 0.1 * (a + 1.0), valid) == pytest.approx(float(shifted), rel=0.05)
 
 
+def test_mean_alignment_measures_a_contrast_offset_against_the_spread_of_crop_means():
+    g = torch.Generator().manual_seed(1)
+    # anatomy that varies a lot from position to position but little between crop means
+    a = 5 * torch.randn(8, 4, 4, 4, 4, generator=g)
+    a = a - a.mean(dim=(2, 3, 4), keepdim=True) + 0.2 * torch.randn(8, 4, 1, 1, 1, generator=g)
+    valid = torch.ones(8)
+    loss = Fomo25Loss(Fomo25Config(align="mse")).eval()
+    loss.align_term(a, a, valid), loss.align_mean_term(a, a, valid)  # statistics of the anatomy itself
+    offset = a + 0.2  # the same small shift everywhere: contrast b
+    per_position = float(loss.align_term(a, offset, valid))
+    of_means = float(loss.align_mean_term(a, offset, valid))
+    assert per_position < 0.01  # lost in the variation between positions
+    assert of_means > 0.5  # as large as the variation between crop means
+    assert float(loss.align_mean_term(a, a.clone(), valid)) < 1e-6
+    # in the loss: the term appears with its weight and moves the encoder's gradient
+    torch.manual_seed(0)
+    model = DualLatentUNet(features=(4, 8, 16), latent=4)
+    batch = _pair_batch()
+    with_g, with_t = _grads(model, Fomo25Loss(Fomo25Config(w_align_mean=1.0)), batch)
+    without_g, without_t = _grads(model, Fomo25Loss(Fomo25Config()), batch)
+    assert "align_mean" in with_t and "align_mean" not in without_t and with_t["align_mean"] > 0
+    enc = "encoder.stages.0.0.convs.0.conv.weight"
+    assert not torch.allclose(with_g[enc], without_g[enc])
+    with pytest.raises(ConfigError, match=">= 0"):
+        Fomo25Config(w_align_mean=-1)
+
+
 def test_reference_swap_takes_the_contrast_code_from_the_other_crop():
     class Painter(nn.Module):
         """forward_features: latents equal to the crop's mean; decode paints zs_mean + zc_mean everywhere."""

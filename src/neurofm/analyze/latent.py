@@ -5,6 +5,10 @@
 * **Contrast lives in the contrast latent**: a linear probe predicts the contrast from each
   latent; it should succeed from the contrast latent and fail (near chance) from the anatomy
   latent.
+* **How far apart one session's contrasts are** (:func:`contrast_gap`): the squared difference of
+  two contrasts' latents of one session, each feature divided by its variance over all scans —
+  0 when the contrasts give the same latent, 2 when they are as different as unrelated scans. A
+  probe's accuracy saturates; this says how much is left to remove.
 * **The swap check** (:func:`swap_check`): one scan's anatomy decoded with the contrast code
   of another crop must look like that anatomy in the other contrast, not like either input.
 
@@ -65,6 +69,30 @@ def latent_similarity(
     }
 
 
+def contrast_gap(df: pd.DataFrame, column: str = "subject_latent") -> dict[str, Any]:
+    """Mean over pairs of scans of one session (one subject where there is no ``session`` column) in
+    different contrasts of the squared difference of ``column``, each feature divided by its variance
+    over all scans: 0 = the same latent whatever the contrast, 2 = as different as two unrelated scans."""
+    x = np.stack(df[column].to_numpy()).astype(np.float64)
+    if x.shape[1] == 0 or len(x) < 2:
+        return {}
+    var = x.var(axis=0)
+    keep = var > 1e-12 * max(float(var.max()), 1e-30)  # constant features say nothing
+    if not keep.any():
+        return {}
+    z = x[:, keep] / np.sqrt(var[keep])
+    group = df["subject"].astype(str).to_numpy()
+    if "session" in df:
+        group = np.char.add(np.char.add(group, "/"), df["session"].astype(str).to_numpy())
+    con = df["contrast"].to_numpy()
+    i, j = np.triu_indices(len(x), k=1)
+    pair = (group[i] == group[j]) & (con[i] != con[j])
+    if not pair.any():
+        return {}
+    d = ((z[i[pair]] - z[j[pair]]) ** 2).mean(1)
+    return {"gap": float(d.mean()), "pairs": int(pair.sum())}
+
+
 def contrast_probe(df: pd.DataFrame, column: str, folds: int = 5, seed: int = 0) -> dict[str, Any]:
     """Cross-validated accuracy of a linear probe predicting the contrast from ``column``.
 
@@ -101,7 +129,7 @@ def latent_analysis(df: pd.DataFrame, seed: int = 0) -> dict[str, Any]:
         sim = latent_similarity(df, col, seed=seed)
         probe = contrast_probe(df, col, seed=seed)
         if sim or probe:
-            out[name] = {"similarity": sim, "contrast_probe": probe}
+            out[name] = {"similarity": sim, "contrast_probe": probe, "contrast_gap": contrast_gap(df, col)}
     return out
 
 
@@ -112,7 +140,7 @@ def summary_table(result: dict[str, Any]) -> list[dict[str, Any]]:
         r = result.get(name)
         if not r:
             continue
-        sim, probe = r.get("similarity", {}), r.get("contrast_probe", {})
+        sim, probe, gap = r.get("similarity", {}), r.get("contrast_probe", {}), r.get("contrast_gap", {})
         rows.append(
             {
                 "latent": name,
@@ -120,6 +148,7 @@ def summary_table(result: dict[str, Any]) -> list[dict[str, Any]]:
                 "cosine across subjects": sim.get("across"),
                 "contrast probe accuracy": probe.get("accuracy"),
                 "chance": probe.get("chance"),
+                "contrast gap (0 same, 2 unrelated)": gap.get("gap"),
             }
         )
     return rows

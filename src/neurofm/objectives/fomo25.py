@@ -23,6 +23,11 @@ Loss = w_rec (rec_a + rec_b) + w_swap (swap_ab + swap_ba) + w_kl(t) KL
   running variance over crops and positions: the two must be *equal*, not only parallel, so
   neither a per-contrast offset nor a per-contrast scale (both invisible to a cosine, both read
   by a linear probe) can stay, and shrinking the latent does not help.
+* align_mean (``w_align_mean``): the same squared difference for the *crop means* of the two
+  anatomy latents, each channel divided by the running variance of crop means. A contrast offset
+  that is small beside the anatomy's variation from position to position (what the per-position
+  terms and the adversary see) can still be large beside the variation of whole-scan means (what a
+  probe on a scan's pooled latent reads); this term measures it on that scale.
 * repel: cos(zc_a, zc_b) pushes the contrast latents of two contrasts apart.
 * adversary (``w_adversary``): a small classifier reads the contrast from the anatomy latent at
   every position while a gradient reversal (Ganin & Lempitsky 2015) makes the encoder remove what it
@@ -71,6 +76,7 @@ class Fomo25Config:
     w_align: float = 0.5
     align: str = "cosine"  # cosine (paper) | centred | dense_nce | mse
     align_temperature: float = 0.1
+    w_align_mean: float = 0.0
     w_repel: float = 0.5
     w_adversary: float = 0.0
     w_contrast_id: float = 0.0
@@ -96,7 +102,16 @@ class Fomo25Config:
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ConfigError(f"objective.{name} should be {' or '.join(allowed)}, got {getattr(self, name)!r}")
-        for name in ("w_rec", "w_swap", "w_kl", "w_align", "w_repel", "w_adversary", "w_contrast_id"):
+        for name in (
+            "w_rec",
+            "w_swap",
+            "w_kl",
+            "w_align",
+            "w_align_mean",
+            "w_repel",
+            "w_adversary",
+            "w_contrast_id",
+        ):
             if getattr(self, name) < 0:
                 raise ConfigError(f"objective.{name} should be >= 0, got {getattr(self, name)}")
         if not self.align_temperature > 0:
@@ -183,6 +198,7 @@ class Fomo25Loss(nn.Module):
         # not saved: a resumed run re-estimates them
         self.register_buffer("anatomy_mean", torch.zeros(0), persistent=False)
         self.register_buffer("anatomy_var", torch.zeros(0), persistent=False)
+        self.register_buffer("anatomy_mean_var", torch.zeros(0), persistent=False)
 
     def reconstruction(self, pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
         """Per-sample reconstruction loss ``(B,)``; ``mask`` (True = hidden) selects voxels for masked_mse."""
@@ -237,6 +253,20 @@ class Fomo25Loss(nn.Module):
             centre = self.anatomy_mean.view_as(batch_mean)
             return _wmean(1.0 - cosine(mus_a - centre, mus_b - centre), valid)
         return _wmean(1.0 - cosine(mus_a, mus_b), valid)
+
+    def align_mean_term(self, mus_a: torch.Tensor, mus_b: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+        """Squared difference of the crop means of a's and b's anatomy latents, per channel over the running
+        variance of crop means (see module docstring): ``()``."""
+        m_a, m_b = mus_a.flatten(2).mean(2), mus_b.flatten(2).mean(2)  # (B, C)
+        var = torch.cat([m_a, m_b]).detach().var(0) if len(m_a) > 1 else None
+        if var is not None:
+            if self.anatomy_mean_var.numel() != var.numel():
+                self.anatomy_mean_var = var.clone()
+            elif self.training:
+                self.anatomy_mean_var.mul_(0.99).add_(0.01 * var)
+        if self.anatomy_mean_var.numel() != m_a.shape[1]:
+            return mus_a.sum() * 0.0
+        return _wmean(((m_a - m_b) ** 2 / (self.anatomy_mean_var + 1e-4)).mean(1), valid)
 
     def forward(self, model: nn.Module, batch: dict[str, Any], progress: float = 0.0):
         """Args:
@@ -298,6 +328,9 @@ class Fomo25Loss(nn.Module):
         if cfg.w_align > 0:
             terms["align"] = self.align_term(mus_a, mus_b, valid)
             total = total + cfg.w_align * terms["align"]
+        if cfg.w_align_mean > 0:
+            terms["align_mean"] = self.align_mean_term(mus_a, mus_b, valid)
+            total = total + cfg.w_align_mean * terms["align_mean"]
         if cfg.w_repel > 0:
             terms["repel"] = _wmean(cosine(muc_a, muc_b), valid)
             total = total + cfg.w_repel * terms["repel"]
