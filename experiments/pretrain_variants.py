@@ -108,6 +108,14 @@ VARIANTS = {
         "objective.w_align_mean=10.0",
         "objective.swap_contrast=reference",
     ],
+    # ... and each contrast's running mean anatomy vector pulled to the mean over contrasts
+    "global-mse-cmeans": [
+        *GLOBAL,
+        "objective.align=mse",
+        "objective.w_align=1.0",
+        "objective.w_contrast_means=10.0",
+        "objective.swap_contrast=reference",
+    ],
     "mae": [
         "objective.w_swap=0",
         "objective.w_kl=0",

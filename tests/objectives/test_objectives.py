@@ -268,3 +268,36 @@ def test_contrast_adversary_reverses_its_gradient_and_the_classifier_learns():
     assert float(terms["contrast_id"]) < 0.5 * first  # the contrast code learns to name the contrast
     with pytest.raises(ConfigError, match="contrast_classes"):
         loss_fn(DualLatentUNet(features=(4, 8, 16), latent=8), batch)
+
+
+def test_contrast_means_term_pulls_each_contrasts_mean_to_the_common_one():
+    g = torch.Generator().manual_seed(2)
+    anatomy = torch.randn(8, 4, 2, 2, 2, generator=g)
+    ids = torch.tensor([0, 1] * 4)
+    offset = torch.zeros(8, 4, 1, 1, 1)
+    offset[ids == 0] = 0.5  # contrast 0 sits above, contrast 1 below
+    offset[ids == 1] = -0.5
+    loss = Fomo25Loss(Fomo25Config(w_contrast_means=1.0))
+    loss.align_mean_term(anatomy, anatomy, torch.ones(8))  # the scale of crop means
+    for _ in range(3):
+        loss.contrast_means_term(anatomy + offset, ids)  # running means from a few batches
+    shifted = (anatomy + offset).requires_grad_(True)
+    value = loss.contrast_means_term(shifted, ids)
+    value.backward()
+    assert value > 0.1
+    # descending the gradient moves contrast 0's crops down and contrast 1's up: towards one mean
+    step = -shifted.grad.flatten(2).mean(2).mean(1)
+    assert (step[ids == 0] < 0).all() and (step[ids == 1] > 0).all()
+    same = Fomo25Loss(Fomo25Config(w_contrast_means=1.0))
+    same.align_mean_term(anatomy, anatomy, torch.ones(8))
+    for _ in range(3):
+        last = same.contrast_means_term(anatomy.expand(8, -1, -1, -1, -1) * 0 + anatomy[:1], ids)
+    assert last < 1e-8  # every contrast has the same mean: nothing to pull
+    # an unknown contrast (-1) is left out; in the loss the term appears and moves the encoder
+    assert torch.isfinite(loss.contrast_means_term(anatomy, torch.full((8,), -1)))
+    torch.manual_seed(0)
+    model = DualLatentUNet(features=(4, 8, 16), latent=4)
+    batch = _pair_batch()
+    batch["contrast_a"], batch["contrast_b"] = torch.tensor([0, 2]), torch.tensor([1, 3])
+    _, terms = _grads(model, Fomo25Loss(Fomo25Config(w_contrast_means=1.0)), batch)
+    assert "contrast_means" in terms and torch.isfinite(terms["contrast_means"])

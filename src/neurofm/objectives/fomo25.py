@@ -28,6 +28,11 @@ Loss = w_rec (rec_a + rec_b) + w_swap (swap_ab + swap_ba) + w_kl(t) KL
   that is small beside the anatomy's variation from position to position (what the per-position
   terms and the adversary see) can still be large beside the variation of whole-scan means (what a
   probe on a scan's pooled latent reads); this term measures it on that scale.
+* contrast_means (``w_contrast_means``): the mean anatomy vector of each contrast over many crops (a
+  running mean; crops come from random places, so it is the mean of whole-scan vectors of that
+  contrast) is pulled to the mean over contrasts, the current batch carrying the gradient. It asks
+  for what a linear probe on whole-scan vectors needs absent — equal class means — without an
+  adversary. Uses the scans' BIDS suffixes, as the adversary does.
 * repel: cos(zc_a, zc_b) pushes the contrast latents of two contrasts apart.
 * adversary (``w_adversary``): a small classifier reads the contrast from the anatomy latent at
   every position while a gradient reversal (Ganin & Lempitsky 2015) makes the encoder remove what it
@@ -77,6 +82,7 @@ class Fomo25Config:
     align: str = "cosine"  # cosine (paper) | centred | dense_nce | mse
     align_temperature: float = 0.1
     w_align_mean: float = 0.0
+    w_contrast_means: float = 0.0
     w_repel: float = 0.5
     w_adversary: float = 0.0
     w_contrast_id: float = 0.0
@@ -108,6 +114,7 @@ class Fomo25Config:
             "w_kl",
             "w_align",
             "w_align_mean",
+            "w_contrast_means",
             "w_repel",
             "w_adversary",
             "w_contrast_id",
@@ -199,6 +206,9 @@ class Fomo25Loss(nn.Module):
         self.register_buffer("anatomy_mean", torch.zeros(0), persistent=False)
         self.register_buffer("anatomy_var", torch.zeros(0), persistent=False)
         self.register_buffer("anatomy_mean_var", torch.zeros(0), persistent=False)
+        # per contrast: running mean of crop-mean anatomy vectors, and whether it has been seen
+        self.register_buffer("contrast_means", torch.zeros(0), persistent=False)
+        self.register_buffer("contrast_seen", torch.zeros(0, dtype=torch.bool), persistent=False)
 
     def reconstruction(self, pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
         """Per-sample reconstruction loss ``(B,)``; ``mask`` (True = hidden) selects voxels for masked_mse."""
@@ -268,6 +278,36 @@ class Fomo25Loss(nn.Module):
             return mus_a.sum() * 0.0
         return _wmean(((m_a - m_b) ** 2 / (self.anatomy_mean_var + 1e-4)).mean(1), valid)
 
+    def contrast_means_term(self, mus: torch.Tensor, ids: torch.Tensor, momentum: float = 0.02) -> torch.Tensor:
+        """Spread of the per-contrast running means of crop-mean anatomy vectors ``mus`` ``(N, C, *grid)``
+        (contrast ``ids`` ``(N,)``, -1 unknown) around their mean, per channel over the running variance of
+        crop means; the contrasts of this batch carry the gradient (see module docstring): ``()``."""
+        m = mus.flatten(2).mean(2)  # (N, C)
+        k = len(CONTRASTS)
+        if self.contrast_means.shape != (k, m.shape[1]):
+            self.contrast_means = m.new_zeros(k, m.shape[1])
+            self.contrast_seen = torch.zeros(k, dtype=torch.bool, device=m.device)
+        onehot = F.one_hot(ids.clamp_min(0), k).to(m.dtype) * (ids >= 0).to(m.dtype)[:, None]  # (N, K)
+        count = onehot.sum(0)  # (K,)
+        here = count > 0
+        batch_mean = (onehot.T @ m) / count.clamp_min(1.0)[:, None]  # (K, C)
+        with torch.no_grad():
+            if self.training:
+                old = self.contrast_means
+                blend = torch.where(
+                    self.contrast_seen[:, None], (1 - momentum) * old + momentum * batch_mean, batch_mean
+                )
+                self.contrast_means = torch.where(here[:, None], blend, old)
+                self.contrast_seen = self.contrast_seen | here
+        seen = self.contrast_seen
+        if int(seen.sum()) < 2 or self.anatomy_mean_var.numel() != m.shape[1]:
+            return mus.sum() * 0.0
+        # the running means, with the gradient of this batch's means where a contrast is present
+        means = self.contrast_means + torch.where(here[:, None], batch_mean - batch_mean.detach(), 0.0)
+        means = means[seen]
+        spread = (means - means.mean(0, keepdim=True)) ** 2 / (self.anatomy_mean_var + 1e-4)
+        return spread.mean()
+
     def forward(self, model: nn.Module, batch: dict[str, Any], progress: float = 0.0):
         """Args:
             model: a dual-latent model (``forward_features`` + ``decode``).
@@ -331,6 +371,15 @@ class Fomo25Loss(nn.Module):
         if cfg.w_align_mean > 0:
             terms["align_mean"] = self.align_mean_term(mus_a, mus_b, valid)
             total = total + cfg.w_align_mean * terms["align_mean"]
+        if cfg.w_contrast_means > 0:
+            if cfg.w_align_mean <= 0:  # the scale of crop means comes from the mean-alignment statistics
+                self.align_mean_term(mus_a, mus_b, valid)
+            ids_b = torch.where(
+                valid.bool(), batch["contrast_b"].view(-1), torch.full_like(batch["contrast_b"].view(-1), -1)
+            )
+            ids = torch.cat([batch["contrast_a"].view(-1), ids_b]).long()
+            terms["contrast_means"] = self.contrast_means_term(mu_s[: 2 * bsz], ids)
+            total = total + cfg.w_contrast_means * terms["contrast_means"]
         if cfg.w_repel > 0:
             terms["repel"] = _wmean(cosine(muc_a, muc_b), valid)
             total = total + cfg.w_repel * terms["repel"]
