@@ -274,17 +274,16 @@ def _pretrain_pool(out: Path, cfg: DemoConfig, console: Console) -> Path:
     return run
 
 
-GAP = "contrast gap (0 same, 2 unrelated)"
-
-
 def _latent_text(rows: list[dict[str, Any]], swap: dict[str, Any]) -> str:
+    from neurofm.analyze.latent import GAP_COLUMN
+
     def f(x: Any) -> str:
         return "n/a" if x is None else f"{x:.2f}"
 
     lines = [
         f"  {r['latent']} latent: cosine same subject {f(r['cosine within subject'])} vs other subjects "
         f"{f(r['cosine across subjects'])}; contrast probe {f(r['contrast probe accuracy'])} "
-        f"(chance {f(r['chance'])}); contrast gap {f(r.get(GAP))} (0 same, 2 unrelated)"
+        f"(chance {f(r['chance'])}); contrast gap {f(r.get(GAP_COLUMN))} (0 same, 2 unrelated)"
         for r in rows
     ]
     if swap:

@@ -291,7 +291,7 @@ def test_contrast_means_term_pulls_each_contrasts_mean_to_the_common_one():
     same = Fomo25Loss(Fomo25Config(w_contrast_means=1.0))
     same.align_mean_term(anatomy, anatomy, torch.ones(8))
     for _ in range(3):
-        last = same.contrast_means_term(anatomy.expand(8, -1, -1, -1, -1) * 0 + anatomy[:1], ids)
+        last = same.contrast_means_term(anatomy[:1].expand(8, -1, -1, -1, -1), ids)
     assert last < 1e-8  # every contrast has the same mean: nothing to pull
     # an unknown contrast (-1) is left out; in the loss the term appears and moves the encoder
     assert torch.isfinite(loss.contrast_means_term(anatomy, torch.full((8,), -1)))

@@ -81,16 +81,18 @@ def contrast_gap(df: pd.DataFrame, column: str = "subject_latent") -> dict[str, 
     if not keep.any():
         return {}
     z = x[:, keep] / np.sqrt(var[keep])
-    group = df["subject"].astype(str).to_numpy()
-    if "session" in df:
-        group = np.char.add(np.char.add(group, "/"), df["session"].astype(str).to_numpy())
     con = df["contrast"].to_numpy()
-    i, j = np.triu_indices(len(x), k=1)
-    pair = (group[i] == group[j]) & (con[i] != con[j])
-    if not pair.any():
+    by = ["subject", "session"] if "session" in df else ["subject"]
+    gaps = []
+    for rows in df.reset_index(drop=True).groupby(by, sort=False).indices.values():  # a session's scans: a few
+        i, j = np.triu_indices(len(rows), k=1)
+        i, j = rows[i], rows[j]
+        other = con[i] != con[j]
+        gaps.append(((z[i[other]] - z[j[other]]) ** 2).mean(1))
+    d = np.concatenate(gaps) if gaps else np.zeros(0)
+    if len(d) == 0:
         return {}
-    d = ((z[i[pair]] - z[j[pair]]) ** 2).mean(1)
-    return {"gap": float(d.mean()), "pairs": int(pair.sum())}
+    return {"gap": float(d.mean()), "pairs": int(len(d))}
 
 
 def contrast_probe(df: pd.DataFrame, column: str, folds: int = 5, seed: int = 0) -> dict[str, Any]:
@@ -133,6 +135,10 @@ def latent_analysis(df: pd.DataFrame, seed: int = 0) -> dict[str, Any]:
     return out
 
 
+#: the contrast gap's column in :func:`summary_table`
+GAP_COLUMN = "contrast gap (0 same, 2 unrelated)"
+
+
 def summary_table(result: dict[str, Any]) -> list[dict[str, Any]]:
     """Rows for a report: latent, within/across similarity, probe accuracy vs chance."""
     rows = []
@@ -148,7 +154,7 @@ def summary_table(result: dict[str, Any]) -> list[dict[str, Any]]:
                 "cosine across subjects": sim.get("across"),
                 "contrast probe accuracy": probe.get("accuracy"),
                 "chance": probe.get("chance"),
-                "contrast gap (0 same, 2 unrelated)": gap.get("gap"),
+                GAP_COLUMN: gap.get("gap"),
             }
         )
     return rows

@@ -248,19 +248,11 @@ class Fomo25Loss(nn.Module):
             return dense_nce(mus_a[keep], mus_b[keep], cfg.align_temperature).mean()
         if cfg.align == "mse":
             var = torch.cat([mus_a, mus_b]).detach().transpose(0, 1).flatten(1).var(1)  # (C,) over crops, positions
-            if self.anatomy_var.numel() != var.numel():
-                self.anatomy_var = var.clone()
-            elif self.training:
-                self.anatomy_var.mul_(0.99).add_(0.01 * var)
-            scale = self.anatomy_var.view(1, -1, *([1] * (mus_a.dim() - 2))) + 1e-4
+            scale = self._running("anatomy_var", var).view(1, -1, *([1] * (mus_a.dim() - 2))) + 1e-4
             return _wmean(((mus_a - mus_b) ** 2 / scale).flatten(1).mean(1), valid)
         if cfg.align == "centred":
             batch_mean = torch.cat([mus_a, mus_b]).mean(0).detach()
-            if self.anatomy_mean.numel() != batch_mean.numel():
-                self.anatomy_mean = batch_mean.clone()
-            elif self.training:
-                self.anatomy_mean.mul_(0.99).add_(0.01 * batch_mean)
-            centre = self.anatomy_mean.view_as(batch_mean)
+            centre = self._running("anatomy_mean", batch_mean).view_as(batch_mean)
             return _wmean(1.0 - cosine(mus_a - centre, mus_b - centre), valid)
         return _wmean(1.0 - cosine(mus_a, mus_b), valid)
 
@@ -268,15 +260,25 @@ class Fomo25Loss(nn.Module):
         """Squared difference of the crop means of a's and b's anatomy latents, per channel over the running
         variance of crop means (see module docstring): ``()``."""
         m_a, m_b = mus_a.flatten(2).mean(2), mus_b.flatten(2).mean(2)  # (B, C)
-        var = torch.cat([m_a, m_b]).detach().var(0) if len(m_a) > 1 else None
-        if var is not None:
-            if self.anatomy_mean_var.numel() != var.numel():
-                self.anatomy_mean_var = var.clone()
-            elif self.training:
-                self.anatomy_mean_var.mul_(0.99).add_(0.01 * var)
+        self.crop_mean_statistics(torch.cat([m_a, m_b]))
         if self.anatomy_mean_var.numel() != m_a.shape[1]:
             return mus_a.sum() * 0.0
         return _wmean(((m_a - m_b) ** 2 / (self.anatomy_mean_var + 1e-4)).mean(1), valid)
+
+    def crop_mean_statistics(self, m: torch.Tensor) -> None:
+        """Updates the running per-channel variance of crop-mean anatomy vectors ``m`` ``(N, C)``."""
+        if len(m) > 1:
+            self._running("anatomy_mean_var", m.detach().var(0))
+
+    def _running(self, name: str, value: torch.Tensor, momentum: float = 0.01) -> torch.Tensor:
+        """The buffer ``name`` as a running mean of ``value``: set by the first value (or one of another
+        size), then moved by ``momentum`` at each training call; returned."""
+        buf = getattr(self, name)
+        if buf.numel() != value.numel():
+            setattr(self, name, value.clone())
+        elif self.training:
+            buf.mul_(1 - momentum).add_(momentum * value)
+        return getattr(self, name)
 
     def contrast_means_term(self, mus: torch.Tensor, ids: torch.Tensor, momentum: float = 0.02) -> torch.Tensor:
         """Spread of the per-contrast running means of crop-mean anatomy vectors ``mus`` ``(N, C, *grid)``
@@ -299,14 +301,16 @@ class Fomo25Loss(nn.Module):
                 )
                 self.contrast_means = torch.where(here[:, None], blend, old)
                 self.contrast_seen = self.contrast_seen | here
-        seen = self.contrast_seen
-        if int(seen.sum()) < 2 or self.anatomy_mean_var.numel() != m.shape[1]:
+        if self.anatomy_mean_var.numel() != m.shape[1]:
             return mus.sum() * 0.0
-        # the running means, with the gradient of this batch's means where a contrast is present
+        # the running means, with the gradient of this batch's means where a contrast is present; their
+        # spread over the contrasts seen so far (0 while fewer than two were), without a host sync
         means = self.contrast_means + torch.where(here[:, None], batch_mean - batch_mean.detach(), 0.0)
-        means = means[seen]
-        spread = (means - means.mean(0, keepdim=True)) ** 2 / (self.anatomy_mean_var + 1e-4)
-        return spread.mean()
+        seen = self.contrast_seen.to(m.dtype)[:, None]  # (K, 1)
+        n_seen = seen.sum().clamp_min(1.0)
+        centre = (means * seen).sum(0, keepdim=True) / n_seen
+        spread = (means - centre) ** 2 * seen / (self.anatomy_mean_var + 1e-4)
+        return spread.sum() / (n_seen * m.shape[1])
 
     def forward(self, model: nn.Module, batch: dict[str, Any], progress: float = 0.0):
         """Args:
@@ -372,8 +376,8 @@ class Fomo25Loss(nn.Module):
             terms["align_mean"] = self.align_mean_term(mus_a, mus_b, valid)
             total = total + cfg.w_align_mean * terms["align_mean"]
         if cfg.w_contrast_means > 0:
-            if cfg.w_align_mean <= 0:  # the scale of crop means comes from the mean-alignment statistics
-                self.align_mean_term(mus_a, mus_b, valid)
+            if cfg.w_align_mean <= 0:  # align_mean_term keeps the scale of crop means otherwise
+                self.crop_mean_statistics(torch.cat([mus_a, mus_b]).flatten(2).mean(2))
             ids_b = torch.where(
                 valid.bool(), batch["contrast_b"].view(-1), torch.full_like(batch["contrast_b"].view(-1), -1)
             )
