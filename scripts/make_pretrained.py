@@ -61,6 +61,10 @@ def model_card(name: str, args: argparse.Namespace, run_cfg: dict, meta: dict, a
         v = lat.get(part, {}).get(key, {}).get(sub)
         return "n/a" if v is None else f"{v:.3f}"
 
+    def confused(part: str) -> str:
+        m = lat.get(part, {}).get("contrast_probe", {}).get("most_confused") or {}
+        return f"{'/'.join(m['pair'])}, {m['errors']} errors ({m['share']:.0%})" if m.get("pair") else "n/a"
+
     swap = analysis.get("swap", {})
     checks = [
         (
@@ -75,6 +79,11 @@ def model_card(name: str, args: argparse.Namespace, run_cfg: dict, meta: dict, a
         (
             "contrast probe from the contrast latent (chance)",
             f"{latent('contrast', 'contrast_probe', 'accuracy')} ({latent('contrast', 'contrast_probe', 'chance')})",
+        ),
+        ("contrast probe from the contrast latent, most confused pair", confused("contrast")),
+        (
+            "reference: the same probe on each scan's intensity histogram (most confused pair)",
+            f"{latent('intensity', 'contrast_probe', 'accuracy')} ({confused('intensity')})",
         ),
         (
             "swap check: recombination nearest to the anatomy in the other contrast",

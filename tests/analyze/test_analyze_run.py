@@ -29,6 +29,8 @@ def test_analyze_latents_ablation_label_efficiency_and_fomo(tiny_store, pretrain
     lat = res["latent"]
     assert set(lat) >= {"anatomy", "contrast", "scans", "subjects"}
     assert 0 <= lat["anatomy"]["contrast_probe"]["accuracy"] <= 1
+    ref = lat["intensity"]["contrast_probe"]  # the reference probe on the scans' intensity histograms
+    assert 0 <= ref["accuracy"] <= 1 and sum(map(sum, ref["confusion"])) == ref["n"] == lat["scans"]
     assert res["swap"]["sessions"] == 4 and 0 <= res["swap"]["a_nearest"] <= 1
     # every table: the arms, scratch as the reference, and the two floors
     assert [r["init"] for r in res["ablation"]] == ["recipe", "mae", "scratch", "random frozen", "constant"]

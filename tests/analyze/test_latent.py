@@ -4,7 +4,16 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from neurofm.analyze.latent import contrast_gap, contrast_probe, latent_analysis, latent_similarity, summary_table
+from neurofm.analyze.latent import (
+    INTENSITY_ROW,
+    contrast_gap,
+    contrast_probe,
+    intensity_histograms,
+    latent_analysis,
+    latent_similarity,
+    most_confused,
+    summary_table,
+)
 
 CONTRASTS = ["T1w", "T2w", "FLAIR"]
 
@@ -110,3 +119,63 @@ def test_probe_with_one_subject_is_empty_not_an_error():
     # grouped CV needs two subjects; one subject's scans give no held-out split
     rows = [{"subject": "s0", "contrast": c, "x": np.full(4, float(k))} for k, c in enumerate("ABAB")]
     assert contrast_probe(pd.DataFrame(rows), "x") == {}
+
+
+def test_probe_reports_which_contrasts_it_confuses():
+    # T1c shares T1w's contrast vector: the probe can only guess between the two, and says so
+    df = _latents(n_subjects=20)
+    t1 = df[df.contrast == "T1w"].assign(contrast="T1c", subject_latent=lambda d: d.subject_latent)
+    df = pd.concat([df, t1], ignore_index=True)
+    probe = contrast_probe(df, "contrast_latent")
+    conf = np.array(probe["confusion"])
+    assert probe["classes"] == ["FLAIR", "T1c", "T1w", "T2w"]
+    assert conf.sum() == len(df) and (conf.sum(1) == 20).all()  # rows: the true contrast
+    assert conf[0, 0] == 20 and conf[3, 3] == 20  # FLAIR and T2w never mistaken
+    assert probe["most_confused"]["pair"] == ["T1c", "T1w"] and probe["most_confused"]["share"] == 1.0
+    assert probe["most_confused"]["errors"] == conf[1, 2] + conf[2, 1] > 0
+    assert probe["accuracy"] == pytest.approx(1 - probe["most_confused"]["errors"] / len(df))
+    assert most_confused(["a", "b"], np.eye(2, dtype=int) * 5) == {"pair": [], "errors": 0, "share": 0.0}
+    # the errors of a 3-class matrix: a<->c 3 + 1, a<->b 2
+    m = most_confused(["a", "b", "c"], np.array([[5, 2, 3], [0, 5, 0], [1, 0, 5]]))
+    assert m == {"pair": ["a", "c"], "errors": 4, "share": pytest.approx(4 / 6)}
+
+
+class _Store:
+    """What intensity_histograms reads of a store: records and volumes."""
+
+    def __init__(self, vols: dict[str, dict[str, np.ndarray]]):
+        self.vols = vols
+
+    def record(self, key):
+        return {"subject": key.split("_")[0], "session": "ses-1", "images": list(self.vols[key])}
+
+    def read(self, key, name):
+        return self.vols[key][name]
+
+
+def test_intensity_histograms_known_answers_and_the_reference_probe():
+    rng = np.random.default_rng(0)
+    vols = {}
+    for s in range(12):
+        bright = rng.normal(2.0, 1.0, (8, 8, 8))  # two contrasts with one distribution, one with another
+        vols[f"sub-{s}_ses-1"] = {"T1w": bright, "T1c": rng.normal(2.0, 1.0, (8, 8, 8)), "T2w": -bright}
+    ref = intensity_histograms(_Store(vols), list(vols), bins=10, lo=-5.0, hi=5.0)
+    assert len(ref) == 36 and set(ref.contrast) == {"T1w", "T1c", "T2w"}
+    h = np.stack(ref.intensity_histogram)
+    assert np.allclose(h.sum(1), 1.0)  # open outer bins: every voxel counted, however extreme
+    edge = intensity_histograms(_Store({"s_1": {"T1w": np.full((2, 2, 2), 100.0)}}), ["s_1"], bins=10)
+    assert edge.intensity_histogram[0][-1] == 1.0
+    t2 = np.stack(ref[ref.contrast == "T2w"].intensity_histogram)
+    assert t2[:, :5].sum(1).min() > 0.9  # mostly below 0
+    # the probe on these histograms tells T2w from the others and confuses the two alike ones
+    df = _latents(n_subjects=12)
+    df = df.assign(contrast=df.contrast.map({"T1w": "T1w", "T2w": "T1c", "FLAIR": "T2w"}))
+    res = latent_analysis(df, reference=ref)
+    probe = res["intensity"]["contrast_probe"]
+    assert probe["most_confused"]["pair"] == ["T1c", "T1w"] and probe["most_confused"]["share"] == 1.0
+    assert 0.4 < probe["accuracy"] < 0.95
+    table = summary_table(res)
+    assert [r["latent"] for r in table] == ["anatomy", "contrast", INTENSITY_ROW]
+    assert table[2]["most confused contrasts"].startswith("T1c/T1w")
+    # a stack model has one row per session (contrast "stack"): no per-contrast reference then
+    assert "intensity" not in latent_analysis(df.assign(contrast="stack"), reference=ref)

@@ -65,13 +65,15 @@ def latent_figure(result: dict, png: str | Path) -> Path | None:
     ax.legend(fontsize=7)
     ax = axes[1]
     names, acc, chance = [], [], []
-    for latent in ("anatomy", "contrast"):
+    colors = []
+    for latent, color in (("anatomy", "tab:blue"), ("contrast", "tab:orange"), ("intensity", "tab:gray")):
         p = result.get(latent, {}).get("contrast_probe")
         if p:
-            names.append(f"{latent} latent")
+            names.append("intensity histogram\n(reference)" if latent == "intensity" else f"{latent} latent")
             acc.append(p["accuracy"])
             chance.append(p["chance"])
-    ax.bar(names, acc, color=["tab:blue", "tab:orange"][: len(names)])
+            colors.append(color)
+    ax.bar(names, acc, color=colors)
     for k, c in enumerate(chance):
         ax.hlines(c, k - 0.4, k + 0.4, colors="k", linestyles="--", label="chance" if k == 0 else None)
     ax.set(ylim=(0, 1.05), ylabel="accuracy", title="which contrast? linear probe (grouped CV)")

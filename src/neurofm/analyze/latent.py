@@ -115,23 +115,71 @@ def contrast_probe(df: pd.DataFrame, column: str, folds: int = 5, seed: int = 0)
     clf = make_pipeline(StandardScaler(), LogisticRegression(max_iter=2000))
     pred = cross_val_predict(clf, x, y, groups=groups, cv=GroupKFold(n_splits=k))
     values, counts = np.unique(y, return_counts=True)
+    index = {v: i for i, v in enumerate(values)}
+    confusion = np.zeros((len(values), len(values)), int)  # rows: true contrast, columns: predicted
+    np.add.at(confusion, ([index[v] for v in y], [index[v] for v in pred]), 1)
     return {
         "accuracy": float((pred == y).mean()),
         "chance": float(counts.max() / counts.sum()),
         "classes": [str(v) for v in values],
+        "confusion": confusion.tolist(),
+        "most_confused": most_confused([str(v) for v in values], confusion),
         "n": int(len(y)),
         "folds": k,
     }
 
 
-def latent_analysis(df: pd.DataFrame, seed: int = 0) -> dict[str, Any]:
-    """Similarity and probes for both latents (see module docstring)."""
+def most_confused(classes: list[str], confusion: np.ndarray) -> dict[str, Any]:
+    """The pair of classes mistaken for each other most often (both directions) and its share of the errors."""
+    c = np.asarray(confusion)
+    errors = int(c.sum() - np.trace(c))
+    if errors == 0:
+        return {"pair": [], "errors": 0, "share": 0.0}
+    both = c + c.T
+    i, j = max(((i, j) for i in range(len(c)) for j in range(i + 1, len(c))), key=lambda p: both[p])
+    return {"pair": sorted([classes[i], classes[j]]), "errors": int(both[i, j]), "share": float(both[i, j] / errors)}
+
+
+def intensity_histograms(
+    store: Any, keys: list[str], bins: int = 40, lo: float = -4.0, hi: float = 6.0
+) -> pd.DataFrame:
+    """One row per scan (key, subject, session, contrast, ``intensity_histogram``): the fraction of the
+    prepared volume's voxels in each of ``bins`` intensity bins. Probed like a latent, it is the reference
+    for how far a scan's contrast can be read from its intensities alone: contrasts that differ only in a
+    few voxels (e.g. a T1c without enhancing tissue and its T1w) are not told apart by it either."""
+    edges = np.linspace(lo, hi, bins + 1)
+    edges[0], edges[-1] = -np.inf, np.inf
+    rows = []
+    for key in keys:
+        rec = store.record(key)
+        for name in rec["images"]:
+            v = np.asarray(store.read(key, name), np.float32)
+            h = np.histogram(v, bins=edges)[0] / max(v.size, 1)
+            rows.append(
+                {
+                    "key": key,
+                    "subject": rec["subject"],
+                    "session": rec["session"],
+                    "contrast": name,
+                    "intensity_histogram": h.astype(np.float32),
+                }
+            )
+    return pd.DataFrame(rows)
+
+
+def latent_analysis(df: pd.DataFrame, seed: int = 0, reference: pd.DataFrame | None = None) -> dict[str, Any]:
+    """Similarity and probes for both latents (see module docstring); with ``reference`` (from
+    :func:`intensity_histograms`) the same probe on the scans' intensity histograms."""
     out: dict[str, Any] = {"scans": int(len(df)), "subjects": int(df["subject"].nunique())}
     for name, col in (("anatomy", "subject_latent"), ("contrast", "contrast_latent")):
         sim = latent_similarity(df, col, seed=seed)
         probe = contrast_probe(df, col, seed=seed)
         if sim or probe:
             out[name] = {"similarity": sim, "contrast_probe": probe, "contrast_gap": contrast_gap(df, col)}
+    if reference is not None and len(reference) and df["contrast"].nunique() > 1:  # not for a stack model
+        probe = contrast_probe(reference, "intensity_histogram", seed=seed)
+        if probe:
+            out["intensity"] = {"contrast_probe": probe}
     return out
 
 
@@ -142,22 +190,34 @@ GAP_COLUMN = "contrast gap (0 same, 2 unrelated)"
 def summary_table(result: dict[str, Any]) -> list[dict[str, Any]]:
     """Rows for a report: latent, within/across similarity, probe accuracy vs chance."""
     rows = []
-    for name in ("anatomy", "contrast"):
+    for name in ("anatomy", "contrast", "intensity"):
         r = result.get(name)
         if not r:
             continue
         sim, probe, gap = r.get("similarity", {}), r.get("contrast_probe", {}), r.get("contrast_gap", {})
         rows.append(
             {
-                "latent": name,
+                "latent": INTENSITY_ROW if name == "intensity" else name,
                 "cosine within subject": sim.get("within"),
                 "cosine across subjects": sim.get("across"),
                 "contrast probe accuracy": probe.get("accuracy"),
                 "chance": probe.get("chance"),
+                CONFUSED_COLUMN: _confused_text(probe.get("most_confused")),
                 GAP_COLUMN: gap.get("gap"),
             }
         )
     return rows
+
+
+#: the reference row of :func:`summary_table` and its column naming the probe's most confused pair
+INTENSITY_ROW = "(reference) intensity histogram"
+CONFUSED_COLUMN = "most confused contrasts"
+
+
+def _confused_text(m: dict[str, Any] | None) -> str | None:
+    if not m or not m.get("pair"):
+        return None
+    return f"{'/'.join(m['pair'])}: {m['errors']} ({m['share']:.0%} of errors)"
 
 
 @torch.no_grad()

@@ -20,7 +20,7 @@ from rich.console import Console
 
 from neurofm.analyze import experiments, figures
 from neurofm.analyze.embed import embed_store
-from neurofm.analyze.latent import latent_analysis, summary_table, swap_check
+from neurofm.analyze.latent import intensity_histograms, latent_analysis, summary_table, swap_check
 from neurofm.evaluate.report import Section, write_report
 from neurofm.models.registry import model_from_checkpoint
 from neurofm.store import Store
@@ -122,7 +122,7 @@ def analyze(
     console.rule("latent analysis")
     keys = spread_sessions(store, cfg.max_sessions)
     df = embed_store(run, data, keys=keys, progress=progress)
-    lat = latent_analysis(df)
+    lat = latent_analysis(df, reference=intensity_histograms(store, keys))
     result["latent"] = drop_values(lat)
     png = figures.latent_figure(lat, out / "latent.png")
     sections.append(
@@ -132,7 +132,8 @@ def analyze(
                 f"{lat.get('scans', 0)} scans of {lat.get('subjects', 0)} subjects. Cosine similarity of centred "
                 "anatomy latents between scans of the same subject in other contrasts vs between subjects, and a "
                 "linear probe (logistic regression, cross-validated by subject) predicting the contrast from each "
-                "latent."
+                "latent, with its most confused pair of contrasts. The same probe on each scan's intensity "
+                "histogram is the reference: contrasts it cannot tell apart differ in few voxels."
             ),
             images=[png.name] if png else [],
             tables=[summary_table(lat)],
