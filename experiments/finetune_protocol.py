@@ -7,9 +7,13 @@ on the same few-shot draws for several seeds (``neurofm.analyze.experiments.pair
   without a head warm-up (encoder held still for the first quarter of the steps), at encoder
   learning rates 0.1, 0.3 and 1 x the head's; scratch;
 * classification and regression: linear probe, frozen encoder + MLP head, full (warm-up, 0.3 x);
-  scratch; the two floors.
+  scratch; the two floors;
+* ``--seg-lrs 0.003 0.01``: segmentation's learning rate instead — at each rate, full fine-tuning with
+  the default protocol against scratch at the same rate, paired per rate (few-shot runs at a rate too
+  low for the budget can stay on the empty-prediction plateau).
 
     python experiments/finetune_protocol.py --run RUN --data STORE --out DIR [--seeds 3] [--steps 200]
+    python experiments/finetune_protocol.py --run RUN --data STORE --out DIR --tasks seg --seeds 5 --seg-lrs 0.003 0.01
 
 Writes ``DIR/results.json``: one row per task and arm (value, interval, paired difference from scratch).
 """
@@ -59,6 +63,7 @@ def main() -> None:
     ap.add_argument("--cls-shots", type=int, default=16)
     ap.add_argument("--reg-shots", type=int, default=24)
     ap.add_argument("--tasks", nargs="*", default=["seg", "cls", "reg"])
+    ap.add_argument("--seg-lrs", type=float, nargs="*", default=[], help="sweep segmentation's learning rate")
     args = ap.parse_args()
     base = FinetuneConfig(
         task="seg",
@@ -81,14 +86,22 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     res_path = args.out / "results.json"
     results = json.loads(res_path.read_text()) if res_path.is_file() else {}
+    studies = []
     for task in args.tasks:
         target, shots, arms = tasks[task]
-        cfg = replace(base, task=task, target=target, shots=shots)
-        rows = paired_study(args.data, args.out, cfg, arms, args.seeds, f"{task}-{target}")
-        results[task] = rows
+        if task == "seg" and args.seg_lrs:
+            for lr in args.seg_lrs:
+                arms = [Arm("full", args.run, "full"), Arm("scratch", "scratch")]
+                studies.append((f"seg-lr{lr:g}", replace(base, target=target, shots=shots, lr=lr), arms))
+        else:
+            studies.append((task, replace(base, task=task, target=target, shots=shots), arms))
+    for key, cfg, arms in studies:
+        label = f"{cfg.task}-{cfg.target}" + (f"-lr{cfg.lr:g}" if key.startswith("seg-lr") else "")
+        rows = paired_study(args.data, args.out, cfg, arms, args.seeds, label)
+        results[key] = rows
         res_path.write_text(json.dumps(to_jsonable(results), indent=2))
         for r in rows:
-            line = f"{task} {r['init']:22s} {r['metric']} {r['value']:.3f}"
+            line = f"{key} {r['init']:22s} {r['metric']} {r['value']:.3f}"
             if r.get("difference") is not None:
                 lo, hi = r["difference_low"], r["difference_high"]
                 line += f"  minus scratch {r['difference']:+.3f} [{lo:+.3f}, {hi:+.3f}]"

@@ -41,7 +41,9 @@ class DemoConfig:
     # fine-tuning steps per model and task (or one number for all); 100 for the frozen-encoder heads of
     # cls/reg keeps the demo within 15 minutes on 2 cores
     finetune_steps: int | dict[str, int] = field(default_factory=lambda: {"seg": 200, "cls": 100, "reg": 100})
-    finetune_lr: float = 3e-3
+    # learning rate per task (or one number for all): at 3e-3, 200 segmentation steps left one few-shot run
+    # in five on the empty-prediction plateau in either arm; 1e-2 did not (docs/finetuning.md)
+    finetune_lr: float | dict[str, float] = field(default_factory=lambda: {"seg": 1e-2, "cls": 3e-3, "reg": 3e-3})
     shots: dict[str, int] = field(default_factory=lambda: {"seg": 4, "cls": 16, "reg": 24})  # labelled subjects
     # the pretrained protocol per task, fixed before the demo's data is seen (docs/finetuning.md)
     modes: dict[str, list[str]] = field(default_factory=lambda: {"seg": ["full"], "cls": ["frozen"], "reg": ["frozen"]})
@@ -76,7 +78,7 @@ def run_demo(out: str | Path = "neurofm-demo", cfg: DemoConfig | None = None) ->
     """Run every stage (see module docstring); returns the path of the HTML report."""
     from neurofm.analyze import experiments, figures
     from neurofm.analyze.embed import embed_store
-    from neurofm.analyze.latent import latent_analysis, summary_table, swap_check
+    from neurofm.analyze.latent import intensity_histograms, latent_analysis, summary_table, swap_check
     from neurofm.analyze.run import drop_values, score_table, spread_sessions
     from neurofm.evaluate.report import Section, write_report
     from neurofm.inspect import describe_run, describe_store
@@ -134,7 +136,7 @@ def run_demo(out: str | Path = "neurofm-demo", cfg: DemoConfig | None = None) ->
         arch=str(run),  # scratch and the random floor: the pretrained model's architecture
         contrasts=cfg.contrasts,
         steps=_steps(cfg, "seg"),
-        lr=cfg.finetune_lr,
+        lr=_lr(cfg, "seg"),
         head_warmup=cfg.head_warmup,
         patch=cfg.patch,
         fg_p=0.5,
@@ -146,7 +148,9 @@ def run_demo(out: str | Path = "neurofm-demo", cfg: DemoConfig | None = None) ->
     rows = []
     for task, target in cfg.tasks:
         arms = experiments.standard_arms(str(run), task, cfg.modes.get(task, ["full"]), cfg.floors)
-        task_cfg = replace(base, task=task, target=target, shots=cfg.shots.get(task, 8), steps=_steps(cfg, task))
+        task_cfg = replace(
+            base, task=task, target=target, shots=cfg.shots.get(task, 8), steps=_steps(cfg, task), lr=_lr(cfg, task)
+        )
         rows += experiments.paired_study(
             store, out / "finetune", task_cfg, arms, cfg.seeds, f"{task}-{target}", progress=True
         )
@@ -158,7 +162,9 @@ def run_demo(out: str | Path = "neurofm-demo", cfg: DemoConfig | None = None) ->
 
     t = stage("5/6 analyze", "anatomy-latent similarity across contrasts, contrast probes, swap check")
     keys = spread_sessions(Store(store), cfg.latent_sessions)
-    lat = latent_analysis(embed_store(run, store, keys=keys, progress=True))
+    lat = latent_analysis(
+        embed_store(run, store, keys=keys, progress=True), reference=intensity_histograms(Store(store), keys)
+    )
     figures.latent_figure(lat, fig_dir / "latent.png")
     model, info = model_from_checkpoint(run)
     swap = swap_check(model.eval(), Store(store), keys, int(info["run"].get("data", {}).get("patch", cfg.patch)))
@@ -200,7 +206,8 @@ def run_demo(out: str | Path = "neurofm-demo", cfg: DemoConfig | None = None) ->
         Section(
             "Fine-tuning: does pretraining help with few labels?",
             text=f"{cfg.shots} labelled subjects per task, inputs {', '.join(cfg.contrasts)}, "
-            f"{ {t: _steps(cfg, t) for t, _ in cfg.tasks} } steps for every trained arm; every other subject is a "
+            f"{ {t: _steps(cfg, t) for t, _ in cfg.tasks} } steps at learning rates "
+            f"{ {t: _lr(cfg, t) for t, _ in cfg.tasks} } for every trained arm; every other subject is a "
             f"test case (all sessions). {cfg.seeds} seeds, "
             "each a few-shot draw and an initialisation shared by all arms; values are means over seeds, differences "
             "are paired (same cases, same seed) against scratch; 95 % intervals from a bootstrap over seeds and cases. "
@@ -225,6 +232,10 @@ def run_demo(out: str | Path = "neurofm-demo", cfg: DemoConfig | None = None) ->
 
 def _steps(cfg: DemoConfig, task: str) -> int:
     return cfg.finetune_steps if isinstance(cfg.finetune_steps, int) else cfg.finetune_steps.get(task, 200)
+
+
+def _lr(cfg: DemoConfig, task: str) -> float:
+    return float(cfg.finetune_lr) if isinstance(cfg.finetune_lr, (int, float)) else cfg.finetune_lr.get(task, 3e-3)
 
 
 def _synth(bids: Path, subjects: int, sessions: int, seed: int, workers: int, first_subject: int = 1) -> Path:
@@ -275,16 +286,25 @@ def _pretrain_pool(out: Path, cfg: DemoConfig, console: Console) -> Path:
 
 
 def _latent_text(rows: list[dict[str, Any]], swap: dict[str, Any]) -> str:
-    from neurofm.analyze.latent import GAP_COLUMN
+    from neurofm.analyze.latent import CONFUSED_COLUMN, GAP_COLUMN, INTENSITY_ROW
 
     def f(x: Any) -> str:
         return "n/a" if x is None else f"{x:.2f}"
 
+    def confused(r: dict[str, Any]) -> str:
+        return f", most confused {r[CONFUSED_COLUMN]}" if r.get(CONFUSED_COLUMN) else ""
+
     lines = [
         f"  {r['latent']} latent: cosine same subject {f(r['cosine within subject'])} vs other subjects "
         f"{f(r['cosine across subjects'])}; contrast probe {f(r['contrast probe accuracy'])} "
-        f"(chance {f(r['chance'])}); contrast gap {f(r.get(GAP_COLUMN))} (0 same, 2 unrelated)"
+        f"(chance {f(r['chance'])}{confused(r)}); contrast gap {f(r.get(GAP_COLUMN))} (0 same, 2 unrelated)"
         for r in rows
+        if r["latent"] != INTENSITY_ROW
+    ]
+    lines += [
+        f"  reference: the same probe on each scan's intensity histogram {f(r['contrast probe accuracy'])}{confused(r)}"
+        for r in rows
+        if r["latent"] == INTENSITY_ROW
     ]
     if swap:
         lines.append(
