@@ -13,22 +13,32 @@ demo's own few-shot splits (``make_splits``, the same seeds as ``neurofm demo``)
 * ``volumes``: the generator's ground-truth lateral-ventricle volume and extraventricular CSF, each
   over the intracranial volume — what a perfect segmenter of those structures would measure;
 
+and, with ``--run RUN`` (a pretrained run or a shipped model's name), from
+
+* ``RUN features``: the backbone's multi-scale pooled features of each whole scan (every encoder map
+  averaged over space, T1w and FLAIR concatenated) — what a linear probe on the frozen encoder reads,
+  without crops or training;
+* ``random features``: the same from the same architecture with fresh weights;
+
 against the constant predictor (the training mean), as MAE in years over the held-out sessions.
 
-    python experiments/age_signal.py --store STORE --bids BIDS [--seeds 5] [--shots 24] --out results.json
+    python experiments/age_signal.py --store STORE --bids BIDS [--run RUN] [--seeds 5] [--shots 24] --out results.json
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import torch
 from sklearn.linear_model import RidgeCV
 
 from neurofm.data.finetune import build_cases, make_splits
+from neurofm.models.registry import model_from_checkpoint
 from neurofm.store import Store
 
 
@@ -53,6 +63,31 @@ def label_map_features(store: Store, key: str, labels: int) -> np.ndarray:
     return np.bincount(dseg.ravel(), minlength=labels)[:labels] / max(brain.sum(), 1)
 
 
+@torch.no_grad()
+def network_features(model: torch.nn.Module, store: Store, key: str, contrasts: list[str]) -> np.ndarray:
+    out = []
+    for c in contrasts:
+        if c not in store.record(key)["images"]:
+            out.append(None)
+            continue
+        v = np.asarray(store.read(key, c), np.float32)
+        shape = [-(-n // 16) * 16 for n in v.shape]  # every stride divides the padded whole scan
+        pad = [((m - n) // 2, m - n - (m - n) // 2) for n, m in zip(v.shape, shape, strict=True)]
+        x = torch.from_numpy(np.pad(v, pad, constant_values=float(v.min())))[None, None]
+        out.append(model.forward_features(x).pooled[0].numpy())
+    dim = next(len(o) for o in out if o is not None)
+    return np.concatenate([np.zeros(dim) if o is None else o for o in out])
+
+
+def fresh_copy(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    fresh = copy.deepcopy(model)
+    for m in fresh.modules():
+        if hasattr(m, "reset_parameters"):
+            m.reset_parameters()
+    return fresh.eval()
+
+
 def volume_features(bids: Path) -> pd.DataFrame:
     v = pd.read_csv(bids / "derivatives" / "neurofm-synth" / "volumes.csv")
     tiv = v["total intracranial"]
@@ -73,6 +108,7 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, default=5)
     ap.add_argument("--shots", type=int, default=24)
     ap.add_argument("--contrasts", default="T1w,FLAIR")
+    ap.add_argument("--run", help="also read age from this model's frozen whole-scan features (and a random copy)")
     ap.add_argument("--out", type=Path)
     args = ap.parse_args()
     store = Store(args.store)
@@ -85,6 +121,10 @@ def main() -> None:
         "label map": {c.key: label_map_features(store, c.key, labels) for c in cs.cases},
         "volumes": {c.key: vols.loc[c.key].to_numpy(float) for c in cs.cases},
     }
+    if args.run:
+        model = model_from_checkpoint(args.run)[0].eval()
+        for name, m in ((f"{Path(args.run).name} features", model), ("random features", fresh_copy(model))):
+            feats[name] = {c.key: network_features(m, store, c.key, contrasts) for c in cs.cases}
     results: dict[str, list[dict[str, float]]] = {name: [] for name in [*feats, "constant"]}
     for seed in range(args.seeds):
         (train, test), *_ = make_splits(cs, seed=seed, shots=args.shots)
@@ -109,9 +149,11 @@ def main() -> None:
     }
     for name, s in summary.items():
         r = f"  r {s['r_mean']:.2f}" if "r_mean" in s else ""
-        print(f"{name:10s} MAE {s['mae_mean']:.2f} years{r}   per seed {s['per_seed_mae']}")
+        print(f"{name:28s} MAE {s['mae_mean']:.2f} years{r}   per seed {s['per_seed_mae']}")
     if args.out:
-        args.out.write_text(json.dumps({"shots": args.shots, "seeds": args.seeds, "results": summary}, indent=2) + "\n")
+        args.out.write_text(
+            json.dumps({"run": args.run, "shots": args.shots, "seeds": args.seeds, "results": summary}, indent=2) + "\n"
+        )
 
 
 if __name__ == "__main__":
