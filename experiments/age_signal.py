@@ -37,6 +37,7 @@ import pandas as pd
 import torch
 from sklearn.linear_model import RidgeCV
 
+from neurofm.analyze.latent import intensity_histogram
 from neurofm.data.finetune import build_cases, make_splits
 from neurofm.models.registry import model_from_checkpoint
 from neurofm.store import Store
@@ -44,8 +45,6 @@ from neurofm.store import Store
 
 def histogram_features(store: Store, key: str, contrasts: list[str]) -> np.ndarray:
     brain = np.asarray(store.read(key, "brain")) > 0
-    edges = np.linspace(-4, 6, 41)
-    edges[0], edges[-1] = -np.inf, np.inf
     out = []
     have = store.record(key)["images"]
     for c in contrasts:
@@ -53,7 +52,7 @@ def histogram_features(store: Store, key: str, contrasts: list[str]) -> np.ndarr
             out += [np.zeros(40), np.zeros(40)]
             continue
         v = np.asarray(store.read(key, c), np.float32)
-        out += [np.histogram(v, edges)[0] / v.size, np.histogram(v[brain], edges)[0] / max(brain.sum(), 1)]
+        out += [intensity_histogram(v), intensity_histogram(v[brain])]
     return np.concatenate(out)
 
 

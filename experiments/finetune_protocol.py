@@ -92,11 +92,11 @@ def main() -> None:
         if task == "seg" and args.seg_lrs:
             for lr in args.seg_lrs:
                 arms = [Arm("full", args.run, "full"), Arm("scratch", "scratch")]
-                studies.append((f"seg-lr{lr:g}", replace(base, target=target, shots=shots, lr=lr), arms))
+                cfg = replace(base, target=target, shots=shots, lr=lr)
+                studies.append((f"seg-lr{lr:g}", f"seg-{target}-lr{lr:g}", cfg, arms))
         else:
-            studies.append((task, replace(base, task=task, target=target, shots=shots), arms))
-    for key, cfg, arms in studies:
-        label = f"{cfg.task}-{cfg.target}" + (f"-lr{cfg.lr:g}" if key.startswith("seg-lr") else "")
+            studies.append((task, f"{task}-{target}", replace(base, task=task, target=target, shots=shots), arms))
+    for key, label, cfg, arms in studies:
         rows = paired_study(args.data, args.out, cfg, arms, args.seeds, label)
         results[key] = rows
         res_path.write_text(json.dumps(to_jsonable(results), indent=2))

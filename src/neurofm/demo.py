@@ -230,12 +230,17 @@ def run_demo(out: str | Path = "neurofm-demo", cfg: DemoConfig | None = None) ->
     return page
 
 
+def _per_task(value: Any, task: str, default: Any) -> Any:
+    """A setting given for all tasks (one number) or per task (a dict)."""
+    return value.get(task, default) if isinstance(value, dict) else value
+
+
 def _steps(cfg: DemoConfig, task: str) -> int:
-    return cfg.finetune_steps if isinstance(cfg.finetune_steps, int) else cfg.finetune_steps.get(task, 200)
+    return int(_per_task(cfg.finetune_steps, task, 200))
 
 
 def _lr(cfg: DemoConfig, task: str) -> float:
-    return float(cfg.finetune_lr) if isinstance(cfg.finetune_lr, (int, float)) else cfg.finetune_lr.get(task, 3e-3)
+    return float(_per_task(cfg.finetune_lr, task, 3e-3))
 
 
 def _synth(bids: Path, subjects: int, sessions: int, seed: int, workers: int, first_subject: int = 1) -> Path:

@@ -124,7 +124,7 @@ def test_probe_with_one_subject_is_empty_not_an_error():
 def test_probe_reports_which_contrasts_it_confuses():
     # T1c shares T1w's contrast vector: the probe can only guess between the two, and says so
     df = _latents(n_subjects=20)
-    t1 = df[df.contrast == "T1w"].assign(contrast="T1c", subject_latent=lambda d: d.subject_latent)
+    t1 = df[df.contrast == "T1w"].assign(contrast="T1c")
     df = pd.concat([df, t1], ignore_index=True)
     probe = contrast_probe(df, "contrast_latent")
     conf = np.array(probe["confusion"])

@@ -140,6 +140,14 @@ def most_confused(classes: list[str], confusion: np.ndarray) -> dict[str, Any]:
     return {"pair": sorted([classes[i], classes[j]]), "errors": int(both[i, j]), "share": float(both[i, j] / errors)}
 
 
+def intensity_histogram(values: np.ndarray, bins: int = 40, lo: float = -4.0, hi: float = 6.0) -> np.ndarray:
+    """The fraction of ``values`` in each of ``bins`` equal bins over [lo, hi], the outer two open (every value
+    counted, however extreme)."""
+    edges = np.linspace(lo, hi, bins + 1)
+    edges[0], edges[-1] = -np.inf, np.inf
+    return (np.histogram(values, bins=edges)[0] / max(np.size(values), 1)).astype(np.float32)
+
+
 def intensity_histograms(
     store: Any, keys: list[str], bins: int = 40, lo: float = -4.0, hi: float = 6.0
 ) -> pd.DataFrame:
@@ -147,21 +155,18 @@ def intensity_histograms(
     prepared volume's voxels in each of ``bins`` intensity bins. Probed like a latent, it is the reference
     for how far a scan's contrast can be read from its intensities alone: contrasts that differ only in a
     few voxels (e.g. a T1c without enhancing tissue and its T1w) are not told apart by it either."""
-    edges = np.linspace(lo, hi, bins + 1)
-    edges[0], edges[-1] = -np.inf, np.inf
     rows = []
     for key in keys:
         rec = store.record(key)
         for name in rec["images"]:
-            v = np.asarray(store.read(key, name), np.float32)
-            h = np.histogram(v, bins=edges)[0] / max(v.size, 1)
+            h = intensity_histogram(np.asarray(store.read(key, name), np.float32), bins, lo, hi)
             rows.append(
                 {
                     "key": key,
                     "subject": rec["subject"],
                     "session": rec["session"],
                     "contrast": name,
-                    "intensity_histogram": h.astype(np.float32),
+                    "intensity_histogram": h,
                 }
             )
     return pd.DataFrame(rows)
@@ -183,8 +188,11 @@ def latent_analysis(df: pd.DataFrame, seed: int = 0, reference: pd.DataFrame | N
     return out
 
 
-#: the contrast gap's column in :func:`summary_table`
+#: the contrast gap's column in :func:`summary_table`, the column naming the probe's most confused pair,
+#: and the name of the intensity-histogram reference row
 GAP_COLUMN = "contrast gap (0 same, 2 unrelated)"
+CONFUSED_COLUMN = "most confused contrasts"
+INTENSITY_ROW = "(reference) intensity histogram"
 
 
 def summary_table(result: dict[str, Any]) -> list[dict[str, Any]]:
@@ -207,11 +215,6 @@ def summary_table(result: dict[str, Any]) -> list[dict[str, Any]]:
             }
         )
     return rows
-
-
-#: the reference row of :func:`summary_table` and its column naming the probe's most confused pair
-INTENSITY_ROW = "(reference) intensity histogram"
-CONFUSED_COLUMN = "most confused contrasts"
 
 
 def _confused_text(m: dict[str, Any] | None) -> str | None:
