@@ -19,6 +19,8 @@ and, with ``--run RUN`` (a pretrained run or a shipped model's name), from
   averaged over space, T1w and FLAIR concatenated) — what a linear probe on the frozen encoder reads,
   without crops or training;
 * ``random features``: the same from the same architecture with fresh weights;
+* ``RUN anatomy projection``: for a fomo25 model pretrained with ``objective.w_anatomy``, the regional
+  volumes its anatomy projector predicts from each whole scan (a pretext head, not used downstream);
 
 against the constant predictor (the training mean), as MAE in years over the held-out sessions.
 
@@ -63,7 +65,10 @@ def label_map_features(store: Store, key: str, labels: int) -> np.ndarray:
 
 
 @torch.no_grad()
-def network_features(model: torch.nn.Module, store: Store, key: str, contrasts: list[str]) -> np.ndarray:
+def network_features(
+    model: torch.nn.Module, store: Store, key: str, contrasts: list[str], projection: bool = False
+) -> np.ndarray:
+    """The pooled features of each whole scan, or (``projection``) its anatomy projector's regional volumes."""
     out = []
     for c in contrasts:
         if c not in store.record(key)["images"]:
@@ -73,7 +78,8 @@ def network_features(model: torch.nn.Module, store: Store, key: str, contrasts: 
         shape = [-(-n // 16) * 16 for n in v.shape]  # every stride divides the padded whole scan
         pad = [((m - n) // 2, m - n - (m - n) // 2) for n, m in zip(v.shape, shape, strict=True)]
         x = torch.from_numpy(np.pad(v, pad, constant_values=float(v.min())))[None, None]
-        out.append(model.forward_features(x).pooled[0].numpy())
+        f = model.forward_features(x)
+        out.append((model.anatomy_projector(f.latents["mu_s"]) if projection else f.pooled)[0].numpy())
     dim = next(len(o) for o in out if o is not None)
     return np.concatenate([np.zeros(dim) if o is None else o for o in out])
 
@@ -124,6 +130,10 @@ def main() -> None:
         model = model_from_checkpoint(args.run)[0].eval()
         for name, m in ((f"{Path(args.run).name} features", model), ("random features", fresh_copy(model))):
             feats[name] = {c.key: network_features(m, store, c.key, contrasts) for c in cs.cases}
+        if getattr(model, "anatomy_projector", None) is not None:  # fomo25 with objective.w_anatomy
+            feats[f"{Path(args.run).name} anatomy projection"] = {
+                c.key: network_features(model, store, c.key, contrasts, projection=True) for c in cs.cases
+            }
     results: dict[str, list[dict[str, float]]] = {name: [] for name in [*feats, "constant"]}
     for seed in range(args.seeds):
         (train, test), *_ = make_splits(cs, seed=seed, shots=args.shots)

@@ -301,3 +301,34 @@ def test_contrast_means_term_pulls_each_contrasts_mean_to_the_common_one():
     batch["contrast_a"], batch["contrast_b"] = torch.tensor([0, 2]), torch.tensor([1, 3])
     _, terms = _grads(model, Fomo25Loss(Fomo25Config(w_contrast_means=1.0)), batch)
     assert "contrast_means" in terms and torch.isfinite(terms["contrast_means"])
+
+
+def test_fomo25_anatomy_anchor_learns_the_subjects_volumes_from_either_contrast():
+    cfg = Fomo25Config(w_anatomy=1.0, w_swap=0, w_kl=0, w_align=0, w_repel=0)
+    extra = {"regions": ["a", "b", "c"]}
+    kwargs = cfg.model_kwargs({}, None, extra)
+    assert kwargs["anatomy_outputs"] == 3 and cfg.data_needs().volumes
+    torch.manual_seed(0)
+    model = DualLatentUNet(features=(4, 8, 16), latent=8, **kwargs)
+    batch = cfg.example_batch(2, 16, extra)
+    # two subjects whose volumes point in opposite directions; their images differ in structure (one has
+    # a large bright region), which instance normalisation keeps, unlike a plain offset
+    batch["volumes"] = torch.tensor([[1.0, -1.0, 0.5], [-1.0, 1.0, -0.5]])
+    for name in ("x_a", "x_b"):
+        batch[name][1, :, :8] += 3.0
+    loss_fn = Fomo25Loss(cfg)
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    first = None
+    for _ in range(40):
+        loss, terms, _ = loss_fn(model, batch)
+        first = first if first is not None else float(terms["anatomy"])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert float(terms["anatomy"]) < 0.3 * first  # 1 - cosine, summed over the pair's two scans
+    batch["has_volumes"][:] = False  # a subject without volumes adds nothing
+    assert float(loss_fn(model, batch)[1]["anatomy"]) == 0.0
+    model.reset_head("reg", 1)  # a pretext head: dropped downstream
+    assert model.anatomy_projector is None
+    with pytest.raises(ConfigError, match="anatomy_outputs"):
+        loss_fn(DualLatentUNet(features=(4, 8, 16), latent=8), batch)

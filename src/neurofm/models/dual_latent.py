@@ -17,6 +17,10 @@ the contrast latent's spatial mean and an adversary at every position of the ana
 (trained through a gradient reversal by ``objective.w_adversary``), so that no part of the anatomy
 latent can tell the contrast. Both are dropped downstream.
 
+With ``anatomy_outputs > 0`` an anatomy projector (the SSL3D winner's anatomy anchor, put on the
+fomo25 subject latent) reads the anatomy latent map and predicts the subject's regional-volume
+vector (``objective.w_anatomy``); dropped downstream.
+
 Decoder (reconstruction only, no skips): transposed-convolution upsampling of
 ``[z_subject, z_contrast]`` back to the input size. ~19 M parameters at full size.
 """
@@ -63,6 +67,25 @@ class GlobalContrastHead(nn.Module):
         return self.out(self.act(self.proj(x)).mean(dim=(2, 3, 4), keepdim=True))
 
 
+class AnatomyProjector(nn.Module):
+    """``(B, latent, *grid) -> (B, out)``: 1x1x1 conv, GELU, average over space, LayerNorm, linear.
+
+    As for :class:`GlobalContrastHead`, the non-linearity comes before the average: the spatial mean of
+    the anatomy latent, a linear map of InstanceNorm-ed features, is nearly the same for every scan, and
+    how much of the crop looks like which tissue is read only through a non-linear map of the positions.
+    """
+
+    def __init__(self, latent: int, out: int, hidden: int):
+        super().__init__()
+        self.proj = nn.Conv3d(latent, hidden, 1)
+        self.act = nn.GELU()
+        self.norm = nn.LayerNorm(hidden)
+        self.out = nn.Linear(hidden, out)
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        return self.out(self.norm(self.act(self.proj(z)).mean(dim=(2, 3, 4))))
+
+
 @register_model("dual_latent_unet")
 class DualLatentUNet(Backbone):
     """Dual-latent U-Net (see module docstring).
@@ -79,11 +102,12 @@ class DualLatentUNet(Backbone):
         out_channels: reconstruction channels.
         contrast_code: ``spatial`` (a map, as the paper) or ``global`` (one vector per scan).
         contrast_classes: > 0 builds the contrast classifier and the anatomy adversary (pretext heads).
+        anatomy_outputs: > 0 builds the anatomy projector with one output per region (a pretext head).
     """
 
     stem_keys = ("encoder.stages.0.0.convs.0.conv.weight", "encoder.stages.0.0.convs.0.all_modules.0.weight")
     encoder_prefixes = ("encoder.", "subject_head.", "contrast_head.")
-    pretext_prefixes = ("decoder.", "adversary.", "contrast_classifier.")
+    pretext_prefixes = ("decoder.", "adversary.", "contrast_classifier.", "anatomy_projector.")
     disentangles = True
 
     def __init__(
@@ -95,6 +119,7 @@ class DualLatentUNet(Backbone):
         out_channels: int = 1,
         contrast_code: str = "spatial",
         contrast_classes: int = 0,
+        anatomy_outputs: int = 0,
     ):
         super().__init__()
         features = tuple(int(f) for f in features)
@@ -104,8 +129,10 @@ class DualLatentUNet(Backbone):
             raise ConfigError(f"features should list >= 2 positive filter counts, got {features}")
         if latent < 1:
             raise ConfigError(f"latent should be >= 1, got {latent}")
-        if contrast_classes < 0:
-            raise ConfigError(f"contrast_classes should be >= 0, got {contrast_classes}")
+        if contrast_classes < 0 or anatomy_outputs < 0:
+            raise ConfigError(
+                f"contrast_classes and anatomy_outputs should be >= 0, got {contrast_classes}, {anatomy_outputs}"
+            )
         self.config: dict[str, Any] = {
             "in_channels": in_channels,
             "features": list(features),
@@ -116,6 +143,8 @@ class DualLatentUNet(Backbone):
         }
         if contrast_classes:  # recorded only when used: older runs' model.json stay as they were
             self.config["contrast_classes"] = contrast_classes
+        if anatomy_outputs:
+            self.config["anatomy_outputs"] = anatomy_outputs
         self.in_channels = in_channels
         self.global_contrast = contrast_code == "global"
         self.latent = latent
@@ -162,6 +191,9 @@ class DualLatentUNet(Backbone):
                 nn.Conv3d(latent, latent, 1), nn.LeakyReLU(0.01), nn.Conv3d(latent, contrast_classes, 1)
             )
             self.contrast_classifier = nn.Linear(latent, contrast_classes)
+        self.anatomy_projector: nn.Module | None = None
+        if anatomy_outputs:
+            self.anatomy_projector = AnatomyProjector(latent, anatomy_outputs, hidden=2 * latent)
         he_init(self)
         # Start the posteriors narrow (sigma ~ 0.08): with unit variance the sampled latents are mostly
         # noise and the decoder learns nothing for hundreds of steps; the KL term widens them as needed.
@@ -228,7 +260,7 @@ class DualLatentUNet(Backbone):
     def reset_head(self, task: str, classes: int) -> None:
         check_task(task)
         self.decoder = None  # the reconstruction decoder (no skips)
-        self.adversary = self.contrast_classifier = None
+        self.adversary = self.contrast_classifier = self.anatomy_projector = None
         if task == "seg":
             self.subject_head = self.contrast_head = None
             self.seg_decoder = UNetDecoder(self.encoder, classes, 1, deep_supervision=False)

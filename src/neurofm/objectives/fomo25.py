@@ -41,6 +41,12 @@ Loss = w_rec (rec_a + rec_b) + w_swap (swap_ab + swap_ba) + w_kl(t) KL
   (T1w, T1c, ...), which every scan of a store has: metadata, not a downstream label. They read the
   masked encodings the other terms use, or (``contrast_input="clean"``) an extra encoding of the
   unmasked crops, which is what a downstream model and the latent analysis see.
+* anatomy (``w_anatomy``): the SSL3D winner's anatomy anchor on the fomo25 subject latent — a projector
+  reads each scan's anatomy latent map (a non-linear map per position, then the average) and predicts
+  the subject's regional-volume vector (ICV-normalised, standardised per region over the pool, as
+  ``ssl3d``), scored by 1 - cosine. The
+  target is the same for every contrast of a subject, and it is what a brain's age and atrophy show in.
+  Volumes come from a SynthSeg/FastSurfer table, a label map or neurofm's tissue segmentation (SPEC §1b).
 * ``rec_anatomy="random"`` rebuilds each scan of a valid pair from its own anatomy latent or its
   partner's, at random (as CALAMITI does): reconstruction itself then asks the anatomy latent to
   be the same for both contrasts, and the contrast to come from the contrast latent.
@@ -86,6 +92,7 @@ class Fomo25Config:
     w_repel: float = 0.5
     w_adversary: float = 0.0
     w_contrast_id: float = 0.0
+    w_anatomy: float = 0.0  # > 0: the anatomy latent predicts the subject's regional volumes (1 - cosine)
     contrast_input: str = "masked"  # masked: the adversary and classifier read the masked encodings | clean
     swap_anatomy: str = "mean"  # mean (paper) | other
     swap_contrast: str = "same"  # same (paper) | reference
@@ -118,6 +125,7 @@ class Fomo25Config:
             "w_repel",
             "w_adversary",
             "w_contrast_id",
+            "w_anatomy",
         ):
             if getattr(self, name) < 0:
                 raise ConfigError(f"objective.{name} should be >= 0, got {getattr(self, name)}")
@@ -125,12 +133,16 @@ class Fomo25Config:
             raise ConfigError(f"objective.align_temperature should be > 0, got {self.align_temperature}")
 
     def data_needs(self) -> DataNeeds:
-        return DataNeeds(reference_crop=self.w_swap > 0 and self.swap_contrast == "reference")
+        return DataNeeds(
+            reference_crop=self.w_swap > 0 and self.swap_contrast == "reference", volumes=self.w_anatomy > 0
+        )
 
     def model_kwargs(self, kwargs: dict[str, Any], data: DataConfig, extra: dict[str, Any]) -> dict[str, Any]:
         out = dict(kwargs)
         if self.w_adversary > 0 or self.w_contrast_id > 0:
             out["contrast_classes"] = len(CONTRASTS)
+        if self.w_anatomy > 0:
+            out["anatomy_outputs"] = len(extra["regions"])
         return out
 
     def example_batch(self, batch: int, patch: int, extra: dict[str, Any], device: Any = "cpu") -> dict[str, Any]:
@@ -140,6 +152,9 @@ class Fomo25Config:
         out["pair_valid"] = torch.ones(batch, dtype=torch.bool, device=device)
         out["contrast_a"] = torch.zeros(batch, dtype=torch.long, device=device)
         out["contrast_b"] = torch.ones(batch, dtype=torch.long, device=device)
+        if self.w_anatomy > 0:
+            out["volumes"] = torch.randn(batch, len(extra.get("regions", ())), device=device)
+            out["has_volumes"] = torch.ones(batch, dtype=torch.bool, device=device)
         return out
 
 
@@ -387,12 +402,28 @@ class Fomo25Loss(nn.Module):
         if cfg.w_repel > 0:
             terms["repel"] = _wmean(cosine(muc_a, muc_b), valid)
             total = total + cfg.w_repel * terms["repel"]
+        if cfg.w_anatomy > 0:
+            terms["anatomy"] = self.anatomy_term(model, mus_a, mus_b, batch, valid)
+            total = total + cfg.w_anatomy * terms["anatomy"]
         if cfg.w_adversary > 0 or cfg.w_contrast_id > 0:
             if cfg.contrast_input == "clean":  # what a downstream model sees: the scans unmasked (one more encoding)
                 clean = model.forward_features(x).latents
                 mu_s, mu_c = clean["mu_s"], clean["mu_c"]
             total = total + self.contrast_terms(model, mu_s, mu_c, batch, bsz, use_ref, terms)
         return total, {k: v.detach() for k, v in terms.items()}, out
+
+    @staticmethod
+    def anatomy_term(model: nn.Module, mus_a, mus_b, batch: dict[str, Any], valid: torch.Tensor) -> torch.Tensor:
+        """1 - cos(projection, v) for each scan of a pair: both contrasts must give the subject's volumes."""
+        if getattr(model, "anatomy_projector", None) is None:
+            raise ConfigError("objective.w_anatomy needs a model built with anatomy_outputs > 0")
+        v, has = batch["volumes"], batch["has_volumes"].float()
+        loss = mus_a.new_zeros(())
+        for mu, w in ((mus_a, has), (mus_b, has * valid)):
+            proj = model.anatomy_projector(mu)
+            cos = F.cosine_similarity(proj, v.to(proj.dtype), dim=1, eps=1e-6)
+            loss = loss + ((1.0 - cos) * w).sum() / w.sum().clamp_min(1.0)
+        return loss
 
     def contrast_terms(self, model, mu_s, mu_c, batch, bsz: int, use_ref: bool, terms: dict) -> torch.Tensor:
         """The anatomy adversary and the contrast classifier on every encoded scan (see module docstring)."""
