@@ -10,10 +10,14 @@ on the same few-shot draws for several seeds (``neurofm.analyze.experiments.pair
   scratch; the two floors;
 * ``--seg-lrs 0.003 0.01``: segmentation's learning rate instead — at each rate, full fine-tuning with
   the default protocol against scratch at the same rate, paired per rate (few-shot runs at a rate too
-  low for the budget can stay on the empty-prediction plateau).
+  low for the budget can stay on the empty-prediction plateau);
+* ``--head-pools mean meanmax``: for classification and regression, the demo's arms (frozen encoder +
+  MLP head, scratch, the two floors) with each reduction of the head's learned pooling, paired per pooling.
 
     python experiments/finetune_protocol.py --run RUN --data STORE --out DIR [--seeds 3] [--steps 200]
     python experiments/finetune_protocol.py --run RUN --data STORE --out DIR --tasks seg --seeds 5 --seg-lrs 0.003 0.01
+    python experiments/finetune_protocol.py --run RUN --data STORE --out DIR --tasks cls --seeds 5 --steps 100 \
+        --head-pools mean meanmax
 
 Writes ``DIR/results.json``: one row per task and arm (value, interval, paired difference from scratch).
 """
@@ -25,7 +29,7 @@ import json
 from dataclasses import replace
 from pathlib import Path
 
-from neurofm.analyze.experiments import Arm, paired_study
+from neurofm.analyze.experiments import Arm, floor_arms, paired_study
 from neurofm.train.config import FinetuneConfig
 from neurofm.utils import to_jsonable
 
@@ -64,6 +68,8 @@ def main() -> None:
     ap.add_argument("--reg-shots", type=int, default=24)
     ap.add_argument("--tasks", nargs="*", default=["seg", "cls", "reg"])
     ap.add_argument("--seg-lrs", type=float, nargs="*", default=[], help="sweep segmentation's learning rate")
+    ap.add_argument("--patch", type=int, default=32, help="training crop (voxels a side)")
+    ap.add_argument("--head-pools", nargs="*", default=[], help="cls/reg: compare the head's pooling reductions")
     args = ap.parse_args()
     base = FinetuneConfig(
         task="seg",
@@ -72,7 +78,7 @@ def main() -> None:
         contrasts=["T1w", "FLAIR"],
         steps=args.steps,
         lr=3e-3,
-        patch=32,
+        patch=args.patch,
         fg_p=0.5,
         positive_only=True,
         num_workers=1,
@@ -94,6 +100,11 @@ def main() -> None:
                 arms = [Arm("full", args.run, "full"), Arm("scratch", "scratch")]
                 cfg = replace(base, target=target, shots=shots, lr=lr)
                 studies.append((f"seg-lr{lr:g}", f"seg-{target}-lr{lr:g}", cfg, arms))
+        elif task != "seg" and args.head_pools:
+            arms = [Arm("frozen", args.run, "frozen"), Arm("scratch", "scratch"), *floor_arms(["frozen"])]
+            for pool in args.head_pools:
+                cfg = replace(base, task=task, target=target, shots=shots, head_pool=pool)
+                studies.append((f"{task}-{pool}", f"{task}-{target}-{pool}", cfg, arms))
         else:
             studies.append((task, f"{task}-{target}", replace(base, task=task, target=target, shots=shots), arms))
     for key, label, cfg, arms in studies:

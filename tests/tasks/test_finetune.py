@@ -86,6 +86,26 @@ def test_missing_contrast_never_influences_the_output(backbone, task):
         model(x1, torch.zeros(2, 2, dtype=torch.bool))
 
 
+def test_learned_pooling_reads_the_anatomy_latent_and_can_take_the_maximum():
+    torch.manual_seed(0)
+    bb = {"name": "dual_latent_unet", "kwargs": {"features": [4, 8, 16], "latent": 6}}
+    plain = DownstreamModel(bb, "cls", 2, ["T1w"], mode="frozen", pool_channels=5)
+    model = DownstreamModel(bb, "cls", 2, ["T1w"], mode="frozen", pool_channels=5, pool="meanmax", pool_latent=True)
+    assert len(plain.pool) == 3 and len(model.pool) == 4  # three encoder maps, and the anatomy latent map
+    assert model.pool[-1][0].in_channels == 6
+    x = torch.randn(2, 1, 16, 16, 16)
+    with torch.no_grad():
+        pooled = model._learned_pool(model._pool_maps(model.backbone.forward_features(x)))
+    assert pooled.shape == (2, 4 * 2 * 5)
+    per_map = pooled.view(2, 4, 2, 5)  # (case, map, [mean, max], channel)
+    assert (per_map[:, :, 1] >= per_map[:, :, 0]).all()  # the maximum is never below the mean
+    assert model(x.expand(-1, 1, -1, -1, -1)).shape == (2, 2)
+    with pytest.raises(ConfigError, match="pool"):
+        DownstreamModel(bb, "cls", 2, ["T1w"], pool="median")
+    with pytest.raises(ConfigError, match="head-pool"):
+        FinetuneConfig(task="cls", target="x", head_pool="median")
+
+
 def test_stem_adapts_to_other_contrasts_and_is_recorded():
     pre = create_model("vit_autoenc", size="tiny", img_size=16, patch_size=4, in_channels=4)
     stem = pre.state_dict()["net.patch_embedding.patch_embeddings.weight"]

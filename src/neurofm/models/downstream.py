@@ -9,9 +9,10 @@ contrast is zero-filled and never contributes:
   features are concatenated in a fixed contrast order (zeros for a missing one) with presence
   flags; the vector is standardised with statistics of the training crops
   (:meth:`DownstreamModel.fit_feature_norm`). Outside linear probing the head also reads a
-  learned pooling of every encoder map (1x1x1 convolution, GELU, average over space): the plain
-  averages of InstanceNorm-ed maps hardly differ between scans, and a non-linear map of them
-  before the average reads what their spatial pattern says (how much of which tissue).
+  learned pooling of every encoder map, and of the anatomy latent map of a disentangling backbone
+  (1x1x1 convolution, GELU, average over space): the plain averages of InstanceNorm-ed maps hardly
+  differ between scans, and a non-linear map of them before the average reads what their spatial
+  pattern says (how much of which tissue).
   Segmentation: one decoder pass per present contrast; the logits are fused with learned
   per-contrast weights (softmax over the contrasts present).
 * **stack backbones** (the ViT, which sees all contrasts as channels): the stack goes in
@@ -35,6 +36,7 @@ from neurofm.models.base import Features, check_task
 from neurofm.models.registry import create_model, model_class, register_model
 
 MODES = ("linear", "frozen", "full")
+POOLS = ("mean", "meanmax")
 
 
 @register_model("downstream")
@@ -50,6 +52,10 @@ class DownstreamModel(nn.Module):
             trained decoder/head) or ``full``.
         head_hidden: width of the MLP head (frozen / full).
         pool_channels: channels of the learned pooling of each encoder map (frozen / full; 0: none).
+        pool: how that pooling reduces space: ``mean`` (how much of a pattern a scan holds) or ``meanmax``
+            (the mean and the maximum: also whether a small focus, such as a lesion, is anywhere in it).
+        pool_latent: the learned pooling also reads the anatomy latent map of a disentangling backbone (its
+            spatial mean, a linear map of InstanceNorm-ed features, hardly differs between scans).
 
     ``freeze_encoder`` (set by the fine-tuning schedule) holds the encoder still for a while in
     ``full`` mode: no gradient is computed for it, as in ``frozen``.
@@ -64,6 +70,8 @@ class DownstreamModel(nn.Module):
         mode: str = "full",
         head_hidden: int = 256,
         pool_channels: int = 16,
+        pool: str = "mean",
+        pool_latent: bool = False,
     ):
         super().__init__()
         check_task(task)
@@ -73,6 +81,8 @@ class DownstreamModel(nn.Module):
             raise ConfigError("a linear probe is defined for cls/reg; for segmentation use --mode frozen or full")
         if not contrasts:
             raise ConfigError("at least one input contrast is needed")
+        if pool not in POOLS:
+            raise ConfigError(f"pool should be one of {POOLS}, got {pool!r}")
         self.config = {
             "backbone": backbone,
             "task": task,
@@ -81,8 +91,10 @@ class DownstreamModel(nn.Module):
             "mode": mode,
             "head_hidden": head_hidden,
             "pool_channels": pool_channels,
+            "pool": pool,
+            "pool_latent": pool_latent,
         }
-        self.task, self.n_out, self.contrasts, self.mode = task, n_out, list(contrasts), mode
+        self.task, self.n_out, self.contrasts, self.mode, self.pool_kind = task, n_out, list(contrasts), mode, pool
         n_c = len(contrasts)
         kw = model_class(backbone["name"]).downstream_kwargs(backbone.get("kwargs", {}), n_c)
         self.backbone = bb = create_model(backbone["name"], **kw)
@@ -91,6 +103,7 @@ class DownstreamModel(nn.Module):
         self.downsampling = bb.downsampling
         bb.reset_head(task, n_out)
         self.freeze_encoder = False
+        self.latent_pool = False
         if task == "seg":
             self.fusion = None if self.stack else nn.Parameter(torch.zeros(n_c))
         else:
@@ -101,8 +114,11 @@ class DownstreamModel(nn.Module):
             self.register_buffer("feature_std", torch.ones(dim))
             learned = mode != "linear" and pool_channels > 0
             maps = bb.feature_dims().maps if learned else ()
+            self.latent_pool = learned and pool_latent and bb.disentangles and not self.stack
+            if self.latent_pool:
+                maps = (*maps, bb.feature_dims().anatomy)
             self.pool = nn.ModuleList(nn.Sequential(nn.Conv3d(c, pool_channels, 1), nn.GELU()) for c in maps)
-            dim += len(maps) * pool_channels * (1 if self.stack else n_c)
+            dim += len(maps) * pool_channels * (1 if self.stack else n_c) * (2 if pool == "meanmax" else 1)
             self.head = (
                 nn.Linear(dim, n_out)
                 if mode == "linear"
@@ -165,7 +181,7 @@ class DownstreamModel(nn.Module):
         use_pool = learned and len(self.pool) > 0
         if self.stack:
             f = self._encode(x * present[:, :, None, None, None].to(x.dtype))
-            return f.pooled, (self._learned_pool(f.maps) if use_pool else None)
+            return f.pooled, (self._learned_pool(self._pool_maps(f)) if use_pool else None)
         b, c = present.shape
         w = present.to(x.dtype)
         if every:
@@ -187,10 +203,17 @@ class DownstreamModel(nn.Module):
         per_scan = [f.contrast, f.pooled] if f.contrast is not None else [f.pooled]
         parts.append(per_contrast(torch.cat(per_scan, dim=1)).flatten(1))
         fixed = torch.cat([*parts, w], dim=1)
-        return fixed, (per_contrast(self._learned_pool(f.maps)).flatten(1) if use_pool else None)
+        return fixed, (per_contrast(self._learned_pool(self._pool_maps(f))).flatten(1) if use_pool else None)
+
+    def _pool_maps(self, f: Features) -> list[torch.Tensor]:
+        return [*f.maps, f.latents["mu_s"]] if self.latent_pool else list(f.maps)
 
     def _learned_pool(self, maps: list[torch.Tensor]) -> torch.Tensor:
-        return torch.cat([p(m).flatten(2).mean(2) for p, m in zip(self.pool, maps, strict=True)], dim=1)
+        out = []
+        for p, m in zip(self.pool, maps, strict=True):
+            v = p(m).flatten(2)
+            out += [v.mean(2), v.amax(2)] if self.pool_kind == "meanmax" else [v.mean(2)]
+        return torch.cat(out, dim=1)
 
     @torch.no_grad()
     def fit_feature_norm(self, batches: Any) -> int:
