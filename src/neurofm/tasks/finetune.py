@@ -219,7 +219,9 @@ def train_fold(
     backbone, weights, src = source
     L.seed_everything(seed, workers=True, verbose=False)
     stats, class_weights = _target_stats(cs, train)
-    model = DownstreamModel(backbone, cs.task, cs.n_out, cs.contrasts, cfg.mode, pool=cfg.head_pool, pool_latent=True)
+    model = DownstreamModel(
+        backbone, cs.task, cs.n_out, cs.contrasts, cfg.mode, pool=cfg.head_pool, pool_latent=cfg.head_pool_latent
+    )
     transfer = load_pretrained(model, weights, src.get("pretrained_contrasts")) if weights is not None else None
     info = _task_info(cs, cfg, patch, stats)
     fold_dir.mkdir(parents=True, exist_ok=True)

@@ -164,6 +164,9 @@ class FinetuneConfig(Config):
     num_workers: int = 2
     fg_p: float = 0.33
     head_pool: str = "mean"  # cls/reg: the learned pooling's reduction over space, mean or meanmax (docs/finetuning.md)
+    head_pool_latent: bool = (
+        False  # cls/reg: the learned pooling also reads the anatomy latent map (docs/finetuning.md)
+    )
     contrast_dropout: float = 0.0  # leave out each present contrast of a training crop with this probability
     tta: bool = True
     overlap: float = 0.5
