@@ -96,6 +96,7 @@ def model_card(name: str, args: argparse.Namespace, run_cfg: dict, meta: dict, a
     model = f"`{run_cfg['model']['name']}` {json.dumps(run_cfg['model']['kwargs'])}"
     d, o = run_cfg["data"], run_cfg["optim"]
     sets = "".join(f" --set {x}" for x in args.extra) if args.extra else ""
+    command = f"--work WORK --steps {args.steps} --pool-subjects {args.pool_subjects}{sets}"
     return f"""# {name}
 
 fomo25-tiny ({model}), pretrained without labels on synthetic multi-contrast heads made by
@@ -112,7 +113,7 @@ None of them is a subject of `neurofm demo` (seed 0, sub-001 ...) or of the eval
 The synthetic heads come from one template: the model has seen no real scan.
 
 ## Training
-    .venv/bin/python scripts/make_pretrained.py --work WORK --steps {args.steps} --pool-subjects {args.pool_subjects}{sets}
+    .venv/bin/python scripts/make_pretrained.py {command}
 
 Recipe `fomo25-tiny` ({d["patch"]}^3 crops, batch {d["batch_size"]}, AdamW lr {o["lr"]}, cosine), {meta["step"]}
 steps; objective `{json.dumps(run_cfg["objective"])}`. Wall time {args.train_minutes:.0f} min on a CPU ({args.threads}).
