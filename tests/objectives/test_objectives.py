@@ -242,6 +242,19 @@ def test_reference_swap_takes_the_contrast_code_from_the_other_crop():
     assert torch.allclose(out["swap"], torch.full_like(out["swap"], 21.0), atol=0.5)
 
 
+def _train(model, loss_fn, batch, term, steps, lr=3e-3):
+    """Adam on one fixed batch; the named term's value at the first and the last step."""
+    opt = torch.optim.Adam(model.parameters(), lr=lr)
+    values = []
+    for _ in range(steps):
+        loss, terms, _ = loss_fn(model, batch)
+        values.append(float(terms[term]))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return values[0], values[-1]
+
+
 def test_contrast_adversary_reverses_its_gradient_and_the_classifier_learns():
     from neurofm.objectives.fomo25 import reverse_gradient
 
@@ -257,15 +270,8 @@ def test_contrast_adversary_reverses_its_gradient_and_the_classifier_learns():
     batch["contrast_b"][1] = -1  # a contrast outside CONTRASTS is left out of both terms
     _, terms, _ = loss_fn(model, batch)
     assert {"adversary", "contrast_id"} <= set(terms)
-    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
-    first = None
-    for _ in range(30):
-        loss, terms, _ = loss_fn(model, batch)
-        first = first if first is not None else float(terms["contrast_id"])
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    assert float(terms["contrast_id"]) < 0.5 * first  # the contrast code learns to name the contrast
+    first, last = _train(model, loss_fn, batch, "contrast_id", steps=30)
+    assert last < 0.5 * first  # the contrast code learns to name the contrast
     with pytest.raises(ConfigError, match="contrast_classes"):
         loss_fn(DualLatentUNet(features=(4, 8, 16), latent=8), batch)
 
@@ -317,15 +323,8 @@ def test_fomo25_anatomy_anchor_learns_the_subjects_volumes_from_either_contrast(
     for name in ("x_a", "x_b"):
         batch[name][1, :, :8] += 3.0
     loss_fn = Fomo25Loss(cfg)
-    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
-    first = None
-    for _ in range(40):
-        loss, terms, _ = loss_fn(model, batch)
-        first = first if first is not None else float(terms["anatomy"])
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    assert float(terms["anatomy"]) < 0.3 * first  # 1 - cosine, summed over the pair's two scans
+    first, last = _train(model, loss_fn, batch, "anatomy", steps=40)
+    assert last < 0.3 * first  # 1 - cosine, summed over the pair's two scans
     batch["has_volumes"][:] = False  # a subject without volumes adds nothing
     assert float(loss_fn(model, batch)[1]["anatomy"]) == 0.0
     model.reset_head("reg", 1)  # a pretext head: dropped downstream

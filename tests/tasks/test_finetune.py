@@ -95,7 +95,7 @@ def test_learned_pooling_reads_the_anatomy_latent_and_can_take_the_maximum():
     assert model.pool[-1][0].in_channels == 6
     x = torch.randn(2, 1, 16, 16, 16)
     with torch.no_grad():
-        pooled = model._learned_pool(model._pool_maps(model.backbone.forward_features(x)))
+        pooled = model._learned_pool(model.backbone.forward_features(x))
     assert pooled.shape == (2, 4 * 2 * 5)
     per_map = pooled.view(2, 4, 2, 5)  # (case, map, [mean, max], channel)
     assert (per_map[:, :, 1] >= per_map[:, :, 0]).all()  # the maximum is never below the mean

@@ -9,10 +9,10 @@ contrast is zero-filled and never contributes:
   features are concatenated in a fixed contrast order (zeros for a missing one) with presence
   flags; the vector is standardised with statistics of the training crops
   (:meth:`DownstreamModel.fit_feature_norm`). Outside linear probing the head also reads a
-  learned pooling of every encoder map, and of the anatomy latent map of a disentangling backbone
-  (1x1x1 convolution, GELU, average over space): the plain averages of InstanceNorm-ed maps hardly
-  differ between scans, and a non-linear map of them before the average reads what their spatial
-  pattern says (how much of which tissue).
+  learned pooling of every encoder map (with ``pool_latent``, also of the anatomy latent map of a
+  disentangling backbone; 1x1x1 convolution, GELU, average over space): the plain averages of
+  InstanceNorm-ed maps hardly differ between scans, and a non-linear map of them before the average
+  reads what their spatial pattern says (how much of which tissue).
   Segmentation: one decoder pass per present contrast; the logits are fused with learned
   per-contrast weights (softmax over the contrasts present).
 * **stack backbones** (the ViT, which sees all contrasts as channels): the stack goes in
@@ -181,7 +181,7 @@ class DownstreamModel(nn.Module):
         use_pool = learned and len(self.pool) > 0
         if self.stack:
             f = self._encode(x * present[:, :, None, None, None].to(x.dtype))
-            return f.pooled, (self._learned_pool(self._pool_maps(f)) if use_pool else None)
+            return f.pooled, (self._learned_pool(f) if use_pool else None)
         b, c = present.shape
         w = present.to(x.dtype)
         if every:
@@ -203,12 +203,10 @@ class DownstreamModel(nn.Module):
         per_scan = [f.contrast, f.pooled] if f.contrast is not None else [f.pooled]
         parts.append(per_contrast(torch.cat(per_scan, dim=1)).flatten(1))
         fixed = torch.cat([*parts, w], dim=1)
-        return fixed, (per_contrast(self._learned_pool(self._pool_maps(f))).flatten(1) if use_pool else None)
+        return fixed, (per_contrast(self._learned_pool(f)).flatten(1) if use_pool else None)
 
-    def _pool_maps(self, f: Features) -> list[torch.Tensor]:
-        return [*f.maps, f.latents["mu_s"]] if self.latent_pool else list(f.maps)
-
-    def _learned_pool(self, maps: list[torch.Tensor]) -> torch.Tensor:
+    def _learned_pool(self, f: Features) -> torch.Tensor:
+        maps = [*f.maps, f.latents["mu_s"]] if self.latent_pool else f.maps
         out = []
         for p, m in zip(self.pool, maps, strict=True):
             v = p(m).flatten(2)

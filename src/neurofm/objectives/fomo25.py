@@ -44,8 +44,8 @@ Loss = w_rec (rec_a + rec_b) + w_swap (swap_ab + swap_ba) + w_kl(t) KL
 * anatomy (``w_anatomy``): the SSL3D winner's anatomy anchor on the fomo25 subject latent — a projector
   reads each scan's anatomy latent map (a non-linear map per position, then the average) and predicts
   the subject's regional-volume vector (ICV-normalised, standardised per region over the pool, as
-  ``ssl3d``), scored by 1 - cosine. The
-  target is the same for every contrast of a subject, and it is what a brain's age and atrophy show in.
+  ``ssl3d``), scored by 1 - cosine. The target is the same for every contrast of a subject, and it is
+  what a brain's age and atrophy show in.
   Volumes come from a SynthSeg/FastSurfer table, a label map or neurofm's tissue segmentation (SPEC §1b).
 * ``rec_anatomy="random"`` rebuilds each scan of a valid pair from its own anatomy latent or its
   partner's, at random (as CALAMITI does): reconstruction itself then asks the anatomy latent to

@@ -164,9 +164,7 @@ class FinetuneConfig(Config):
     num_workers: int = 2
     fg_p: float = 0.33
     head_pool: str = "mean"  # cls/reg: the learned pooling's reduction over space, mean or meanmax (docs/finetuning.md)
-    head_pool_latent: bool = (
-        False  # cls/reg: the learned pooling also reads the anatomy latent map (docs/finetuning.md)
-    )
+    head_pool_latent: bool = False  # cls/reg: the learned pooling also reads the anatomy latent map
     contrast_dropout: float = 0.0  # leave out each present contrast of a training crop with this probability
     tta: bool = True
     overlap: float = 0.5
@@ -196,8 +194,10 @@ class FinetuneConfig(Config):
             raise ConfigError("--from random is the frozen random-encoder floor: use --mode linear or frozen")
         if self.steps < 1 or self.batch_size < 1 or not self.lr > 0:
             raise ConfigError("--steps, --batch-size and --lr must be positive")
-        if self.head_pool not in ("mean", "meanmax"):
-            raise ConfigError(f"--head-pool should be mean or meanmax, got {self.head_pool!r}")
+        from neurofm.models.downstream import POOLS
+
+        if self.head_pool not in POOLS:
+            raise ConfigError(f"--head-pool should be one of {POOLS}, got {self.head_pool!r}")
         if not 0 <= self.contrast_dropout < 1:
             raise ConfigError(f"contrast_dropout should be in [0, 1), got {self.contrast_dropout}")
         if not (0 <= self.head_warmup < 1 and 0 <= self.warmup_fraction <= 1):
