@@ -128,10 +128,13 @@ def template_coords(
     vox = inv[:3, :3] @ tmpl + inv[:3, 3:4]
     if atrophy > 0:
         pull = _ventricle_pull(template)
-        # displacement toward the ventricles, up to `atrophy` mm at the ventricle walls
-        vox = vox + np.stack([ndi.map_coordinates(g, vox, order=1, mode="nearest") for g in pull]) * (
-            atrophy / template.spacing
-        )
+        # displacement toward the ventricles, up to `atrophy` mm at the ventricle walls, taken as a flow along
+        # the field in steps of half a voxel: one step of several voxels would fold the tissue around them
+        steps = max(1, int(np.ceil(2 * atrophy / template.spacing)))
+        for _ in range(steps):
+            vox = vox + np.stack([ndi.map_coordinates(g, vox, order=1, mode="nearest") for g in pull]) * (
+                atrophy / template.spacing / steps
+            )
     lesion_vox = vox
     for les, radius in lesions:
         if les.mass_effect <= 0:

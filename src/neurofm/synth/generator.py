@@ -5,8 +5,10 @@ Per subject (deterministic for a seed, whatever the number of workers):
 * **anatomy** — the ICBM 2009c template warped by a smooth random deformation, scaled
   to the subject's head size (sex-dependent) and rotated; at every session the head
   sits in a new pose;
-* **ageing** — ventricles enlarge and the cortex thins with age (atrophy grows from 20
-  to 85 years), so age is visible in the images and in the regional volumes;
+* **ageing** — ventricles enlarge and the cortex thins from the sulci with age (atrophy grows
+  from 20 to 85 years; the lateral ventricles go from about 1.4 % to 3.5 % of the intracranial
+  volume and the CSF outside them from 15 % to 25 %, as in healthy adults), so age is visible in
+  the images (more dark CSF voxels in a T1w) and in the regional volumes;
 * **pathology** — a tumour (necrotic core, enhancing rim seen on T1c, oedema bright on
   T2w/FLAIR, mass effect; its "molecular" subtype shows as weaker enhancement and a
   T2-FLAIR mismatch), an ischaemic infarct, or white-matter hyperintensities, each
@@ -57,6 +59,11 @@ from neurofm.utils import atomic_write_text
 
 PATHOLOGIES = ("tumour", "infarct", "wmh")
 DERIV = Path("derivatives") / "neurofm-synth"
+# ageing at 85 years (atrophy 1, from 0 at 20): the ventricle walls move up to this far outward, and this
+# share of the cortex's grey matter becomes CSF. From 25 to 85 years the lateral ventricles grow from about
+# 1.4 % to 3.5 % of the intracranial volume and the CSF outside them from 15 % to 25 %, as in healthy adults
+VENTRICLE_GROWTH_MM = 10.0
+CORTICAL_LOSS = 0.5
 AGE_RANGE = {"healthy": (20, 85), "tumour": (25, 75), "infarct": (50, 88), "wmh": (55, 88)}
 
 
@@ -218,6 +225,13 @@ def _lesion_box(
     return tuple(slice(sl.start * step, min(sl.stop * step, n)) for sl, n in zip(box, template.shape, strict=True))
 
 
+def _sulcal_weight(csf: np.ndarray, cortex: np.ndarray, template: Template) -> np.ndarray:
+    """Per voxel, how much of the cortex's age-related loss falls there: the CSF share of the neighbourhood
+    (a 2 mm Gaussian) over its mean in the cortex, so the weight averages 1 over the cortex and is 0 elsewhere."""
+    near = ndi.gaussian_filter(csf, 2.0 / template.spacing)
+    return near * cortex / max(float(near[cortex].mean()), 1e-6)
+
+
 def render_session(plan: SubjectPlan, session: int, template: Template) -> SessionRender:
     """Anatomy, ageing and lesions of one session, sampled on the template grid."""
     rng = np.random.default_rng([plan.seeds[session], 11])
@@ -227,7 +241,9 @@ def render_session(plan: SubjectPlan, session: int, template: Template) -> Sessi
     pose_rot = rng.normal(0, 3.0, 3) if session > 0 or plan.index % 2 else rng.normal(0, 1.0, 3)
     pose_shift = rng.normal(0, 4.0, 3)
     lesions = [(les, les.radius * (1 + les.growth * years)) for les in plan.lesions]
-    coords, lcoords = anatomy.template_coords(template, plan.anatomy, pose_rot, pose_shift, 5.0 * atrophy, lesions)
+    coords, lcoords = anatomy.template_coords(
+        template, plan.anatomy, pose_rot, pose_shift, VENTRICLE_GROWTH_MM * atrophy, lesions
+    )
 
     def sample(a: np.ndarray, order: int = 1) -> np.ndarray:
         return ndi.map_coordinates(a, coords, order=order, mode="constant", cval=0.0, prefilter=False)
@@ -235,9 +251,10 @@ def render_session(plan: SubjectPlan, session: int, template: Template) -> Sessi
     frac = np.stack([sample(f) for f in template.fractions])
     brain = sample(template.brain)
     labels = sample(template.labels, order=0).astype(np.int16)
-    # cortical thinning: part of the cortical grey matter turns into CSF with age
+    # cortical thinning: cortical grey matter turns into CSF with age, most where it borders the CSF of
+    # the sulci and the brain's surface, so the sulci widen
     cortex = np.isin(labels, anatomy.cortex_labels(template))
-    lost = frac[1] * (0.22 * atrophy) * cortex
+    lost = frac[1] * np.minimum(CORTICAL_LOSS * atrophy * _sulcal_weight(frac[0], cortex, template), 0.9)
     frac[1] -= lost
     frac[0] += lost
     mem = {k: np.zeros(template.shape, np.float32) for k in ("necrosis", "enhancing", "oedema", "infarct", "wmh")}
