@@ -259,40 +259,84 @@ def test_store_volume_and_case_count_helpers(tiny_store):
     assert len({c.subject for c in cs.cases}) == 6 and np.isfinite([c.target for c in cs.cases]).all()
 
 
-@pytest.mark.slow
-def test_regression_head_learns_a_target_that_is_a_function_of_the_image(tmp_path):
-    """The target is each head's size. A linear probe on a frozen, randomly initialised encoder must read it:
-    the pooled features differ little between scans around large shared offsets, so a head that reads them
-    unnormalised learns a constant (as the first version did)."""
+@pytest.fixture(scope="module")
+def blob_heads(tmp_path_factory):
+    """24 prepared heads whose size is known (``size``), with an ``unrelated`` target drawn independently."""
     from helpers import blob_volume, write_nifti
     from neurofm.preprocess import PrepareConfig, prepare
 
+    root = tmp_path_factory.mktemp("blobs")
     rng = np.random.default_rng(0)
-    sizes = rng.uniform(5, 12, 24)
+    sizes, unrelated = rng.uniform(5, 12, 24), rng.uniform(20, 80, 24)
     for i, r in enumerate(sizes):
         vol = blob_volume((32, 32, 32), radius=float(r), seed=i)
-        write_nifti(tmp_path / f"bids/sub-{i:02d}/anat/sub-{i:02d}_T1w.nii.gz", vol, np.diag([2.0, 2.0, 2.0, 1.0]))
-    rows = "".join(f"sub-{i:02d}\t{r:.3f}\n" for i, r in enumerate(sizes))
-    (tmp_path / "bids/participants.tsv").write_text("participant_id\tsize\n" + rows)
-    prepare(tmp_path / "bids", tmp_path / "store", PrepareConfig(spacing=2.0), progress=False)
+        write_nifti(root / f"bids/sub-{i:02d}/anat/sub-{i:02d}_T1w.nii.gz", vol, np.diag([2.0, 2.0, 2.0, 1.0]))
+    rows = "".join(f"sub-{i:02d}\t{r:.3f}\t{unrelated[i]:.3f}\t{int(r > 8.5)}\n" for i, r in enumerate(sizes))
+    (root / "bids/participants.tsv").write_text("participant_id\tsize\tunrelated\tlarge\n" + rows)
+    prepare(root / "bids", root / "store", PrepareConfig(spacing=2.0), progress=False)
+    return root / "store"
+
+
+def _mae_and_constant(ft, target_of):
+    rows = pd.read_csv(ft / "predictions.csv")
+    train_mean = np.mean([t for s, t in target_of.items() if s not in set(rows["subject"])])
+    return rows, np.abs(rows["prediction"] - rows["target"]).mean(), np.abs(rows["target"] - train_mean).mean()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("linear_fit", ["closed", "sgd"])
+def test_regression_head_learns_a_target_that_is_a_function_of_the_image(blob_heads, tmp_path, linear_fit):
+    """The target is each head's size. A linear probe on a frozen, randomly initialised encoder must read it,
+    fitted in closed form or by gradient steps: the pooled features differ little between scans around large
+    shared offsets, so a head that reads them unnormalised learns a constant (as the first version did)."""
     cfg = FinetuneConfig(
         task="reg",
         target="size",
         source="random",
         arch="fomo25-tiny",
         mode="linear",
+        linear_fit=linear_fit,
         shots=16,
         lr=3e-3,
         **{**FAST, "steps": 80},
     )
-    finetune(tmp_path / "store", tmp_path / "ft", cfg, progress=False)
-    rows = pd.read_csv(tmp_path / "ft" / "predictions.csv")
-    train_mean = np.mean([r for i, r in enumerate(sizes) if f"sub-{i:02d}" not in set(rows["subject"])])
-    constant_mae = np.abs(rows["target"] - train_mean).mean()
-    mae = np.abs(rows["prediction"] - rows["target"]).mean()
+    finetune(blob_heads, tmp_path / "ft", cfg, progress=False)
+    sizes = {c.subject: c.target for c in build_cases(Store(blob_heads), "reg", "size").cases}
+    rows, mae, constant_mae = _mae_and_constant(tmp_path / "ft", sizes)
     # measured: 0.2-0.36 x the constant's MAE over seeds 0-2; 0.95 x, predictions spread 0.02 x, without the norm
     assert mae < 0.5 * constant_mae, (mae, constant_mae)
     assert rows["prediction"].std() > 0.6 * rows["target"].std()  # predictions spread like the target
+
+
+@pytest.mark.slow
+def test_closed_form_probe_stays_at_the_constant_on_an_unrelated_target_and_reloads(blob_heads, tmp_path, run_cli):
+    """Where the features say nothing about the target, the cross-validated penalty (one-standard-error rule)
+    keeps the probe at the training mean instead of fitting 16 subjects' noise; the probe is a checkpoint that
+    `neurofm predict` applies as it was fitted, whole scans in."""
+    from neurofm.infer.predictor import Predictor
+
+    cfg = FinetuneConfig(
+        task="reg", target="unrelated", source="random", arch="fomo25-tiny", mode="linear", shots=16, **FAST
+    )
+    finetune(blob_heads, tmp_path / "ft", cfg, progress=False)
+    targets = {c.subject: c.target for c in build_cases(Store(blob_heads), "reg", "unrelated").cases}
+    rows, mae, constant_mae = _mae_and_constant(tmp_path / "ft", targets)
+    assert mae < 1.1 * constant_mae, (mae, constant_mae)
+    assert rows["prediction"].std() < 0.2 * rows["target"].std()
+    probe = json.loads((tmp_path / "ft" / "summary.json").read_text())["splits"][0]["probe"]
+    assert probe["linear_fit"] == "closed" and probe["windows"] == 16 and probe["penalty"] >= probe["cv_best_penalty"]
+    predictor = Predictor.from_run(tmp_path / "ft", tta=False)
+    assert predictor.info["whole_scan"] == predictor.model.downsampling
+    key = rows["key"].iloc[0]
+    again = predictor.predict({"T1w": np.asarray(Store(blob_heads).read(key, "T1w"), np.float32)}).value
+    assert again == pytest.approx(rows["prediction"].iloc[0], rel=1e-5)
+    # classification through the CLI: is the head large? (logistic regression, balanced classes)
+    out = tmp_path / "cls"
+    code, _, err = run_cli("finetune", "--data", blob_heads, "--task", "cls", "--target", "large", "--from", "random",
+                           "--arch", "fomo25-tiny", "--mode", "linear", "--shots", "16", "--out", out)  # fmt: skip
+    assert code == 0, err
+    cls_rows = pd.read_csv(out / "predictions.csv")
+    assert (cls_rows["prediction"] == cls_rows["target"]).mean() >= 0.75, cls_rows[["target", "prediction"]]
 
 
 def test_encoder_schedule_holds_then_warms_into_the_head_cosine():

@@ -54,6 +54,17 @@ def largest_component(labels: np.ndarray) -> np.ndarray:
     return out
 
 
+def global_windows(x: np.ndarray, patch: int, whole: int = 0) -> np.ndarray:
+    """The windows a cls/reg model reads of one scan ``(1, C, X, Y, Z)``: padded to at least ``patch`` and
+    tiled without overlap, ``(W, C, patch, patch, patch)`` (the last window of an axis ends at its edge);
+    or, with ``whole`` > 0, the whole scan as one window, padded evenly to a multiple of ``whole``."""
+    if whole > 0:
+        pad = [((-n % whole) // 2, -n % whole - (-n % whole) // 2) for n in x.shape[2:]]
+        return np.stack([np.pad(a, pad, constant_values=float(a.min())) for a in x[0]])[None]
+    xs = np.stack([transforms.pad_to(a, patch, float(a.min())) for a in x[0]])
+    return np.stack([xs[(slice(None), *w)] for w in window_slices(tuple(xs.shape[1:]), patch, 0.0)])
+
+
 def entropy(probs: np.ndarray, axis: int = 0) -> np.ndarray:
     return -(probs * np.log(np.clip(probs, 1e-8, 1.0))).sum(axis)
 
@@ -164,11 +175,10 @@ class PredictorBase:
         return CasePrediction("seg", probs=probs, labels=labels, uncertainty=unc)
 
     def _global(self, x: np.ndarray, present: np.ndarray, flips) -> CasePrediction:
-        xs = np.stack([transforms.pad_to(a, self.patch, float(a.min())) for a in x[0]])[None]
-        wins = window_slices(tuple(xs.shape[2:]), self.patch, 0.0)
+        wins = global_windows(x, self.patch, int(self.info.get("whole_scan", 0)))
         per_window = []
         for i in range(0, len(wins), self.sw_batch):
-            batch = np.concatenate([xs[(slice(None), slice(None), *w)] for w in wins[i : i + self.sw_batch]])
+            batch = wins[i : i + self.sw_batch]
             pr = np.broadcast_to(present, (len(batch), present.shape[1]))
             per_window.append(np.stack([self._net(np.ascontiguousarray(flip(batch, f)), pr) for f in flips]))
         outs = np.concatenate(per_window, axis=1).astype(np.float64)  # (flips, windows, K)

@@ -17,6 +17,7 @@ the encoder's learning rate (``lr x backbone_lr_scale``) warms up linearly over
 from __future__ import annotations
 
 import math
+import shutil
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -34,16 +35,25 @@ from neurofm.evaluate.metrics import per_site, reliability_figure, selective, su
 from neurofm.evaluate.scoring import config_splits, score_cases, write_predictions
 from neurofm.faults import FolderLock, OutOfMemory, process_rank
 from neurofm.infer.predictor import Predictor
-from neurofm.io.checkpoint import STATE, count_parameters, latest_checkpoint, read_checkpoint
+from neurofm.io.checkpoint import (
+    STATE,
+    checkpoint_dir,
+    count_parameters,
+    latest_checkpoint,
+    publish_checkpoint,
+    read_checkpoint,
+    write_checkpoint_files,
+)
 from neurofm.models.downstream import DownstreamModel, load_pretrained
 from neurofm.models.registry import model_from_checkpoint
 from neurofm.store import Store
+from neurofm.tasks.probe import fit_linear_probe
 from neurofm.train.callbacks import Preemption, RunCheckpoint
 from neurofm.train.config import FinetuneConfig
 from neurofm.train.memory import is_oom, oom_error, probe
 from neurofm.train.presets import PRESETS, get_preset
 from neurofm.train.trainer import build_trainer
-from neurofm.utils import write_json
+from neurofm.utils import to_jsonable, write_json
 
 __all__ = ["FinetuneConfig", "FinetuneModule", "backbone_from", "finetune"]
 
@@ -224,6 +234,9 @@ def train_fold(
     )
     transfer = load_pretrained(model, weights, src.get("pretrained_contrasts")) if weights is not None else None
     info = _task_info(cs, cfg, patch, stats)
+    closed = cfg.mode == "linear" and cfg.linear_fit == "closed"
+    if closed and getattr(model.backbone, "fixed_size", None) is None:
+        info["whole_scan"] = int(model.downsampling)  # the closed-form probe reads each scan whole
     fold_dir.mkdir(parents=True, exist_ok=True)
     run_cfg = cfg.save(
         fold_dir / "run.json",
@@ -236,6 +249,8 @@ def train_fold(
         train_subjects=sorted({c.subject for c in train}),
         test_subjects=sorted({c.subject for c in test}),
     )
+    if closed:
+        return _closed_probe(data, fold_dir, cfg, cs, train, test, model, info, run_cfg, transfer)
     ds = FinetuneDataset(
         data, cs, train, patch, length=cfg.steps * cfg.batch_size, seed=seed, fg_p=cfg.fg_p,
         contrast_dropout=cfg.contrast_dropout,
@@ -268,16 +283,47 @@ def train_fold(
             f"{fold_dir}. Continue with the same command and --resume",
             preempt.signum or 15,
         )
-    done = {
+    done = _fold_facts(model, train, test, transfer)
+    if not trainer.is_global_zero:
+        return None, done
+    return Predictor(model, info, device=module.device, tta=cfg.tta, overlap=cfg.overlap, lcc=cfg.lcc), done
+
+
+def _fold_facts(model: DownstreamModel, train: list, test: list, transfer: dict[str, Any] | None) -> dict[str, Any]:
+    return {
         "train_cases": len(train),
         "test_cases": len(test),
         "train_subjects": len({c.subject for c in train}),
         "trainable_parameters": count_parameters(model, trainable_only=True),
         "transferred_tensors": transfer["transferred"] if transfer else 0,
     }
-    if not trainer.is_global_zero:
+
+
+def _closed_probe(
+    data: str | Path,
+    fold_dir: Path,
+    cfg: FinetuneConfig,
+    cs: CaseSet,
+    train: list,
+    test: list,
+    model: DownstreamModel,
+    info: dict[str, Any],
+    run_cfg: dict[str, Any],
+    transfer: dict[str, Any] | None,
+) -> tuple[Predictor | None, dict[str, Any]]:
+    """The linear head fitted in closed form (:mod:`neurofm.tasks.probe`), saved as a step-0 checkpoint."""
+    probe = fit_linear_probe(model, Store(data), cs, train, info)
+    done = {**_fold_facts(model, train, test, transfer), "probe": probe}
+    if process_rank() != 0:
         return None, done
-    return Predictor(model, info, device=module.device, tta=cfg.tta, overlap=cfg.overlap, lcc=cfg.lcc), done
+    ck = checkpoint_dir(fold_dir)
+    tmp = ck / ".tmp-step-0000000"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    meta = {"step": 0, "time": time.strftime("%Y-%m-%dT%H:%M:%S"), "probe": probe}
+    write_checkpoint_files(tmp, model, run_cfg, to_jsonable(meta))
+    publish_checkpoint(tmp, ck / "step-0000000", keep=1)
+    return Predictor(model, info, tta=cfg.tta, overlap=cfg.overlap, lcc=cfg.lcc), done
 
 
 def finetune(

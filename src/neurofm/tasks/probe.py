@@ -1,0 +1,117 @@
+"""The linear probe in closed form (``--mode linear``, ``linear_fit="closed"``, the default).
+
+A frozen encoder's features are computed once on what the predictor reads: each training scan whole
+(padded to a multiple of the encoder's stride; a fixed-size backbone such as a ViT: its windows, tiled
+without overlap; :func:`neurofm.infer.runtime.global_windows`), labelled with the case's target; then
+
+* regression: ridge regression on the standardised target,
+* classification: L2-penalised (multinomial) logistic regression with balanced class weights,
+
+with the penalty chosen by cross-validation over the training *subjects* (the windows and sessions of
+one subject stay in one fold), and written into the model's linear head. This is how the field reads a
+foundation model's features with a few labelled subjects (scikit-learn on frozen embeddings): the
+penalty keeps a 24-subject fit near the constant predictor where the features carry nothing, which a
+head trained by a few hundred gradient steps on random crops does not. The predictor then pools the
+windows' outputs exactly as for a head trained by gradient descent.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+
+from neurofm.data.finetune import CaseSet
+from neurofm.data.sampling import stack_contrasts
+from neurofm.errors import ConfigError
+from neurofm.infer.runtime import FLIPS, flip, global_windows
+from neurofm.store import Store
+
+#: penalties tried: ridge's alpha, and the inverse of logistic regression's C, on standardised features
+PENALTIES = np.logspace(-2, 5, 15)
+
+
+@torch.no_grad()
+def window_features(
+    model: Any, store: Store, cs: CaseSet, cases: list, patch: int, whole: int = 0, flips: bool = False
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Standardised features ``(N, D)`` of every window (and flip) of ``cases``, their targets and subjects.
+
+    Sets the model's feature standardisation from the same windows first."""
+    batches: list[tuple[torch.Tensor, torch.Tensor]] = []
+    targets, subjects = [], []
+    for c in cases:
+        images = {k: np.asarray(store.read(c.key, k), np.float32) for k in c.contrasts}
+        x, present = stack_contrasts(images, cs.contrasts)
+        wins = global_windows(x[None], patch, whole)
+        for f in FLIPS if flips else [()]:
+            w = torch.from_numpy(np.ascontiguousarray(flip(wins, f)))
+            batches.append((w, torch.from_numpy(np.broadcast_to(present, (len(w), len(present))).copy())))
+            targets += [c.target] * len(w)
+            subjects += [c.subject] * len(w)
+    model.eval()
+    model.fit_feature_norm(batches)
+    feats = torch.cat([model.normalised_features(x, p) for x, p in batches]).double().numpy()
+    return feats, np.asarray(targets), np.asarray(subjects)
+
+
+def fit_linear_probe(model: Any, store: Store, cs: CaseSet, train: list, info: dict[str, Any]) -> dict[str, Any]:
+    """Fit ``model.head`` (an ``nn.Linear``) in closed form on the frozen features of ``train``, read as the
+    predictor will read them (``info``: ``patch``, ``whole_scan``); returns what was chosen (penalty,
+    cross-validated score, windows)."""
+    from sklearn.linear_model import LogisticRegression, Ridge
+    from sklearn.metrics import log_loss, make_scorer
+    from sklearn.model_selection import GridSearchCV, GroupKFold, StratifiedGroupKFold
+
+    x, y, groups = window_features(model, store, cs, train, info["patch"], int(info.get("whole_scan", 0)))
+    n_subjects = len(set(groups))
+    folds = min(5, n_subjects)
+    if cs.task == "reg":
+        y = (y.astype(float) - info["target_mean"]) / info["target_std"]
+        est, grid, scoring = Ridge(), {"alpha": PENALTIES}, "neg_mean_absolute_error"
+    else:
+        y = y.astype(int)
+        if len(set(y.tolist())) < 2:
+            raise ConfigError(f"the training cases of {cs.target!r} hold one class only: a classifier needs two")
+        est = LogisticRegression(class_weight="balanced", max_iter=2000)
+        grid = {"C": 1.0 / PENALTIES}  # in the order of PENALTIES
+        # a test fold of a few subjects may hold one class: the loss is told every class there is
+        labels = sorted(set(y.tolist()))
+        scoring = make_scorer(log_loss, response_method="predict_proba", greater_is_better=False, labels=labels)
+    info: dict[str, Any] = {"linear_fit": "closed", "windows": len(y), "subjects": n_subjects}
+    splitter = GroupKFold(folds) if cs.task == "reg" else StratifiedGroupKFold(folds, shuffle=True, random_state=0)
+    if folds >= 2 and (cs.task == "reg" or _every_fold_has_each_class(y, groups, splitter)):
+        search = GridSearchCV(est, grid, cv=splitter, scoring=scoring, refit=False)
+        res = search.fit(x, y, groups=groups).cv_results_
+        mean, se = res["mean_test_score"], res["std_test_score"] / np.sqrt(folds)
+        best = int(np.argmax(mean))
+        # the one-standard-error rule: the strongest penalty whose score is within one standard error of the
+        # best (a 24-subject cross-validation is noisy, and its best penalty is often a lucky weak one)
+        pick = max(np.flatnonzero(mean >= mean[best] - se[best]), key=lambda i: PENALTIES[i])
+        penalty = float(PENALTIES[pick])
+        est.set_params(**{"alpha": penalty} if cs.task == "reg" else {"C": 1.0 / penalty}).fit(x, y)
+        info.update(penalty=penalty, cv_score=float(mean[pick]), cv_best_penalty=float(PENALTIES[best]))
+        info.update(cv_scoring="mean absolute error" if cs.task == "reg" else "log loss", cv_folds=folds)
+    else:  # too few subjects to cross-validate: the strongest penalty that still fits, stated as such
+        est.set_params(**{"alpha": PENALTIES[-1]} if cs.task == "reg" else {"C": 1.0 / PENALTIES[-1]})
+        est.fit(x, y)
+        info.update(penalty=float(PENALTIES[-1]), cv_score=None)
+    coef, bias = np.atleast_2d(est.coef_), np.atleast_1d(est.intercept_)
+    if cs.task == "cls":  # one row per class of the head; a class no training case has is never predicted
+        seen = est.classes_
+        if len(seen) == 2:  # scikit-learn's one row scores the second class against the first
+            coef, bias = np.concatenate([-coef / 2, coef / 2]), np.array([-bias[0] / 2, bias[0] / 2])
+        full_coef, full_bias = np.zeros((cs.n_out, x.shape[1])), np.full(cs.n_out, -30.0)
+        full_coef[seen], full_bias[seen] = coef, bias
+        coef, bias = full_coef, full_bias
+    head = model.head
+    with torch.no_grad():
+        head.weight.copy_(torch.as_tensor(coef, dtype=head.weight.dtype))
+        head.bias.copy_(torch.as_tensor(bias, dtype=head.bias.dtype))
+    return info
+
+
+def _every_fold_has_each_class(y: np.ndarray, groups: np.ndarray, splitter: Any) -> bool:
+    classes = set(y.tolist())
+    return all(set(y[tr].tolist()) == classes for tr, _ in splitter.split(y, y, groups))
