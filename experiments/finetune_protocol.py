@@ -6,8 +6,9 @@ on the same few-shot draws for several seeds (``neurofm.analyze.experiments.pair
 * segmentation (``--seg-shots`` labelled subjects): frozen encoder; full fine-tuning with and
   without a head warm-up (encoder held still for the first quarter of the steps), at encoder
   learning rates 0.1, 0.3 and 1 x the head's; scratch;
-* classification and regression: linear probe (closed form, and by gradient steps), frozen encoder + MLP
-  head, full (warm-up, 0.3 x); scratch; the two floors;
+* classification and regression: linear probe (closed form with the one-standard-error penalty or the
+  cross-validated best, and by gradient steps), frozen encoder + MLP head, full (warm-up, 0.3 x);
+  scratch; the two floors;
 * ``--seg-lrs 0.003 0.01``: segmentation's learning rate instead — at each rate, full fine-tuning with
   the default protocol against scratch at the same rate, paired per rate (few-shot runs at a rate too
   low for the budget can stay on the empty-prediction plateau);
@@ -48,6 +49,7 @@ def seg_arms(run: str) -> list[Arm]:
 def global_arms(run: str) -> list[Arm]:
     return [
         Arm("linear", run, "linear"),
+        Arm("linear best", run, "linear", {"linear_penalty": "best"}),
         Arm("linear sgd", run, "linear", {"linear_fit": "sgd"}),
         Arm("frozen", run, "frozen"),
         Arm("full warm0.25 lr0.3", run, "full", {"head_warmup": 0.25, "backbone_lr_scale": 0.3}),

@@ -312,7 +312,7 @@ def _closed_probe(
     transfer: dict[str, Any] | None,
 ) -> tuple[Predictor | None, dict[str, Any]]:
     """The linear head fitted in closed form (:mod:`neurofm.tasks.probe`), saved as a step-0 checkpoint."""
-    probe = fit_linear_probe(model, Store(data), cs, train, info)
+    probe = fit_linear_probe(model, Store(data), cs, train, info, cfg.linear_penalty, cfg.tta)
     done = {**_fold_facts(model, train, test, transfer), "probe": probe}
     if process_rank() != 0:
         return None, done

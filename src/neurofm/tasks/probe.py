@@ -2,7 +2,8 @@
 
 A frozen encoder's features are computed once on what the predictor reads: each training scan whole
 (padded to a multiple of the encoder's stride; a fixed-size backbone such as a ViT: its windows, tiled
-without overlap; :func:`neurofm.infer.runtime.global_windows`), labelled with the case's target; then
+without overlap; :func:`neurofm.infer.runtime.global_windows`), averaged over the mirror flips when the
+predictor averages over them (``tta``), labelled with the case's target; then
 
 * regression: ridge regression on the standardised target,
 * classification: L2-penalised (multinomial) logistic regression with balanced class weights,
@@ -36,27 +37,31 @@ PENALTIES = np.logspace(-2, 5, 15)
 def window_features(
     model: Any, store: Store, cs: CaseSet, cases: list, patch: int, whole: int = 0, flips: bool = False
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Standardised features ``(N, D)`` of every window (and flip) of ``cases``, their targets and subjects.
+    """Standardised features ``(N, D)`` of every window of ``cases``, their targets and subjects.
 
-    Sets the model's feature standardisation from the same windows first."""
-    batches: list[tuple[torch.Tensor, torch.Tensor]] = []
+    ``flips``: each window's features averaged over the 8 mirror flips, as the predictor's test-time
+    augmentation averages a linear head's outputs. Sets the model's feature standardisation from the
+    same windows (every flip: the predictor standardises each) first."""
+    per_case: list[list[tuple[torch.Tensor, torch.Tensor]]] = []
     targets, subjects = [], []
     for c in cases:
         images = {k: np.asarray(store.read(c.key, k), np.float32) for k in c.contrasts}
         x, present = stack_contrasts(images, cs.contrasts)
         wins = global_windows(x[None], patch, whole)
-        for f in FLIPS if flips else [()]:
-            w = torch.from_numpy(np.ascontiguousarray(flip(wins, f)))
-            batches.append((w, torch.from_numpy(np.broadcast_to(present, (len(w), len(present))).copy())))
-            targets += [c.target] * len(w)
-            subjects += [c.subject] * len(w)
+        pr = torch.from_numpy(np.broadcast_to(present, (len(wins), len(present))).copy())
+        views = [np.ascontiguousarray(flip(wins, f)) for f in (FLIPS if flips else [()])]
+        per_case.append([(torch.from_numpy(v), pr) for v in views])
+        targets += [c.target] * len(wins)
+        subjects += [c.subject] * len(wins)
     model.eval()
-    model.fit_feature_norm(batches)
-    feats = torch.cat([model.normalised_features(x, p) for x, p in batches]).double().numpy()
-    return feats, np.asarray(targets), np.asarray(subjects)
+    model.fit_feature_norm([b for batches in per_case for b in batches])
+    feats = [torch.stack([model.normalised_features(x, p) for x, p in batches]).mean(0) for batches in per_case]
+    return torch.cat(feats).double().numpy(), np.asarray(targets), np.asarray(subjects)
 
 
-def fit_linear_probe(model: Any, store: Store, cs: CaseSet, train: list, info: dict[str, Any]) -> dict[str, Any]:
+def fit_linear_probe(
+    model: Any, store: Store, cs: CaseSet, train: list, info: dict[str, Any], rule: str = "1se", tta: bool = True
+) -> dict[str, Any]:
     """Fit ``model.head`` (an ``nn.Linear``) in closed form on the frozen features of ``train``, read as the
     predictor will read them (``info``: ``patch``, ``whole_scan``); returns what was chosen (penalty,
     cross-validated score, windows)."""
@@ -64,7 +69,7 @@ def fit_linear_probe(model: Any, store: Store, cs: CaseSet, train: list, info: d
     from sklearn.metrics import log_loss, make_scorer
     from sklearn.model_selection import GridSearchCV, GroupKFold, StratifiedGroupKFold
 
-    x, y, groups = window_features(model, store, cs, train, info["patch"], int(info.get("whole_scan", 0)))
+    x, y, groups = window_features(model, store, cs, train, info["patch"], int(info.get("whole_scan", 0)), tta)
     n_subjects = len(set(groups))
     folds = min(5, n_subjects)
     if cs.task == "reg":
@@ -79,16 +84,18 @@ def fit_linear_probe(model: Any, store: Store, cs: CaseSet, train: list, info: d
         # a test fold of a few subjects may hold one class: the loss is told every class there is
         labels = sorted(set(y.tolist()))
         scoring = make_scorer(log_loss, response_method="predict_proba", greater_is_better=False, labels=labels)
-    info: dict[str, Any] = {"linear_fit": "closed", "windows": len(y), "subjects": n_subjects}
+    info: dict[str, Any] = {"linear_fit": "closed", "rule": rule, "windows": len(y), "subjects": n_subjects}
     splitter = GroupKFold(folds) if cs.task == "reg" else StratifiedGroupKFold(folds, shuffle=True, random_state=0)
     if folds >= 2 and (cs.task == "reg" or _every_fold_has_each_class(y, groups, splitter)):
         search = GridSearchCV(est, grid, cv=splitter, scoring=scoring, refit=False)
         res = search.fit(x, y, groups=groups).cv_results_
         mean, se = res["mean_test_score"], res["std_test_score"] / np.sqrt(folds)
         best = int(np.argmax(mean))
-        # the one-standard-error rule: the strongest penalty whose score is within one standard error of the
-        # best (a 24-subject cross-validation is noisy, and its best penalty is often a lucky weak one)
-        pick = max(np.flatnonzero(mean >= mean[best] - se[best]), key=lambda i: PENALTIES[i])
+        # rule "1se": the strongest penalty whose score is within one standard error of the best (a 24-subject
+        # cross-validation is noisy, and its best penalty may be a lucky weak one); "best": the best
+        pick = best
+        if rule == "1se":
+            pick = max(np.flatnonzero(mean >= mean[best] - se[best]), key=lambda i: PENALTIES[i])
         penalty = float(PENALTIES[pick])
         est.set_params(**{"alpha": penalty} if cs.task == "reg" else {"C": 1.0 / penalty}).fit(x, y)
         info.update(penalty=penalty, cv_score=float(mean[pick]), cv_best_penalty=float(PENALTIES[best]))

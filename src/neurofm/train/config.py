@@ -164,6 +164,7 @@ class FinetuneConfig(Config):
     num_workers: int = 2
     fg_p: float = 0.33
     linear_fit: str = "closed"  # --mode linear: closed form (ridge / logistic, CV penalty) or sgd (docs/finetuning.md)
+    linear_penalty: str = "1se"  # closed form: the cross-validated penalty, by the one-standard-error rule or the best
     head_pool: str = "mean"  # cls/reg: the learned pooling's reduction over space, mean or meanmax (docs/finetuning.md)
     head_pool_latent: bool = False  # cls/reg: the learned pooling also reads the anatomy latent map
     contrast_dropout: float = 0.0  # leave out each present contrast of a training crop with this probability
@@ -199,8 +200,11 @@ class FinetuneConfig(Config):
 
         if self.head_pool not in POOLS:
             raise ConfigError(f"--head-pool should be one of {POOLS}, got {self.head_pool!r}")
-        if self.linear_fit not in ("closed", "sgd"):
-            raise ConfigError(f"linear_fit should be closed or sgd, got {self.linear_fit!r}")
+        if self.linear_fit not in ("closed", "sgd") or self.linear_penalty not in ("1se", "best"):
+            raise ConfigError(
+                f"linear_fit should be closed or sgd and linear_penalty 1se or best, got {self.linear_fit!r}, "
+                f"{self.linear_penalty!r}"
+            )
         if not 0 <= self.contrast_dropout < 1:
             raise ConfigError(f"contrast_dropout should be in [0, 1), got {self.contrast_dropout}")
         if not (0 <= self.head_warmup < 1 and 0 <= self.warmup_fraction <= 1):
