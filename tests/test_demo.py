@@ -32,9 +32,12 @@ def test_demo_end_to_end_tiny(tmp_path, run_cli):
     arms = {(r["task"], r["init"]) for r in summary["scores"]}
     assert arms == {
         ("seg", "pretrained full"),
-        ("cls", "pretrained frozen"),
-        ("reg", "pretrained frozen"),
-        *((t, a) for t in ("seg", "cls", "reg") for a in ("scratch", "random frozen", "constant")),
+        ("cls", "pretrained linear"),
+        ("reg", "pretrained linear"),
+        ("seg", "random frozen"),
+        ("cls", "random linear"),
+        ("reg", "random linear"),
+        *((t, a) for t in ("seg", "cls", "reg") for a in ("scratch", "constant")),
     }
     for r in summary["scores"]:
         if r["init"] != "scratch":  # every arm is paired with scratch, with an interval

@@ -224,7 +224,11 @@ def finetune(
         str | None, typer.Option(help="Input contrasts, e.g. T1w,FLAIR (default: all in the store).")
     ] = None,
     mode: Annotated[
-        str | None, typer.Option(help="linear (probe), frozen (encoder frozen) or full [the preset's].")
+        str | None,
+        typer.Option(
+            help="linear (probe, fitted in closed form; --set linear_fit=sgd: by steps), frozen (encoder frozen) "
+            "or full [the preset's]."
+        ),
     ] = None,
     shots: Annotated[
         int | None, typer.Option(help="Train on this many subjects (few-shot); the rest are the test set.")

@@ -284,8 +284,8 @@ def _mae_and_constant(ft, target_of):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("linear_fit", ["closed", "sgd"])
-def test_regression_head_learns_a_target_that_is_a_function_of_the_image(blob_heads, tmp_path, linear_fit):
+@pytest.mark.parametrize(("linear_fit", "tta"), [("closed", False), ("closed", True), ("sgd", False)])
+def test_regression_head_learns_a_target_that_is_a_function_of_the_image(blob_heads, tmp_path, linear_fit, tta):
     """The target is each head's size. A linear probe on a frozen, randomly initialised encoder must read it,
     fitted in closed form or by gradient steps: the pooled features differ little between scans around large
     shared offsets, so a head that reads them unnormalised learns a constant (as the first version did)."""
@@ -298,7 +298,7 @@ def test_regression_head_learns_a_target_that_is_a_function_of_the_image(blob_he
         linear_fit=linear_fit,
         shots=16,
         lr=3e-3,
-        **{**FAST, "steps": 80},
+        **{**FAST, "steps": 80, "tta": tta},
     )
     finetune(blob_heads, tmp_path / "ft", cfg, progress=False)
     sizes = {c.subject: c.target for c in build_cases(Store(blob_heads), "reg", "size").cases}
