@@ -63,8 +63,8 @@ def fit_linear_probe(
     model: Any, store: Store, cs: CaseSet, train: list, info: dict[str, Any], rule: str = "1se", tta: bool = True
 ) -> dict[str, Any]:
     """Fit ``model.head`` (an ``nn.Linear``) in closed form on the frozen features of ``train``, read as the
-    predictor will read them (``info``: ``patch``, ``whole_scan``); returns what was chosen (penalty,
-    cross-validated score, windows)."""
+    predictor will read them (``info``, the task description: ``patch``, ``whole_scan``, ``target_mean`` and
+    ``target_std``); returns what was chosen (penalty, cross-validated score, windows)."""
     from sklearn.linear_model import LogisticRegression, Ridge
     from sklearn.metrics import log_loss, make_scorer
     from sklearn.model_selection import GridSearchCV, GroupKFold, StratifiedGroupKFold
@@ -84,7 +84,7 @@ def fit_linear_probe(
         # a test fold of a few subjects may hold one class: the loss is told every class there is
         labels = sorted(set(y.tolist()))
         scoring = make_scorer(log_loss, response_method="predict_proba", greater_is_better=False, labels=labels)
-    info: dict[str, Any] = {"linear_fit": "closed", "rule": rule, "windows": len(y), "subjects": n_subjects}
+    fit: dict[str, Any] = {"linear_fit": "closed", "rule": rule, "windows": len(y), "subjects": n_subjects}
     splitter = GroupKFold(folds) if cs.task == "reg" else StratifiedGroupKFold(folds, shuffle=True, random_state=0)
     if folds >= 2 and (cs.task == "reg" or _every_fold_has_each_class(y, groups, splitter)):
         search = GridSearchCV(est, grid, cv=splitter, scoring=scoring, refit=False)
@@ -98,12 +98,12 @@ def fit_linear_probe(
             pick = max(np.flatnonzero(mean >= mean[best] - se[best]), key=lambda i: PENALTIES[i])
         penalty = float(PENALTIES[pick])
         est.set_params(**{"alpha": penalty} if cs.task == "reg" else {"C": 1.0 / penalty}).fit(x, y)
-        info.update(penalty=penalty, cv_score=float(mean[pick]), cv_best_penalty=float(PENALTIES[best]))
-        info.update(cv_scoring="mean absolute error" if cs.task == "reg" else "log loss", cv_folds=folds)
+        fit.update(penalty=penalty, cv_score=float(mean[pick]), cv_best_penalty=float(PENALTIES[best]))
+        fit.update(cv_scoring="mean absolute error" if cs.task == "reg" else "log loss", cv_folds=folds)
     else:  # too few subjects to cross-validate: the strongest penalty that still fits, stated as such
         est.set_params(**{"alpha": PENALTIES[-1]} if cs.task == "reg" else {"C": 1.0 / PENALTIES[-1]})
         est.fit(x, y)
-        info.update(penalty=float(PENALTIES[-1]), cv_score=None)
+        fit.update(penalty=float(PENALTIES[-1]), cv_score=None)
     coef, bias = np.atleast_2d(est.coef_), np.atleast_1d(est.intercept_)
     if cs.task == "cls":  # one row per class of the head; a class no training case has is never predicted
         seen = est.classes_
@@ -116,7 +116,7 @@ def fit_linear_probe(
     with torch.no_grad():
         head.weight.copy_(torch.as_tensor(coef, dtype=head.weight.dtype))
         head.bias.copy_(torch.as_tensor(bias, dtype=head.bias.dtype))
-    return info
+    return fit
 
 
 def _every_fold_has_each_class(y: np.ndarray, groups: np.ndarray, splitter: Any) -> bool:
