@@ -84,8 +84,13 @@ def fit_linear_probe(
         # a test fold of a few subjects may hold one class: the loss is told every class there is
         labels = sorted(set(y.tolist()))
         scoring = make_scorer(log_loss, response_method="predict_proba", greater_is_better=False, labels=labels)
+        folds = min(folds, min(len(set(groups[y == k].tolist())) for k in labels))  # subjects of the rarest class
     fit: dict[str, Any] = {"linear_fit": "closed", "rule": rule, "windows": len(y), "subjects": n_subjects}
-    splitter = GroupKFold(folds) if cs.task == "reg" else StratifiedGroupKFold(folds, shuffle=True, random_state=0)
+    splitter = (
+        GroupKFold(max(folds, 2))
+        if cs.task == "reg"
+        else StratifiedGroupKFold(max(folds, 2), shuffle=True, random_state=0)
+    )
     if folds >= 2 and (cs.task == "reg" or _every_fold_has_each_class(y, groups, splitter)):
         search = GridSearchCV(est, grid, cv=splitter, scoring=scoring, refit=False)
         res = search.fit(x, y, groups=groups).cv_results_
@@ -121,4 +126,7 @@ def fit_linear_probe(
 
 def _every_fold_has_each_class(y: np.ndarray, groups: np.ndarray, splitter: Any) -> bool:
     classes = set(y.tolist())
-    return all(set(y[tr].tolist()) == classes for tr, _ in splitter.split(y, y, groups))
+    try:
+        return all(set(y[tr].tolist()) == classes for tr, _ in splitter.split(y, y, groups))
+    except ValueError:  # scikit-learn refuses a split it cannot stratify
+        return False
