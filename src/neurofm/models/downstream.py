@@ -214,22 +214,26 @@ class DownstreamModel(nn.Module):
         return torch.cat(out, dim=1)
 
     @torch.no_grad()
-    def fit_feature_norm(self, batches: Any) -> int:
+    def fit_feature_norm(self, batches: Any) -> torch.Tensor:
         """Set the standardisation of the fused features from ``(x, present)`` batches of training crops;
-        returns the number of crops seen."""
+        returns those features ``(N, D)``, before standardisation."""
         was = self.training
         self.eval()
         feats = torch.cat([self.features(x, present) for x, present in batches])
         self.train(was)
         self.feature_mean.copy_(feats.mean(0))
         self.feature_std.copy_(feats.std(0, unbiased=False).clamp_min(1e-3) if len(feats) > 1 else 1.0)
-        return len(feats)
+        return feats
+
+    def standardise(self, fixed: torch.Tensor) -> torch.Tensor:
+        """Fused features standardised, clipped to +-6 (a value the training crops never showed, such as a
+        contrast missing only at test time, stays bounded)."""
+        return ((fixed - self.feature_mean) / self.feature_std).clamp(-6.0, 6.0)
 
     def normalised_features(self, x: torch.Tensor, present: torch.Tensor, every: bool = False) -> torch.Tensor:
-        """Standardised fused features, clipped to +-6 (a value the training crops never showed, such as a
-        contrast missing only at test time, stays bounded), and the learned pooling of the maps."""
+        """Standardised fused features (:meth:`standardise`) and the learned pooling of the maps."""
         fixed, maps = self._fused(x, present, every=every)
-        fixed = ((fixed - self.feature_mean) / self.feature_std).clamp(-6.0, 6.0)
+        fixed = self.standardise(fixed)
         return torch.cat([fixed, maps], dim=1) if maps is not None else fixed
 
     # ------------------------------------------------------------------- forward

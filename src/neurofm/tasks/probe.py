@@ -53,10 +53,14 @@ def window_features(
         per_case.append([(torch.from_numpy(v), pr) for v in views])
         targets += [c.target] * len(wins)
         subjects += [c.subject] * len(wins)
+    # a linear probe reads the fused features only (no learned pooling): one pass sets the standardisation
+    # and gives the features, (case, flip, window) in order
     model.eval()
-    model.fit_feature_norm([b for batches in per_case for b in batches])
-    feats = [torch.stack([model.normalised_features(x, p) for x, p in batches]).mean(0) for batches in per_case]
-    return torch.cat(feats).double().numpy(), np.asarray(targets), np.asarray(subjects)
+    feats = model.standardise(model.fit_feature_norm([b for batches in per_case for b in batches]))
+    n_views, n_wins = len(per_case[0]), [len(batches[0][0]) for batches in per_case]
+    per_view = torch.split(feats, [n_views * n for n in n_wins])
+    mean = [f.view(n_views, n, -1).mean(0) for f, n in zip(per_view, n_wins, strict=True)]  # over the flips
+    return torch.cat(mean).double().numpy(), np.asarray(targets), np.asarray(subjects)
 
 
 def fit_linear_probe(
