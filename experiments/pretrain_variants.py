@@ -116,6 +116,22 @@ VARIANTS = {
         "objective.w_contrast_means=10.0",
         "objective.swap_contrast=reference",
     ],
+    # the anatomy latent as CALAMITI's categorical code (a softmax over classes per position, Gumbel-sampled)
+    "paper-categorical": [
+        "model.kwargs.contrast_code=spatial",
+        "model.kwargs.anatomy_code=categorical",
+        "objective.align=cosine",
+        "objective.kl_reduction=sum",
+        "objective.swap_anatomy=mean",
+        "objective.swap_contrast=same",
+    ],
+    "global-categorical-calamiti": [
+        *GLOBAL,
+        "model.kwargs.anatomy_code=categorical",
+        "objective.align=centred",
+        "objective.swap_contrast=reference",
+        "objective.rec_anatomy=random",
+    ],
     "mae": [
         "objective.w_swap=0",
         "objective.w_kl=0",

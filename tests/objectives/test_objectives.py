@@ -331,3 +331,61 @@ def test_fomo25_anatomy_anchor_learns_the_subjects_volumes_from_either_contrast(
     assert model.anatomy_projector is None
     with pytest.raises(ConfigError, match="anatomy_outputs"):
         loss_fn(DualLatentUNet(features=(4, 8, 16), latent=8), batch)
+
+
+def test_categorical_anatomy_code_is_a_distribution_sampled_in_training_without_kl():
+    torch.manual_seed(0)
+    model = DualLatentUNet(features=(4, 8, 16), latent=5, anatomy_code="categorical", anatomy_temperature=0.5)
+    assert model.config["anatomy_code"] == "categorical" and "anatomy_code" not in DualLatentUNet().config
+    lat = model.forward_features(torch.randn(2, 1, 16, 16, 16)).latents
+    assert "logvar_s" not in lat and lat["logits_s"].shape == lat["mu_s"].shape == (2, 5, 4, 4, 4)
+    assert torch.allclose(lat["mu_s"].sum(1), torch.ones(2, 4, 4, 4), atol=1e-5)  # class probabilities
+    assert torch.allclose(lat["mu_s"], torch.softmax(lat["logits_s"] / 0.5, dim=1))
+    with pytest.raises(ConfigError, match="anatomy_code"):
+        DualLatentUNet(anatomy_code="onehot")
+    with pytest.raises(ConfigError, match="anatomy_temperature"):
+        DualLatentUNet(anatomy_temperature=0.0)
+
+    # the KL is the contrast latent's alone: the same with and without the anatomy posterior's share
+    cfg = Fomo25Config(w_swap=0, w_align=0, w_repel=0)
+    batch = _pair_batch()
+    torch.manual_seed(1)
+    _, terms, _ = Fomo25Loss(cfg)(model, batch, progress=20.0)
+    torch.manual_seed(1)
+    masks = block_mask(4, (16, 16, 16), cfg.block, cfg.mask_ratio)
+    x = torch.cat([batch["x_a"], batch["x_b"]]).masked_fill(masks, 0.0)
+    lat = model.forward_features(x).latents
+    assert torch.allclose(terms["kl"], kl_divergence(lat["mu_c"], lat["logvar_c"]).mean(), rtol=1e-4)
+
+    # training decodes Gumbel-softmax samples (random, on the simplex); evaluation the probabilities
+    seen = []
+
+    class Spy(nn.Module):
+        def __init__(self, inner):
+            super().__init__()
+            self.inner, self.anatomy_temperature = inner, inner.anatomy_temperature
+
+        def forward_features(self, x):
+            return self.inner.forward_features(x)
+
+        def decode(self, zs, zc):
+            seen.append(zs.detach())
+            return self.inner.decode(zs, zc)
+
+    def masked_mu(seed):  # the anatomy probabilities of the masked crops a call with this seed encodes
+        torch.manual_seed(seed)
+        m = block_mask(4, (16, 16, 16), cfg.block, cfg.mask_ratio)
+        return model.forward_features(torch.cat([batch["x_a"], batch["x_b"]]).masked_fill(m, 0.0)).latents["mu_s"]
+
+    loss = Fomo25Loss(cfg)
+    for mode in ("train", "eval"):
+        getattr(loss, mode)()
+        torch.manual_seed(2)
+        loss(Spy(model), batch)
+        zs, mu = seen[-1][:2], masked_mu(2).detach()[:2]
+        assert torch.allclose(zs.sum(1), torch.ones_like(zs[:, 0]), atol=1e-5)
+        assert torch.allclose(zs, mu, atol=1e-6) == (mode == "eval")
+
+    # and it learns: reconstruction falls on a fixed batch
+    first, last = _train(model, Fomo25Loss(Fomo25Config()), batch, "rec", 40)
+    assert last < 0.8 * first

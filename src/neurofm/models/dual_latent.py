@@ -17,6 +17,12 @@ the contrast latent's spatial mean and an adversary at every position of the ana
 (trained through a gradient reversal by ``objective.w_adversary``), so that no part of the anatomy
 latent can tell the contrast. Both are dropped downstream.
 
+The anatomy latent is a Gaussian posterior (``anatomy_code="gaussian"``, the paper's form) or, with
+``anatomy_code="categorical"``, a distribution over ``latent`` classes at every bottleneck position
+(a softmax; during pretraining a Gumbel-softmax sample, CALAMITI's anatomy code, Zuo et al. 2021):
+each position says which of a few learnt kinds of tissue pattern it holds, a code too coarse to
+carry a contrast's intensities as well, so the decoder has to take them from the contrast latent.
+
 With ``anatomy_outputs > 0`` an anatomy projector (the SSL3D winner's anatomy anchor, put on the
 fomo25 subject latent) reads the anatomy latent map and predicts the subject's regional-volume
 vector (``objective.w_anatomy``); dropped downstream.
@@ -103,6 +109,9 @@ class DualLatentUNet(Backbone):
         contrast_code: ``spatial`` (a map, as the paper) or ``global`` (one vector per scan).
         contrast_classes: > 0 builds the contrast classifier and the anatomy adversary (pretext heads).
         anatomy_outputs: > 0 builds the anatomy projector with one output per region (a pretext head).
+        anatomy_code: ``gaussian`` (a posterior mean and log-variance, as the paper) or ``categorical``
+            (a softmax over ``latent`` classes per position; see the module docstring).
+        anatomy_temperature: the categorical code's softmax temperature.
     """
 
     stem_keys = ("encoder.stages.0.0.convs.0.conv.weight", "encoder.stages.0.0.convs.0.all_modules.0.weight")
@@ -120,11 +129,17 @@ class DualLatentUNet(Backbone):
         contrast_code: str = "spatial",
         contrast_classes: int = 0,
         anatomy_outputs: int = 0,
+        anatomy_code: str = "gaussian",
+        anatomy_temperature: float = 0.5,
     ):
         super().__init__()
         features = tuple(int(f) for f in features)
         if contrast_code not in ("spatial", "global"):
             raise ConfigError(f"contrast_code should be spatial or global, got {contrast_code!r}")
+        if anatomy_code not in ("gaussian", "categorical"):
+            raise ConfigError(f"anatomy_code should be gaussian or categorical, got {anatomy_code!r}")
+        if not anatomy_temperature > 0:
+            raise ConfigError(f"anatomy_temperature should be > 0, got {anatomy_temperature}")
         if len(features) < 2 or min(features) < 1:
             raise ConfigError(f"features should list >= 2 positive filter counts, got {features}")
         if latent < 1:
@@ -145,6 +160,10 @@ class DualLatentUNet(Backbone):
             self.config["contrast_classes"] = contrast_classes
         if anatomy_outputs:
             self.config["anatomy_outputs"] = anatomy_outputs
+        if anatomy_code != "gaussian":
+            self.config.update(anatomy_code=anatomy_code, anatomy_temperature=anatomy_temperature)
+        self.categorical_anatomy = anatomy_code == "categorical"
+        self.anatomy_temperature = anatomy_temperature
         self.in_channels = in_channels
         self.global_contrast = contrast_code == "global"
         self.latent = latent
@@ -214,7 +233,8 @@ class DualLatentUNet(Backbone):
         Returns:
             :class:`Features`: ``maps`` (encoder stage outputs), ``pooled``, ``anatomy`` / ``contrast``
             (the latent means averaged over space) and ``latents`` ``mu_s``/``logvar_s``/``mu_c``/``logvar_c``,
-            each ``(B, latent, X/16, Y/16, Z/16)`` at full size.
+            each ``(B, latent, X/16, Y/16, Z/16)`` at full size; a categorical anatomy code gives
+            ``logits_s`` instead of ``logvar_s`` and ``mu_s`` is its class probabilities.
         """
         self.check_input(x)
         skips = self.encoder(x)
@@ -227,12 +247,12 @@ class DualLatentUNet(Backbone):
         pooled = torch.cat([F.avg_pool3d(s, 2 ** (n - 1 - i)) if i < n - 1 else s for i, s in enumerate(skips)], dim=1)
         mu_s, logvar_s = self.subject_head(pooled).chunk(2, dim=1)
         mu_c, logvar_c = self.contrast_head(pooled).chunk(2, dim=1)  # global: (B, latent, 1, 1, 1)
-        feats.latents = {
-            "mu_s": mu_s,
-            "logvar_s": logvar_s.clamp(*LOGVAR_RANGE),
-            "mu_c": mu_c,
-            "logvar_c": logvar_c.clamp(*LOGVAR_RANGE),
-        }
+        feats.latents = {"mu_c": mu_c, "logvar_c": logvar_c.clamp(*LOGVAR_RANGE)}
+        if self.categorical_anatomy:  # class probabilities; the objective samples from the logits
+            feats.latents.update(logits_s=mu_s, mu_s=F.softmax(mu_s / self.anatomy_temperature, dim=1))
+            mu_s = feats.latents["mu_s"]
+        else:
+            feats.latents.update(mu_s=mu_s, logvar_s=logvar_s.clamp(*LOGVAR_RANGE))
         feats.anatomy, feats.contrast = mu_s.mean(dim=(2, 3, 4)), mu_c.mean(dim=(2, 3, 4))
         return feats
 

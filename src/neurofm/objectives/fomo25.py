@@ -11,7 +11,8 @@ Loss = w_rec (rec_a + rec_b) + w_swap (swap_ab + swap_ba) + w_kl(t) KL
   of another crop of scan b (``swap_contrast="reference"``), so that a contrast latent
   that copies its crop cannot meet the term.
 * KL of both posteriors (``contrast_variational=False``: the anatomy's only, the contrast latent
-  being its mean) against N(0, 1), summed over latent elements as SPEC states
+  being its mean; a categorical anatomy code, ``model.kwargs.anatomy_code``, has none and is
+  sampled by a Gumbel-softmax in training) against N(0, 1), summed over latent elements as SPEC states
   (``kl_reduction="mean"``: averaged, as the first version did), its weight ramping
   linearly from 0 to ``w_kl`` over ``kl_warmup_epochs``.
 * align: ``cosine`` — 1 - cos of the flattened anatomy latents (the paper; a shared offset
@@ -346,10 +347,14 @@ class Fomo25Loss(nn.Module):
         x = torch.cat(scans)
         masks = block_mask(len(x), tuple(x_a.shape[2:]), cfg.block, cfg.mask_ratio, device=x_a.device)
         lat = model.forward_features(x.masked_fill(masks, 0.0)).latents
-        mu_s, lv_s, mu_c, lv_c = lat["mu_s"], lat["logvar_s"], lat["mu_c"], lat["logvar_c"]
+        mu_s, mu_c, lv_c = lat["mu_s"], lat["mu_c"], lat["logvar_c"]
+        categorical = "logits_s" in lat  # a categorical anatomy code: no Gaussian posterior, no KL
         z_s, z_c = mu_s, mu_c
         if cfg.variational and self.training:
-            z_s = mu_s + torch.randn_like(mu_s) * (0.5 * lv_s).exp()
+            if categorical:
+                z_s = F.gumbel_softmax(lat["logits_s"], tau=float(getattr(model, "anatomy_temperature", 1.0)), dim=1)
+            else:
+                z_s = mu_s + torch.randn_like(mu_s) * (0.5 * lat["logvar_s"]).exp()
             if cfg.contrast_variational:
                 z_c = mu_c + torch.randn_like(mu_c) * (0.5 * lv_c).exp()
         pair = slice(0, 2 * bsz)  # the reference crops only lend their contrast codes
@@ -375,7 +380,11 @@ class Fomo25Loss(nn.Module):
             out.update(swap=pred_ab, target_b=x_b)
         if cfg.w_kl > 0 and cfg.variational:
             w = torch.cat([torch.ones_like(valid), valid] + ([valid, valid] if use_ref else []))
-            kl = kl_divergence(mu_s, lv_s, cfg.kl_reduction)
+            kl = (
+                torch.zeros(len(x), device=x.device)
+                if categorical
+                else kl_divergence(mu_s, lat["logvar_s"], cfg.kl_reduction)
+            )
             if cfg.contrast_variational:
                 kl = kl + kl_divergence(mu_c, lv_c, cfg.kl_reduction)
             terms["kl"] = _wmean(kl, w)
