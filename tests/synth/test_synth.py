@@ -14,7 +14,8 @@ from neurofm.io.manifest import discover
 from neurofm.io.nifti import load_scan
 from neurofm.preprocess import transforms
 from neurofm.synth import SynthConfig, anatomy, synthesize
-from neurofm.synth.generator import VENTRICLE_GROWTH_MM, plan_subjects, render_session
+from neurofm.synth.contrast import MEANS
+from neurofm.synth.generator import VENTRICLE_GROWTH_MM, contrast_image, plan_subjects, render_session
 from neurofm.synth.template import CSF_LABEL, T1_MEANS, WM_LABEL, cerebra_regions, load_template
 
 pytestmark = pytest.mark.slow
@@ -143,6 +144,25 @@ def test_ageing_shows_in_the_image_as_larger_ventricles_and_wider_sulci_without_
     jac = np.stack([np.stack(np.gradient(c)) for c in coords])
     det = np.linalg.det(np.moveaxis(jac, (0, 1), (-2, -1)))
     assert det[template.brain > 0.5].min() > 0
+
+
+def test_a_healthy_t1c_shows_normal_enhancement_that_a_t1w_lacks():
+    """Without a lesion, T1c differs from T1w where gadolinium stays in the vessels: the venous sinuses,
+    the cortical veins and the choroid plexus of the lateral ventricles come out brighter than white
+    matter; the brain elsewhere keeps its T1w tissue contrast."""
+    template = load_template(2)
+    plan = plan_subjects(SynthConfig(subjects=1, sessions=1, seed=5, pathology=()), template)[0]
+    r = render_session(plan, 0, template)
+    t1w = contrast_image(r, "T1w", MEANS["T1w"], plan)
+    t1c = contrast_image(r, "T1c", MEANS["T1w"], plan)  # the same tissue means: only the enhancement differs
+    strong = r.vessels > 0.55
+    plain = (r.vessels == 0) & (r.brain > 0.999)  # outside the brain T1c also mixes the head's T1 a little brighter
+    assert np.allclose(t1c[plain], t1w[plain], atol=1e-3)
+    assert (t1c[strong] > MEANS["T1w"]["wm"]).mean() > 0.9 and (t1w[strong] < MEANS["T1w"]["wm"]).mean() > 0.8
+    lateral = [r_.label for r_ in template.regions if r_.name.endswith(" Lateral Ventricle")]
+    choroid = np.isin(r.labels, lateral) & (r.vessels > 0)
+    assert choroid.sum() > 20 and t1c[choroid].mean() > t1w[choroid].mean() + 0.4
+    assert 0.005 < (r.vessels[r.brain > 0.5] > 0.25).mean() < 0.1  # a few per cent of the brain, not all of it
 
 
 def test_sessions_of_a_subject_share_anatomy(dataset):

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import scipy.ndimage as ndi
 
-from neurofm.synth.template import WM_LABEL, Template
+from neurofm.synth.template import CSF_LABEL, WM_LABEL, Template
 
 COARSE = 4  # the warp is computed on every 4th voxel and interpolated: it is smooth by construction
 
@@ -82,6 +82,48 @@ def _ventricle_pull(template: Template) -> tuple[np.ndarray, ...]:
     mag = np.sqrt(sum(g**2 for g in grads)).max()
     template.cache["pull"] = tuple((g / max(mag, 1e-8)).astype(np.float32) for g in grads)
     return template.cache["pull"]
+
+
+def enhancing_vessels(template: Template) -> np.ndarray:
+    """The share of each template voxel that normal enhancing structures fill on a contrast-enhanced T1.
+
+    Gadolinium stays in the vessels where the blood-brain barrier holds, so a normal T1c shows bright
+    venous sinuses, cortical veins and choroid plexus where a T1w shows dark CSF, dura or grey fluid.
+    Placed on the MNI-aligned template (x = 0 is the midline, y grows forward, z upward):
+
+    * choroid plexus: the back 40 % of each lateral ventricle (the atrium, where its glomus lies), 0.6;
+    * superior sagittal sinus: outside the brain, 1-7 mm from it, within 5 mm of the midline, above
+      z = 0, 0.8; transverse sinuses: 1-6 mm outside the brain, behind y = -65 mm, at the level of the
+      tentorium (z from -25 to -5 mm), 10-55 mm from the midline, 0.8;
+    * cortical veins: a fixed sparse pattern (a fifth of the voxels) in the CSF of the sulci and within
+      3 mm outside the brain, 0.5.
+
+    Sampled through each subject's deformation like every other template field (cached).
+    """
+    if "vessels" in template.cache:
+        return template.cache["vessels"]
+    ijk = np.indices(template.shape, dtype=np.float32)
+    x, y, z = (np.tensordot(template.affine[a, :3], ijk, axes=1) + template.affine[a, 3] for a in range(3))
+    brain = template.brain > 0.5
+    outside_mm = ndi.distance_transform_edt(~brain) * template.spacing
+    out = np.zeros(template.shape, np.float32)
+    lateral = [r.label for r in template.regions if r.kind == "ventricle" and r.name.endswith(" Lateral Ventricle")]
+    for lab in lateral:
+        v = template.labels == lab
+        if v.any():
+            back = y <= np.quantile(y[v], 0.4)
+            out[v & back] = 0.6
+    ring = (outside_mm >= 1) & (outside_mm <= 7)
+    out[ring & (np.abs(x) <= 5) & (z > 0)] = 0.8
+    out[
+        (outside_mm >= 1) & (outside_mm <= 6) & (y < -65) & (z > -25) & (z < -5) & (np.abs(x) > 10) & (np.abs(x) < 55)
+    ] = 0.8
+    noise = ndi.gaussian_filter(np.random.default_rng(2009).standard_normal(template.shape), 1.0)
+    sulci = (template.labels == CSF_LABEL) | (~brain & (outside_mm <= 3))
+    veins = sulci & (noise > np.quantile(noise[sulci], 0.8)) if sulci.any() else sulci
+    out[veins] = np.maximum(out[veins], 0.5)
+    template.cache["vessels"] = out
+    return out
 
 
 def ventricle_labels(template: Template) -> list[int]:

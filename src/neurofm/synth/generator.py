@@ -15,7 +15,9 @@ Per subject (deterministic for a seed, whatever the number of workers):
   with a voxel mask; healthy subjects have none;
 * **contrasts** — T1w, T1c, T2w, FLAIR and PDw from tissue fractions and per-site,
   per-subject intensity models, with bias field, resolution (e.g. 5 mm FLAIR) and
-  Rician noise, stored in each site's orientation.
+  Rician noise, stored in each site's orientation; every T1c, a healthy subject's too, shows the
+  normal enhancement of the venous sinuses, cortical veins and choroid plexus
+  (``anatomy.enhancing_vessels``), so it differs from the T1w beyond a tumour's rim.
 
 Output (BIDS)::
 
@@ -64,6 +66,8 @@ DERIV = Path("derivatives") / "neurofm-synth"
 # 1.4 % to 3.5 % of the intracranial volume and the CSF outside them from 15 % to 25 %, as in healthy adults
 VENTRICLE_GROWTH_MM = 10.0
 CORTICAL_LOSS = 0.5
+# relative T1c intensity of blood carrying gadolinium (white matter 0.88)
+VESSEL_T1C = 1.3
 AGE_RANGE = {"healthy": (20, 85), "tumour": (25, 75), "infarct": (50, 88), "wmh": (55, 88)}
 
 
@@ -204,6 +208,7 @@ class SessionRender:
     labels: np.ndarray  # int16 dense anatomy labels
     lesions: dict[str, np.ndarray]  # necrosis, enhancing, oedema, infarct, wmh memberships
     lesion_mask: np.ndarray  # bool
+    vessels: np.ndarray  # share of normal enhancing structures (sinuses, veins, choroid plexus), T1c only
 
 
 def _put_max(target: np.ndarray, box: tuple[slice, ...], values: np.ndarray) -> None:
@@ -291,6 +296,7 @@ def render_session(plan: SubjectPlan, session: int, template: Template) -> Sessi
         labels=labels,
         lesions=mem,
         lesion_mask=lesion_mask,
+        vessels=sample(anatomy.enhancing_vessels(template)),
     )
 
 
@@ -312,7 +318,10 @@ def contrast_image(r: SessionRender, contrast: str, means: dict[str, float], pla
     brain_img = brain_img * (1 - lesion_total) + lesion_sum
     a, b = NONBRAIN[contrast]
     outside = a * (r.nonbrain_t1 / T1_MEANS["wm"] * 0.88) + b * (r.nonbrain_t2 / T2_MEANS["csf"])
-    return (brain_img + (1.0 - np.clip(r.brain, 0, 1)) * outside).astype(np.float32)
+    img = brain_img + (1.0 - np.clip(r.brain, 0, 1)) * outside
+    if contrast == "T1c":  # normal enhancement: veins, sinuses and choroid plexus brighter than white matter
+        img = img * (1 - r.vessels) + r.vessels * VESSEL_T1C
+    return img.astype(np.float32)
 
 
 def region_volumes(r: SessionRender, template: Template) -> dict[str, float]:
