@@ -17,7 +17,6 @@ the encoder's learning rate (``lr x backbone_lr_scale``) warms up linearly over
 from __future__ import annotations
 
 import math
-import shutil
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -35,15 +34,7 @@ from neurofm.evaluate.metrics import per_site, reliability_figure, selective, su
 from neurofm.evaluate.scoring import config_splits, score_cases, write_predictions
 from neurofm.faults import FolderLock, OutOfMemory, process_rank
 from neurofm.infer.predictor import Predictor
-from neurofm.io.checkpoint import (
-    STATE,
-    checkpoint_dir,
-    count_parameters,
-    latest_checkpoint,
-    publish_checkpoint,
-    read_checkpoint,
-    write_checkpoint_files,
-)
+from neurofm.io.checkpoint import STATE, count_parameters, latest_checkpoint, read_checkpoint, write_run_folder
 from neurofm.models.downstream import DownstreamModel, load_pretrained
 from neurofm.models.registry import model_from_checkpoint
 from neurofm.store import Store
@@ -316,13 +307,8 @@ def _closed_probe(
     done = {**_fold_facts(model, train, test, transfer), "probe": probe}
     if process_rank() != 0:
         return None, done
-    ck = checkpoint_dir(fold_dir)
-    tmp = ck / ".tmp-step-0000000"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
     meta = {"step": 0, "time": time.strftime("%Y-%m-%dT%H:%M:%S"), "probe": probe}
-    write_checkpoint_files(tmp, model, run_cfg, to_jsonable(meta))
-    publish_checkpoint(tmp, ck / "step-0000000", keep=1)
+    write_run_folder(fold_dir, model, run_cfg, to_jsonable(meta))
     return Predictor(model, info, tta=cfg.tta, overlap=cfg.overlap, lcc=cfg.lcc), done
 
 
