@@ -41,6 +41,7 @@ from sklearn.linear_model import RidgeCV
 
 from neurofm.analyze.latent import intensity_histogram
 from neurofm.data.finetune import build_cases, make_splits
+from neurofm.infer.runtime import global_windows
 from neurofm.models.registry import model_from_checkpoint
 from neurofm.store import Store
 
@@ -74,10 +75,8 @@ def network_features(
         if c not in store.record(key)["images"]:
             out.append(None)
             continue
-        v = np.asarray(store.read(key, c), np.float32)
-        shape = [-(-n // 16) * 16 for n in v.shape]  # every stride divides the padded whole scan
-        pad = [((m - n) // 2, m - n - (m - n) // 2) for n, m in zip(v.shape, shape, strict=True)]
-        x = torch.from_numpy(np.pad(v, pad, constant_values=float(v.min())))[None, None]
+        v = np.asarray(store.read(key, c), np.float32)[None, None]
+        x = torch.from_numpy(global_windows(v, 0, 16))  # the whole scan, padded so that every stride divides it
         f = model.forward_features(x)
         out.append((model.anatomy_projector(f.latents["mu_s"]) if projection else f.pooled)[0].numpy())
     dim = next(len(o) for o in out if o is not None)

@@ -30,6 +30,7 @@ from sklearn.linear_model import LogisticRegressionCV
 from sklearn.metrics import roc_auc_score
 
 from neurofm.data.finetune import build_cases, make_splits
+from neurofm.infer.runtime import global_windows
 from neurofm.models.registry import model_from_checkpoint
 from neurofm.store import Store
 
@@ -43,10 +44,8 @@ def map_features(model: torch.nn.Module, store: Store, key: str, contrasts: list
             for v in per.values():
                 v.append(None)
             continue
-        v = np.asarray(store.read(key, c), np.float32)
-        shape = [-(-n // 16) * 16 for n in v.shape]
-        pad = [((m - n) // 2, m - n - (m - n) // 2) for n, m in zip(v.shape, shape, strict=True)]
-        f = model.forward_features(torch.from_numpy(np.pad(v, pad, constant_values=float(v.min())))[None, None])
+        v = np.asarray(store.read(key, c), np.float32)[None, None]
+        f = model.forward_features(torch.from_numpy(global_windows(v, 0, 16)))  # the whole scan
         per["mean"].append(f.pooled[0].numpy())
         per["max"].append(torch.cat([m.flatten(2).amax(2) for m in f.maps], 1)[0].numpy())
         mu = f.latents["mu_s"].flatten(2)[0]
