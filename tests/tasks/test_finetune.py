@@ -205,8 +205,16 @@ def test_finetune_modes_and_scratch_via_cli(tiny_store, pretrained_run, tmp_path
         "--no-progress",
         "--bootstrap",
         "50",
+        "--set",
+        "whole_scan=true",
     )
     assert code == 0, err
+    run = json.loads((tmp_path / "scr" / "run.json").read_text())
+    info, train, store = run["task_info"], set(run["train_subjects"]), Store(tiny_store)
+    fits = np.max([store.record(k)["shape"] for k in store.keys if store.record(k)["subject"] in train], axis=0)
+    step = info["whole_scan"]  # the encoder's downsampling: 8 for ssl3d-tiny
+    assert step == 8
+    assert all(n % step == 0 and m <= n < m + step for n, m in zip(info["whole_shape"], fits, strict=True))
     code, out, _ = run_cli(
         "evaluate", tmp_path / "scr", "--data", tiny_store, "--split", "all", "--no-tta", "--bootstrap", "50"
     )
@@ -245,6 +253,34 @@ def test_contrast_dropout_keeps_a_random_nonempty_subset(tiny_store):
     assert all(int(plain[i]["present"].sum()) >= 4 for i in range(5))
     with pytest.raises(ConfigError, match="contrast_dropout"):
         FinetuneConfig(task="seg", target="x", contrast_dropout=1.0)
+
+
+def test_whole_scan_items_are_each_scan_padded_evenly_to_one_size(tiny_store):
+    from neurofm.data.finetune import FinetuneDataset
+    from neurofm.infer.runtime import global_windows
+    from neurofm.tasks.finetune import whole_shape
+
+    store = Store(tiny_store)
+    cs = build_cases(store, "reg", "age", ["T1w"])
+    shape = whole_shape(store, cs.cases, 16)
+    biggest = np.max([store.record(c.key)["shape"] for c in cs.cases], axis=0)
+    assert all(n % 16 == 0 and n - 16 < b <= n for n, b in zip(shape, biggest, strict=True))
+    ds = FinetuneDataset(tiny_store, cs, cs.cases, 16, length=4, seed=0, augment=False, whole=shape)
+    for i in range(4):
+        item, case = ds[i], cs.cases[i]
+        scan = np.asarray(store.read(case.key, "T1w"), np.float32)
+        assert list(item["x"].shape) == [1, *shape]
+        centre = tuple(slice((n - s) // 2, (n - s) // 2 + s) for n, s in zip(shape, scan.shape, strict=True))
+        inner = item["x"][0][centre]
+        np.testing.assert_array_equal(inner.numpy(), scan)  # the whole scan, centred
+        assert float(item["x"].min()) == float(scan.min())  # padded with its background
+        # the predictor reads the scan at the size it was trained at, however the scan is padded otherwise
+        np.testing.assert_array_equal(global_windows(scan[None, None], 0, 16, shape)[0], item["x"].numpy())
+    assert list(global_windows(np.zeros((1, 1, 20, 40, 7)), 0, 16, [32, 32, 32]).shape[2:]) == [32, 48, 32]
+    with pytest.raises(ConfigError, match="whole"):
+        FinetuneDataset(tiny_store, build_cases(store, "seg", "lesion", ["T1w"]), cs.cases, 16, 4, whole=shape)
+    with pytest.raises(ConfigError, match="whole_scan"):
+        FinetuneConfig(task="seg", target="lesion", whole_scan=True)
 
 
 def test_bad_finetune_settings():

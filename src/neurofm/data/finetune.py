@@ -17,7 +17,7 @@ from torch.utils.data import Dataset
 
 from neurofm.data.sampling import box_around, random_box, stack_contrasts
 from neurofm.errors import ConfigError, StoreError
-from neurofm.preprocess.transforms import pad_to
+from neurofm.preprocess.transforms import pad_to, pad_to_shape
 from neurofm.store import Store
 
 
@@ -230,6 +230,11 @@ class FinetuneDataset(Dataset):
     nnU-Net's oversampling) so that small lesions are seen. With ``contrast_dropout`` each present
     contrast of a crop is left out with that probability (one always stays), so that a model
     trained on complete sessions also works on any one contrast alone.
+
+    With ``whole`` (cls/reg), each item is a whole scan instead of a crop, padded evenly to that fixed
+    shape ``(X, Y, Z)`` (:func:`neurofm.infer.runtime.global_windows` pads a scan the same way when
+    the model reads it): a global target such as age is a property of the whole brain, which a crop
+    shows only in part.
     """
 
     def __init__(
@@ -243,13 +248,17 @@ class FinetuneDataset(Dataset):
         fg_p: float = 0.33,
         augment: bool = True,
         contrast_dropout: float = 0.0,
+        whole: list[int] | None = None,
     ):
         if not cases:
             raise ConfigError("no training cases")
+        if whole is not None and case_set.task == "seg":
+            raise ConfigError("whole-scan training is for cls/reg; segmentation trains on crops")
         self.store_root = str(store_root)
         self.cs, self.cases, self.patch, self.length = case_set, cases, patch, length
         self.seed, self.fg_p, self.augment = seed, fg_p, augment
         self.contrast_dropout = float(contrast_dropout)
+        self.whole = list(whole) if whole is not None else None
         self._store: Store | None = None
         self._rng: np.random.Generator | None = None
         if case_set.task == "seg":
@@ -270,6 +279,8 @@ class FinetuneDataset(Dataset):
     def _box(self, case: Case, shape: tuple[int, ...]) -> tuple[slice, ...]:
         rng, p = self._rng, self.patch
         assert rng is not None and self._store is not None
+        if self.whole is not None:
+            return tuple(slice(0, s) for s in shape)
         if self.cs.task == "seg" and rng.random() < self.fg_p:
             fg = np.argwhere(np.asarray(self._store.read(case.key, case.target)) > 0)
             if len(fg):
@@ -289,7 +300,8 @@ class FinetuneDataset(Dataset):
             if not keep.any():
                 keep[self._rng.choice(np.flatnonzero(present))] = True
             present = keep
-        img = np.stack([pad_to(a, self.patch, float(a.min())) for a in img])
+        size = self.whole or [self.patch] * 3
+        img = np.stack([pad_to_shape(a, size, float(a.min())) for a in img])
         img *= present.astype(np.float32)[:, None, None, None]
         out: dict[str, Any] = {}
         if self.cs.task == "seg":

@@ -54,13 +54,15 @@ def largest_component(labels: np.ndarray) -> np.ndarray:
     return out
 
 
-def global_windows(x: np.ndarray, patch: int, whole: int = 0) -> np.ndarray:
+def global_windows(x: np.ndarray, patch: int, whole: int = 0, shape: list[int] | None = None) -> np.ndarray:
     """The windows a cls/reg model reads of one scan ``(1, C, X, Y, Z)``: padded to at least ``patch`` and
     tiled without overlap, ``(W, C, patch, patch, patch)`` (the last window of an axis ends at its edge);
-    or, with ``whole`` > 0, the whole scan as one window, padded evenly to a multiple of ``whole``."""
+    or, with ``whole`` > 0, the whole scan as one window, padded evenly to a multiple of ``whole`` (and to at
+    least ``shape``: the fixed size a model trained on whole scans saw them at)."""
     if whole > 0:
-        pad = [((-n % whole) // 2, -n % whole - (-n % whole) // 2) for n in x.shape[2:]]
-        return np.stack([np.pad(a, pad, constant_values=float(a.min())) for a in x[0]])[None]
+        least = shape or [0] * 3
+        target = [-(-max(n, m) // whole) * whole for n, m in zip(x.shape[2:], least, strict=True)]
+        return np.stack([transforms.pad_to_shape(a, target, float(a.min())) for a in x[0]])[None]
     xs = np.stack([transforms.pad_to(a, patch, float(a.min())) for a in x[0]])
     return np.stack([xs[(slice(None), *w)] for w in window_slices(tuple(xs.shape[1:]), patch, 0.0)])
 
@@ -175,7 +177,7 @@ class PredictorBase:
         return CasePrediction("seg", probs=probs, labels=labels, uncertainty=unc)
 
     def _global(self, x: np.ndarray, present: np.ndarray, flips) -> CasePrediction:
-        wins = global_windows(x, self.patch, int(self.info.get("whole_scan", 0)))
+        wins = global_windows(x, self.patch, int(self.info.get("whole_scan", 0)), self.info.get("whole_shape"))
         per_window = []
         for i in range(0, len(wins), self.sw_batch):
             batch = wins[i : i + self.sw_batch]

@@ -189,9 +189,14 @@ def zscore(data: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray, float, float
 
 def pad_to(x: np.ndarray, patch: int, value: float) -> np.ndarray:
     """Centre-pad the last three axes of ``x`` up to ``patch`` (axes already that long are left alone)."""
+    return pad_to_shape(x, (patch, patch, patch), value)
+
+
+def pad_to_shape(x: np.ndarray, shape: tuple[int, ...] | list[int], value: float) -> np.ndarray:
+    """Centre-pad the last three axes of ``x`` up to ``shape`` (axes already that long are left alone)."""
     pads = [(0, 0)] * (x.ndim - 3)
-    for s in x.shape[-3:]:
-        extra = max(patch - s, 0)
+    for s, want in zip(x.shape[-3:], shape, strict=True):
+        extra = max(int(want) - s, 0)
         pads.append((extra // 2, extra - extra // 2))
     return np.pad(x, pads, constant_values=value) if any(p[1] or p[0] for p in pads) else x
 

@@ -226,8 +226,13 @@ def train_fold(
     transfer = load_pretrained(model, weights, src.get("pretrained_contrasts")) if weights is not None else None
     info = _task_info(cs, cfg, patch, stats)
     closed = cfg.mode == "linear" and cfg.linear_fit == "closed"
-    if closed and getattr(model.backbone, "fixed_size", None) is None:
+    whole = None
+    if cfg.whole_scan and getattr(model.backbone, "fixed_size", None) is not None:
+        raise ConfigError(f"{backbone['name']} takes a fixed {model.backbone.fixed_size}^3 cube, not whole scans")
+    if (closed or cfg.whole_scan) and getattr(model.backbone, "fixed_size", None) is None:
         info["whole_scan"] = int(model.downsampling)  # the closed-form probe reads each scan whole
+        if cfg.whole_scan and not closed:  # trained on whole scans: all at one size, as the predictor will pad them
+            whole = info["whole_shape"] = whole_shape(Store(data), train, int(model.downsampling))
     fold_dir.mkdir(parents=True, exist_ok=True)
     run_cfg = cfg.save(
         fold_dir / "run.json",
@@ -244,7 +249,7 @@ def train_fold(
         return _closed_probe(data, fold_dir, cfg, cs, train, test, model, info, run_cfg, transfer)
     ds = FinetuneDataset(
         data, cs, train, patch, length=cfg.steps * cfg.batch_size, seed=seed, fg_p=cfg.fg_p,
-        contrast_dropout=cfg.contrast_dropout,
+        contrast_dropout=cfg.contrast_dropout, whole=whole,
     )  # fmt: skip
     if cs.task != "seg":
         model.fit_feature_norm(_norm_batches(ds, cfg.batch_size))
@@ -278,6 +283,12 @@ def train_fold(
     if not trainer.is_global_zero:
         return None, done
     return Predictor(model, info, device=module.device, tta=cfg.tta, overlap=cfg.overlap, lcc=cfg.lcc), done
+
+
+def whole_shape(store: Store, cases: list, multiple: int) -> list[int]:
+    """The size every scan of ``cases`` fits in, per axis rounded up to a multiple of ``multiple``."""
+    big = np.max([store.record(c.key)["shape"] for c in cases], axis=0)
+    return [int(-(-int(n) // multiple) * multiple) for n in big]
 
 
 def _fold_facts(model: DownstreamModel, train: list, test: list, transfer: dict[str, Any] | None) -> dict[str, Any]:

@@ -168,6 +168,7 @@ class FinetuneConfig(Config):
     head_pool: str = "mean"  # cls/reg: the learned pooling's reduction over space, mean or meanmax (docs/finetuning.md)
     head_pool_latent: bool = False  # cls/reg: the learned pooling also reads the anatomy latent map
     contrast_dropout: float = 0.0  # leave out each present contrast of a training crop with this probability
+    whole_scan: bool = False  # cls/reg trained by steps: on whole scans (padded to one size), not on crops
     tta: bool = True
     overlap: float = 0.5
     lcc: bool = False
@@ -194,6 +195,8 @@ class FinetuneConfig(Config):
             raise ConfigError(f"--mode {self.mode} freezes an encoder; from scratch only --mode full makes sense")
         if self.source == "random" and self.mode == "full":
             raise ConfigError("--from random is the frozen random-encoder floor: use --mode linear or frozen")
+        if self.whole_scan and self.task == "seg":
+            raise ConfigError("whole_scan is for cls/reg; segmentation trains on crops and reads scans by windows")
         if self.steps < 1 or self.batch_size < 1 or not self.lr > 0:
             raise ConfigError("--steps, --batch-size and --lr must be positive")
         from neurofm.models.downstream import POOLS
