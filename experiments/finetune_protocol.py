@@ -11,12 +11,15 @@ on the same few-shot draws for several seeds (``neurofm.analyze.experiments.pair
   scratch; the two floors;
 * ``--seg-lrs 0.003 0.01``: segmentation's learning rate instead — at each rate, full fine-tuning with
   the default protocol against scratch at the same rate, paired per rate (few-shot runs at a rate too
-  low for the budget can stay on the empty-prediction plateau);
+  low for the budget can stay on the empty-prediction plateau); with ``--encoder-scales 0.1 0.3 1``,
+  full fine-tuning at each of those encoder learning-rate ratios;
 * ``--head-pools mean meanmax``: for classification and regression, the demo's arms (frozen encoder +
   MLP head, scratch, the two floors) with each reduction of the head's learned pooling, paired per pooling.
 
     python experiments/finetune_protocol.py --run RUN --data STORE --out DIR [--seeds 3] [--steps 200]
     python experiments/finetune_protocol.py --run RUN --data STORE --out DIR --tasks seg --seeds 5 --seg-lrs 0.003 0.01
+    python experiments/finetune_protocol.py --run RUN --data STORE --out DIR --tasks seg --seeds 5 --seg-lrs 0.01 \
+        --encoder-scales 0.1 0.3 1
     python experiments/finetune_protocol.py --run RUN --data STORE --out DIR --tasks cls --seeds 5 --steps 100 \
         --head-pools mean meanmax
 
@@ -71,6 +74,9 @@ def main() -> None:
     ap.add_argument("--reg-shots", type=int, default=24)
     ap.add_argument("--tasks", nargs="*", default=["seg", "cls", "reg"])
     ap.add_argument("--seg-lrs", type=float, nargs="*", default=[], help="sweep segmentation's learning rate")
+    ap.add_argument(
+        "--encoder-scales", type=float, nargs="*", default=[1.0], help="with --seg-lrs: the encoder's lr x these"
+    )
     ap.add_argument("--patch", type=int, default=32, help="training crop (voxels a side)")
     ap.add_argument("--head-pools", nargs="*", default=[], help="cls/reg: compare the head's pooling reductions")
     args = ap.parse_args()
@@ -100,7 +106,12 @@ def main() -> None:
         target, shots, arms = tasks[task]
         if task == "seg" and args.seg_lrs:
             for lr in args.seg_lrs:
-                arms = [Arm("full", args.run, "full"), Arm("scratch", "scratch")]
+                scales = args.encoder_scales
+                full = [
+                    Arm("full" if scales == [1.0] else f"full enc{s:g}", args.run, "full", {"backbone_lr_scale": s})
+                    for s in scales
+                ]
+                arms = [*full, Arm("scratch", "scratch")]
                 cfg = replace(base, target=target, shots=shots, lr=lr)
                 studies.append((f"seg-lr{lr:g}", f"seg-{target}-lr{lr:g}", cfg, arms))
         elif task != "seg" and args.head_pools:
