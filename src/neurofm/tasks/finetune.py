@@ -230,7 +230,7 @@ def train_fold(
     if cfg.whole_scan and getattr(model.backbone, "fixed_size", None) is not None:
         raise ConfigError(f"{backbone['name']} takes a fixed {model.backbone.fixed_size}^3 cube, not whole scans")
     if (closed or cfg.whole_scan) and getattr(model.backbone, "fixed_size", None) is None:
-        info["whole_scan"] = int(model.downsampling)  # the closed-form probe reads each scan whole
+        info["whole_scan"] = int(model.downsampling)  # the closed-form probe or a whole-scan model reads scans whole
         if cfg.whole_scan and not closed:  # trained on whole scans: all at one size, as the predictor will pad them
             whole = info["whole_shape"] = whole_shape(Store(data), train, int(model.downsampling))
     fold_dir.mkdir(parents=True, exist_ok=True)
