@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import numpy as np
 import pandas as pd
@@ -255,7 +256,7 @@ def test_contrast_dropout_keeps_a_random_nonempty_subset(tiny_store):
         FinetuneConfig(task="seg", target="x", contrast_dropout=1.0)
 
 
-def test_whole_scan_items_are_each_scan_padded_evenly_to_one_size(tiny_store):
+def test_whole_scan_items_are_each_scan_padded_evenly_to_one_size(tiny_store, tmp_path):
     from neurofm.data.finetune import FinetuneDataset
     from neurofm.infer.runtime import global_windows
     from neurofm.tasks.finetune import whole_shape
@@ -281,6 +282,9 @@ def test_whole_scan_items_are_each_scan_padded_evenly_to_one_size(tiny_store):
         FinetuneDataset(tiny_store, build_cases(store, "seg", "lesion", ["T1w"]), cs.cases, 16, 4, whole=shape)
     with pytest.raises(ConfigError, match="whole_scan"):
         FinetuneConfig(task="seg", target="lesion", whole_scan=True)
+    vit = FinetuneConfig(task="reg", target="age", contrasts=["T1w"], arch="lamim16-tiny", shots=4, whole_scan=True)
+    with pytest.raises(ConfigError, match="fixed .* cube"):  # a ViT takes its cube, not a whole scan
+        finetune(tiny_store, tmp_path / "vit", replace(vit, **FAST))
 
 
 def test_bad_finetune_settings():

@@ -226,10 +226,11 @@ def train_fold(
     transfer = load_pretrained(model, weights, src.get("pretrained_contrasts")) if weights is not None else None
     info = _task_info(cs, cfg, patch, stats)
     closed = cfg.mode == "linear" and cfg.linear_fit == "closed"
+    fixed = getattr(model.backbone, "fixed_size", None)
+    if cfg.whole_scan and fixed is not None:
+        raise ConfigError(f"{backbone['name']} takes a fixed {fixed}^3 cube, not whole scans")
     whole = None
-    if cfg.whole_scan and getattr(model.backbone, "fixed_size", None) is not None:
-        raise ConfigError(f"{backbone['name']} takes a fixed {model.backbone.fixed_size}^3 cube, not whole scans")
-    if (closed or cfg.whole_scan) and getattr(model.backbone, "fixed_size", None) is None:
+    if (closed or cfg.whole_scan) and fixed is None:
         info["whole_scan"] = int(model.downsampling)  # the closed-form probe or a whole-scan model reads scans whole
         if cfg.whole_scan and not closed:  # trained on whole scans: all at one size, as the predictor will pad them
             whole = info["whole_shape"] = whole_shape(Store(data), train, int(model.downsampling))
