@@ -132,6 +132,22 @@ VARIANTS = {
         "objective.swap_contrast=reference",
         "objective.rec_anatomy=random",
     ],
+    # a global contrast code that scales and shifts every decoder stage (FiLM) instead of being stacked as input
+    "global-film": [*GLOBAL, "model.kwargs.contrast_injection=film", "objective.swap_contrast=reference"],
+    "global-film-calamiti": [
+        *GLOBAL,
+        "model.kwargs.contrast_injection=film",
+        "objective.swap_contrast=reference",
+        "objective.rec_anatomy=random",
+    ],
+    "global-film-categorical-calamiti": [
+        *GLOBAL,
+        "model.kwargs.contrast_injection=film",
+        "model.kwargs.anatomy_code=categorical",
+        "objective.align=centred",
+        "objective.swap_contrast=reference",
+        "objective.rec_anatomy=random",
+    ],
     "mae": [
         "objective.w_swap=0",
         "objective.w_kl=0",

@@ -75,3 +75,32 @@ def test_bad_model_arguments_are_config_errors():
         create_model("dual_latent_unet", filters=3)
     with pytest.raises(ConfigError, match="square"):
         create_model("vit_autoenc", img_size=32, patch_size=8)
+
+
+def test_film_decoder_renders_the_anatomy_with_the_contrast_codes_scale_and_shift():
+    torch.manual_seed(0)
+    m = DualLatentUNet(features=(4, 8, 16), latent=6, contrast_code="global", contrast_injection="film").eval()
+    assert m.config["contrast_injection"] == "film" and "contrast_injection" not in DualLatentUNet().config
+    with torch.no_grad():
+        lat = m.forward_features(torch.randn(2, 1, 16, 16, 16)).latents
+        zs, zc = lat["mu_s"], lat["mu_c"]
+        assert zc.shape == (2, 6, 1, 1, 1) and m.decode(zs, zc).shape == (2, 1, 16, 16, 16)
+        other = torch.randn_like(zc)
+        assert not torch.allclose(m.decode(zs, zc), m.decode(zs, other))  # the code reaches the output
+        films = [b.film for b in m.decoder["blocks"]]
+        for f in films:  # scale 1, shift 0 whatever the code: the code has no say
+            f.weight.zero_()
+            f.bias.zero_()
+        assert torch.equal(m.decode(zs, zc), m.decode(zs, other))
+        assert not torch.allclose(m.decode(zs, zc), m.decode(torch.randn_like(zs), zc))  # the anatomy does
+        for f in films:  # scale 0 and a shift: every stage's output is set by the code alone, the anatomy is gone
+            n = f.bias.numel() // 2
+            f.bias[:n] = -1.0
+            f.bias[n:] = 0.5
+        flat = m.decode(zs, zc)
+        assert torch.allclose(flat, flat.flatten(1)[:, :1, None, None, None].expand_as(flat), atol=1e-5)
+        assert torch.allclose(flat, m.decode(torch.randn_like(zs), zc), atol=1e-5)
+    with pytest.raises(ConfigError, match="needs contrast_code=global"):
+        DualLatentUNet(contrast_injection="film")
+    with pytest.raises(ConfigError, match="contrast_injection"):
+        DualLatentUNet(contrast_code="global", contrast_injection="adain")

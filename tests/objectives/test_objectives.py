@@ -389,3 +389,17 @@ def test_categorical_anatomy_code_is_a_distribution_sampled_in_training_without_
     # and it learns: reconstruction falls on a fixed batch
     first, last = _train(model, Fomo25Loss(Fomo25Config()), batch, "rec", 40)
     assert last < 0.8 * first
+
+
+def test_film_model_trains_under_the_reference_swap_and_every_decoder_stage_reads_the_code():
+    torch.manual_seed(0)
+    model = DualLatentUNet(features=(4, 8, 16), latent=5, contrast_code="global", contrast_injection="film")
+    cfg = Fomo25Config(swap_contrast="reference", swap_anatomy="other")
+    batch = cfg.example_batch(2, 16, {})
+    grads, terms = _grads(model, Fomo25Loss(cfg), batch)
+    assert terms["swap"] > 0
+    for i in range(len(model.decoder["blocks"])):
+        g = grads[f"decoder.blocks.{i}.film.weight"]
+        assert torch.isfinite(g).all() and g.abs().sum() > 0
+    first, last = _train(model, Fomo25Loss(cfg), batch, "rec", 40)
+    assert last < 0.8 * first

@@ -12,6 +12,15 @@ pooled features, broadcast over the grid in the decoder (``"global"``). A spatia
 map can carry the whole scan, so a decoder fed ``[z_subject of b, z_contrast of a]``
 rebuilds ``a`` by copying; a single vector cannot hold the anatomy of a crop.
 
+How the decoder takes the contrast code (``contrast_injection``): ``concat`` (the paper's) stacks it
+with the anatomy latent as input channels. A global code broadcast that way adds the same offset
+to each channel at every position (up to the 2^3 pattern of the first transposed convolution), which
+the InstanceNorm after it subtracts again: it can act only through that pattern and the
+non-linearities, never as a scale on the anatomy's features. ``film`` feeds the decoder the anatomy
+latent alone and lets a global code set every decoder stage's per-channel scale and shift after its
+InstanceNorm (FiLM, Perez et al. 2018; AdaIN in style transfer), so the contrast code decides the
+intensities the anatomy is rendered with.
+
 With ``contrast_classes > 0`` two small pretext heads read the latents: a contrast classifier on
 the contrast latent's spatial mean and an adversary at every position of the anatomy latent
 (trained through a gradient reversal by ``objective.w_adversary``), so that no part of the anatomy
@@ -73,6 +82,23 @@ class GlobalContrastHead(nn.Module):
         return self.out(self.act(self.proj(x)).mean(dim=(2, 3, 4), keepdim=True))
 
 
+class FiLMBlock(nn.Module):
+    """Conv3d 3^3 -> InstanceNorm (no affine of its own) -> ``h * (1 + gamma) + beta`` -> LeakyReLU,
+    with ``gamma``, ``beta`` per channel from a code vector: the decoder stage of ``contrast_injection=film``."""
+
+    def __init__(self, channels: int, code: int):
+        super().__init__()
+        self.conv = nn.Conv3d(channels, channels, 3, padding=1)
+        self.norm = nn.InstanceNorm3d(channels, eps=1e-5, affine=False)
+        self.film = nn.Linear(code, 2 * channels)
+        self.act = nn.LeakyReLU(0.01)
+
+    def forward(self, h: torch.Tensor, code: torch.Tensor) -> torch.Tensor:
+        gamma, beta = self.film(code).chunk(2, dim=1)
+        h = self.norm(self.conv(h))
+        return self.act(h * (1 + gamma[..., None, None, None]) + beta[..., None, None, None])
+
+
 class AnatomyProjector(nn.Module):
     """``(B, latent, *grid) -> (B, out)``: 1x1x1 conv, GELU, average over space, LayerNorm, linear.
 
@@ -107,6 +133,8 @@ class DualLatentUNet(Backbone):
         n_conv: convolutions per encoder level.
         out_channels: reconstruction channels.
         contrast_code: ``spatial`` (a map, as the paper) or ``global`` (one vector per scan).
+        contrast_injection: ``concat`` (the code stacked with the anatomy latent as decoder input, as the
+            paper) or ``film`` (a global code scales and shifts every decoder stage; see the module docstring).
         contrast_classes: > 0 builds the contrast classifier and the anatomy adversary (pretext heads).
         anatomy_outputs: > 0 builds the anatomy projector with one output per region (a pretext head).
         anatomy_code: ``gaussian`` (a posterior mean and log-variance, as the paper) or ``categorical``
@@ -127,6 +155,7 @@ class DualLatentUNet(Backbone):
         n_conv: int = 2,
         out_channels: int = 1,
         contrast_code: str = "spatial",
+        contrast_injection: str = "concat",
         contrast_classes: int = 0,
         anatomy_outputs: int = 0,
         anatomy_code: str = "gaussian",
@@ -136,6 +165,13 @@ class DualLatentUNet(Backbone):
         features = tuple(int(f) for f in features)
         if contrast_code not in ("spatial", "global"):
             raise ConfigError(f"contrast_code should be spatial or global, got {contrast_code!r}")
+        if contrast_injection not in ("concat", "film"):
+            raise ConfigError(f"contrast_injection should be concat or film, got {contrast_injection!r}")
+        if contrast_injection == "film" and contrast_code != "global":
+            raise ConfigError(
+                "contrast_injection=film needs contrast_code=global: a spatial contrast map has no single "
+                "scale and shift per channel"
+            )
         if anatomy_code not in ("gaussian", "categorical"):
             raise ConfigError(f"anatomy_code should be gaussian or categorical, got {anatomy_code!r}")
         if not anatomy_temperature > 0:
@@ -160,12 +196,15 @@ class DualLatentUNet(Backbone):
             self.config["contrast_classes"] = contrast_classes
         if anatomy_outputs:
             self.config["anatomy_outputs"] = anatomy_outputs
+        if contrast_injection != "concat":
+            self.config["contrast_injection"] = contrast_injection
         if anatomy_code != "gaussian":
             self.config.update(anatomy_code=anatomy_code, anatomy_temperature=anatomy_temperature)
         self.categorical_anatomy = anatomy_code == "categorical"
         self.anatomy_temperature = anatomy_temperature
         self.in_channels = in_channels
         self.global_contrast = contrast_code == "global"
+        self.film = contrast_injection == "film"
         self.latent = latent
         self.downsampling = 2 ** (len(features) - 1)
         kw = conv_kwargs()
@@ -188,11 +227,13 @@ class DualLatentUNet(Backbone):
             else nn.Conv3d(pooled, 2 * latent, 1)
         )
         ups, blocks = [], []
-        ch = 2 * latent
+        ch = latent if self.film else 2 * latent
         for f in reversed(features[:-1]):
             ups.append(nn.ConvTranspose3d(ch, f, 2, 2))
             blocks.append(
-                StackedConvBlocks(1, input_channels=f, output_channels=f, kernel_size=3, initial_stride=1, **kw)
+                FiLMBlock(f, latent)
+                if self.film
+                else StackedConvBlocks(1, input_channels=f, output_channels=f, kernel_size=3, initial_stride=1, **kw)
             )
             ch = f
         self.decoder = nn.ModuleDict(
@@ -259,10 +300,17 @@ class DualLatentUNet(Backbone):
     def decode(self, z_s: torch.Tensor, z_c: torch.Tensor) -> torch.Tensor:
         """Reconstruct from a subject and a contrast latent: ``(B, out_channels, X, Y, Z)``.
 
-        A global contrast code ``(B, latent, 1, 1, 1)`` is broadcast over the subject latent's grid."""
-        h = torch.cat([z_s, z_c.expand(-1, -1, *z_s.shape[2:])], dim=1)
-        for up, block in zip(self.decoder["ups"], self.decoder["blocks"], strict=True):
-            h = block(up(h))
+        A global contrast code ``(B, latent, 1, 1, 1)`` is broadcast over the subject latent's grid, or with
+        ``contrast_injection=film`` sets each decoder stage's scale and shift."""
+        stages = zip(self.decoder["ups"], self.decoder["blocks"], strict=True)
+        if self.film:
+            h, code = z_s, z_c.flatten(1)
+            for up, block in stages:
+                h = block(up(h), code)
+        else:
+            h = torch.cat([z_s, z_c.expand(-1, -1, *z_s.shape[2:])], dim=1)
+            for up, block in stages:
+                h = block(up(h))
         return self.decoder["out"](h)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
