@@ -96,7 +96,8 @@ def model_card(name: str, args: argparse.Namespace, run_cfg: dict, meta: dict, a
     model = f"`{run_cfg['model']['name']}` {json.dumps(run_cfg['model']['kwargs'])}"
     d, o = run_cfg["data"], run_cfg["optim"]
     sets = "".join(f" --set {x}" for x in args.extra) if args.extra else ""
-    command = f"--work WORK --steps {args.steps} --pool-subjects {args.pool_subjects}{sets}"
+    named = "" if name == "fomo25-tiny-synth" else f" --name {name}"
+    command = f"--work WORK{named} --steps {args.steps} --pool-subjects {args.pool_subjects}{sets}"
     return f"""# {name}
 
 fomo25-tiny ({model}), pretrained without labels on synthetic multi-contrast heads made by
@@ -153,6 +154,8 @@ def main() -> None:
         "&& neurofm prepare POOL POOL_STORE --spacing 4"
     )
     run = work / "run"
+    # the training's wall time, kept beside the run: packaging again from a finished run trains nothing
+    timing = work / "train_minutes.json"
     t0 = time.time()
     sets = [f"trainer.max_steps={args.steps}", "trainer.checkpoint_every=1000", "data.num_workers=1", *args.extra]
     if (run / "run.json").is_file():
@@ -169,7 +172,10 @@ def main() -> None:
             "--no-progress",
             *sum((["--set", s] for s in sets), []),
         )
-    args.train_minutes = (time.time() - t0) / 60
+    minutes = (time.time() - t0) / 60
+    spent = json.loads(timing.read_text()) if timing.is_file() else {"minutes": 0.0}
+    args.train_minutes = spent["minutes"] + minutes
+    timing.write_text(json.dumps({"minutes": args.train_minutes}))
     threads = os.environ.get("OMP_NUM_THREADS")
     args.threads = f"OMP_NUM_THREADS={threads}" if threads else f"{os.cpu_count()} cores"
     evaluation = synth_and_prepare(work, "eval", args.eval_subjects, args.eval_seed, args.workers)

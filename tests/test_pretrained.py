@@ -22,7 +22,11 @@ def test_a_pretrained_model_ships():
 #: what each shipped folder's model card must name: the script that makes it, and its own checks
 CARD = {
     "fomo25-tiny-synth": ("scripts/make_pretrained.py", "swap check"),
-    "fomo25-tiny-film": ("scripts/make_pretrained.py", "swap check", "contrast_injection"),
+    "fomo25-tiny-film": (
+        "scripts/make_pretrained.py --work WORK --name fomo25-tiny-film",
+        "swap check",
+        "contrast_injection",
+    ),
     "neurofm-brain-extract": ("scripts/make_brain_extractor.py", "Dice against the generator's brain mask"),
 }
 
