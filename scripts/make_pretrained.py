@@ -27,6 +27,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 NEUROFM = [sys.executable, "-m", "neurofm.cli"]
+DEFAULT_NAME = "fomo25-tiny-synth"  # the model neurofm demo fine-tunes by default
 CARRY = ("model.safetensors", "model.json", "transfer.json", "preprocessing.json", "run.json", "meta.json")
 
 
@@ -96,7 +97,7 @@ def model_card(name: str, args: argparse.Namespace, run_cfg: dict, meta: dict, a
     model = f"`{run_cfg['model']['name']}` {json.dumps(run_cfg['model']['kwargs'])}"
     d, o = run_cfg["data"], run_cfg["optim"]
     sets = "".join(f" --set {x}" for x in args.extra) if args.extra else ""
-    named = "" if name == "fomo25-tiny-synth" else f" --name {name}"
+    named = "" if name == DEFAULT_NAME else f" --name {name}"
     command = f"--work WORK{named} --steps {args.steps} --pool-subjects {args.pool_subjects}{sets}"
     return f"""# {name}
 
@@ -136,7 +137,7 @@ Inputs must be prepared at 4 mm (`neurofm prepare --spacing 4`) and z-scored, as
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--work", type=Path, required=True, help="folder for the data and the run")
-    ap.add_argument("--name", default="fomo25-tiny-synth")
+    ap.add_argument("--name", default=DEFAULT_NAME)
     ap.add_argument("--steps", type=int, default=30000)
     ap.add_argument("--pool-subjects", type=int, default=300)
     ap.add_argument("--pool-seed", type=int, default=1000)

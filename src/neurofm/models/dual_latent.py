@@ -15,8 +15,8 @@ rebuilds ``a`` by copying; a single vector cannot hold the anatomy of a crop.
 How the decoder takes the contrast code (``contrast_injection``): ``concat`` (the paper's) stacks it
 with the anatomy latent as input channels. A global code broadcast that way adds the same offset
 to each channel at every position (up to the 2^3 pattern of the first transposed convolution), which
-the InstanceNorm after it subtracts again: it can act only through that pattern and the
-non-linearities, never as a scale on the anatomy's features. ``film`` feeds the decoder the anatomy
+the InstanceNorm after it largely subtracts again: what is left acts through that pattern and the
+non-linearities, not as a per-channel scale and shift of the anatomy's features. ``film`` feeds the decoder the anatomy
 latent alone and lets a global code set every decoder stage's per-channel scale and shift after its
 InstanceNorm (FiLM, Perez et al. 2018; AdaIN in style transfer), so the contrast code decides the
 intensities the anatomy is rendered with.
