@@ -284,9 +284,8 @@ def test_contrast_means_term_pulls_each_contrasts_mean_to_the_common_one():
     offset[ids == 0] = 0.5  # contrast 0 sits above, contrast 1 below
     offset[ids == 1] = -0.5
     loss = Fomo25Loss(Fomo25Config(w_contrast_means=1.0))
-    loss.align_mean_term(anatomy, anatomy, torch.ones(8))  # the scale of crop means
     for _ in range(3):
-        loss.contrast_means_term(anatomy + offset, ids)  # running means from a few batches
+        loss.contrast_means_term(anatomy + offset, ids)  # running means and scale from a few batches
     shifted = (anatomy + offset).requires_grad_(True)
     value = loss.contrast_means_term(shifted, ids)
     value.backward()
@@ -295,7 +294,6 @@ def test_contrast_means_term_pulls_each_contrasts_mean_to_the_common_one():
     step = -shifted.grad.flatten(2).mean(2).mean(1)
     assert (step[ids == 0] < 0).all() and (step[ids == 1] > 0).all()
     same = Fomo25Loss(Fomo25Config(w_contrast_means=1.0))
-    same.align_mean_term(anatomy, anatomy, torch.ones(8))
     for _ in range(3):
         last = same.contrast_means_term(anatomy[:1].expand(8, -1, -1, -1, -1), ids)
     assert last < 1e-8  # every contrast has the same mean: nothing to pull
@@ -307,6 +305,48 @@ def test_contrast_means_term_pulls_each_contrasts_mean_to_the_common_one():
     batch["contrast_a"], batch["contrast_b"] = torch.tensor([0, 2]), torch.tensor([1, 3])
     _, terms = _grads(model, Fomo25Loss(Fomo25Config(w_contrast_means=1.0)), batch)
     assert "contrast_means" in terms and torch.isfinite(terms["contrast_means"])
+
+
+def test_whitened_contrast_means_sees_an_offset_along_a_direction_in_which_crop_means_hardly_vary():
+    # crop means that vary along (1, 1, 1, 1) only, and a contrast offset of 1/10 of that spread along
+    # (1, -1, 0, 0): small beside each channel's variance, yet a linear probe separates it perfectly
+    g = torch.Generator().manual_seed(3)
+    ids = torch.tensor([0, 1] * 8)
+    along = torch.randn(8, 1, generator=g).repeat_interleave(2, 0) * torch.ones(1, 4)  # the same for both contrasts
+    offset = 0.1 * torch.tensor([1.0, -1.0, 0.0, 0.0]) * (1.0 - 2.0 * ids.float())[:, None]
+    means = (along + offset)[:, :, None, None, None].expand(-1, -1, 2, 2, 2)
+    values = {}
+    for metric in ("diagonal", "whitened"):
+        loss = Fomo25Loss(Fomo25Config(w_contrast_means=1.0, contrast_means_metric=metric))
+        for _ in range(3):
+            loss.contrast_means_term(means, ids)
+        values[metric] = float(loss.contrast_means_term(means, ids))
+    assert values["diagonal"] < 0.02  # 0.01 / ~1 per channel
+    assert values["whitened"] > 0.5  # the offset is most of what varies along (1, -1, 0, 0)
+    with pytest.raises(ConfigError, match="contrast_means_metric"):
+        Fomo25Config(contrast_means_metric="full")
+    with pytest.raises(ConfigError, match="contrast_means_ridge"):
+        Fomo25Config(contrast_means_ridge=0.0)
+
+
+def test_contrast_terms_read_an_extra_unmasked_encoding_when_asked():
+    torch.manual_seed(0)
+    model = DualLatentUNet(features=(4, 8, 16), latent=4)
+    batch = _pair_batch()
+    batch["contrast_a"], batch["contrast_b"] = torch.tensor([0, 2]), torch.tensor([1, 3])
+    inputs = []
+    hook = model.encoder.register_forward_pre_hook(lambda _m, args: inputs.append(args[0].detach()))
+    for where in ("masked", "clean"):
+        inputs.clear()
+        cfg = Fomo25Config(w_contrast_means=1.0, contrast_means_metric="whitened", contrast_input=where)
+        _, terms = _grads(model, Fomo25Loss(cfg), batch)
+        assert torch.isfinite(terms["contrast_means"])
+        x = torch.cat([batch["x_a"], batch["x_b"]])
+        assert len(inputs) == (2 if where == "clean" else 1)
+        assert not torch.equal(inputs[0], x)  # the other terms read masked scans
+        if where == "clean":
+            assert torch.equal(inputs[1], x)
+    hook.remove()
 
 
 def test_fomo25_anatomy_anchor_learns_the_subjects_volumes_from_either_contrast():

@@ -33,15 +33,18 @@ Loss = w_rec (rec_a + rec_b) + w_swap (swap_ab + swap_ba) + w_kl(t) KL
   running mean; crops come from random places, so it is the mean of whole-scan vectors of that
   contrast) is pulled to the mean over contrasts, the current batch carrying the gradient. It asks
   for what a linear probe on whole-scan vectors needs absent — equal class means — without an
-  adversary. Uses the scans' BIDS suffixes, as the adversary does.
+  adversary. Uses the scans' BIDS suffixes, as the adversary does. ``contrast_means_metric="diagonal"``
+  scales each channel by its running variance over crop means; ``"whitened"`` measures the spread in
+  the metric of their running covariance (the Fisher ratio of a linear discriminant): a probe reads a
+  small offset along a direction in which crop means hardly vary, which a per-channel scale underweights.
 * repel: cos(zc_a, zc_b) pushes the contrast latents of two contrasts apart.
 * adversary (``w_adversary``): a small classifier reads the contrast from the anatomy latent at
   every position while a gradient reversal (Ganin & Lempitsky 2015) makes the encoder remove what it
   reads: the anatomy latent of a crop must not tell its contrast. ``w_contrast_id`` trains a
   classifier of the contrast on the contrast latent's mean. Both use the scan's BIDS suffix
-  (T1w, T1c, ...), which every scan of a store has: metadata, not a downstream label. They read the
-  masked encodings the other terms use, or (``contrast_input="clean"``) an extra encoding of the
-  unmasked crops, which is what a downstream model and the latent analysis see.
+  (T1w, T1c, ...), which every scan of a store has: metadata, not a downstream label. They and
+  contrast_means read the masked encodings the other terms use, or (``contrast_input="clean"``) an extra
+  encoding of the unmasked crops, which is what a downstream model and the latent analysis see.
 * anatomy (``w_anatomy``): the SSL3D winner's anatomy anchor on the fomo25 subject latent — a projector
   reads each scan's anatomy latent map (a non-linear map per position, then the average) and predicts
   the subject's regional-volume vector (ICV-normalised, standardised per region over the pool, as
@@ -90,11 +93,13 @@ class Fomo25Config:
     align_temperature: float = 0.1
     w_align_mean: float = 0.0
     w_contrast_means: float = 0.0
+    contrast_means_metric: str = "diagonal"  # diagonal | whitened
+    contrast_means_ridge: float = 1e-3  # whitened: added to the covariance, times its mean variance
     w_repel: float = 0.5
     w_adversary: float = 0.0
     w_contrast_id: float = 0.0
     w_anatomy: float = 0.0  # > 0: the anatomy latent predicts the subject's regional volumes (1 - cosine)
-    contrast_input: str = "masked"  # masked: the adversary and classifier read the masked encodings | clean
+    contrast_input: str = "masked"  # masked: the contrast terms read the masked encodings | clean
     swap_anatomy: str = "mean"  # mean (paper) | other
     swap_contrast: str = "same"  # same (paper) | reference
     rec_anatomy: str = "own"  # own (paper) | random
@@ -112,6 +117,7 @@ class Fomo25Config:
             "swap_contrast": ("same", "reference"),
             "rec_anatomy": ("own", "random"),
             "contrast_input": ("masked", "clean"),
+            "contrast_means_metric": ("diagonal", "whitened"),
         }
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
@@ -130,6 +136,8 @@ class Fomo25Config:
         ):
             if getattr(self, name) < 0:
                 raise ConfigError(f"objective.{name} should be >= 0, got {getattr(self, name)}")
+        if not self.contrast_means_ridge > 0:
+            raise ConfigError(f"objective.contrast_means_ridge should be > 0, got {self.contrast_means_ridge}")
         if not self.align_temperature > 0:
             raise ConfigError(f"objective.align_temperature should be > 0, got {self.align_temperature}")
 
@@ -225,6 +233,8 @@ class Fomo25Loss(nn.Module):
         # per contrast: running mean of crop-mean anatomy vectors, and whether it has been seen
         self.register_buffer("contrast_means", torch.zeros(0), persistent=False)
         self.register_buffer("contrast_seen", torch.zeros(0, dtype=torch.bool), persistent=False)
+        # the running variance (diagonal) or covariance (whitened) of the crop means contrast_means reads
+        self.register_buffer("contrast_means_scale", torch.zeros(0), persistent=False)
 
     def reconstruction(self, pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
         """Per-sample reconstruction loss ``(B,)``; ``mask`` (True = hidden) selects voxels for masked_mse."""
@@ -276,15 +286,10 @@ class Fomo25Loss(nn.Module):
         """Squared difference of the crop means of a's and b's anatomy latents, per channel over the running
         variance of crop means (see module docstring): ``()``."""
         m_a, m_b = mus_a.flatten(2).mean(2), mus_b.flatten(2).mean(2)  # (B, C)
-        self.crop_mean_statistics(torch.cat([m_a, m_b]))
+        self._running("anatomy_mean_var", torch.cat([m_a, m_b]).detach().var(0))
         if self.anatomy_mean_var.numel() != m_a.shape[1]:
             return mus_a.sum() * 0.0
         return _wmean(((m_a - m_b) ** 2 / (self.anatomy_mean_var + 1e-4)).mean(1), valid)
-
-    def crop_mean_statistics(self, m: torch.Tensor) -> None:
-        """Updates the running per-channel variance of crop-mean anatomy vectors ``m`` ``(N, C)``."""
-        if len(m) > 1:
-            self._running("anatomy_mean_var", m.detach().var(0))
 
     def _running(self, name: str, value: torch.Tensor, momentum: float = 0.01) -> torch.Tensor:
         """The buffer ``name`` as a running mean of ``value``: set by the first value (or one of another
@@ -298,12 +303,18 @@ class Fomo25Loss(nn.Module):
 
     def contrast_means_term(self, mus: torch.Tensor, ids: torch.Tensor, momentum: float = 0.02) -> torch.Tensor:
         """Spread of the per-contrast running means of crop-mean anatomy vectors ``mus`` ``(N, C, *grid)``
-        (contrast ``ids`` ``(N,)``, -1 unknown) around their mean, per channel over the running variance of
-        crop means; the contrasts of this batch carry the gradient (see module docstring): ``()``."""
+        (contrast ``ids`` ``(N,)``, -1 unknown) around their mean, in the metric of the crop means' running
+        variance per channel (averaged over channels) or running covariance (``contrast_means_metric``); the
+        contrasts of this batch carry the gradient (see module docstring): ``()``."""
         m = mus.flatten(2).mean(2)  # (N, C)
-        k = len(CONTRASTS)
-        if self.contrast_means.shape != (k, m.shape[1]):
-            self.contrast_means = m.new_zeros(k, m.shape[1])
+        k, c = len(CONTRASTS), m.shape[1]
+        whitened = self.cfg.contrast_means_metric == "whitened"
+        if len(m) > 1:
+            self._running(
+                "contrast_means_scale", torch.cov(m.detach().T).reshape(c, c) if whitened else m.detach().var(0)
+            )
+        if self.contrast_means.shape != (k, c):
+            self.contrast_means = m.new_zeros(k, c)
             self.contrast_seen = torch.zeros(k, dtype=torch.bool, device=m.device)
         onehot = F.one_hot(ids.clamp_min(0), k).to(m.dtype) * (ids >= 0).to(m.dtype)[:, None]  # (N, K)
         count = onehot.sum(0)  # (K,)
@@ -317,16 +328,20 @@ class Fomo25Loss(nn.Module):
                 )
                 self.contrast_means = torch.where(here[:, None], blend, old)
                 self.contrast_seen = self.contrast_seen | here
-        if self.anatomy_mean_var.numel() != m.shape[1]:
+        if self.contrast_means_scale.numel() != (c * c if whitened else c):
             return mus.sum() * 0.0
         # the running means, with the gradient of this batch's means where a contrast is present; their
         # spread over the contrasts seen so far (0 while fewer than two were), without a host sync
         means = self.contrast_means + torch.where(here[:, None], batch_mean - batch_mean.detach(), 0.0)
         seen = self.contrast_seen.to(m.dtype)[:, None]  # (K, 1)
         n_seen = seen.sum().clamp_min(1.0)
-        centre = (means * seen).sum(0, keepdim=True) / n_seen
-        spread = (means - centre) ** 2 * seen / (self.anatomy_mean_var + 1e-4)
-        return spread.sum() / (n_seen * m.shape[1])
+        d = (means - (means * seen).sum(0, keepdim=True) / n_seen) * seen  # (K, C)
+        if whitened:  # sum_k d_k^T S^-1 d_k in float64, S ridge-regularised (crop means can be singular)
+            cov = self.contrast_means_scale.view(c, c).double()
+            ridge = self.cfg.contrast_means_ridge * cov.diagonal().mean() + 1e-12
+            cov = cov + ridge * torch.eye(c, dtype=cov.dtype, device=cov.device)
+            return ((d.double() * torch.linalg.solve(cov, d.double().T).T).sum() / n_seen).to(m.dtype)
+        return (d**2 / (self.contrast_means_scale + 1e-4)).sum() / (n_seen * c)
 
     def forward(self, model: nn.Module, batch: dict[str, Any], progress: float = 0.0):
         """Args:
@@ -399,9 +414,11 @@ class Fomo25Loss(nn.Module):
         if cfg.w_align_mean > 0:
             terms["align_mean"] = self.align_mean_term(mus_a, mus_b, valid)
             total = total + cfg.w_align_mean * terms["align_mean"]
+        contrast_terms = cfg.w_contrast_means > 0 or cfg.w_adversary > 0 or cfg.w_contrast_id > 0
+        if contrast_terms and cfg.contrast_input == "clean":  # what a downstream model sees: the scans unmasked
+            clean = model.forward_features(x).latents
+            mu_s, mu_c = clean["mu_s"], clean["mu_c"]
         if cfg.w_contrast_means > 0:
-            if cfg.w_align_mean <= 0:  # align_mean_term keeps the scale of crop means otherwise
-                self.crop_mean_statistics(torch.cat([mus_a, mus_b]).flatten(2).mean(2))
             ids_b = torch.where(
                 valid.bool(), batch["contrast_b"].view(-1), torch.full_like(batch["contrast_b"].view(-1), -1)
             )
@@ -415,9 +432,6 @@ class Fomo25Loss(nn.Module):
             terms["anatomy"] = self.anatomy_term(model, mus_a, mus_b, batch, valid)
             total = total + cfg.w_anatomy * terms["anatomy"]
         if cfg.w_adversary > 0 or cfg.w_contrast_id > 0:
-            if cfg.contrast_input == "clean":  # what a downstream model sees: the scans unmasked (one more encoding)
-                clean = model.forward_features(x).latents
-                mu_s, mu_c = clean["mu_s"], clean["mu_c"]
             total = total + self.contrast_terms(model, mu_s, mu_c, batch, bsz, use_ref, terms)
         return total, {k: v.detach() for k, v in terms.items()}, out
 
