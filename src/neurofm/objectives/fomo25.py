@@ -94,7 +94,7 @@ class Fomo25Config:
     w_align_mean: float = 0.0
     w_contrast_means: float = 0.0
     contrast_means_metric: str = "diagonal"  # diagonal | whitened
-    contrast_means_ridge: float = 1e-3  # whitened: added to the covariance, times its mean variance
+    contrast_means_ridge: float = 1e-3  # added to the variances (covariance), times their mean
     w_repel: float = 0.5
     w_adversary: float = 0.0
     w_contrast_id: float = 0.0
@@ -219,6 +219,13 @@ def _wmean(v: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     return (v * w).sum() / w.sum().clamp_min(1.0)
 
 
+def _floored(var: torch.Tensor, relative: float = 1e-3) -> torch.Tensor:
+    """Variances with a floor of ``relative`` times their mean, so that dividing by them is scale-free: a
+    fixed floor swamps small latents' variances (a categorical code's crop-mean probabilities vary by
+    about 1e-7 to 1e-6 per class) and makes the term shrink with the latent's scale instead."""
+    return var + relative * var.mean() + 1e-12
+
+
 class Fomo25Loss(nn.Module):
     """Scores a dual-latent model (``forward_features`` with mu/logvar latents, and ``decode``) on scan pairs."""
 
@@ -274,7 +281,7 @@ class Fomo25Loss(nn.Module):
             return dense_nce(mus_a[keep], mus_b[keep], cfg.align_temperature).mean()
         if cfg.align == "mse":
             var = torch.cat([mus_a, mus_b]).detach().transpose(0, 1).flatten(1).var(1)  # (C,) over crops, positions
-            scale = self._running("anatomy_var", var).view(1, -1, *([1] * (mus_a.dim() - 2))) + 1e-4
+            scale = _floored(self._running("anatomy_var", var)).view(1, -1, *([1] * (mus_a.dim() - 2)))
             return _wmean(((mus_a - mus_b) ** 2 / scale).flatten(1).mean(1), valid)
         if cfg.align == "centred":
             batch_mean = torch.cat([mus_a, mus_b]).mean(0).detach()
@@ -289,7 +296,7 @@ class Fomo25Loss(nn.Module):
         self._running("anatomy_mean_var", torch.cat([m_a, m_b]).detach().var(0))
         if self.anatomy_mean_var.numel() != m_a.shape[1]:
             return mus_a.sum() * 0.0
-        return _wmean(((m_a - m_b) ** 2 / (self.anatomy_mean_var + 1e-4)).mean(1), valid)
+        return _wmean(((m_a - m_b) ** 2 / _floored(self.anatomy_mean_var)).mean(1), valid)
 
     def _running(self, name: str, value: torch.Tensor, momentum: float = 0.01) -> torch.Tensor:
         """The buffer ``name`` as a running mean of ``value``: set by the first value (or one of another
@@ -341,7 +348,7 @@ class Fomo25Loss(nn.Module):
             ridge = self.cfg.contrast_means_ridge * cov.diagonal().mean() + 1e-12
             cov = cov + ridge * torch.eye(c, dtype=cov.dtype, device=cov.device)
             return ((d.double() * torch.linalg.solve(cov, d.double().T).T).sum() / n_seen).to(m.dtype)
-        return (d**2 / (self.contrast_means_scale + 1e-4)).sum() / (n_seen * c)
+        return (d**2 / _floored(self.contrast_means_scale, self.cfg.contrast_means_ridge)).sum() / (n_seen * c)
 
     def forward(self, model: nn.Module, batch: dict[str, Any], progress: float = 0.0):
         """Args:
