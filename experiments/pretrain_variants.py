@@ -160,6 +160,21 @@ VARIANTS = {
         "objective.w_contrast_means=10.0",
         "objective.contrast_input=clean",
     ],
+    # ... at higher weights (measured before 2026-12-02 with an absolute variance floor of 1e-4, which the
+    # categorical code's crop-mean variances (~1e-7) sat far below: the term was ~250 times too weak)
+    **{
+        f"global-film-categorical-calamiti-cmeans{w}-clean": [
+            *GLOBAL,
+            "model.kwargs.contrast_injection=film",
+            "model.kwargs.anatomy_code=categorical",
+            "objective.align=centred",
+            "objective.swap_contrast=reference",
+            "objective.rec_anatomy=random",
+            f"objective.w_contrast_means={w}.0",
+            "objective.contrast_input=clean",
+        ]
+        for w in (100, 1000)
+    },
     "global-film-categorical-calamiti-fisher-clean": [
         *GLOBAL,
         "model.kwargs.contrast_injection=film",
