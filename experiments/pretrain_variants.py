@@ -160,8 +160,9 @@ VARIANTS = {
         "objective.w_contrast_means=10.0",
         "objective.contrast_input=clean",
     ],
-    # ... at higher weights (measured before 2026-12-02 with an absolute variance floor of 1e-4, which the
-    # categorical code's crop-mean variances (~1e-7) sat far below: the term was ~250 times too weak)
+    # ... at higher weights; measured with the absolute variance floor of 1e-4 the term had until 2026-12-02
+    # (the categorical code's crop-mean variances, ~4e-7, sat far below it: ~250 times too weak) and, for
+    # weight 100, with the relative floor after it (experiments/results_contrast_means.json, runs_2026_12_02)
     **{
         f"global-film-categorical-calamiti-cmeans{w}-clean": [
             *GLOBAL,

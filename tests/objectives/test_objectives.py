@@ -308,9 +308,9 @@ def test_contrast_means_term_pulls_each_contrasts_mean_to_the_common_one():
 
 
 def test_crop_mean_terms_do_not_shrink_with_the_latents_scale():
-    # a categorical anatomy code's crop means are class probabilities averaged over a crop: they vary by
-    # about 1e-3 (variance ~1e-7), far below an absolute floor of 1e-4 that once made these terms ~1000x
-    # weaker for that code than for a Gaussian one
+    # a categorical anatomy code's crop means are class probabilities averaged over a crop: their variance
+    # is ~4e-7 per class, far below an absolute floor of 1e-4 that once made these terms ~250x weaker for
+    # that code than their weight said
     g = torch.Generator().manual_seed(4)
     ids = torch.tensor([0, 1] * 8)
     a = torch.randn(16, 4, 2, 2, 2, generator=g)
