@@ -134,7 +134,7 @@ Inputs must be prepared at 4 mm (`neurofm prepare --spacing 4`) and z-scored, as
 """
 
 
-def main() -> None:
+def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--work", type=Path, required=True, help="folder for the data and the run")
     ap.add_argument("--name", default=DEFAULT_NAME)
@@ -144,8 +144,14 @@ def main() -> None:
     ap.add_argument("--eval-subjects", type=int, default=40)
     ap.add_argument("--eval-seed", type=int, default=3000)
     ap.add_argument("--workers", type=int, default=2)
-    ap.add_argument("--set", nargs="*", default=[], dest="extra", help="more recipe overrides")
-    args = ap.parse_args()
+    ap.add_argument(
+        "--set", nargs="+", action="extend", default=[], dest="extra", help="more recipe overrides (repeatable)"
+    )
+    return ap
+
+
+def main() -> None:
+    args = parser().parse_args()
     work = args.work.resolve()
     work.mkdir(parents=True, exist_ok=True)
     pool = synth_and_prepare(work, "pool", args.pool_subjects, args.pool_seed, args.workers)

@@ -121,3 +121,39 @@ def test_inspect_and_finetune_by_name(tiny_store, tmp_path, run_cli):
     code, _, err = run_cli("inspect", "fomo25-tiny-syn")
     assert code == 2 and "models that ship: " in err and "fomo25-tiny-synth" in err.split("models that ship: ")[1]
     assert "Traceback" not in err
+
+
+def _make_pretrained():
+    import importlib.util
+
+    from neurofm.pretrained import ROOT as PRETRAINED
+
+    path = PRETRAINED.parents[2] / "scripts" / "make_pretrained.py"
+    spec = importlib.util.spec_from_file_location("make_pretrained", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_make_pretrained_keeps_every_repeated_override():
+    # a card writes its overrides as repeated --set flags: each one must reach the recipe, not only the last
+    args = _make_pretrained().parser().parse_args(["--work", "w", "--set", "a=1", "--set", "b=2", "c=3"])
+    assert args.extra == ["a=1", "b=2", "c=3"]
+
+
+@pytest.mark.parametrize("name", [n for n in SHIPPED if CARD.get(n, ("",))[0].startswith("scripts/make_pretrained")])
+def test_a_model_cards_command_remakes_its_recipe(name):
+    """The command on the card, parsed as the script parses it, asks for the recipe the weights were trained with."""
+    card = (ROOT / name / "MODEL_CARD.md").read_text()
+    line = next(x.strip() for x in card.splitlines() if "scripts/make_pretrained.py --work" in x)
+    argv = line.split("scripts/make_pretrained.py", 1)[1].split()
+    args = _make_pretrained().parser().parse_args(argv)
+    assert args.name == name
+    run = json.loads((ROOT / name / "run.json").read_text())
+    assert run["trainer"]["max_steps"] == args.steps
+    for item in args.extra:
+        key, value = item.split("=", 1)
+        node = run
+        for part in key.split("."):
+            node = node[part]
+        assert str(node).lower() == value.lower(), f"{name}: {key}={node}, the card says {value}"
