@@ -311,3 +311,69 @@ def test_pool_can_leave_out_subjects_and_pairs_bring_a_reference_crop(tiny_store
         build_index(
             store, get_preset("fomo25-tiny").override({"data.exclude_subjects": subjects}).data, {}, DataNeeds()
         )
+
+
+def _weights(run, step):
+    from safetensors.torch import load_file
+
+    return load_file(run / "checkpoints" / f"step-{step:07d}" / "model.safetensors")
+
+
+class _StopAt(L.Callback):
+    """Stops a run after ``step`` steps, as a kill would, but leaving its checkpoint at that step."""
+
+    def __init__(self, step):
+        self.step = step
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if trainer.global_step >= self.step:
+            trainer.should_stop = True
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stop", [8, 6], ids=["at-an-epoch-end", "mid-epoch"])
+def test_a_resumed_run_trains_exactly_as_an_uninterrupted_one(tiny_store, tmp_path, stop):
+    """Crops, augmentation, masks and noise after a resume are the ones the run would have drawn: the
+    weights at the end are the same tensors, whether the run stopped at an epoch's end or inside one."""
+    sets = ["trainer.max_steps=12", "trainer.checkpoint_every=2", "data.steps_per_epoch=4", "data.num_workers=0"]
+    sets.append("trainer.keep_checkpoints=20")
+    whole, parted = tmp_path / "whole", tmp_path / "parted"
+    pretrain(tiny_store, whole, "fomo25-tiny", overrides=sets, progress=False)
+    pretrain(tiny_store, parted, "fomo25-tiny", overrides=sets, progress=False, callbacks=[_StopAt(stop)])
+    assert latest_checkpoint(parted).name == f"step-{stop:07d}"
+    a, b = _weights(whole, stop), _weights(parted, stop)
+    assert all(torch.equal(a[k], b[k]) for k in a)  # the same run up to the stop
+    pretrain(None, parted, resume=True, progress=False)
+    a, b = _weights(whole, 12), _weights(parted, 12)
+    differ = [k for k in a if not torch.equal(a[k], b[k])]
+    assert not differ, f"{len(differ)} of {len(a)} tensors differ after the resume, e.g. {differ[:3]}"
+
+
+def test_the_epoch_sampler_numbers_samples_across_epochs_and_resumes_inside_one():
+    from neurofm.data.loader import EpochSampler
+
+    s = EpochSampler(6, seed=3)
+    first = list(s)
+    s.set_epoch(1)
+    second = list(s)
+    assert sorted(first) == list(range(6)) and sorted(second) == list(range(6, 12))
+    assert [i - 6 for i in second] != first and list(s) == second  # a new order each epoch, the same on a rerun
+    s.resume(1, 4)
+    assert list(s) == second[4:]  # what the stopped run had not trained on yet, in its order
+    assert list(s) == second  # once only
+    s.resume(0, 4)
+    assert list(s) == second  # a position in another epoch does not apply
+
+
+def test_a_sample_depends_on_its_index_and_the_seed_only(tiny_store):
+    cfg, index = prepare_data(get_preset("fomo25-tiny"), tiny_store)
+
+    def data(seed):
+        return PretrainDataset(tiny_store, index, cfg.data, length=8, seed=seed, needs=cfg.data_needs())
+
+    a, b = data(0), data(0)
+    forward = [a[i]["x_a"] for i in (3, 12, 27)]
+    backward = [b[i]["x_a"] for i in (27, 12, 3)][::-1]  # another order, as another worker would draw them
+    assert all(torch.equal(x, y) for x, y in zip(forward, backward, strict=True))
+    assert not torch.equal(a[11]["x_a"], forward[0])  # the same session (11 = 3 + 8) an epoch later: a new draw
+    assert not torch.equal(data(1)[3]["x_a"], forward[0])

@@ -15,6 +15,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from neurofm.data.loader import sample_rng
 from neurofm.data.sampling import box_around, random_box, stack_contrasts
 from neurofm.errors import ConfigError, StoreError
 from neurofm.preprocess.transforms import pad_to, pad_to_shape
@@ -274,7 +275,6 @@ class FinetuneDataset(Dataset):
     def _setup(self) -> None:
         if self._store is None:
             self._store = Store(self.store_root)
-            self._rng = np.random.default_rng((torch.initial_seed() + self.seed) % 2**32)
 
     def _box(self, case: Case, shape: tuple[int, ...]) -> tuple[slice, ...]:
         rng, p = self._rng, self.patch
@@ -288,9 +288,11 @@ class FinetuneDataset(Dataset):
         return random_box(shape, p, rng)
 
     def __getitem__(self, i: int) -> dict[str, Any]:
+        """Sample ``i``: its crop, flips and contrast dropout come from :func:`sample_rng` (seed, i)."""
         self._setup()
-        assert self._store is not None and self._rng is not None
-        case = self.cases[i % len(self.cases)]
+        self._rng = sample_rng(self.seed, i)
+        assert self._store is not None
+        case = self.cases[(i % self.length) % len(self.cases)]
         shape = tuple(self._store.record(case.key)["shape"])
         box = self._box(case, shape)
         images = {c: np.asarray(self._store.read(case.key, c, box), np.float32) for c in case.contrasts}

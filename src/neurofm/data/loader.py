@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import multiprocessing as mp
+from collections.abc import Iterator
 
+import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Sampler
 
 
 def loader_context() -> str:
@@ -14,12 +16,48 @@ def loader_context() -> str:
     return "forkserver" if "forkserver" in mp.get_all_start_methods() else "spawn"
 
 
-def training_loader(ds: Dataset, batch_size: int, workers: int, prefetch: int = 4) -> DataLoader:
-    """Shuffled batches, last partial batch dropped; workers persist across epochs."""
+def sample_rng(seed: int, index: int) -> np.random.Generator:
+    """The random generator of sample ``index`` of a run seeded ``seed``: a sample's crop, augmentation and
+    contrast choice depend on these two numbers only, not on the worker, the process or whether the run was
+    resumed."""
+    return np.random.default_rng([int(seed) % 2**32, int(index)])
+
+
+class EpochSampler(Sampler[int]):
+    """Shuffled sample indices numbered across epochs: epoch ``e`` yields ``e * length`` plus a permutation of
+    ``range(length)`` drawn from ``(seed, e)``, so no two samples of a run share an index (and, through
+    :func:`sample_rng`, their random draws). Lightning calls :meth:`set_epoch` at every epoch (through its
+    distributed wrapper too); :meth:`resume` leaves out the samples of an epoch that a run trained on before
+    it stopped, so that a run resumed inside an epoch continues the same permutation."""
+
+    def __init__(self, length: int, seed: int):
+        self.length, self.seed = int(length), int(seed)
+        self.epoch = 0
+        self._skip: tuple[int, int] | None = None  # (epoch, samples already trained on in it)
+
+    def __len__(self) -> int:
+        return self.length
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def resume(self, epoch: int, samples: int) -> None:
+        self._skip = (int(epoch), int(samples))
+
+    def __iter__(self) -> Iterator[int]:
+        perm = np.random.default_rng([self.seed % 2**32, self.epoch]).permutation(self.length)
+        start = 0
+        if self._skip is not None and self._skip[0] == self.epoch:
+            start, self._skip = min(self._skip[1], self.length), None
+        return iter((self.epoch * self.length + perm[start:]).tolist())
+
+
+def training_loader(ds: Dataset, batch_size: int, workers: int, seed: int, prefetch: int = 4) -> DataLoader:
+    """Shuffled batches (:class:`EpochSampler`), last partial batch dropped; workers persist across epochs."""
     return DataLoader(
         ds,
         batch_size=batch_size,
-        shuffle=True,
+        sampler=EpochSampler(len(ds), seed),  # type: ignore[arg-type]
         num_workers=workers,
         drop_last=True,
         pin_memory=torch.cuda.is_available(),

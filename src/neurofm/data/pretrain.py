@@ -10,8 +10,9 @@
 * ``stack`` (lamim): the contrasts of a session as channels, missing ones zero-filled and
   flagged in ``present``.
 
-Only the chunks a crop touches are read. Random draws come from a per-worker generator
-seeded from torch's worker seed (itself from the run seed), so runs are reproducible.
+Only the chunks a crop touches are read. A sample's random draws (crop, contrasts, augmentation)
+come from a generator seeded by the run seed and the sample's index (:func:`sample_rng`), so a run
+draws the same samples with any number of workers and after a resume.
 What a recipe needs beyond the images (regional volumes, dense label maps) it says in a
 :class:`DataNeeds`; this module never asks which recipe it serves.
 """
@@ -32,7 +33,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
 from neurofm.data.config import DataConfig
-from neurofm.data.loader import training_loader
+from neurofm.data.loader import sample_rng, training_loader
 from neurofm.data.sampling import random_box, stack_contrasts
 from neurofm.errors import StoreError
 from neurofm.io.manifest import CONTRASTS
@@ -190,6 +191,9 @@ class Augment:
         self.spatial = Compose(spatial)
         self.gamma = RandAdjustContrast(prob=cfg.gamma_p, gamma=(0.7, 1.5))
         self.noise = RandGaussianNoise(prob=cfg.noise_p, std=0.1)
+        self.reseed(seed)
+
+    def reseed(self, seed: int) -> None:
         self.spatial.set_random_state(seed)
         self.gamma.set_random_state(seed + 1)
         self.noise.set_random_state(seed + 2)
@@ -257,9 +261,7 @@ class PretrainDataset(Dataset):
     def _setup(self) -> None:
         if self._store is None:
             self._store = Store(self.store_root)
-            seed = (torch.initial_seed() + self.seed) % 2**32
-            self._rng = np.random.default_rng(seed)
-            self._augment = Augment(self.cfg, int(seed % 2**31)) if self.cfg.augment else None
+            self._augment = Augment(self.cfg, self.seed) if self.cfg.augment else None
 
     def _read(self, key: str, name: str, box: tuple[slice, ...] | None, dtype: Any = np.float32) -> np.ndarray:
         assert self._store is not None
@@ -306,11 +308,13 @@ class PretrainDataset(Dataset):
         return img, present, label
 
     def __getitem__(self, i: int) -> dict[str, Any]:
-        """A sample of item ``i``; a session whose data cannot be read is skipped for a random other one."""
+        """Sample ``i`` (its draws from :func:`sample_rng`); a session whose data cannot be read is skipped for
+        a random other one."""
         self._setup()
-        rng = self._rng
-        assert rng is not None
-        item = i % len(self.items)
+        self._rng = rng = sample_rng(self.seed, i)
+        if self._augment is not None:
+            self._augment.reseed(int(rng.integers(2**31 - 3)))
+        item = (i % self.length) % len(self.items)
         for _ in range(len(self.items) + 10):
             s = self.items[item][0]
             if self.index.keys[s] not in self._damaged:
@@ -370,4 +374,4 @@ def pretrain_loader(
     skipped and listed in ``report_dir/skipped/``."""
     length = cfg.steps_per_epoch * cfg.batch_size
     ds = PretrainDataset(store_root, index, cfg, length=length, seed=seed, needs=needs, report_dir=report_dir)
-    return training_loader(ds, cfg.batch_size, cfg.num_workers)
+    return training_loader(ds, cfg.batch_size, cfg.num_workers, seed)

@@ -39,7 +39,7 @@ from neurofm.models.downstream import DownstreamModel, load_pretrained
 from neurofm.models.registry import model_from_checkpoint
 from neurofm.store import Store
 from neurofm.tasks.probe import fit_linear_probe
-from neurofm.train.callbacks import Preemption, RunCheckpoint
+from neurofm.train.callbacks import ExactResume, Preemption, RunCheckpoint
 from neurofm.train.config import FinetuneConfig
 from neurofm.train.memory import is_oom, oom_error, probe
 from neurofm.train.presets import PRESETS, get_preset
@@ -258,15 +258,17 @@ def train_fold(
     tc = replace(cfg.trainer, seed=seed)
     saver = RunCheckpoint(fold_dir, run_cfg, tc.checkpoint_every, tc.keep_checkpoints)
     preempt = Preemption(saver)
+    loader = training_loader(ds, cfg.batch_size, cfg.num_workers, seed)
+    exact = ExactResume(seed, loader.sampler, cfg.batch_size)
     trainer = build_trainer(
-        tc, fold_dir, cfg.steps, grad_clip=1.0, callbacks=[saver, preempt], progress=progress, progress_lines=5
+        tc, fold_dir, cfg.steps, grad_clip=1.0, callbacks=[exact, saver, preempt], progress=progress, progress_lines=5
     )
     last = latest_checkpoint(fold_dir) if resume else None
     try:
         with preempt.handling():
             trainer.fit(
                 module,
-                training_loader(ds, cfg.batch_size, cfg.num_workers),
+                loader,
                 ckpt_path=str(last / STATE) if last is not None else None,
                 weights_only=True,
             )

@@ -21,7 +21,7 @@ from neurofm.io.checkpoint import STATE, latest_checkpoint
 from neurofm.models.registry import create_model
 from neurofm.objectives import build_objective
 from neurofm.store import Store
-from neurofm.train.callbacks import Preemption, RunCheckpoint
+from neurofm.train.callbacks import ExactResume, Preemption, RunCheckpoint
 from neurofm.train.config import Recipe
 from neurofm.train.memory import is_oom, oom_error, probe
 from neurofm.train.optim import build_optimizer, lr_factor
@@ -134,9 +134,10 @@ def pretrain(
         module = PretrainModule(cfg)
         saver = RunCheckpoint(run, run_dict, cfg.trainer.checkpoint_every, cfg.trainer.keep_checkpoints)
         preempt = Preemption(saver)
-        callbacks = [saver, preempt, *(callbacks or [])]
-        trainer = build_trainer(cfg.trainer, run, cfg.total_steps, cfg.optim.grad_clip, callbacks, progress=progress)
         loader = pretrain_loader(data, index, cfg.data, cfg.data_needs(), cfg.trainer.seed, report_dir=run)
+        exact = ExactResume(cfg.trainer.seed, loader.sampler, cfg.data.batch_size)
+        callbacks = [exact, saver, preempt, *(callbacks or [])]
+        trainer = build_trainer(cfg.trainer, run, cfg.total_steps, cfg.optim.grad_clip, callbacks, progress=progress)
         try:
             # Our own checkpoints hold only tensors and plain containers: load them without unpickling code.
             with preempt.handling():

@@ -9,6 +9,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+import torch
 from lightning.pytorch.callbacks import Callback
 
 from neurofm.io.checkpoint import STATE, checkpoint_dir, publish_checkpoint, write_checkpoint_files
@@ -76,6 +78,45 @@ class RunCheckpoint(Callback):
             publish_checkpoint(tmp, final, keep=self.keep)
         trainer.strategy.barrier("neurofm-ckpt-end")
         return final
+
+
+class ExactResume(Callback):
+    """Makes a resumed run train as the uninterrupted one would have.
+
+    Each step's own randomness (masks, latent noise, swap choices) is drawn after the global generators are
+    seeded from (run seed, rank, step), not carried over from the previous step, so it does not depend on
+    when the process started; and the loader's sampler position (epoch, samples trained on in it) travels
+    in every checkpoint, so a run stopped inside an epoch continues that epoch's permutation. The samples
+    themselves are functions of their index (:func:`neurofm.data.loader.sample_rng`). Put it before
+    :class:`RunCheckpoint` in the callback list: the position it records must be the step's own when the
+    checkpoint is written."""
+
+    def __init__(self, seed: int, sampler: Any, batch_size: int):
+        self.seed, self.sampler, self.batch_size = int(seed), sampler, int(batch_size)
+        self.position = {"epoch": 0, "samples": 0}
+
+    @property
+    def state_key(self) -> str:
+        return "ExactResume"
+
+    def state_dict(self) -> dict[str, Any]:
+        return dict(self.position)
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.position = {"epoch": int(state.get("epoch", 0)), "samples": int(state.get("samples", 0))}
+        if self.sampler is not None and hasattr(self.sampler, "resume"):
+            self.sampler.resume(self.position["epoch"], self.position["samples"])
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        mixed = np.random.SeedSequence([self.seed % 2**32, trainer.global_rank, trainer.global_step])
+        torch.manual_seed(int(mixed.generate_state(1)[0]))
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        # samples of this epoch trained on, on all ranks together (the sampler numbers them before sharding)
+        self.position = {
+            "epoch": trainer.current_epoch,
+            "samples": (batch_idx + 1) * self.batch_size * trainer.world_size,
+        }
 
 
 class Preemption(Callback):
