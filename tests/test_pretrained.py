@@ -27,6 +27,11 @@ CARD = {
         "swap check",
         "contrast_injection",
     ),
+    "fomo25-tiny-cmeans": (
+        "scripts/make_pretrained.py --work WORK --name fomo25-tiny-cmeans",
+        "swap check",
+        "w_contrast_means",
+    ),
     "neurofm-brain-extract": ("scripts/make_brain_extractor.py", "Dice against the generator's brain mask"),
 }
 
