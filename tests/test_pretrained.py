@@ -130,10 +130,9 @@ def test_inspect_and_finetune_by_name(tiny_store, tmp_path, run_cli):
 
 def _make_pretrained():
     import importlib.util
+    from pathlib import Path
 
-    from neurofm.pretrained import ROOT as PRETRAINED
-
-    path = PRETRAINED.parents[2] / "scripts" / "make_pretrained.py"
+    path = Path(__file__).resolve().parents[1] / "scripts" / "make_pretrained.py"
     spec = importlib.util.spec_from_file_location("make_pretrained", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)

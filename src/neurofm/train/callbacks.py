@@ -13,6 +13,7 @@ import numpy as np
 import torch
 from lightning.pytorch.callbacks import Callback
 
+from neurofm.data.loader import EpochSampler
 from neurofm.io.checkpoint import STATE, checkpoint_dir, publish_checkpoint, write_checkpoint_files
 from neurofm.utils import to_jsonable
 
@@ -91,7 +92,7 @@ class ExactResume(Callback):
     :class:`RunCheckpoint` in the callback list: the position it records must be the step's own when the
     checkpoint is written."""
 
-    def __init__(self, seed: int, sampler: Any, batch_size: int):
+    def __init__(self, seed: int, sampler: EpochSampler, batch_size: int):
         self.seed, self.sampler, self.batch_size = int(seed), sampler, int(batch_size)
         self.position = {"epoch": 0, "samples": 0}
 
@@ -104,8 +105,7 @@ class ExactResume(Callback):
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.position = {"epoch": int(state.get("epoch", 0)), "samples": int(state.get("samples", 0))}
-        if self.sampler is not None and hasattr(self.sampler, "resume"):
-            self.sampler.resume(self.position["epoch"], self.position["samples"])
+        self.sampler.resume(self.position["epoch"], self.position["samples"])
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         mixed = np.random.SeedSequence([self.seed % 2**32, trainer.global_rank, trainer.global_step])
