@@ -13,6 +13,8 @@ on the same few-shot draws for several seeds (``neurofm.analyze.experiments.pair
   the default protocol against scratch at the same rate, paired per rate (few-shot runs at a rate too
   low for the budget can stay on the empty-prediction plateau); with ``--encoder-scales 0.1 0.3 1``,
   full fine-tuning at each of those encoder learning-rate ratios;
+* ``--seg-fg-weights 1 10``: with ``--seg-lrs``, the same at each cross-entropy weight of the lesion class
+  (``seg_fg_weight``), paired per weight;
 * ``--head-pools mean meanmax``: for classification and regression, the demo's arms (frozen encoder +
   MLP head, scratch, the two floors) with each reduction of the head's learned pooling, paired per pooling.
 
@@ -20,6 +22,8 @@ on the same few-shot draws for several seeds (``neurofm.analyze.experiments.pair
     python experiments/finetune_protocol.py --run RUN --data STORE --out DIR --tasks seg --seeds 5 --seg-lrs 0.003 0.01
     python experiments/finetune_protocol.py --run RUN --data STORE --out DIR --tasks seg --seeds 5 --seg-lrs 0.01 \
         --encoder-scales 0.1 0.3 1
+    python experiments/finetune_protocol.py --run RUN --data STORE --out DIR --tasks seg --seeds 5 --seg-lrs 0.01 \
+        --seg-fg-weights 1 10
     python experiments/finetune_protocol.py --run RUN --data STORE --out DIR --tasks cls --seeds 5 --steps 100 \
         --head-pools mean meanmax
 
@@ -77,6 +81,9 @@ def main() -> None:
     ap.add_argument(
         "--encoder-scales", type=float, nargs="*", default=[1.0], help="with --seg-lrs: the encoder's lr x these"
     )
+    ap.add_argument(
+        "--seg-fg-weights", type=float, nargs="*", default=[1.0], help="with --seg-lrs: the lesion cross-entropy weight"
+    )
     ap.add_argument("--patch", type=int, default=32, help="training crop (voxels a side)")
     ap.add_argument("--head-pools", nargs="*", default=[], help="cls/reg: compare the head's pooling reductions")
     args = ap.parse_args()
@@ -112,8 +119,10 @@ def main() -> None:
                     for s in scales
                 ]
                 arms = [*full, Arm("scratch", "scratch")]
-                cfg = replace(base, target=target, shots=shots, lr=lr)
-                studies.append((f"seg-lr{lr:g}", f"seg-{target}-lr{lr:g}", cfg, arms))
+                for w in args.seg_fg_weights:
+                    cfg = replace(base, target=target, shots=shots, lr=lr, seg_fg_weight=w)
+                    tag = f"lr{lr:g}" + (f"-fg{w:g}" if w != 1.0 else "")
+                    studies.append((f"seg-{tag}", f"seg-{target}-{tag}", cfg, arms))
         elif task != "seg" and args.head_pools:
             arms = [Arm("frozen", args.run, "frozen"), Arm("scratch", "scratch"), *floor_arms(["frozen"])]
             for pool in args.head_pools:

@@ -68,3 +68,27 @@ def test_session_budget_spans_subjects_before_repeating_one(tiny_store):
     everything = spread_sessions(store, 10_000)
     assert sorted(everything) == sorted(store.keys)
     assert spread_sessions(store, 3) == first[:3]
+
+
+def test_a_finished_arm_is_reused_only_with_the_settings_it_was_made_with(tmp_path):
+    from dataclasses import replace
+
+    from neurofm.analyze.experiments import arm_rows, stale_settings
+    from neurofm.errors import ConfigError
+    from neurofm.train.config import FinetuneConfig
+
+    cfg = FinetuneConfig(task="seg", target="lesion", source="scratch", steps=200, lr=1e-2, seed=3)
+    folder = tmp_path / "seg-scratch-seed3"
+    folder.mkdir()
+    record = cfg.save(folder / "run.json", train_subjects=["sub-002", "sub-007"])  # what the run drew
+    (folder / "summary.json").write_text("{}")
+    assert stale_settings(folder, cfg) == []
+    assert stale_settings(folder, replace(cfg, num_workers=0, bootstrap=50)) == []  # same samples, same result
+    assert stale_settings(folder, replace(cfg, lr=3e-3, seg_fg_weight=20.0)) == ["lr", "seg_fg_weight"]
+    del record["seg_fg_weight"]  # a run made before the setting existed used its default
+    (folder / "run.json").write_text(json.dumps(record))
+    assert stale_settings(folder, cfg) == []
+    assert stale_settings(folder, replace(cfg, seg_fg_weight=20.0)) == ["seg_fg_weight"]
+    with pytest.raises(ConfigError, match=r"other settings \(seg_fg_weight\)"):
+        arm_rows(tmp_path, folder, replace(cfg, seg_fg_weight=20.0))
+    assert (folder / "summary.json").is_file()  # refused, nothing removed

@@ -129,6 +129,8 @@ def test_finetune_end_to_end_from_pretrained(task, target, tiny_store, pretraine
     cfg = FinetuneConfig(
         task=task, target=target, source=str(pretrained_run), contrasts=["T1w", "FLAIR"], shots=4, **FAST
     )
+    if task == "seg":  # the demo's weighted cross-entropy, trained through
+        cfg = replace(cfg, seg_fg_weight=10.0)
     summary = finetune(tiny_store, tmp_path / "ft", cfg, progress=False)
     want = {
         "seg": {"dice", "nsd", "hd95"},
@@ -237,6 +239,11 @@ def test_finetune_modes_and_scratch_via_cli(tiny_store, pretrained_run, tmp_path
         pretrained_run,
     )
     assert code == 2 and "linear probe" in err
+    code, _, err = run_cli(
+        "finetune", "--data", tiny_store, "--task", "seg", "--target", "lesion", "--out", tmp_path / "w",
+        "--from", "scratch", "--set", "seg_fg_weight=0",
+    )  # fmt: skip
+    assert code == 2 and "seg_fg_weight should be > 0" in err
 
 
 def test_contrast_dropout_keeps_a_random_nonempty_subset(tiny_store):
@@ -377,6 +384,30 @@ def test_closed_form_probe_stays_at_the_constant_on_an_unrelated_target_and_relo
     assert code == 0, err
     cls_rows = pd.read_csv(out / "predictions.csv")
     assert (cls_rows["prediction"] == cls_rows["target"]).mean() >= 0.75, cls_rows[["target", "prediction"]]
+
+
+def test_foreground_weight_scales_the_segmentation_cross_entropy_and_not_the_dice():
+    """``seg_fg_weight``: the cross-entropy of lesion voxels counts ``w`` times (a weighted mean); Dice unchanged."""
+    import math
+
+    from neurofm.tasks.finetune import FinetuneModule
+
+    model = DownstreamModel({"name": "dual_latent_unet", "kwargs": {"features": [4, 8]}}, "seg", 2, ["T1w"])
+    y = torch.zeros(1, 1, 4, 4, 4, dtype=torch.long)
+    y[0, 0, :2, :2, :1] = 1  # 4 lesion voxels of 64
+    logits = torch.zeros(1, 2, 4, 4, 4)
+    logits[:, 0] = 2.0  # background predicted everywhere: the empty-prediction plateau
+    fg, bg = math.log1p(math.exp(2.0)), math.log1p(math.exp(-2.0))  # -log p of each voxel's true class
+    losses = {}
+    for w in (1.0, 10.0):
+        cfg = FinetuneConfig(task="seg", target="lesion", seg_fg_weight=w)
+        losses[w] = FinetuneModule(model, cfg).loss(logits, y).item()
+    p_fg = 1 / (1 + math.exp(2.0))
+    dice = 1 - 2 * 4 * p_fg / (64 * p_fg + 4)  # batch Dice of the lesion class (smoothing ~1e-5)
+    assert losses[1.0] == pytest.approx(dice + (4 * fg + 60 * bg) / 64, rel=1e-4)
+    assert losses[10.0] == pytest.approx(dice + (40 * fg + 60 * bg) / 100, rel=1e-4)
+    with pytest.raises(ConfigError, match="seg_fg_weight"):
+        FinetuneConfig(task="seg", target="lesion", seg_fg_weight=0)
 
 
 def test_encoder_schedule_holds_then_warms_into_the_head_cosine():

@@ -16,6 +16,9 @@ initialisation) once for all arms, so arms are compared *paired*, case by case.
 
 from __future__ import annotations
 
+import dataclasses
+import json
+import shutil
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -29,6 +32,7 @@ from neurofm.evaluate.scoring import constant_rows, read_predictions
 from neurofm.store import Store
 from neurofm.tasks.finetune import finetune
 from neurofm.train.config import FinetuneConfig
+from neurofm.utils import to_jsonable
 
 #: FOMO25's fine-tuning case counts: infarct classification, meningioma segmentation, brain age
 FOMO_TASKS = [("cls", "infarct", {1: 13, 0: 8}), ("seg", "lesion", 23), ("reg", "age", 200)]
@@ -61,11 +65,50 @@ def floor_arms(modes: list[str]) -> list[Arm]:
     return [Arm(f"random {floor}", "random", floor), Arm("constant", "constant", "")]
 
 
-def arm_rows(data: str | Path, folder: Path, cfg: FinetuneConfig, progress: bool = False) -> list[dict[str, Any]]:
-    """The held-out per-case rows of one arm and seed (a finished fine-tuning run is reused)."""
+#: settings that do not change what a fine-tuning run computes (the loader draws the same samples with any
+#: number of workers) or only how its intervals are summarised
+NOT_RESULT = frozenset({"num_workers", "trainer", "bootstrap"})
+
+
+def stale_settings(folder: Path, cfg: FinetuneConfig) -> list[str]:
+    """The settings in which the finished run in ``folder`` differs from ``cfg`` (empty: it is this run).
+
+    A setting the run's ``run.json`` does not record (written before the setting existed) counts as its
+    default, which is what that run used."""
+    path = folder / "run.json" if (folder / "run.json").is_file() else folder / "fold-0" / "run.json"
+    done = json.loads(path.read_text())
+    stale = []
+    for f in dataclasses.fields(cfg):
+        if f.name in NOT_RESULT or (f.name == "train_subjects" and cfg.train_subjects is None):
+            continue  # run.json records the subjects a run drew (from its seed, compared) under that name
+        default = f.default if f.default is not dataclasses.MISSING else None
+        want, got = to_jsonable(getattr(cfg, f.name)), done.get(f.name, to_jsonable(default))
+        if f.name == "train_subjects":
+            want = sorted(want)
+        if want != got:
+            stale.append(f.name)
+    return stale
+
+
+def arm_rows(
+    data: str | Path, folder: Path, cfg: FinetuneConfig, progress: bool = False, redo_stale: bool = False
+) -> list[dict[str, Any]]:
+    """The held-out per-case rows of one arm and seed.
+
+    A finished fine-tuning run in ``folder`` is reused (an interrupted study resumes) when its settings are
+    ``cfg``'s; one made with other settings is refused, or with ``redo_stale`` removed and trained again."""
     if cfg.source == "constant":
         return constant_rows(Store(data), cfg)
-    if not (folder / "summary.json").is_file():  # a finished point is reused, so an interrupted study resumes
+    if (folder / "summary.json").is_file():
+        stale = stale_settings(folder, cfg)
+        if stale and not redo_stale:
+            raise ConfigError(
+                f"{folder} holds a finished run with other settings ({', '.join(stale)}): remove it, or choose "
+                "another output folder"
+            )
+        if stale:
+            shutil.rmtree(folder)
+    if not (folder / "summary.json").is_file():
         finetune(data, folder, cfg, progress=progress)
     return read_predictions(folder / "predictions.csv")
 
@@ -80,11 +123,13 @@ def paired_study(
     reference: str = "scratch",
     x: Any = None,
     progress: bool = False,
+    redo_stale: bool = False,
 ) -> list[dict[str, Any]]:
     """Every arm on seeds ``base.seed .. base.seed + seeds - 1``; one result row per arm (see module docstring).
 
     Scratch and pretrained arms share ``base.arch`` as their architecture; pass the pretrained run
-    folder there to compare the same network with and without pretraining.
+    folder there to compare the same network with and without pretraining. Finished runs in ``out`` are
+    reused when their settings match (:func:`arm_rows`; ``redo_stale`` retrains those that do not).
     """
     per_arm: dict[str, list[list[dict[str, Any]]]] = {}
     for seed in range(seeds):
@@ -92,7 +137,7 @@ def paired_study(
             cfg = replace(base, **{**arm.settings, "source": arm.source, "mode": arm.mode or "full"})
             cfg = replace(cfg, seed=base.seed + seed, bootstrap=50)
             folder = Path(out) / f"{label}-{arm.name.replace(' ', '-')}-seed{seed}"
-            per_arm.setdefault(arm.name, []).append(arm_rows(data, folder, cfg, progress))
+            per_arm.setdefault(arm.name, []).append(arm_rows(data, folder, cfg, progress, redo_stale))
     ref = per_arm.get(reference)
     rows = []
     for arm in arms:

@@ -93,15 +93,23 @@ class FinetuneModule(L.LightningModule):
         self.register_buffer("class_weights", class_weights if class_weights is not None else torch.ones(1))
         self.target_mean, self.target_std = target_stats
         if cfg.task == "seg":
-            from monai.losses import DiceCELoss
+            from monai.losses import DiceCELoss, DiceLoss
 
             # as nnU-Net: Dice over the batch and without the background class (which is easy and would
-            # otherwise drown the lesion signal), plus cross-entropy over all classes
-            self.seg_loss = DiceCELoss(to_onehot_y=True, softmax=True, include_background=False, batch=True)
+            # otherwise drown the lesion signal), plus cross-entropy over all classes; with seg_fg_weight the
+            # cross-entropy weighs every foreground class that much more than background
+            dice = {"to_onehot_y": True, "softmax": True, "include_background": False, "batch": True}
+            weighted = cfg.seg_fg_weight != 1.0
+            self.seg_loss = DiceLoss(**dice) if weighted else DiceCELoss(**dice)
+            w = torch.full((model.n_out,), float(cfg.seg_fg_weight))
+            w[0] = 1.0
+            self.register_buffer("seg_ce_weight", w if weighted else None)
 
     def loss(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         if self.cfg.task == "seg":
-            return self.seg_loss(logits, y)
+            if self.seg_ce_weight is None:
+                return self.seg_loss(logits, y)
+            return self.seg_loss(logits, y) + F.cross_entropy(logits, y[:, 0].long(), weight=self.seg_ce_weight)
         if self.cfg.task == "cls":
             return F.cross_entropy(logits, y, weight=self.class_weights if self.class_weights.numel() > 1 else None)
         return F.smooth_l1_loss(logits[:, 0], (y - self.target_mean) / self.target_std)

@@ -163,6 +163,8 @@ class FinetuneConfig(Config):
     weight_decay: float = 1e-4
     num_workers: int = 2
     fg_p: float = 0.33
+    # seg: the cross-entropy weight of every foreground class against background's 1 (docs/finetuning.md)
+    seg_fg_weight: float = 1.0
     linear_fit: str = "closed"  # --mode linear: closed form (ridge / logistic, CV penalty) or sgd (docs/finetuning.md)
     linear_penalty: str = "1se"  # closed form: the cross-validated penalty, by the one-standard-error rule or the best
     head_pool: str = "mean"  # cls/reg: the learned pooling's reduction over space, mean or meanmax (docs/finetuning.md)
@@ -208,6 +210,8 @@ class FinetuneConfig(Config):
                 f"linear_fit should be closed or sgd and linear_penalty 1se or best, got {self.linear_fit!r}, "
                 f"{self.linear_penalty!r}"
             )
+        if not self.seg_fg_weight > 0:
+            raise ConfigError(f"seg_fg_weight should be > 0, got {self.seg_fg_weight}")
         if not 0 <= self.contrast_dropout < 1:
             raise ConfigError(f"contrast_dropout should be in [0, 1), got {self.contrast_dropout}")
         if not (0 <= self.head_warmup < 1 and 0 <= self.warmup_fraction <= 1):
