@@ -101,9 +101,8 @@ class FinetuneModule(L.LightningModule):
             dice = {"to_onehot_y": True, "softmax": True, "include_background": False, "batch": True}
             weighted = cfg.seg_fg_weight != 1.0
             self.seg_loss = DiceLoss(**dice) if weighted else DiceCELoss(**dice)
-            w = torch.full((model.n_out,), float(cfg.seg_fg_weight))
-            w[0] = 1.0
-            self.register_buffer("seg_ce_weight", w if weighted else None)
+            w = torch.tensor([1.0] + [float(cfg.seg_fg_weight)] * (model.n_out - 1)) if weighted else None
+            self.register_buffer("seg_ce_weight", w)
 
     def loss(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         if self.cfg.task == "seg":
