@@ -12,7 +12,7 @@ demo: setup
 
 test: setup
 	$(BIN)/ruff check src tests benchmarks scripts experiments
-	$(BIN)/python -m pytest -q $(ARGS)
+	$(BIN)/python -m pytest -q --durations=15 $(ARGS)
 
 test-fast: setup
 	$(BIN)/python -m pytest -q -m "not slow" $(ARGS)

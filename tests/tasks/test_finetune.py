@@ -244,6 +244,11 @@ def test_finetune_modes_and_scratch_via_cli(tiny_store, pretrained_run, tmp_path
         "--from", "scratch", "--set", "seg_fg_weight=0",
     )  # fmt: skip
     assert code == 2 and "seg_fg_weight should be > 0" in err
+    code, _, err = run_cli(
+        "finetune", "--data", tiny_store, "--task", "cls", "--target", "healthy", "--out", tmp_path / "v",
+        "--from", "scratch", "--preset", "few-shot-seg",
+    )  # fmt: skip
+    assert code == 2 and "--task cls has none" in err and not (tmp_path / "v").exists()
 
 
 def test_contrast_dropout_keeps_a_random_nonempty_subset(tiny_store):
@@ -408,6 +413,22 @@ def test_foreground_weight_scales_the_segmentation_cross_entropy_and_not_the_dic
     assert losses[10.0] == pytest.approx(dice + (40 * fg + 60 * bg) / 100, rel=1e-4)
     with pytest.raises(ConfigError, match="seg_fg_weight"):
         FinetuneConfig(task="seg", target="lesion", seg_fg_weight=0)
+    with pytest.raises(ConfigError, match="--task reg has none"):
+        FinetuneConfig(task="reg", target="age", seg_fg_weight=10)
+
+
+def test_the_few_shot_preset_is_the_demos_segmentation_protocol():
+    """``--preset few-shot-seg`` gives a CLI user the settings the demo's segmentation rows were measured with."""
+    from neurofm.demo import DemoConfig
+
+    cfg = FinetuneConfig.resolve("few-shot-seg", None, [], values={"task": "seg", "target": "lesion"})
+    demo = DemoConfig()
+    assert (cfg.mode, cfg.steps, cfg.lr) == (demo.modes["seg"][0], demo.finetune_steps["seg"], demo.finetune_lr["seg"])
+    assert (cfg.seg_fg_weight, cfg.fg_p, cfg.head_warmup) == (demo.seg_fg_weight, 0.5, demo.head_warmup)
+    flagged = FinetuneConfig.resolve(
+        "few-shot-seg", None, ["seg_fg_weight=5"], values={"task": "seg", "target": "x", "lr": 3e-3}
+    )
+    assert (flagged.lr, flagged.seg_fg_weight, flagged.steps) == (3e-3, 5.0, 200)  # flags and --set win over the preset
 
 
 def test_encoder_schedule_holds_then_warms_into_the_head_cosine():

@@ -212,6 +212,10 @@ class FinetuneConfig(Config):
             )
         if not self.seg_fg_weight > 0:
             raise ConfigError(f"seg_fg_weight should be > 0, got {self.seg_fg_weight}")
+        if self.seg_fg_weight != 1.0 and self.task != "seg":
+            raise ConfigError(
+                f"seg_fg_weight weighs segmentation's cross-entropy; --task {self.task} has none (leave it at 1)"
+            )
         if not 0 <= self.contrast_dropout < 1:
             raise ConfigError(f"contrast_dropout should be in [0, 1), got {self.contrast_dropout}")
         if not (0 <= self.head_warmup < 1 and 0 <= self.warmup_fraction <= 1):
