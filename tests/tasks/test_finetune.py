@@ -417,6 +417,19 @@ def test_foreground_weight_scales_the_segmentation_cross_entropy_and_not_the_dic
         FinetuneConfig(task="reg", target="age", seg_fg_weight=10)
 
 
+def test_feature_standardisation_takes_about_64_crops_worth_of_voxels():
+    from types import SimpleNamespace
+
+    from neurofm.tasks.finetune import norm_items
+
+    crops = SimpleNamespace(whole=None, patch=32, cases=[0] * 6)
+    assert norm_items(crops) == 64 and norm_items(SimpleNamespace(whole=None, patch=32, cases=[0] * 40)) == 80
+    whole = SimpleNamespace(whole=[64, 64, 64], patch=32, cases=[0] * 6)  # a whole scan: 8 crops' voxels
+    assert norm_items(whole) == 12  # two per case beats 64 / 8
+    assert norm_items(SimpleNamespace(whole=[64, 64, 64], patch=32, cases=[0] * 2)) == 8
+    assert norm_items(SimpleNamespace(whole=[16, 16, 16], patch=32, cases=[0] * 2)) == 64  # smaller than a crop
+
+
 def test_the_few_shot_preset_is_the_demos_segmentation_protocol():
     """``--preset few-shot-seg`` gives a CLI user the settings the demo's segmentation rows were measured with."""
     from neurofm.demo import DemoConfig

@@ -197,9 +197,17 @@ def _target_stats(cs: CaseSet, train: list) -> tuple[tuple[float, float], torch.
     return (0.0, 1.0), None
 
 
+def norm_items(ds: FinetuneDataset, crops: int = 64) -> int:
+    """How many training items standardise the features: about ``crops`` crops' worth of voxels, and at least
+    two items per case. A whole-scan item holds many crops' voxels, and items of one scan differ only by their
+    augmentation, so whole scans take fewer items (64 whole 2 mm scans of 6 cases took ~2 min on 2 CPU cores)."""
+    per_item = float(np.prod(ds.whole)) / ds.patch**3 if ds.whole is not None else 1.0
+    return max(int(np.ceil(crops / max(per_item, 1.0))), 2 * len(ds.cases))
+
+
 def _norm_batches(ds: FinetuneDataset, batch_size: int, crops: int = 64) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """About ``crops`` training crops (at least two per case) to standardise the features with."""
-    n = max(crops, 2 * len(ds.cases))
+    """The training items of :func:`norm_items` to standardise the features with."""
+    n = norm_items(ds, crops)
     items = [ds[i] for i in range(n)]
     return [
         (
