@@ -99,3 +99,18 @@ def test_paired_seeds_known_answers():
     assert paired_seeds("reg", reg, reps=10)["value"] == pytest.approx(10.0)  # MAE
     with pytest.raises(ValueError, match="same cases"):
         paired_seeds("seg", arm, [seg([0.5, 0.7], "x"), seg([0.4, 0.4])])
+
+
+def test_binary_auroc_matches_sklearn_with_ties_and_is_nan_with_one_class():
+    from sklearn.metrics import roc_auc_score
+
+    from neurofm.evaluate.metrics import binary_auroc
+
+    assert binary_auroc(np.array([0, 0, 1, 1]), np.array([0.1, 0.4, 0.35, 0.8])) == pytest.approx(0.75)
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        y = rng.integers(0, 2, 15)
+        score = rng.integers(0, 5, 15) / 4  # many ties
+        if 0 < y.sum() < len(y):
+            assert binary_auroc(y, score) == pytest.approx(roc_auc_score(y, score), abs=1e-12)
+    assert np.isnan(binary_auroc(np.ones(4, int), np.arange(4.0)))

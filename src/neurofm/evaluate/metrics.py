@@ -166,6 +166,20 @@ def _headline_arrays(task: str, rows: list[dict[str, Any]]) -> tuple[np.ndarray,
     return np.array([r["prediction"] for r in rows], float), np.array([r["target"] for r in rows], float)
 
 
+def binary_auroc(y: np.ndarray, score: np.ndarray) -> float:
+    """AUROC of a two-class score as the Mann-Whitney statistic (ties count half): the value
+    ``sklearn.metrics.roc_auc_score`` gives, without its input checks — a paired bootstrap calls it
+    tens of thousands of times (a demo's 1000 resamples x seeds x arms took ~100 s through sklearn)."""
+    from scipy.stats import rankdata
+
+    pos = np.asarray(y) == 1
+    n1, n0 = int(pos.sum()), int((~pos).sum())
+    if n1 == 0 or n0 == 0:
+        return float("nan")
+    ranks = rankdata(score)
+    return float((ranks[pos].sum() - n1 * (n1 + 1) / 2) / (n1 * n0))
+
+
 def _headline_value(task: str, arrays: tuple[np.ndarray, ...], idx: np.ndarray) -> float:
     if task == "seg":
         return float(np.nanmean(arrays[0][idx]))
@@ -176,7 +190,7 @@ def _headline_value(task: str, arrays: tuple[np.ndarray, ...], idx: np.ndarray) 
         if len(np.unique(y)) < 2:
             return float("nan")
         if prob.shape[1] == 2:
-            return float(roc_auc_score(y, prob[:, 1]))
+            return binary_auroc(y, prob[:, 1])
         return float(roc_auc_score(y, prob, multi_class="ovr", average="macro", labels=list(range(prob.shape[1]))))
     pred, y = arrays[0][idx], arrays[1][idx]
     return float(np.abs(pred - y).mean())
