@@ -368,6 +368,26 @@ def test_the_epoch_sampler_numbers_samples_across_epochs_and_resumes_inside_one(
     assert list(s) == second  # a position in another epoch does not apply
 
 
+class _ParentPid(torch.utils.data.Dataset):
+    def __len__(self) -> int:
+        return 2
+
+    def __getitem__(self, i: int) -> int:
+        return os.getppid()
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="reads the fork server's memory map in /proc")
+def test_loader_workers_fork_from_a_server_that_has_already_imported_torch():
+    from neurofm.data.loader import loader_context, training_loader
+
+    if loader_context() != "forkserver":
+        pytest.skip("no fork server on this platform")
+    parent = int(next(iter(training_loader(_ParentPid(), 2, 1, seed=0)))[0])
+    assert parent != os.getpid()  # the worker's parent is the fork server, not this process
+    with open(f"/proc/{parent}/maps") as f:  # torch's library is in it: the worker did not import torch itself
+        assert "libtorch_cpu" in f.read()
+
+
 def test_a_sample_depends_on_its_index_and_the_seed_only(tiny_store):
     cfg, index = prepare_data(get_preset("fomo25-tiny"), tiny_store)
 
