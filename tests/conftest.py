@@ -66,3 +66,25 @@ def pretrained_run(tiny_store, tmp_path_factory) -> Path:
 
     out = tmp_path_factory.mktemp("pre") / "run"
     return pretrain(tiny_store, out, "fomo25-tiny", overrides=["trainer.max_steps=4"], progress=False)
+
+
+@pytest.fixture(scope="session")
+def store_4mm(tiny_store) -> Path:
+    """The tiny store's scans prepared at 4 mm, the demo's and the shipped models' spacing.
+
+    For the end-to-end tests whose cost is whole-scan inference and feature standardisation:
+    a 4 mm scan has an eighth of a 2 mm scan's voxels."""
+    from neurofm.preprocess import PrepareConfig, prepare
+
+    out = tiny_store.parent / "store-4mm"
+    prepare(tiny_store.parent / "bids", out, PrepareConfig(spacing=4.0), workers=2, progress=False)
+    return out
+
+
+@pytest.fixture(scope="session")
+def pretrained_4mm(store_4mm, tmp_path_factory) -> Path:
+    """fomo25-tiny pretrained for a few steps on the 4 mm store."""
+    from neurofm.tasks.pretrain import pretrain
+
+    out = tmp_path_factory.mktemp("pre4") / "run"
+    return pretrain(store_4mm, out, "fomo25-tiny", overrides=["trainer.max_steps=4"], progress=False)

@@ -185,14 +185,14 @@ def test_sigterm_writes_a_checkpoint_at_the_current_step_and_resume_finishes(tin
 
 
 @pytest.mark.slow
-def test_sigusr1_under_slurm_requeues_and_finetune_resumes(tiny_store, tmp_path):
+def test_sigusr1_under_slurm_requeues_and_finetune_resumes(store_4mm, tmp_path):
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
     (bin_dir / "scontrol").write_text(f'#!/bin/sh\necho "$@" >> {tmp_path / "scontrol.log"}\n')
     (bin_dir / "scontrol").chmod(0o755)
     env = {"SLURM_JOB_ID": "4242", "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}"}
     out = tmp_path / "ft"
-    args = ["finetune", "--data", tiny_store, "--task", "cls", "--target", "healthy", "--from", "scratch"]
+    args = ["finetune", "--data", store_4mm, "--task", "cls", "--target", "healthy", "--from", "scratch"]
     args += ["--arch", "fomo25-tiny", "--shots", "3", "--steps", "50", "--workers", "0", "--no-tta", "--out", out]
     args += ["--bootstrap", "20"]
     proc = _start([*args, "--progress"], env)

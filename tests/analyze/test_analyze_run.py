@@ -11,10 +11,10 @@ FT = {"steps": 2, "patch": 32, "contrasts": ["T1w", "FLAIR"], "num_workers": 0, 
 
 
 @pytest.mark.slow
-def test_analyze_latents_ablation_label_efficiency_and_fomo(tiny_store, pretrained_run, tmp_path):
+def test_analyze_latents_ablation_label_efficiency_and_fomo(store_4mm, pretrained_4mm, tmp_path):
     cfg = AnalyzeConfig(
         max_sessions=4,
-        compare={"mae": str(pretrained_run)},
+        compare={"mae": str(pretrained_4mm)},
         tasks=[("cls", "healthy")],
         label_efficiency=("reg", "age"),
         shots=[2, 4, 99],
@@ -25,7 +25,7 @@ def test_analyze_latents_ablation_label_efficiency_and_fomo(tiny_store, pretrain
         modes=["full"],
         finetune=FT,
     )
-    res = analyze(pretrained_run, tiny_store, tmp_path / "an", cfg, progress=False)
+    res = analyze(pretrained_4mm, store_4mm, tmp_path / "an", cfg, progress=False)
     lat = res["latent"]
     assert set(lat) >= {"anatomy", "contrast", "scans", "subjects"}
     assert 0 <= lat["anatomy"]["contrast_probe"]["accuracy"] <= 1

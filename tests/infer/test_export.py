@@ -85,16 +85,16 @@ def test_export_refuses_a_pretrained_run(tmp_path, run_cli):
 
 
 @pytest.mark.slow
-def test_bids_derivatives_round_trip_with_the_onnx_engine(tiny_store, pretrained_run, tmp_path, run_cli):
+def test_bids_derivatives_round_trip_with_the_onnx_engine(store_4mm, pretrained_4mm, tmp_path, run_cli):
     from neurofm.io.manifest import discover_bids
     from neurofm.tasks.finetune import finetune
     from neurofm.train.config import FinetuneConfig
 
-    cfg = FinetuneConfig(task="seg", target="lesion", source=str(pretrained_run), contrasts=["T1w", "FLAIR"],
+    cfg = FinetuneConfig(task="seg", target="lesion", source=str(pretrained_4mm), contrasts=["T1w", "FLAIR"],
                          shots=3, steps=2, patch=32, num_workers=0, bootstrap=20, tta=False)  # fmt: skip
-    finetune(tiny_store, tmp_path / "ft", cfg, progress=False)
+    finetune(store_4mm, tmp_path / "ft", cfg, progress=False)
     raw = tmp_path / "raw"  # two subjects' first sessions, images only (no label derivatives)
-    src = tiny_store.parent / "bids"
+    src = store_4mm.parent / "bids"
     raw.mkdir()
     shutil.copy(src / "dataset_description.json", raw / "dataset_description.json")
     for sub in ("sub-001", "sub-002"):

@@ -105,14 +105,14 @@ def test_largest_component_per_class():
 
 
 @pytest.mark.slow
-def test_cli_predict_on_a_dataset_folder(tiny_store, pretrained_run, tmp_path, run_cli):
+def test_cli_predict_on_a_dataset_folder(store_4mm, pretrained_4mm, tmp_path, run_cli):
     from neurofm.tasks.finetune import finetune
     from neurofm.train.config import FinetuneConfig
 
     cfg = FinetuneConfig(
         task="cls",
         target="healthy",
-        source=str(pretrained_run),
+        source=str(pretrained_4mm),
         contrasts=["T1w", "FLAIR"],
         shots=3,
         steps=3,
@@ -121,8 +121,8 @@ def test_cli_predict_on_a_dataset_folder(tiny_store, pretrained_run, tmp_path, r
         bootstrap=20,
         tta=False,
     )
-    finetune(tiny_store, tmp_path / "ft", cfg, progress=False)
-    bids = tiny_store.parent / "bids"
+    finetune(store_4mm, tmp_path / "ft", cfg, progress=False)
+    bids = store_4mm.parent / "bids"
     code, _, err = run_cli(
         "predict", tmp_path / "ft", str(bids), "--out", tmp_path / "pred", "--no-tta", "--no-progress"
     )
@@ -135,7 +135,7 @@ def test_cli_predict_on_a_dataset_folder(tiny_store, pretrained_run, tmp_path, r
     cfg = FinetuneConfig(
         task="seg",
         target="lesion",
-        source=str(pretrained_run),
+        source=str(pretrained_4mm),
         contrasts=["T1w", "FLAIR"],
         shots=3,
         steps=2,
@@ -144,7 +144,7 @@ def test_cli_predict_on_a_dataset_folder(tiny_store, pretrained_run, tmp_path, r
         bootstrap=20,
         tta=False,
     )
-    finetune(tiny_store, seg, cfg, progress=False)
+    finetune(store_4mm, seg, cfg, progress=False)
     t1 = next(bids.glob("sub-001/ses-1/anat/*_T1w.nii.gz"))
     code, _, err = run_cli("predict", seg, f"T1w={t1}", "--out", tmp_path / "p2", "--no-tta")
     assert code == 0, err

@@ -150,11 +150,11 @@ def test_finetune_end_to_end_from_pretrained(task, target, tiny_store, pretraine
 
 
 @pytest.mark.slow
-def test_finetune_modes_and_scratch_via_cli(tiny_store, pretrained_run, tmp_path, run_cli):
+def test_finetune_modes_and_scratch_via_cli(store_4mm, pretrained_4mm, tmp_path, run_cli):
     code, _, err = run_cli(
         "finetune",
         "--data",
-        tiny_store,
+        store_4mm,
         "--task",
         "cls",
         "--target",
@@ -162,7 +162,7 @@ def test_finetune_modes_and_scratch_via_cli(tiny_store, pretrained_run, tmp_path
         "--out",
         tmp_path / "lin",
         "--from",
-        pretrained_run,
+        pretrained_4mm,
         "--mode",
         "linear",
         "--folds",
@@ -185,7 +185,7 @@ def test_finetune_modes_and_scratch_via_cli(tiny_store, pretrained_run, tmp_path
     code, _, err = run_cli(
         "finetune",
         "--data",
-        tiny_store,
+        store_4mm,
         "--task",
         "reg",
         "--target",
@@ -213,20 +213,20 @@ def test_finetune_modes_and_scratch_via_cli(tiny_store, pretrained_run, tmp_path
     )
     assert code == 0, err
     run = json.loads((tmp_path / "scr" / "run.json").read_text())
-    info, train, store = run["task_info"], set(run["train_subjects"]), Store(tiny_store)
+    info, train, store = run["task_info"], set(run["train_subjects"]), Store(store_4mm)
     fits = np.max([store.record(k)["shape"] for k in store.keys if store.record(k)["subject"] in train], axis=0)
     step = info["whole_scan"]  # the encoder's downsampling: 8 for ssl3d-tiny
     assert step == 8
     assert all(n % step == 0 and m <= n < m + step for n, m in zip(info["whole_shape"], fits, strict=True))
     code, out, _ = run_cli(
-        "evaluate", tmp_path / "scr", "--data", tiny_store, "--split", "all", "--no-tta", "--bootstrap", "50"
+        "evaluate", tmp_path / "scr", "--data", store_4mm, "--split", "all", "--no-tta", "--bootstrap", "50"
     )
     assert code == 0 and "mae" in out
-    assert len(pd.read_csv(tmp_path / "scr" / f"eval-{tiny_store.name}" / "predictions.csv")) == 12
+    assert len(pd.read_csv(tmp_path / "scr" / f"eval-{store_4mm.name}" / "predictions.csv")) == 12
     code, _, err = run_cli(
         "finetune",
         "--data",
-        tiny_store,
+        store_4mm,
         "--task",
         "seg",
         "--target",
@@ -236,16 +236,16 @@ def test_finetune_modes_and_scratch_via_cli(tiny_store, pretrained_run, tmp_path
         "--mode",
         "linear",
         "--from",
-        pretrained_run,
+        pretrained_4mm,
     )
     assert code == 2 and "linear probe" in err
     code, _, err = run_cli(
-        "finetune", "--data", tiny_store, "--task", "seg", "--target", "lesion", "--out", tmp_path / "w",
+        "finetune", "--data", store_4mm, "--task", "seg", "--target", "lesion", "--out", tmp_path / "w",
         "--from", "scratch", "--set", "seg_fg_weight=0",
     )  # fmt: skip
     assert code == 2 and "seg_fg_weight should be > 0" in err
     code, _, err = run_cli(
-        "finetune", "--data", tiny_store, "--task", "cls", "--target", "healthy", "--out", tmp_path / "v",
+        "finetune", "--data", store_4mm, "--task", "cls", "--target", "healthy", "--out", tmp_path / "v",
         "--from", "scratch", "--preset", "few-shot-seg",
     )  # fmt: skip
     assert code == 2 and "--task cls has none" in err and not (tmp_path / "v").exists()
