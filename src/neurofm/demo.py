@@ -47,6 +47,7 @@ class DemoConfig:
     # segmentation's cross-entropy weight of the lesion class: at 1, 200 steps from 4 labelled subjects left some
     # runs of either arm on the empty-prediction plateau; chosen on another store (docs/finetuning.md)
     seg_fg_weight: float = 10.0
+    seg_fg_p: float = 0.5  # the share of segmentation crops centred on a lesion voxel (nnU-Net's is 0.33)
     shots: dict[str, int] = field(default_factory=lambda: {"seg": 4, "cls": 16, "reg": 24})  # labelled subjects
     # the pretrained protocol per task, fixed before the demo's data is seen on the shipped model's evaluation
     # set (docs/finetuning.md): cls/reg read the frozen encoder with a linear probe fitted in closed form
@@ -143,7 +144,7 @@ def run_demo(out: str | Path = "neurofm-demo", cfg: DemoConfig | None = None) ->
         lr=_lr(cfg, "seg"),
         head_warmup=cfg.head_warmup,
         patch=cfg.patch,
-        fg_p=0.5,
+        fg_p=cfg.seg_fg_p,
         positive_only=True,
         num_workers=1,
         tta=False,

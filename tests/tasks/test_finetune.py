@@ -437,7 +437,7 @@ def test_the_few_shot_preset_is_the_demos_segmentation_protocol():
     cfg = FinetuneConfig.resolve("few-shot-seg", None, [], values={"task": "seg", "target": "lesion"})
     demo = DemoConfig()
     assert (cfg.mode, cfg.steps, cfg.lr) == (demo.modes["seg"][0], demo.finetune_steps["seg"], demo.finetune_lr["seg"])
-    assert (cfg.seg_fg_weight, cfg.fg_p, cfg.head_warmup) == (demo.seg_fg_weight, 0.5, demo.head_warmup)
+    assert (cfg.seg_fg_weight, cfg.fg_p, cfg.head_warmup) == (demo.seg_fg_weight, demo.seg_fg_p, demo.head_warmup)
     flagged = FinetuneConfig.resolve(
         "few-shot-seg", None, ["seg_fg_weight=5"], values={"task": "seg", "target": "x", "lr": 3e-3}
     )
