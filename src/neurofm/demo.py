@@ -19,11 +19,14 @@ from __future__ import annotations
 
 import shutil
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from rich.console import Console
+
+if TYPE_CHECKING:
+    from neurofm.train.config import FinetuneConfig
 
 SHIPPED = "fomo25-tiny-synth"
 
@@ -92,7 +95,6 @@ def run_demo(out: str | Path = "neurofm-demo", cfg: DemoConfig | None = None) ->
     from neurofm.preprocess import PrepareConfig, prepare
     from neurofm.store import Store
     from neurofm.synth.montage import montage
-    from neurofm.train.config import FinetuneConfig
     from neurofm.utils import to_jsonable, write_json
 
     cfg = cfg or DemoConfig()
@@ -134,29 +136,10 @@ def run_demo(out: str | Path = "neurofm-demo", cfg: DemoConfig | None = None) ->
 
     shots = ", ".join(f"{k} {v}" for k, v in cfg.shots.items())
     t = stage("4/6 fine-tune", f"labelled subjects {shots}; {cfg.seeds} seeds; pretrained, scratch and two floors")
-    base = FinetuneConfig(
-        task="seg",
-        target="lesion",
-        source="scratch",
-        arch=str(run),  # scratch and the random floor: the pretrained model's architecture
-        contrasts=cfg.contrasts,
-        steps=_steps(cfg, "seg"),
-        lr=_lr(cfg, "seg"),
-        head_warmup=cfg.head_warmup,
-        patch=cfg.patch,
-        fg_p=cfg.seg_fg_p,
-        positive_only=True,
-        num_workers=1,
-        tta=False,
-        seed=cfg.seed,
-    )
     rows = []
     for task, target in cfg.tasks:
         arms = experiments.standard_arms(str(run), task, cfg.modes.get(task, ["full"]), cfg.floors)
-        task_cfg = replace(
-            base, task=task, target=target, shots=cfg.shots.get(task, 8), steps=_steps(cfg, task), lr=_lr(cfg, task),
-            seg_fg_weight=cfg.seg_fg_weight if task == "seg" else 1.0,
-        )  # fmt: skip
+        task_cfg = finetune_config(cfg, run, task, target)
         rows += experiments.paired_study(
             store, out / "finetune", task_cfg, arms, cfg.seeds, f"{task}-{target}", progress=True, redo_stale=True
         )
@@ -242,6 +225,31 @@ def run_demo(out: str | Path = "neurofm-demo", cfg: DemoConfig | None = None) ->
 def _per_task(value: Any, task: str, default: Any) -> Any:
     """A setting given for all tasks (one number) or per task (a dict)."""
     return value.get(task, default) if isinstance(value, dict) else value
+
+
+def finetune_config(cfg: DemoConfig, run: str | Path, task: str, target: str) -> FinetuneConfig:
+    """The fine-tuning settings of the demo's ``task`` rows (seed ``cfg.seed``; the study adds one per seed):
+    scratch and the random floor take the architecture of ``run``, the pretrained model."""
+    from neurofm.train.config import FinetuneConfig
+
+    return FinetuneConfig(
+        task=task,
+        target=target,
+        source="scratch",
+        arch=str(run),
+        contrasts=cfg.contrasts,
+        shots=cfg.shots.get(task, 8),
+        steps=_steps(cfg, task),
+        lr=_lr(cfg, task),
+        head_warmup=cfg.head_warmup,
+        patch=cfg.patch,
+        fg_p=cfg.seg_fg_p,
+        seg_fg_weight=cfg.seg_fg_weight if task == "seg" else 1.0,
+        positive_only=True,
+        num_workers=1,
+        tta=False,
+        seed=cfg.seed,
+    )
 
 
 def _steps(cfg: DemoConfig, task: str) -> int:

@@ -432,12 +432,13 @@ def test_feature_standardisation_takes_about_64_crops_worth_of_voxels():
 
 def test_the_few_shot_preset_is_the_demos_segmentation_protocol():
     """``--preset few-shot-seg`` gives a CLI user the settings the demo's segmentation rows were measured with."""
-    from neurofm.demo import DemoConfig
+    from neurofm.demo import DemoConfig, finetune_config
 
     cfg = FinetuneConfig.resolve("few-shot-seg", None, [], values={"task": "seg", "target": "lesion"})
-    demo = DemoConfig()
-    assert (cfg.mode, cfg.steps, cfg.lr) == (demo.modes["seg"][0], demo.finetune_steps["seg"], demo.finetune_lr["seg"])
-    assert (cfg.seg_fg_weight, cfg.fg_p, cfg.head_warmup) == (demo.seg_fg_weight, demo.seg_fg_p, demo.head_warmup)
+    demo = finetune_config(DemoConfig(), "fomo25-tiny-synth", "seg", "lesion")
+    assert cfg.mode == DemoConfig().modes["seg"][0]
+    for name in ("steps", "lr", "seg_fg_weight", "fg_p", "head_warmup"):
+        assert getattr(cfg, name) == getattr(demo, name), name
     flagged = FinetuneConfig.resolve(
         "few-shot-seg", None, ["seg_fg_weight=5"], values={"task": "seg", "target": "x", "lr": 3e-3}
     )
