@@ -40,8 +40,10 @@ def main() -> None:
         cfg = finetune_config(demo, args.pretrained, task, target)
         rows += paired_study(args.data, args.out, cfg, arms, args.seeds, f"{task}-{target}", redo_stale=True)
     for r in rows:
-        diff = f"{r['difference']:+.3f} [{r['difference_low']:+.3f}, {r['difference_high']:+.3f}]"
-        print(f"{r['task']} {r['init']:<18} {r['value']:.3f}  minus scratch {diff if r['init'] != 'scratch' else ''}")
+        line = f"{r['task']} {r['init']:<18} {r['value']:.3f} [{r['ci_low']:.3f}, {r['ci_high']:.3f}]"
+        if "difference" in r:  # every arm but the reference
+            line += f"  minus scratch {r['difference']:+.3f} [{r['difference_low']:+.3f}, {r['difference_high']:+.3f}]"
+        print(line)
     name = f"results-{'-'.join(args.tasks)}-{args.seeds}.json"
     write_json(args.out / name, {"command": " ".join(["python", *sys.argv]), "rows": to_jsonable(rows)})
 
