@@ -18,8 +18,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from neurofm.analyze.experiments import paired_study, standard_arms
-from neurofm.demo import DemoConfig, finetune_config
+from neurofm.demo import DemoConfig, finetune_rows, score_text
 from neurofm.utils import to_jsonable, write_json
 
 
@@ -31,19 +30,10 @@ def main() -> None:
     ap.add_argument("--tasks", nargs="+", default=["seg", "cls", "reg"], choices=["seg", "cls", "reg"])
     ap.add_argument("--seeds", type=int, default=10)
     args = ap.parse_args()
-    demo = DemoConfig(pretrained=args.pretrained)
-    rows = []
-    for task, target in demo.tasks:
-        if task not in args.tasks:
-            continue
-        arms = standard_arms(args.pretrained, task, demo.modes.get(task, ["full"]), demo.floors)
-        cfg = finetune_config(demo, args.pretrained, task, target)
-        rows += paired_study(args.data, args.out, cfg, arms, args.seeds, f"{task}-{target}", redo_stale=True)
-    for r in rows:
-        line = f"{r['task']} {r['init']:<18} {r['value']:.3f} [{r['ci_low']:.3f}, {r['ci_high']:.3f}]"
-        if "difference" in r:  # every arm but the reference
-            line += f"  minus scratch {r['difference']:+.3f} [{r['difference_low']:+.3f}, {r['difference_high']:+.3f}]"
-        print(line)
+    tasks = [(t, target) for t, target in DemoConfig().tasks if t in args.tasks]
+    demo = DemoConfig(pretrained=args.pretrained, seeds=args.seeds, tasks=tasks)
+    rows = finetune_rows(demo, args.pretrained, args.data, args.out, progress=False)
+    print(score_text(rows))
     name = f"results-{'-'.join(args.tasks)}-{args.seeds}.json"
     write_json(args.out / name, {"command": " ".join(["python", *sys.argv]), "rows": to_jsonable(rows)})
 

@@ -84,7 +84,7 @@ def _check(cfg: DemoConfig) -> None:
 
 def run_demo(out: str | Path = "neurofm-demo", cfg: DemoConfig | None = None) -> Path:
     """Run every stage (see module docstring); returns the path of the HTML report."""
-    from neurofm.analyze import experiments, figures
+    from neurofm.analyze import figures
     from neurofm.analyze.embed import embed_store
     from neurofm.analyze.latent import intensity_histograms, latent_analysis, summary_table, swap_check
     from neurofm.analyze.run import drop_values, score_table, spread_sessions
@@ -136,17 +136,11 @@ def run_demo(out: str | Path = "neurofm-demo", cfg: DemoConfig | None = None) ->
 
     shots = ", ".join(f"{k} {v}" for k, v in cfg.shots.items())
     t = stage("4/6 fine-tune", f"labelled subjects {shots}; {cfg.seeds} seeds; pretrained, scratch and two floors")
-    rows = []
-    for task, target in cfg.tasks:
-        arms = experiments.standard_arms(str(run), task, cfg.modes.get(task, ["full"]), cfg.floors)
-        task_cfg = finetune_config(cfg, run, task, target)
-        rows += experiments.paired_study(
-            store, out / "finetune", task_cfg, arms, cfg.seeds, f"{task}-{target}", progress=True, redo_stale=True
-        )
+    rows = finetune_rows(cfg, run, store, out / "finetune")
     figures.scores_figure(rows, fig_dir / "scores.png", f"labelled subjects: {shots}; mean over {cfg.seeds} seeds")
     figures.difference_figure(rows, fig_dir / "differences.png")
     scores = score_table(rows)
-    console.print(_score_text(rows))
+    console.print(score_text(rows))
     times["finetune"] = time.time() - t
 
     t = stage("5/6 analyze", "anatomy-latent similarity across contrasts, contrast probes, swap check")
@@ -252,6 +246,24 @@ def finetune_config(cfg: DemoConfig, run: str | Path, task: str, target: str) ->
     )
 
 
+def finetune_rows(
+    cfg: DemoConfig, run: str | Path, store: str | Path, out: str | Path, progress: bool = True
+) -> list[dict[str, Any]]:
+    """The demo's fine-tuning rows: per task of ``cfg.tasks``, the pretrained model read as ``cfg.modes`` says,
+    scratch and the two floors, paired over ``cfg.seeds`` seeds; a finished run in ``out`` is reused when its
+    settings match (others are trained again)."""
+    from neurofm.analyze import experiments
+
+    rows = []
+    for task, target in cfg.tasks:
+        arms = experiments.standard_arms(str(run), task, cfg.modes.get(task, ["full"]), cfg.floors)
+        task_cfg = finetune_config(cfg, run, task, target)
+        rows += experiments.paired_study(
+            store, out, task_cfg, arms, cfg.seeds, f"{task}-{target}", progress=progress, redo_stale=True
+        )
+    return rows
+
+
 def _steps(cfg: DemoConfig, task: str) -> int:
     return int(_per_task(cfg.finetune_steps, task, 200))
 
@@ -336,7 +348,8 @@ def _latent_text(rows: list[dict[str, Any]], swap: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def _score_text(rows: list[dict[str, Any]]) -> str:
+def score_text(rows: list[dict[str, Any]]) -> str:
+    """The fine-tuning rows as the demo prints them: value, interval and the paired difference from scratch."""
     lines = []
     for r in rows:
         if "skipped" in r:
