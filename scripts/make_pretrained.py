@@ -6,7 +6,7 @@ One command (about two hours on a 2-core CPU at the default 30,000 steps)::
 
 1. ``neurofm synth`` a pool of unlabelled subjects (seed 1000: none of them is a subject of the
    demo, whose seed is 0, or of the evaluation set, seed 3000), prepared at 4 mm;
-2. ``neurofm pretrain --preset fomo25-tiny`` on it for ``--steps`` steps;
+2. ``neurofm pretrain --preset PRESET`` (``fomo25-tiny`` unless ``--preset``) on it for ``--steps`` steps;
 3. ``neurofm analyze`` (latents, contrast probes, swap check) on a separate evaluation set;
 4. copies the weights and descriptions (no optimizer state, no machine paths) to
    ``src/neurofm/pretrained/<name>/`` and writes its ``MODEL_CARD.md``.
@@ -27,7 +27,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 NEUROFM = [sys.executable, "-m", "neurofm.cli"]
-DEFAULT_NAME = "fomo25-tiny-synth"  # the model neurofm demo fine-tunes by default
+DEFAULT_NAME = "fomo25-tiny-synth"  # the recipe's plain form; neurofm demo fine-tunes fomo25-tiny-cmeans
+DEFAULT_PRESET = "fomo25-tiny"
 CARRY = ("model.safetensors", "model.json", "transfer.json", "preprocessing.json", "run.json", "meta.json")
 
 
@@ -98,6 +99,7 @@ def model_card(name: str, args: argparse.Namespace, run_cfg: dict, meta: dict, a
     d, o = run_cfg["data"], run_cfg["optim"]
     sets = "".join(f" --set {x}" for x in args.extra) if args.extra else ""
     named = "" if name == DEFAULT_NAME else f" --name {name}"
+    named += "" if args.preset == DEFAULT_PRESET else f" --preset {args.preset}"
     command = f"--work WORK{named} --steps {args.steps} --pool-subjects {args.pool_subjects}{sets}"
     return f"""# {name}
 
@@ -117,7 +119,7 @@ The synthetic heads come from one template: the model has seen no real scan.
 ## Training
     .venv/bin/python scripts/make_pretrained.py {command}
 
-Recipe `fomo25-tiny` ({d["patch"]}^3 crops, batch {d["batch_size"]}, AdamW lr {o["lr"]}, cosine), {meta["step"]}
+Recipe `{args.preset}` ({d["patch"]}^3 crops, batch {d["batch_size"]}, AdamW lr {o["lr"]}, cosine), {meta["step"]}
 steps; objective `{json.dumps(run_cfg["objective"])}`. Wall time {args.train_minutes:.0f} min on a CPU ({args.threads}).
 Last logged losses: {losses}.
 
@@ -138,6 +140,7 @@ def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--work", type=Path, required=True, help="folder for the data and the run")
     ap.add_argument("--name", default=DEFAULT_NAME)
+    ap.add_argument("--preset", default=DEFAULT_PRESET, help="the fomo25 recipe, e.g. fomo25-cmeans-tiny")
     ap.add_argument("--steps", type=int, default=30000)
     ap.add_argument("--pool-subjects", type=int, default=300)
     ap.add_argument("--pool-seed", type=int, default=1000)
@@ -171,7 +174,7 @@ def main() -> None:
         sh(
             "pretrain",
             "--preset",
-            "fomo25-tiny",
+            args.preset,
             "--data",
             pool,
             "--out",

@@ -19,6 +19,28 @@ def test_a_pretrained_model_ships():
     assert shipped_path("no-such-model") is None and shipped_path("../pretrained") is None
 
 
+def test_the_demos_model_ships_and_its_recipe_is_a_preset(run_cli):
+    """neurofm demo fine-tunes a shipped model by default, and --pretrain-steps trains that model's settings from
+    nothing: the preset resolves to the model and objective the shipped weights were trained with."""
+    from dataclasses import asdict
+
+    from neurofm.demo import RECIPE
+    from neurofm.demo import SHIPPED as DEMO_MODEL
+    from neurofm.train.presets import get_preset
+
+    assert DEMO_MODEL in SHIPPED
+    run = json.loads((ROOT / DEMO_MODEL / "run.json").read_text())
+    recipe = get_preset(RECIPE)
+    assert recipe.model.name == run["model"]["name"] and recipe.model.kwargs == run["model"]["kwargs"]
+    assert asdict(recipe.objective) == run["objective"]
+    for part in ("data", "optim"):  # the crops, batch and optimiser too (workers are the machine's)
+        mine = {k: v for k, v in asdict(getattr(recipe, part)).items() if k != "num_workers"}
+        assert mine == {k: v for k, v in run[part].items() if k != "num_workers"}, part
+    code, out, err = run_cli("demo", "--help")
+    assert code == 0, err
+    assert f"[default: {DEMO_MODEL}]" in " ".join(out.split()).replace("│", " ").replace("  ", " ")
+
+
 #: what each shipped folder's model card must name: the script that makes it, and its own checks
 CARD = {
     "fomo25-tiny-synth": ("scripts/make_pretrained.py", "swap check"),
@@ -154,6 +176,7 @@ def test_a_model_cards_command_remakes_its_recipe(name):
     args = _make_pretrained().parser().parse_args(argv)
     assert args.name == name
     run = json.loads((ROOT / name / "run.json").read_text())
+    assert run["preset"] == args.preset
     assert run["trainer"]["max_steps"] == args.steps
     for item in args.extra:
         key, value = item.split("=", 1)

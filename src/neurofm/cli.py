@@ -9,6 +9,7 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
+from neurofm.demo import SHIPPED as DEMO_MODEL
 from neurofm.errors import NeurofmError
 
 app = typer.Typer(
@@ -615,9 +616,13 @@ def demo(
     sessions: Annotated[int, typer.Option(help="Sessions (visits) per synthetic subject.")] = 2,
     pretrained: Annotated[
         str, typer.Option(help="The pretrained model: one that ships with neurofm, or a run folder.")
-    ] = "fomo25-tiny-synth",
+    ] = DEMO_MODEL,
     pretrain_steps: Annotated[
-        int, typer.Option(help="> 0: pretrain fomo25-tiny from nothing instead, on a separate synthetic pool.")
+        int,
+        typer.Option(
+            help="> 0: pretrain the shipped model's recipe (fomo25-cmeans-tiny) from nothing instead, "
+            "on a separate synthetic pool."
+        ),
     ] = 0,
     pool_subjects: Annotated[int, typer.Option(help="Subjects of that pool (two sessions each).")] = 100,
     finetune_steps: Annotated[

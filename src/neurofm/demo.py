@@ -3,7 +3,7 @@
 1. synth — synthetic subjects on the real ICBM 2009c / CerebrA anatomy (2 mm, 3 sites);
 2. prepare — RAS, 4 mm (so a 32³ crop holds most of a brain), crop, z-score, blosc2 store;
 3. pretrained model — the fomo25-tiny model that ships with neurofm (pretrained on a separate
-   pool of synthetic subjects, none of them the demo's), or, with ``pretrain_steps``, one
+   pool of synthetic subjects, none of them the demo's), or, with ``pretrain_steps``, its recipe
    pretrained here from nothing on a freshly synthesised pool disjoint from the demo's subjects;
 4. fine-tune — lesion segmentation, health classification and age regression from a few
    labelled subjects: the pretrained model, scratch with the same architecture and budget, a
@@ -28,7 +28,8 @@ from rich.console import Console
 if TYPE_CHECKING:
     from neurofm.train.config import FinetuneConfig
 
-SHIPPED = "fomo25-tiny-synth"
+SHIPPED = "fomo25-tiny-cmeans"  # chosen over fomo25-tiny-synth on the demo's 10 seeds (docs/finetuning.md)
+RECIPE = "fomo25-cmeans-tiny"  # the shipped model's recipe: what pretrain_steps > 0 trains from nothing
 
 
 @dataclass
@@ -38,7 +39,7 @@ class DemoConfig:
     workers: int = 2
     spacing: float = 4.0  # mm: a 32^3 crop holds most of a brain
     pretrained: str = SHIPPED  # a shipped model or a run folder; ignored when pretrain_steps > 0
-    pretrain_steps: int = 0  # > 0: pretrain fomo25-tiny from nothing on a separate synthetic pool
+    pretrain_steps: int = 0  # > 0: pretrain the shipped recipe from nothing on a separate synthetic pool
     pool_subjects: int = 100  # subjects of that pool (two sessions each)
     patch: int = 32
     # fine-tuning steps per model and task (or one number for all) of every arm trained by gradient steps;
@@ -124,7 +125,7 @@ def run_demo(out: str | Path = "neurofm-demo", cfg: DemoConfig | None = None) ->
     times["prepare"] = time.time() - t
 
     if cfg.pretrain_steps > 0:
-        title = f"fomo25-tiny from nothing: {cfg.pretrain_steps} steps on {cfg.pool_subjects} other synthetic subjects"
+        title = f"{RECIPE} from nothing: {cfg.pretrain_steps} steps on {cfg.pool_subjects} other synthetic subjects"
         t = stage("3/6 pretrain", title)
         run = _pretrain_pool(out, cfg, console)
         figures.training_curves(run, fig_dir / "pretrain_curves.png", "fomo25-tiny pretraining")
@@ -158,7 +159,7 @@ def run_demo(out: str | Path = "neurofm-demo", cfg: DemoConfig | None = None) ->
     times["report"] = time.time() - t
     times["total"] = time.time() - t_all
     pre_text = (
-        f"fomo25-tiny pretrained here for {cfg.pretrain_steps} steps on {cfg.pool_subjects} other synthetic subjects "
+        f"{RECIPE} pretrained here for {cfg.pretrain_steps} steps on {cfg.pool_subjects} other synthetic subjects "
         "(no labels; none of them is a fine-tuning or test subject)."
         if cfg.pretrain_steps > 0
         else f"<code>{cfg.pretrained}</code>, which ships with neurofm: its model card (<code>neurofm inspect "
@@ -295,7 +296,7 @@ def _synth(bids: Path, subjects: int, sessions: int, seed: int, workers: int, fi
 
 
 def _pretrain_pool(out: Path, cfg: DemoConfig, console: Console) -> Path:
-    """fomo25-tiny pretrained on a pool of other synthetic subjects (another seed, named sub-1001 ...: none is a
+    """The shipped recipe pretrained on a pool of other synthetic subjects (another seed, named sub-1001 ...: none is a
     demo subject)."""
     from neurofm.io.checkpoint import checkpoint_step, latest_checkpoint
     from neurofm.preprocess import PrepareConfig, prepare
@@ -315,7 +316,7 @@ def _pretrain_pool(out: Path, cfg: DemoConfig, console: Console) -> Path:
             f"trainer.seed={cfg.seed}",
         ]
         resume = ck is not None
-        pretrain(None if resume else pool_store, run, "fomo25-tiny", overrides=overrides, resume=resume, progress=True)
+        pretrain(None if resume else pool_store, run, RECIPE, overrides=overrides, resume=resume, progress=True)
     return run
 
 

@@ -52,6 +52,21 @@ BASE: dict[str, dict[str, Any]] = {
         "model": {"kwargs": {"contrast_code": "spatial"}},
         "objective": {"align": "cosine", "swap_anatomy": "mean", "swap_contrast": "same", "kl_reduction": "sum"},
     },
+    "fomo25-cmeans": {
+        "base": "fomo25",
+        "help": "fomo25 as neurofm ships it (fomo25-tiny-cmeans): one contrast vector per scan scaling every "
+        "decoder stage, categorical anatomy, centred agreement, swap across scans, contrast means pulled together",
+        "model": {"kwargs": {"contrast_code": "global", "contrast_injection": "film", "anatomy_code": "categorical"}},
+        "objective": {
+            "kl_reduction": "sum",
+            "align": "centred",
+            "swap_anatomy": "other",
+            "swap_contrast": "reference",
+            "rec_anatomy": "random",
+            "w_contrast_means": 100.0,
+            "contrast_input": "clean",
+        },
+    },
     "mae": {
         "base": "fomo25",
         "help": "plain masked autoencoder on the fomo25 backbone (ablation)",
