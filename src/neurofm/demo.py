@@ -252,7 +252,7 @@ def finetune_rows(
 ) -> list[dict[str, Any]]:
     """The demo's fine-tuning rows: per task of ``cfg.tasks``, the pretrained model read as ``cfg.modes`` says,
     scratch and the two floors, paired over ``cfg.seeds`` seeds; a finished run in ``out`` is reused when its
-    settings match (others are trained again)."""
+    settings and the code that made it match (others are trained again)."""
     from neurofm.analyze import experiments
 
     rows = []

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -75,3 +76,16 @@ def read_json(path: str | Path) -> Any:
 def stable_hash(text: str) -> int:
     """A hash that is the same in every process and Python run (unlike ``hash``)."""
     return int.from_bytes(hashlib.sha1(text.encode()).digest()[:8], "big")
+
+
+@functools.lru_cache(maxsize=1)
+def code_fingerprint() -> str:
+    """A hash of neurofm's own Python source (every ``.py`` file of the package, by path and content).
+
+    A fine-tuning run records it, and a finished run is reused only by the code that made it: a docstring
+    edit counts as a change, which costs a retraining, never a stale number."""
+    root = Path(__file__).resolve().parent
+    h = hashlib.sha256()
+    for path in sorted(root.rglob("*.py")):
+        h.update(path.relative_to(root).as_posix().encode() + b"\0" + path.read_bytes() + b"\0")
+    return h.hexdigest()[:16]

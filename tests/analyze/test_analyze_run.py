@@ -76,11 +76,13 @@ def test_a_finished_arm_is_reused_only_with_the_settings_it_was_made_with(tmp_pa
     from neurofm.analyze.experiments import arm_rows, stale_settings
     from neurofm.errors import ConfigError
     from neurofm.train.config import FinetuneConfig
+    from neurofm.utils import code_fingerprint
 
     cfg = FinetuneConfig(task="seg", target="lesion", source="scratch", steps=200, lr=1e-2, seed=3)
     folder = tmp_path / "seg-scratch-seed3"
     folder.mkdir()
-    record = cfg.save(folder / "run.json", train_subjects=["sub-002", "sub-007"])  # what the run drew
+    # what the run drew, and which code made it
+    record = cfg.save(folder / "run.json", train_subjects=["sub-002", "sub-007"], code=code_fingerprint())
     (folder / "summary.json").write_text("{}")
     assert stale_settings(folder, cfg) == []
     assert stale_settings(folder, replace(cfg, num_workers=0, bootstrap=50)) == []  # same samples, same result
@@ -92,3 +94,36 @@ def test_a_finished_arm_is_reused_only_with_the_settings_it_was_made_with(tmp_pa
     with pytest.raises(ConfigError, match=r"other settings \(seg_fg_weight\)"):
         arm_rows(tmp_path, folder, replace(cfg, seg_fg_weight=20.0))
     assert (folder / "summary.json").is_file()  # refused, nothing removed
+    # the same settings under other code (or from before runs recorded theirs) are not the same run
+    for code in ("0123456789abcdef", None):
+        (folder / "run.json").write_text(json.dumps({**record, "code": code}))
+        assert stale_settings(folder, cfg) == ["code"]
+    with pytest.raises(ConfigError, match="made by other neurofm code"):
+        arm_rows(tmp_path, folder, cfg)
+
+
+def test_the_code_fingerprint_follows_the_source(tmp_path, monkeypatch):
+    import neurofm.utils as utils
+
+    package = tmp_path / "neurofm"
+    (package / "sub").mkdir(parents=True)
+    (package / "utils.py").write_text("x = 1\n")
+    (package / "sub" / "a.py").write_text("y = 2\n")
+    (package / "notes.txt").write_text("not code")
+    monkeypatch.setattr(utils, "__file__", str(package / "utils.py"))
+
+    def fingerprint() -> str:
+        utils.code_fingerprint.cache_clear()
+        return utils.code_fingerprint()
+
+    first = fingerprint()
+    assert first == fingerprint() and len(first) == 16
+    (package / "notes.txt").write_text("other notes")
+    assert fingerprint() == first  # only Python source counts
+    (package / "sub" / "a.py").write_text("y = 3\n")
+    assert fingerprint() != first
+    (package / "sub" / "a.py").write_text("y = 2\n")
+    assert fingerprint() == first
+    (package / "sub" / "a.py").rename(package / "sub" / "b.py")  # a moved module is other code
+    assert fingerprint() != first
+    utils.code_fingerprint.cache_clear()

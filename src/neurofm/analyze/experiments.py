@@ -32,7 +32,7 @@ from neurofm.evaluate.scoring import constant_rows, read_predictions
 from neurofm.store import Store
 from neurofm.tasks.finetune import finetune
 from neurofm.train.config import FinetuneConfig
-from neurofm.utils import to_jsonable
+from neurofm.utils import code_fingerprint, to_jsonable
 
 #: FOMO25's fine-tuning case counts: infarct classification, meningioma segmentation, brain age
 FOMO_TASKS = [("cls", "infarct", {1: 13, 0: 8}), ("seg", "lesion", 23), ("reg", "age", 200)]
@@ -74,7 +74,9 @@ def stale_settings(folder: Path, cfg: FinetuneConfig) -> list[str]:
     """The settings in which the finished run in ``folder`` differs from ``cfg`` (empty: it is this run).
 
     A setting the run's ``run.json`` does not record (written before the setting existed) counts as its
-    default, which is what that run used."""
+    default, which is what that run used. A run made by other neurofm code (or before runs recorded theirs,
+    :func:`~neurofm.utils.code_fingerprint`) is stale too, as ``code``: the same settings need not give the
+    same numbers under other code."""
     path = folder / "run.json" if (folder / "run.json").is_file() else folder / "fold-0" / "run.json"
     done = json.loads(path.read_text())
     stale = []
@@ -87,6 +89,8 @@ def stale_settings(folder: Path, cfg: FinetuneConfig) -> list[str]:
             want = sorted(want)
         if want != got:
             stale.append(f.name)
+    if done.get("code") != code_fingerprint():
+        stale.append("code")
     return stale
 
 
@@ -103,7 +107,8 @@ def arm_rows(
         stale = stale_settings(folder, cfg)
         if stale and not redo_stale:
             raise ConfigError(
-                f"{folder} holds a finished run with other settings ({', '.join(stale)}): remove it, or choose "
+                f"{folder} holds a finished run with other settings ({', '.join(stale)}"
+                f"{'; code: made by other neurofm code' if 'code' in stale else ''}): remove it, or choose "
                 "another output folder"
             )
         if stale:

@@ -44,7 +44,7 @@ from neurofm.train.config import FinetuneConfig
 from neurofm.train.memory import is_oom, oom_error, probe
 from neurofm.train.presets import PRESETS, get_preset
 from neurofm.train.trainer import build_trainer
-from neurofm.utils import to_jsonable, write_json
+from neurofm.utils import code_fingerprint, to_jsonable, write_json
 
 __all__ = ["FinetuneConfig", "FinetuneModule", "backbone_from", "finetune"]
 
@@ -261,6 +261,7 @@ def train_fold(
         pretrained=src,
         train_subjects=sorted({c.subject for c in train}),
         test_subjects=sorted({c.subject for c in test}),
+        code=code_fingerprint(),
     )
     if closed:
         return _closed_probe(data, fold_dir, cfg, cs, train, test, model, info, run_cfg, transfer)

@@ -26,7 +26,7 @@ from neurofm.train.config import Recipe
 from neurofm.train.memory import is_oom, oom_error, probe
 from neurofm.train.optim import build_optimizer, lr_factor
 from neurofm.train.trainer import build_trainer
-from neurofm.utils import read_json
+from neurofm.utils import code_fingerprint, read_json
 
 
 class PretrainModule(L.LightningModule):
@@ -111,6 +111,7 @@ def pretrain(
             raise NeurofmError(f"{run}: nothing to resume (no run.json); start without --resume")
         saved = read_json(run / "run.json")
         saved.pop("neurofm_version", None)
+        saved.pop("code", None)
         cfg = Recipe.resolve(overrides=overrides, base=saved)
         data = data or saved["extra"]["store"]
         ck = latest_checkpoint(run)
@@ -130,7 +131,7 @@ def pretrain(
     if lock is not None:
         lock.acquire()
     try:
-        run_dict = cfg.save(run / "run.json", neurofm_version=__version__)
+        run_dict = cfg.save(run / "run.json", neurofm_version=__version__, code=code_fingerprint())
         module = PretrainModule(cfg)
         saver = RunCheckpoint(run, run_dict, cfg.trainer.checkpoint_every, cfg.trainer.keep_checkpoints)
         preempt = Preemption(saver)
