@@ -6,10 +6,11 @@ same few-shot draws, seeds 0 .. N-1. Pointed at a demo's ``finetune`` folder, it
 runs (their settings are compared first) and adds the missing seeds.
 
     python experiments/demo_seeds.py --data DEMO/store --out DEMO/finetune --tasks reg --seeds 10
-    python experiments/demo_seeds.py --pretrained fomo25-tiny-cmeans --data STORE --out DIR --tasks cls --seeds 10
+    python experiments/demo_seeds.py --pretrained fomo25-tiny-synth --data STORE --out DIR --tasks cls --seeds 10
+    python experiments/demo_seeds.py --data STORE --out DIR --tasks seg --shots seg=2 --seeds 10
 
-Writes ``DIR/results-<tasks>-<seeds>.json``: one row per task and arm (value, interval, paired difference
-from scratch, per-seed values) and the command.
+Writes ``DIR/results-<tasks>-<seeds>[-shots-<shots>].json``: one row per task and arm (value, interval,
+paired difference from scratch, per-seed values) and the command.
 """
 
 from __future__ import annotations
@@ -29,12 +30,18 @@ def main() -> None:
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--tasks", nargs="+", default=["seg", "cls", "reg"], choices=["seg", "cls", "reg"])
     ap.add_argument("--seeds", type=int, default=10)
+    ap.add_argument("--shots", help="labelled subjects per task as the demo takes them, e.g. seg=2 (default: demo's)")
     args = ap.parse_args()
     tasks = [(t, target) for t, target in DemoConfig().tasks if t in args.tasks]
     demo = DemoConfig(pretrained=args.pretrained, seeds=args.seeds, tasks=tasks)
+    if args.shots:
+        from neurofm.cli import _per_task
+
+        demo.shots = _per_task(args.shots, demo.shots)
     rows = finetune_rows(demo, args.pretrained, args.data, args.out, progress=False)
     print(score_text(rows))
-    name = f"results-{'-'.join(args.tasks)}-{args.seeds}.json"
+    shots = f"-shots-{args.shots.replace('=', '').replace(',', '-')}" if args.shots else ""
+    name = f"results-{'-'.join(args.tasks)}-{args.seeds}{shots}.json"
     write_json(args.out / name, {"command": " ".join(["python", *sys.argv]), "rows": to_jsonable(rows)})
 
 
