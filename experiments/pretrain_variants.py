@@ -176,6 +176,19 @@ VARIANTS = {
         ]
         for w in (100, 1000)
     },
+    # the shipped default's recipe (fomo25-tiny-cmeans) with a contrast classifier on its contrast code (the scan's
+    # BIDS suffix as the label): does the contrast latent then tell the contrast as a supervised encoder does?
+    "global-film-categorical-calamiti-cmeans100-clean-cid": [
+        *GLOBAL,
+        "model.kwargs.contrast_injection=film",
+        "model.kwargs.anatomy_code=categorical",
+        "objective.align=centred",
+        "objective.swap_contrast=reference",
+        "objective.rec_anatomy=random",
+        "objective.w_contrast_means=100.0",
+        "objective.contrast_input=clean",
+        "objective.w_contrast_id=1.0",
+    ],
     "global-film-categorical-calamiti-fisher-clean": [
         *GLOBAL,
         "model.kwargs.contrast_injection=film",
