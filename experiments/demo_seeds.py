@@ -19,7 +19,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from neurofm.demo import DemoConfig, finetune_rows, score_text
+from neurofm.demo import DemoConfig, finetune_rows, parse_shots, score_text
 from neurofm.utils import to_jsonable, write_json
 
 
@@ -35,9 +35,7 @@ def main() -> None:
     tasks = [(t, target) for t, target in DemoConfig().tasks if t in args.tasks]
     demo = DemoConfig(pretrained=args.pretrained, seeds=args.seeds, tasks=tasks)
     if args.shots:
-        from neurofm.cli import _per_task
-
-        demo.shots = _per_task(args.shots, demo.shots)
+        demo.shots = parse_shots(args.shots, demo.shots)
     rows = finetune_rows(demo, args.pretrained, args.data, args.out, progress=False)
     print(score_text(rows))
     shots = f"-shots-{args.shots.replace('=', '').replace(',', '-')}" if args.shots else ""

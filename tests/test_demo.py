@@ -47,3 +47,15 @@ def test_demo_end_to_end_tiny(tmp_path, run_cli):
     code, _, said = run_cli(*args)
     assert code == 0 and said.rstrip().endswith(str(page.resolve()))
     assert len(made) == 2 and all(p.stat().st_mtime_ns == t for p, t in made.items())
+
+
+def test_demo_shots_are_parsed_per_task_and_bad_ones_refused(tmp_path, run_cli):
+    from neurofm.demo import parse_shots
+
+    default = {"seg": 4, "cls": 16, "reg": 24}
+    assert parse_shots("2", default) == {"seg": 2, "cls": 2, "reg": 2}
+    assert parse_shots("seg=2, cls=8", default) == {"seg": 2, "cls": 8, "reg": 24}
+    for bad, said in (("seg=x", "TASK=N pairs"), ("age=3", "unknown tasks ['age']")):
+        code, _, err = run_cli("demo", "--out", tmp_path / "d", "--shots", bad)
+        assert code == 2 and said in err and "Traceback" not in err
+        assert not (tmp_path / "d").exists()  # refused before anything is written

@@ -639,7 +639,7 @@ def demo(
 ) -> None:
     """The embedded default end to end, offline, on a CPU (about 15 min on 2 cores): synth -> prepare ->
     the pretrained model -> fine-tune (pretrained, scratch, two floors; paired over seeds) -> analyze -> HTML report."""
-    from neurofm.demo import DemoConfig, run_demo
+    from neurofm.demo import DemoConfig, parse_shots, run_demo
 
     cfg = DemoConfig(
         subjects=subjects,
@@ -652,7 +652,7 @@ def demo(
         spacing=spacing,
     )
     if shots is not None:
-        cfg.shots = _per_task(shots, cfg.shots)
+        cfg.shots = parse_shots(shots, cfg.shots)
     if finetune_steps is not None:
         cfg.finetune_steps = finetune_steps
     with _guarded(out, "running the demo", "free space and run the demo again: finished stages are kept"):
@@ -664,22 +664,6 @@ def _guarded(folder: Path, what: str, then: str = "free space and run the same c
     from neurofm.faults import disk_guard
 
     return disk_guard(folder, what, then)
-
-
-def _per_task(text: str, default: dict[str, int]) -> dict[str, int]:
-    """``"4"`` -> every task 4; ``"seg=2,cls=8"`` -> those tasks, the others as ``default``."""
-    from neurofm.errors import ConfigError
-
-    try:
-        if "=" not in text:
-            return {t: int(text) for t in default}
-        given = {k.strip(): int(v) for k, v in (p.split("=") for p in text.split(",") if p.strip())}
-    except ValueError:
-        raise ConfigError(f"--shots takes a number or TASK=N pairs (e.g. seg=2,cls=8), got {text!r}") from None
-    unknown = set(given) - set(default)
-    if unknown:
-        raise ConfigError(f"--shots names unknown tasks {sorted(unknown)}; the demo's are {sorted(default)}")
-    return {**default, **given}
 
 
 def main() -> None:

@@ -265,6 +265,22 @@ def finetune_rows(
     return rows
 
 
+def parse_shots(text: str, default: dict[str, int]) -> dict[str, int]:
+    """``"4"`` -> every task 4; ``"seg=2,cls=8"`` -> those tasks, the others as ``default``."""
+    from neurofm.errors import ConfigError
+
+    try:
+        if "=" not in text:
+            return {t: int(text) for t in default}
+        given = {k.strip(): int(v) for k, v in (p.split("=") for p in text.split(",") if p.strip())}
+    except ValueError:
+        raise ConfigError(f"--shots takes a number or TASK=N pairs (e.g. seg=2,cls=8), got {text!r}") from None
+    unknown = set(given) - set(default)
+    if unknown:
+        raise ConfigError(f"--shots names unknown tasks {sorted(unknown)}; the demo's are {sorted(default)}")
+    return {**default, **given}
+
+
 def _steps(cfg: DemoConfig, task: str) -> int:
     return int(_per_task(cfg.finetune_steps, task, 200))
 
