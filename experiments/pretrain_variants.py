@@ -189,6 +189,29 @@ VARIANTS = {
         "objective.contrast_input=clean",
         "objective.w_contrast_id=1.0",
     ],
+    # ... with half of the pairs made by a random intensity remapping of the first scan (objective.remap_p): the
+    # anatomy latent asked to be the same under any such map (SynthSeg's domain randomisation, without labels);
+    # with the contrast-means term (the shipped default's recipe) and without it (no contrast names used at all)
+    "global-film-categorical-calamiti-cmeans100-clean-remap": [
+        *GLOBAL,
+        "model.kwargs.contrast_injection=film",
+        "model.kwargs.anatomy_code=categorical",
+        "objective.align=centred",
+        "objective.swap_contrast=reference",
+        "objective.rec_anatomy=random",
+        "objective.w_contrast_means=100.0",
+        "objective.contrast_input=clean",
+        "objective.remap_p=0.5",
+    ],
+    "global-film-categorical-calamiti-remap": [
+        *GLOBAL,
+        "model.kwargs.contrast_injection=film",
+        "model.kwargs.anatomy_code=categorical",
+        "objective.align=centred",
+        "objective.swap_contrast=reference",
+        "objective.rec_anatomy=random",
+        "objective.remap_p=0.5",
+    ],
     "global-film-categorical-calamiti-fisher-clean": [
         *GLOBAL,
         "model.kwargs.contrast_injection=film",

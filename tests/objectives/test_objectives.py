@@ -10,7 +10,7 @@ from neurofm.errors import ConfigError
 from neurofm.models.dual_latent import DualLatentUNet
 from neurofm.models.resenc import ResEncUNet
 from neurofm.objectives import build_objective, objective_config
-from neurofm.objectives.fomo25 import Fomo25Config, Fomo25Loss, kl_divergence
+from neurofm.objectives.fomo25 import Fomo25Config, Fomo25Loss, kl_divergence, random_remap
 from neurofm.objectives.masking import block_mask, coarse_dropout, holes_for_fraction
 from neurofm.objectives.ssl3d import SSL3DConfig
 
@@ -107,6 +107,68 @@ def test_single_scan_sessions_contribute_only_reconstruction_and_kl():
     _, terms = _grads(model, Fomo25Loss(Fomo25Config()), batch)
     assert terms["swap"] == 0 and terms["align"] == 0 and terms["repel"] == 0
     assert terms["rec"] > 0 and terms["kl"] >= 0
+
+
+def test_random_remap_is_one_intensity_map_per_sample_applied_alike_to_every_crop():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(4, 1, 6, 6, 6, generator=g) * 2 + 1
+    ref = torch.randn(4, 1, 6, 6, 6, generator=g)
+    ref[:, :, 0, 0, :2] = x[:, :, 0, 0, :2]  # voxels of the same value in both crops
+    torch.manual_seed(1)
+    y, y_ref = random_remap(x, (ref,), knots=5)
+    assert y.shape == x.shape and y_ref.shape == ref.shape
+    # a function of the intensity, the same for both crops of a sample
+    assert torch.allclose(y[:, :, 0, 0, :2], y_ref[:, :, 0, 0, :2], atol=1e-5)
+    # the remapped crop keeps the crop's mean and standard deviation
+    assert torch.allclose(y.mean(dim=(1, 2, 3, 4)), x.mean(dim=(1, 2, 3, 4)), atol=1e-4)
+    assert torch.allclose(y.std(dim=(1, 2, 3, 4)), x.std(dim=(1, 2, 3, 4)), atol=1e-4)
+    # the darkest voxel over both crops stays the darkest
+    both_x, both_y = torch.cat([x, ref], 1).flatten(1), torch.cat([y, y_ref], 1).flatten(1)
+    darkest = both_y.gather(1, both_x.argmin(1, keepdim=True))[:, 0]
+    assert torch.allclose(darkest, both_y.amin(1))
+    # piecewise linear: within one segment the map is affine, so the remapped values of three inputs spaced
+    # evenly inside a segment are evenly spaced too
+    lo, hi = both_x.amin(1), both_x.amax(1)
+    probe = lo[:, None] + (hi - lo)[:, None] * torch.tensor([0.02, 0.06, 0.10])  # inside the first of 5 segments
+    torch.manual_seed(1)
+    grid = torch.cat([x.flatten(1), ref.flatten(1), probe], 1)
+    (mapped,) = random_remap(grid.view(4, 1, -1, 1, 1), (), knots=5)
+    m = mapped.flatten(1)[:, -3:]
+    assert torch.allclose(m[:, 1] - m[:, 0], m[:, 2] - m[:, 1], atol=1e-4)
+    # different samples get different maps; a new draw gives a new map
+    torch.manual_seed(2)
+    (z,) = random_remap(x, (), knots=5)
+    assert not torch.allclose(z, y, atol=1e-3)
+
+
+def test_remap_makes_pairs_of_a_scan_and_its_remapping_and_hides_their_contrast():
+    torch.manual_seed(0)
+    cfg = Fomo25Config(remap_p=1.0, swap_contrast="reference", swap_anatomy="other")
+    batch = cfg.example_batch(3, 8, {})
+    batch["pair_valid"] = torch.tensor([False, True, True])
+    batch["contrast_b"] = torch.tensor([1, 2, 3])
+    batch["x_a"][:, :, 4:] = batch["x_a"][:, :, :4]  # two halves alike
+    batch["x_a_ref"][:, :, :4] = batch["x_a"][:, :, :4]  # and the reference crop's first half too
+    out = Fomo25Loss(cfg).remap_pairs(batch, use_ref=True)
+    assert out["pair_valid"].all() and (out["contrast_b"] == -1).all()
+    assert torch.equal(out["contrast_a"], batch["contrast_a"]) and torch.equal(out["x_a"], batch["x_a"])
+    # the second scan and its reference crop are one function of the first scan's intensities
+    assert torch.allclose(out["x_b"][:, :, 4:], out["x_b"][:, :, :4], atol=1e-5)
+    assert torch.allclose(out["x_b_ref"][:, :, :4], out["x_b"][:, :, :4], atol=1e-5)
+    assert not torch.allclose(out["x_b"], batch["x_b"])
+    assert torch.allclose(out["x_b"].mean(dim=(1, 2, 3, 4)), batch["x_a"].mean(dim=(1, 2, 3, 4)), atol=1e-4)
+    none = Fomo25Loss(Fomo25Config(remap_p=0.0)).remap_pairs(batch, use_ref=True)
+    assert torch.equal(none["x_b"], batch["x_b"]) and torch.equal(none["pair_valid"], batch["pair_valid"])
+    # in training a single-scan session then has a pair: the pair terms see it
+    model = DualLatentUNet(features=(4, 8, 16), latent=4, contrast_code="global")
+    one = _pair_batch()
+    one["pair_valid"] = torch.tensor([False, False])
+    _, terms = _grads(model, Fomo25Loss(Fomo25Config(remap_p=1.0)), one)
+    assert terms["swap"] > 0 and terms["align"] > 0
+    with pytest.raises(ConfigError, match="remap_p"):
+        Fomo25Config(remap_p=1.5)
+    with pytest.raises(ConfigError, match="remap_knots"):
+        Fomo25Config(remap_knots=0)
 
 
 def test_ssl3d_ablation_switches():

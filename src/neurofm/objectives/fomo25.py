@@ -54,7 +54,16 @@ Loss = w_rec (rec_a + rec_b) + w_swap (swap_ab + swap_ba) + w_kl(t) KL
 * ``rec_anatomy="random"`` rebuilds each scan of a valid pair from its own anatomy latent or its
   partner's, at random (as CALAMITI does): reconstruction itself then asks the anatomy latent to
   be the same for both contrasts, and the contrast to come from the contrast latent.
-* A session with one scan contributes only its reconstruction and KL.
+* remap (``remap_p``): with that probability per pair, the second scan of the pair (and its reference crop)
+  is replaced by a random intensity remapping of the first — a new contrast of exactly the same anatomy, the
+  crop unmoved. The map is a random piecewise-linear function of the intensity (``remap_knots`` segments
+  between the crop's darkest and brightest voxel, the darkest kept darkest, each knot's value uniform in
+  [0, 1], not monotonic), rescaled to the crop's mean and standard deviation. Every pair term (agreement,
+  swap, CALAMITI's random anatomy) then also asks the anatomy latent to be the same under any such map —
+  SynthSeg's domain randomisation (Billot et al. 2023) put into the pair objective, without labels — and the
+  contrast code to say which map it was. The remapped scan has no contrast name (-1): the terms that use
+  the BIDS suffix skip it. A single-scan session gets its pair this way too.
+* A session with one scan contributes only its reconstruction and KL (unless remapped).
 
 The paper's form is ``align="cosine", swap_anatomy="mean", swap_contrast="same"`` with a
 spatial contrast latent; the defaults were chosen by measurement (docs/pretraining.md).
@@ -103,6 +112,8 @@ class Fomo25Config:
     swap_anatomy: str = "mean"  # mean (paper) | other
     swap_contrast: str = "same"  # same (paper) | reference
     rec_anatomy: str = "own"  # own (paper) | random
+    remap_p: float = 0.0  # probability that a pair's second scan is a random intensity remapping of its first
+    remap_knots: int = 4
     variational: bool = True
     contrast_variational: bool = True  # False: the contrast latent is its mean (no sampling, no KL)
 
@@ -136,6 +147,10 @@ class Fomo25Config:
         ):
             if getattr(self, name) < 0:
                 raise ConfigError(f"objective.{name} should be >= 0, got {getattr(self, name)}")
+        if not 0.0 <= self.remap_p <= 1.0:
+            raise ConfigError(f"objective.remap_p should be in [0, 1], got {self.remap_p}")
+        if self.remap_knots < 1:
+            raise ConfigError(f"objective.remap_knots should be >= 1, got {self.remap_knots}")
         if not self.contrast_means_ridge > 0:
             raise ConfigError(f"objective.contrast_means_ridge should be > 0, got {self.contrast_means_ridge}")
         if not self.align_temperature > 0:
@@ -206,6 +221,35 @@ class _ReverseGradient(torch.autograd.Function):
 
 def reverse_gradient(x: torch.Tensor) -> torch.Tensor:
     return _ReverseGradient.apply(x)
+
+
+def random_remap(x: torch.Tensor, others: tuple[torch.Tensor, ...] = (), knots: int = 4) -> tuple[torch.Tensor, ...]:
+    """A random intensity remapping per sample of ``x`` ``(B, 1, *grid)``, applied alike to each of ``others``
+    (crops of the same scans): a piecewise-linear function with ``knots`` equal segments between the sample's
+    lowest and highest value (over ``x`` and ``others``), 0 at the lowest, a uniform draw in [0, 1] at every
+    other knot, then shifted and scaled so that the remapped ``x`` has ``x``'s mean and standard deviation.
+
+    Returns:
+        the remapped ``x`` and ``others``, in that order.
+    """
+    n = x.shape[0]
+    flat = [t.reshape(n, -1) for t in (x, *others)]
+    lo = torch.stack([f.amin(1) for f in flat]).amin(0)[:, None]  # (B, 1)
+    hi = torch.stack([f.amax(1) for f in flat]).amax(0)[:, None]
+    values = torch.rand(n, knots + 1, device=x.device, dtype=x.dtype)
+    values[:, 0] = 0.0
+
+    def apply(f: torch.Tensor) -> torch.Tensor:
+        t = (f - lo) / (hi - lo).clamp_min(1e-6) * knots
+        i = t.floor().clamp(0, knots - 1)
+        w = (t - i).clamp(0.0, 1.0)
+        i = i.long()
+        return values.gather(1, i) * (1 - w) + values.gather(1, i + 1) * w
+
+    mapped = [apply(f) for f in flat]
+    mean, std = flat[0].mean(1, keepdim=True), flat[0].std(1, keepdim=True)
+    m_mean, m_std = mapped[0].mean(1, keepdim=True), mapped[0].std(1, keepdim=True).clamp_min(1e-6)
+    return tuple(((m - m_mean) / m_std * std + mean).view_as(t) for m, t in zip(mapped, (x, *others), strict=True))
 
 
 def _known_ce(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -350,6 +394,27 @@ class Fomo25Loss(nn.Module):
             return ((d.double() * torch.linalg.solve(cov, d.double().T).T).sum() / n_seen).to(m.dtype)
         return (d**2 / _floored(self.contrast_means_scale, self.cfg.contrast_means_ridge)).sum() / (n_seen * c)
 
+    def remap_pairs(self, batch: dict[str, Any], use_ref: bool) -> dict[str, Any]:
+        """``batch`` with the second scan of a random ``remap_p`` of its pairs replaced by a random intensity
+        remapping of the first (:func:`random_remap`; its reference crop by the same map of the first's),
+        those pairs marked valid and their second contrast unknown (-1)."""
+        x_a = batch["x_a"]
+        bsz = x_a.shape[0]
+        take = torch.rand(bsz, device=x_a.device) < self.cfg.remap_p
+        sel = take.view(-1, *([1] * (x_a.dim() - 1)))
+        out = dict(batch)
+        if use_ref:
+            r, r_ref = random_remap(x_a, (batch["x_a_ref"],), self.cfg.remap_knots)
+            out["x_b_ref"] = torch.where(sel, r_ref, batch["x_b_ref"])
+        else:
+            (r,) = random_remap(x_a, (), self.cfg.remap_knots)
+        out["x_b"] = torch.where(sel, r, batch["x_b"])
+        valid = batch.get("pair_valid", torch.ones(bsz, dtype=torch.bool, device=x_a.device)).bool()
+        out["pair_valid"] = valid | take
+        cb = batch.get("contrast_b", torch.full((bsz,), -1, dtype=torch.long, device=x_a.device))
+        out["contrast_b"] = torch.where(take.view_as(cb), torch.full_like(cb, -1), cb)
+        return out
+
     def forward(self, model: nn.Module, batch: dict[str, Any], progress: float = 0.0):
         """Args:
             model: a dual-latent model (``forward_features`` + ``decode``).
@@ -361,10 +426,12 @@ class Fomo25Loss(nn.Module):
             (total loss, dict of detached terms, dict of tensors for figures)
         """
         cfg = self.cfg
+        use_ref = cfg.w_swap > 0 and cfg.swap_contrast == "reference"
+        if cfg.remap_p > 0 and self.training:
+            batch = self.remap_pairs(batch, use_ref)
         x_a, x_b = batch["x_a"], batch["x_b"]
         valid = batch.get("pair_valid", torch.ones(x_a.shape[0], dtype=torch.bool, device=x_a.device)).float()
         bsz = x_a.shape[0]
-        use_ref = cfg.w_swap > 0 and cfg.swap_contrast == "reference"
         scans = [x_a, x_b] + ([batch["x_a_ref"], batch["x_b_ref"]] if use_ref else [])
         x = torch.cat(scans)
         masks = block_mask(len(x), tuple(x_a.shape[2:]), cfg.block, cfg.mask_ratio, device=x_a.device)
