@@ -103,19 +103,25 @@ def pretrain(
 
     With ``resume=True`` the run's saved config is used (``overrides`` may still extend it,
     e.g. ``trainer.max_steps``) and training continues from the newest complete checkpoint.
+    ``run.json`` records the code that trains (``code``, :func:`~neurofm.utils.code_fingerprint`); a run
+    resumed under other code keeps each earlier hash in ``code_history`` with the step it had reached.
     """
     run = Path(out)
     ckpt_path = None
+    code_history: list[dict[str, Any]] = []
     if resume:
         if not (run / "run.json").is_file():
             raise NeurofmError(f"{run}: nothing to resume (no run.json); start without --resume")
         saved = read_json(run / "run.json")
         saved.pop("neurofm_version", None)
-        saved.pop("code", None)
+        before = saved.pop("code", None)
+        code_history = list(saved.pop("code_history", []))
         cfg = Recipe.resolve(overrides=overrides, base=saved)
         data = data or saved["extra"]["store"]
         ck = latest_checkpoint(run)
         ckpt_path = str(ck / STATE) if ck is not None else None
+        if before != code_fingerprint():  # the steps so far were made by other code: say which, and up to where
+            code_history.append({"code": before, "until_step": int(ck.name.split("-")[1]) if ck is not None else 0})
     else:
         if (run / "run.json").is_file() and latest_checkpoint(run) is not None:
             raise NeurofmError(f"{run} already holds a run; use --resume to continue it, or another --out")
@@ -131,7 +137,8 @@ def pretrain(
     if lock is not None:
         lock.acquire()
     try:
-        run_dict = cfg.save(run / "run.json", neurofm_version=__version__, code=code_fingerprint())
+        history = {"code_history": code_history} if code_history else {}
+        run_dict = cfg.save(run / "run.json", neurofm_version=__version__, code=code_fingerprint(), **history)
         module = PretrainModule(cfg)
         saver = RunCheckpoint(run, run_dict, cfg.trainer.checkpoint_every, cfg.trainer.keep_checkpoints)
         preempt = Preemption(saver)
