@@ -468,7 +468,7 @@ def test_categorical_anatomy_code_is_a_distribution_sampled_in_training_without_
     assert torch.allclose(lat["mu_s"].sum(1), torch.ones(2, 4, 4, 4), atol=1e-5)  # class probabilities
     assert torch.allclose(lat["mu_s"], torch.softmax(lat["logits_s"] / 0.5, dim=1))
     with pytest.raises(ConfigError, match="anatomy_code"):
-        DualLatentUNet(anatomy_code="onehot")
+        DualLatentUNet(anatomy_code="hard")
     with pytest.raises(ConfigError, match="anatomy_temperature"):
         DualLatentUNet(anatomy_temperature=0.0)
 
@@ -514,6 +514,35 @@ def test_categorical_anatomy_code_is_a_distribution_sampled_in_training_without_
 
     # and it learns: reconstruction falls on a fixed batch
     first, last = _train(model, Fomo25Loss(Fomo25Config()), batch, "rec", 40)
+    assert last < 0.8 * first
+
+
+def test_onehot_anatomy_code_is_the_most_likely_class_with_the_softmax_gradient():
+    torch.manual_seed(0)
+    model = DualLatentUNet(features=(4, 8, 16), latent=5, anatomy_code="onehot", contrast_code="global")
+    assert model.config["anatomy_code"] == "onehot"
+    x = torch.randn(2, 1, 16, 16, 16)
+    lat = model.forward_features(x).latents
+    probs = torch.softmax(lat["logits_s"] / model.anatomy_temperature, dim=1)
+    hard = torch.nn.functional.one_hot(probs.argmax(1), 5).movedim(-1, 1).float()
+    assert torch.allclose(lat["mu_s"], hard, atol=1e-6)  # a one-hot vector at every position
+    # straight through: the gradient reaching the logits is the softmax's
+    w = torch.randn_like(probs)
+    (g_hard,) = torch.autograd.grad((lat["mu_s"] * w).sum(), lat["logits_s"], retain_graph=True)
+    (g_soft,) = torch.autograd.grad((probs * w).sum(), lat["logits_s"])
+    assert g_hard.abs().sum() > 0 and torch.allclose(g_hard, g_soft, atol=1e-6)
+    # in training the decoder gets hard Gumbel-softmax samples: one-hot, not always the most likely class
+    seen = []
+    decode = model.decode
+    model.decode = lambda zs, zc: (seen.append(zs.detach()), decode(zs, zc))[1]
+    Fomo25Loss(Fomo25Config(swap_contrast="reference", swap_anatomy="other")).train()(
+        model, Fomo25Config(swap_contrast="reference").example_batch(2, 16, {})
+    )
+    zs = seen[0]
+    assert torch.equal(zs.sum(1), torch.ones_like(zs[:, 0])) and set(zs.unique().tolist()) == {0.0, 1.0}
+    del model.decode
+    # and it learns: reconstruction falls on a fixed batch
+    first, last = _train(model, Fomo25Loss(Fomo25Config()), _pair_batch(), "rec", 40)
     assert last < 0.8 * first
 
 

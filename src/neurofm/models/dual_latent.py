@@ -31,6 +31,10 @@ The anatomy latent is a Gaussian posterior (``anatomy_code="gaussian"``, the pap
 (a softmax; during pretraining a Gumbel-softmax sample, CALAMITI's anatomy code, Zuo et al. 2021):
 each position says which of a few learnt kinds of tissue pattern it holds, a code too coarse to
 carry a contrast's intensities as well, so the decoder has to take them from the contrast latent.
+``anatomy_code="onehot"`` is the same code made hard: each position *is* its most likely class (a one-hot
+vector; in pretraining a hard Gumbel-softmax sample), with the softmax's gradient passed straight through
+(Bengio et al. 2013). The class probabilities' confidence, which a soft code also hands the decoder and a
+probe, is then not part of the code.
 
 With ``anatomy_outputs > 0`` an anatomy projector (the SSL3D winner's anatomy anchor, put on the
 fomo25 subject latent) reads the anatomy latent map and predicts the subject's regional-volume
@@ -137,8 +141,9 @@ class DualLatentUNet(Backbone):
             paper) or ``film`` (a global code scales and shifts every decoder stage; see the module docstring).
         contrast_classes: > 0 builds the contrast classifier and the anatomy adversary (pretext heads).
         anatomy_outputs: > 0 builds the anatomy projector with one output per region (a pretext head).
-        anatomy_code: ``gaussian`` (a posterior mean and log-variance, as the paper) or ``categorical``
-            (a softmax over ``latent`` classes per position; see the module docstring).
+        anatomy_code: ``gaussian`` (a posterior mean and log-variance, as the paper), ``categorical``
+            (a softmax over ``latent`` classes per position; see the module docstring) or ``onehot`` (its most
+            likely class, the softmax's gradient passed straight through).
         anatomy_temperature: the categorical code's softmax temperature.
     """
 
@@ -172,8 +177,8 @@ class DualLatentUNet(Backbone):
                 "contrast_injection=film needs contrast_code=global: a spatial contrast map has no single "
                 "scale and shift per channel"
             )
-        if anatomy_code not in ("gaussian", "categorical"):
-            raise ConfigError(f"anatomy_code should be gaussian or categorical, got {anatomy_code!r}")
+        if anatomy_code not in ("gaussian", "categorical", "onehot"):
+            raise ConfigError(f"anatomy_code should be gaussian, categorical or onehot, got {anatomy_code!r}")
         if not anatomy_temperature > 0:
             raise ConfigError(f"anatomy_temperature should be > 0, got {anatomy_temperature}")
         if len(features) < 2 or min(features) < 1:
@@ -200,7 +205,8 @@ class DualLatentUNet(Backbone):
             self.config["contrast_injection"] = contrast_injection
         if anatomy_code != "gaussian":
             self.config.update(anatomy_code=anatomy_code, anatomy_temperature=anatomy_temperature)
-        self.categorical_anatomy = anatomy_code == "categorical"
+        self.categorical_anatomy = anatomy_code in ("categorical", "onehot")
+        self.hard_anatomy = anatomy_code == "onehot"
         self.anatomy_temperature = anatomy_temperature
         self.in_channels = in_channels
         self.global_contrast = contrast_code == "global"
@@ -290,7 +296,11 @@ class DualLatentUNet(Backbone):
         mu_c, logvar_c = self.contrast_head(pooled).chunk(2, dim=1)  # global: (B, latent, 1, 1, 1)
         feats.latents = {"mu_c": mu_c, "logvar_c": logvar_c.clamp(*LOGVAR_RANGE)}
         if self.categorical_anatomy:  # class probabilities; the objective samples from the logits
-            feats.latents.update(logits_s=mu_s, mu_s=F.softmax(mu_s / self.anatomy_temperature, dim=1))
+            probs = F.softmax(mu_s / self.anatomy_temperature, dim=1)
+            if self.hard_anatomy:  # the most likely class, with the softmax's gradient (straight through)
+                hard = F.one_hot(probs.argmax(1), probs.shape[1]).movedim(-1, 1).to(probs.dtype)
+                probs = hard + probs - probs.detach()
+            feats.latents.update(logits_s=mu_s, mu_s=probs)
             mu_s = feats.latents["mu_s"]
         else:
             feats.latents.update(mu_s=mu_s, logvar_s=logvar_s.clamp(*LOGVAR_RANGE))

@@ -441,7 +441,9 @@ class Fomo25Loss(nn.Module):
         z_s, z_c = mu_s, mu_c
         if cfg.variational and self.training:
             if categorical:
-                z_s = F.gumbel_softmax(lat["logits_s"], tau=float(getattr(model, "anatomy_temperature", 1.0)), dim=1)
+                tau = float(getattr(model, "anatomy_temperature", 1.0))
+                hard = bool(getattr(model, "hard_anatomy", False))  # anatomy_code=onehot: one-hot samples
+                z_s = F.gumbel_softmax(lat["logits_s"], tau=tau, hard=hard, dim=1)
             else:
                 z_s = mu_s + torch.randn_like(mu_s) * (0.5 * lat["logvar_s"]).exp()
             if cfg.contrast_variational:
