@@ -27,6 +27,21 @@ from pathlib import Path
 import numpy as np
 
 GLOBAL = ["model.kwargs.contrast_code=global", "objective.kl_reduction=sum", "objective.swap_anatomy=other"]
+# global code with film, categorical anatomy, reference swap and CALAMITI's random anatomy (the film table's recipe)
+FILM_CATEGORICAL = [
+    *GLOBAL,
+    "model.kwargs.contrast_injection=film",
+    "model.kwargs.anatomy_code=categorical",
+    "objective.swap_contrast=reference",
+    "objective.rec_anatomy=random",
+]
+# ... with centred agreement and the contrast-means term on unmasked crops: the shipped default (preset fomo25-cmeans)
+CMEANS = [
+    *FILM_CATEGORICAL,
+    "objective.align=centred",
+    "objective.w_contrast_means=100.0",
+    "objective.contrast_input=clean",
+]
 VARIANTS = {
     # the paper's form (spatial contrast latent, plain cosine, swap from the same crop), KL averaged or summed
     "paper-klmean": [
@@ -178,68 +193,27 @@ VARIANTS = {
     },
     # the shipped default's recipe (fomo25-tiny-cmeans) with a contrast classifier on its contrast code (the scan's
     # BIDS suffix as the label): does the contrast latent then tell the contrast as a supervised encoder does?
-    "global-film-categorical-calamiti-cmeans100-clean-cid": [
-        *GLOBAL,
-        "model.kwargs.contrast_injection=film",
-        "model.kwargs.anatomy_code=categorical",
-        "objective.align=centred",
-        "objective.swap_contrast=reference",
-        "objective.rec_anatomy=random",
-        "objective.w_contrast_means=100.0",
-        "objective.contrast_input=clean",
-        "objective.w_contrast_id=1.0",
-    ],
+    "global-film-categorical-calamiti-cmeans100-clean-cid": [*CMEANS, "objective.w_contrast_id=1.0"],
     # ... with half of the pairs made by a random intensity remapping of the first scan (objective.remap_p): the
     # anatomy latent asked to be the same under any such map (SynthSeg's domain randomisation, without labels);
     # with the contrast-means term (the shipped default's recipe) and without it (no contrast names used at all)
-    "global-film-categorical-calamiti-cmeans100-clean-remap": [
-        *GLOBAL,
-        "model.kwargs.contrast_injection=film",
-        "model.kwargs.anatomy_code=categorical",
-        "objective.align=centred",
-        "objective.swap_contrast=reference",
-        "objective.rec_anatomy=random",
-        "objective.w_contrast_means=100.0",
-        "objective.contrast_input=clean",
-        "objective.remap_p=0.5",
-    ],
-    "global-film-categorical-calamiti-remap": [
-        *GLOBAL,
-        "model.kwargs.contrast_injection=film",
-        "model.kwargs.anatomy_code=categorical",
-        "objective.align=centred",
-        "objective.swap_contrast=reference",
-        "objective.rec_anatomy=random",
-        "objective.remap_p=0.5",
-    ],
+    "global-film-categorical-calamiti-cmeans100-clean-remap": [*CMEANS, "objective.remap_p=0.5"],
+    "global-film-categorical-calamiti-remap": [*FILM_CATEGORICAL, "objective.align=centred", "objective.remap_p=0.5"],
     # ... and with the agreement made strong (align=mse at weight 5: a's and b's anatomy codes equal at every
     # position), with and without the remapped pairs
     **{
         f"global-film-categorical-calamiti-mse5{tag}": [
-            *GLOBAL,
-            "model.kwargs.contrast_injection=film",
-            "model.kwargs.anatomy_code=categorical",
+            *FILM_CATEGORICAL,
             "objective.align=mse",
             "objective.w_align=5.0",
-            "objective.swap_contrast=reference",
-            "objective.rec_anatomy=random",
             *extra,
         ]
         for tag, extra in (("", []), ("-remap", ["objective.remap_p=0.5"]))
     },
     # the shipped default's recipe with the anatomy code made hard (model.kwargs.anatomy_code=onehot): the shipped
     # model's most likely class agrees across contrasts at 97 % of positions, and a probe of its class fractions reads
-    # the contrast at 0.40 where the soft probabilities give 0.83 (experiments/results_remap.json)
-    "global-film-onehot-calamiti-cmeans100-clean": [
-        *GLOBAL,
-        "model.kwargs.contrast_injection=film",
-        "model.kwargs.anatomy_code=onehot",
-        "objective.align=centred",
-        "objective.swap_contrast=reference",
-        "objective.rec_anatomy=random",
-        "objective.w_contrast_means=100.0",
-        "objective.contrast_input=clean",
-    ],
+    # the contrast at 0.40 where the soft probabilities give 0.83 (experiments/results_anatomy_mode.json)
+    "global-film-onehot-calamiti-cmeans100-clean": [*CMEANS, "model.kwargs.anatomy_code=onehot"],
     "global-film-categorical-calamiti-fisher-clean": [
         *GLOBAL,
         "model.kwargs.contrast_injection=film",

@@ -135,7 +135,7 @@ def test_random_remap_is_one_intensity_map_per_sample_applied_alike_to_every_cro
     (mapped,) = random_remap(grid.view(4, 1, -1, 1, 1), (), knots=5)
     m = mapped.flatten(1)[:, -3:]
     assert torch.allclose(m[:, 1] - m[:, 0], m[:, 2] - m[:, 1], atol=1e-4)
-    # different samples get different maps; a new draw gives a new map
+    # a new draw gives a new map
     torch.manual_seed(2)
     (z,) = random_remap(x, (), knots=5)
     assert not torch.allclose(z, y, atol=1e-3)

@@ -17,7 +17,7 @@ import torch
 from neurofm.data.pretrain import SessionIndex, build_index, pretrain_loader
 from neurofm.errors import ConfigError, NeurofmError, NonFiniteLossError, Preempted
 from neurofm.faults import FolderLock, OutOfMemory, process_rank
-from neurofm.io.checkpoint import STATE, latest_checkpoint
+from neurofm.io.checkpoint import STATE, checkpoint_step, latest_checkpoint
 from neurofm.models.registry import create_model
 from neurofm.objectives import build_objective
 from neurofm.store import Store
@@ -121,7 +121,7 @@ def pretrain(
         ck = latest_checkpoint(run)
         ckpt_path = str(ck / STATE) if ck is not None else None
         if before != code_fingerprint():  # the steps so far were made by other code: say which, and up to where
-            code_history.append({"code": before, "until_step": int(ck.name.split("-")[1]) if ck is not None else 0})
+            code_history.append({"code": before, "until_step": checkpoint_step(ck) if ck is not None else 0})
     else:
         if (run / "run.json").is_file() and latest_checkpoint(run) is not None:
             raise NeurofmError(f"{run} already holds a run; use --resume to continue it, or another --out")
