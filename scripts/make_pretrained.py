@@ -83,6 +83,20 @@ def model_card(name: str, args: argparse.Namespace, run_cfg: dict, meta: dict, a
             f"{latent('contrast', 'contrast_probe', 'accuracy')} ({latent('contrast', 'contrast_probe', 'chance')})",
         ),
         ("contrast probe from the contrast latent, most confused pair", confused("contrast")),
+    ]
+    if lat.get("anatomy_mode"):  # a soft categorical anatomy code, also read by its most likely class
+        checks[3:3] = [
+            (
+                "anatomy latent's most likely class, within minus across",
+                latent("anatomy_mode", "similarity", "difference"),
+            ),
+            (
+                "contrast probe from the anatomy latent's most likely class (chance)",
+                f"{latent('anatomy_mode', 'contrast_probe', 'accuracy')} "
+                f"({latent('anatomy_mode', 'contrast_probe', 'chance')})",
+            ),
+        ]
+    checks += [
         (
             "reference: the same probe on each scan's intensity histogram (most confused pair)",
             f"{latent('intensity', 'contrast_probe', 'accuracy')} ({confused('intensity')})",

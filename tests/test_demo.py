@@ -17,6 +17,9 @@ def test_demo_end_to_end_tiny(tmp_path, run_cli):
     assert "anatomy latent: cosine same subject" in said and "contrast probe" in said and "contrast gap" in said
     assert "swap check:" in said and "minus scratch" in said
     assert "reference: the same probe on each scan's intensity histogram" in said
+    assert (
+        "anatomy latent read by its most likely class: cosine same subject" in said
+    )  # the default's code is categorical
     assert said.rstrip().endswith(str(page.resolve()))
     html = page.read_text()
     for title in ("Data", "Pretrained model", "Latent analysis", "does pretraining help", "Timings"):

@@ -154,6 +154,21 @@ def test_inspect_and_finetune_by_name(tiny_store, tmp_path, run_cli):
     assert "Traceback" not in err
 
 
+@pytest.mark.slow
+def test_analyze_reads_the_demos_categorical_code_by_its_most_likely_class_too(store_4mm, tmp_path, run_cli):
+    from neurofm.demo import SHIPPED as DEMO_MODEL
+
+    code, out, err = run_cli(
+        "analyze", DEMO_MODEL, "--data", store_4mm, "--out", tmp_path / "an", "--max-sessions", "4"
+    )
+    assert code == 0, err
+    assert "anatomy, most likely class" in out
+    lat = json.loads((tmp_path / "an" / "analysis.json").read_text())["latent"]
+    soft, mode = lat["anatomy"], lat["anatomy_mode"]
+    assert soft["contrast_probe"]["n"] == mode["contrast_probe"]["n"] == lat["scans"]
+    assert -2 <= mode["similarity"]["difference"] <= 2 and 0 <= mode["contrast_probe"]["accuracy"] <= 1
+
+
 def _make_pretrained():
     import importlib.util
     from pathlib import Path

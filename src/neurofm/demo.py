@@ -337,7 +337,7 @@ def _pretrain_pool(out: Path, cfg: DemoConfig, console: Console) -> Path:
 
 
 def _latent_text(rows: list[dict[str, Any]], swap: dict[str, Any]) -> str:
-    from neurofm.analyze.latent import CONFUSED_COLUMN, GAP_COLUMN, INTENSITY_ROW
+    from neurofm.analyze.latent import CONFUSED_COLUMN, GAP_COLUMN, INTENSITY_ROW, MODE_ROW
 
     def f(x: Any) -> str:
         return "n/a" if x is None else f"{x:.2f}"
@@ -346,7 +346,8 @@ def _latent_text(rows: list[dict[str, Any]], swap: dict[str, Any]) -> str:
         return f", most confused {r[CONFUSED_COLUMN]}" if r.get(CONFUSED_COLUMN) else ""
 
     lines = [
-        f"  {r['latent']} latent: cosine same subject {f(r['cosine within subject'])} vs other subjects "
+        f"  {'anatomy latent read by its most likely class' if r['latent'] == MODE_ROW else r['latent'] + ' latent'}: "
+        f"cosine same subject {f(r['cosine within subject'])} vs other subjects "
         f"{f(r['cosine across subjects'])}; contrast probe {f(r['contrast probe accuracy'])} "
         f"(chance {f(r['chance'])}{confused(r)}); contrast gap {f(r.get(GAP_COLUMN))} (0 same, 2 unrelated)"
         for r in rows

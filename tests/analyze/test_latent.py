@@ -6,6 +6,7 @@ import pytest
 
 from neurofm.analyze.latent import (
     INTENSITY_ROW,
+    MODE_ROW,
     contrast_gap,
     contrast_probe,
     intensity_histograms,
@@ -179,3 +180,22 @@ def test_intensity_histograms_known_answers_and_the_reference_probe():
     assert table[2]["most confused contrasts"].startswith("T1c/T1w")
     # a stack model has one row per session (contrast "stack"): no per-contrast reference then
     assert "intensity" not in latent_analysis(df.assign(contrast="stack"), reference=ref)
+
+
+def test_the_anatomy_codes_mode_is_analysed_beside_its_probabilities():
+    """A soft code whose confidence follows the contrast while its most likely class follows the subject: the probe
+    reads the contrast from the probabilities and not from the mode, and both rows are reported."""
+    df = _latents(n_subjects=15)
+    rng = np.random.default_rng(1)
+    shift = {c: 2.0 * rng.normal(size=16) for c in CONTRASTS}  # a per-contrast confidence
+    mode = [v.copy() for v in df["subject_latent"]]
+    df["subject_latent"] = [v + shift[c] for v, c in zip(df["subject_latent"], df["contrast"], strict=True)]
+    df["anatomy_mode"] = mode
+    res = latent_analysis(df)
+    assert res["anatomy"]["contrast_probe"]["accuracy"] > 0.9
+    assert res["anatomy_mode"]["contrast_probe"]["accuracy"] < 0.6
+    assert res["anatomy_mode"]["similarity"]["difference"] > 0.9
+    assert [r["latent"] for r in summary_table(res)] == ["anatomy", MODE_ROW, "contrast"]
+    # an empty mode (a Gaussian or a hard code) adds no row
+    empty = df.assign(anatomy_mode=[np.zeros(0, np.float32)] * len(df))
+    assert "anatomy_mode" not in latent_analysis(empty)

@@ -6,6 +6,11 @@ and a contrast part (dual-latent: the latent means mu_s / mu_c; ResEnc: the anat
 and the rest of the bottleneck) gives both; one without (the ViT) gives its pooled vector as
 the anatomy column and no contrast part. A backbone that takes all contrasts at once is
 embedded once per session (``contrast`` = ``stack``).
+
+A soft categorical anatomy code (``model.kwargs.anatomy_code=categorical``) is also read by its
+mode (``anatomy_mode``): the share of the scan's bottleneck positions whose most likely class is
+each class. Its class probabilities (``subject_latent``) carry how sure the code is as well as
+which class it names; the mode carries only the latter.
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import torch
+import torch.nn.functional as F
 
 from neurofm.data.sampling import stack_contrasts, window_slices
 from neurofm.models.registry import model_from_checkpoint
@@ -27,26 +33,33 @@ from neurofm.utils import atomic_write
 @torch.no_grad()
 def scan_features(
     model: torch.nn.Module, volume: np.ndarray, patch: int, overlap: float = 0.0, device: str | torch.device = "cpu"
-) -> tuple[np.ndarray, np.ndarray]:
-    """(anatomy, contrast) feature vectors of one 1-channel scan ``(X, Y, Z)`` (or a ``(C, ...)`` stack)."""
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(anatomy, contrast, anatomy mode) feature vectors of one 1-channel scan ``(X, Y, Z)`` (or a ``(C, ...)``
+    stack). The mode is empty unless the model's anatomy code is soft categorical (module docstring)."""
     arr = volume[None] if volume.ndim == 3 else volume
     arr = np.stack([pad_to(a, patch, float(a.min())) for a in arr])
     x = torch.from_numpy(arr)[None].float().to(device)
-    anat, con = [], []
+    soft_classes = getattr(model, "categorical_anatomy", False) and not getattr(model, "hard_anatomy", False)
+    anat, con, mode = [], [], []
     for w in window_slices(tuple(x.shape[2:]), patch, overlap):
         f = model.forward_features(x[(slice(None), slice(None), *w)])
         anat.append(f.anatomy if f.anatomy is not None else f.pooled)
         if f.contrast is not None:
             con.append(f.contrast)
+        if soft_classes:
+            probs = f.latents["mu_s"]  # (B, classes, X, Y, Z); every window has the same number of positions
+            mode.append(F.one_hot(probs.argmax(1), probs.shape[1]).float().mean(dim=(1, 2, 3)))
     a = torch.cat(anat).mean(0).cpu().numpy()
     c = torch.cat(con).mean(0).cpu().numpy() if con else np.zeros(0, np.float32)
-    return a, c
+    m = torch.cat(mode).mean(0).cpu().numpy() if mode else np.zeros(0, np.float32)
+    return a, c, m
 
 
 def embed_store(
     run: str | Path, data: str | Path, *, keys: list[str] | None = None, device: str = "cpu", progress: bool = False
 ) -> pd.DataFrame:
-    """One row per scan: key, subject, session, contrast, site, labels, ``subject_latent``, ``contrast_latent``."""
+    """One row per scan: key, subject, session, contrast, site, labels, ``subject_latent``, ``contrast_latent`` and
+    ``anatomy_mode`` (empty unless the anatomy code is soft categorical)."""
     model, info = model_from_checkpoint(run)
     model = model.to(device).eval()
     run_data = info["run"].get("data", {})
@@ -68,7 +81,7 @@ def embed_store(
             scans = [("stack", *scan_features(model, stackv, patch, device=device))]
         else:
             scans = [(name, *scan_features(model, v, patch, device=device)) for name, v in vols.items()]
-        for name, s, c in scans:
+        for name, s, c, m in scans:
             rows.append(
                 {
                     "key": key,
@@ -78,40 +91,47 @@ def embed_store(
                     **{k: v for k, v in rec.get("labels", {}).items() if isinstance(v, str | int | float)},
                     "subject_latent": s.astype(np.float32),
                     "contrast_latent": c.astype(np.float32),
+                    "anatomy_mode": m.astype(np.float32),
                 }
             )
     return pd.DataFrame(rows)
 
 
+#: the vector columns of an embedding table and the prefix of their columns in a CSV (s0, s1, ..., c0, ..., m0, ...)
+VECTOR_COLUMNS = {"subject_latent": "s", "contrast_latent": "c", "anatomy_mode": "m"}
+
+
 def save_embeddings(df: pd.DataFrame, out: str | Path) -> Path:
-    """Parquet keeps the vectors as list columns; CSV spreads them over s0.. / c0.. columns."""
+    """Parquet keeps the vectors as list columns; CSV spreads them over s0.. / c0.. / m0.. columns."""
     out = Path(out)
+    vectors = [c for c in VECTOR_COLUMNS if c in df]
     if out.suffix == ".csv":
-        s = pd.DataFrame(
-            np.stack(df["subject_latent"]), columns=[f"s{i}" for i in range(len(df["subject_latent"].iloc[0]))]
-        )
-        clen = len(df["contrast_latent"].iloc[0])
-        parts = [df.drop(columns=["subject_latent", "contrast_latent"]).reset_index(drop=True), s]
-        if clen:
-            parts.append(pd.DataFrame(np.stack(df["contrast_latent"]), columns=[f"c{i}" for i in range(clen)]))
+        parts = [df.drop(columns=vectors).reset_index(drop=True)]
+        for col in vectors:
+            width = len(df[col].iloc[0])
+            if width:
+                names = [f"{VECTOR_COLUMNS[col]}{i}" for i in range(width)]
+                parts.append(pd.DataFrame(np.stack(df[col]), columns=names))
         flat = pd.concat(parts, axis=1)
         return atomic_write(out, lambda p: flat.to_csv(p, index=False))
     d = df.copy()
-    d["subject_latent"] = [list(map(float, v)) for v in d["subject_latent"]]
-    d["contrast_latent"] = [list(map(float, v)) for v in d["contrast_latent"]]
+    for col in vectors:
+        d[col] = [list(map(float, v)) for v in d[col]]
     return atomic_write(out, lambda p: d.to_parquet(p, index=False))
 
 
 def load_embeddings(path: str | Path) -> pd.DataFrame:
+    """What :func:`save_embeddings` wrote; a vector a file lacks (a file from before ``anatomy_mode``, a model
+    without a contrast part) comes back as empty vectors."""
     path = Path(path)
     if path.suffix == ".csv":
         df = pd.read_csv(path)
-        s_cols = [c for c in df.columns if c.startswith("s") and c[1:].isdigit()]
-        c_cols = [c for c in df.columns if c.startswith("c") and c[1:].isdigit()]
-        df["subject_latent"] = list(df[s_cols].to_numpy(np.float32))
-        df["contrast_latent"] = list(df[c_cols].to_numpy(np.float32)) if c_cols else [np.zeros(0, np.float32)] * len(df)
-        return df.drop(columns=s_cols + c_cols)
+        for col, prefix in VECTOR_COLUMNS.items():
+            cols = [c for c in df.columns if c.startswith(prefix) and c[1:].isdigit()]
+            df[col] = list(df[cols].to_numpy(np.float32)) if cols else [np.zeros(0, np.float32)] * len(df)
+            df = df.drop(columns=cols)
+        return df
     df = pd.read_parquet(path)
-    df["subject_latent"] = [np.asarray(v, np.float32) for v in df["subject_latent"]]
-    df["contrast_latent"] = [np.asarray(v, np.float32) for v in df["contrast_latent"]]
+    for col in VECTOR_COLUMNS:
+        df[col] = [np.asarray(v, np.float32) for v in df[col]] if col in df else [np.zeros(0, np.float32)] * len(df)
     return df

@@ -66,10 +66,17 @@ def latent_figure(result: dict, png: str | Path) -> Path | None:
     ax = axes[1]
     names, acc, chance = [], [], []
     colors = []
-    for latent, color in (("anatomy", "tab:blue"), ("contrast", "tab:orange"), ("intensity", "tab:gray")):
+    labels = {"intensity": "intensity histogram\n(reference)", "anatomy_mode": "anatomy latent,\nmost likely class"}
+    bars = (
+        ("anatomy", "tab:blue"),
+        ("anatomy_mode", "lightsteelblue"),
+        ("contrast", "tab:orange"),
+        ("intensity", "tab:gray"),
+    )
+    for latent, color in bars:
         p = result.get(latent, {}).get("contrast_probe")
         if p:
-            names.append("intensity histogram\n(reference)" if latent == "intensity" else f"{latent} latent")
+            names.append(labels.get(latent, f"{latent} latent"))
             acc.append(p["accuracy"])
             chance.append(p["chance"])
             colors.append(color)

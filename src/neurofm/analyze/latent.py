@@ -173,10 +173,14 @@ def intensity_histograms(
 
 
 def latent_analysis(df: pd.DataFrame, seed: int = 0, reference: pd.DataFrame | None = None) -> dict[str, Any]:
-    """Similarity and probes for both latents (see module docstring); with ``reference`` (from
+    """Similarity and probes for both latents (see module docstring), and for the anatomy code's mode where
+    ``df`` has a non-empty ``anatomy_mode`` column (:mod:`neurofm.analyze.embed`); with ``reference`` (from
     :func:`intensity_histograms`) the same probe on the scans' intensity histograms."""
     out: dict[str, Any] = {"scans": int(len(df)), "subjects": int(df["subject"].nunique())}
-    for name, col in (("anatomy", "subject_latent"), ("contrast", "contrast_latent")):
+    columns = [("anatomy", "subject_latent"), ("contrast", "contrast_latent")]
+    if "anatomy_mode" in df:  # a soft categorical anatomy code, read by its most likely class (analyze.embed)
+        columns.insert(1, ("anatomy_mode", "anatomy_mode"))
+    for name, col in columns:
         sim = latent_similarity(df, col, seed=seed)
         probe = contrast_probe(df, col, seed=seed)
         if sim or probe:
@@ -193,19 +197,21 @@ def latent_analysis(df: pd.DataFrame, seed: int = 0, reference: pd.DataFrame | N
 GAP_COLUMN = "contrast gap (0 same, 2 unrelated)"
 CONFUSED_COLUMN = "most confused contrasts"
 INTENSITY_ROW = "(reference) intensity histogram"
+#: the row of a soft categorical anatomy code read by its most likely class at each position
+MODE_ROW = "anatomy, most likely class"
 
 
 def summary_table(result: dict[str, Any]) -> list[dict[str, Any]]:
     """Rows for a report: latent, within/across similarity, probe accuracy vs chance."""
     rows = []
-    for name in ("anatomy", "contrast", "intensity"):
+    for name in ("anatomy", "anatomy_mode", "contrast", "intensity"):
         r = result.get(name)
         if not r:
             continue
         sim, probe, gap = r.get("similarity", {}), r.get("contrast_probe", {}), r.get("contrast_gap", {})
         rows.append(
             {
-                "latent": INTENSITY_ROW if name == "intensity" else name,
+                "latent": {"intensity": INTENSITY_ROW, "anatomy_mode": MODE_ROW}.get(name, name),
                 "cosine within subject": sim.get("within"),
                 "cosine across subjects": sim.get("across"),
                 "contrast probe accuracy": probe.get("accuracy"),

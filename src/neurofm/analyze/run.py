@@ -132,7 +132,9 @@ def analyze(
                 f"{lat.get('scans', 0)} scans of {lat.get('subjects', 0)} subjects. Cosine similarity of centred "
                 "anatomy latents between scans of the same subject in other contrasts vs between subjects, and a "
                 "linear probe (logistic regression, cross-validated by subject) predicting the contrast from each "
-                "latent, with its most confused pair of contrasts. The same probe on each scan's intensity "
+                "latent, with its most confused pair of contrasts. A categorical anatomy code is read twice: by its "
+                "class probabilities (the anatomy row) and by the share of positions whose most likely class is each "
+                "class (its mode), which leaves out how sure the code is. The same probe on each scan's intensity "
                 "histogram is the reference: contrasts it cannot tell apart differ in few voxels."
             ),
             images=[png.name] if png else [],
