@@ -214,6 +214,17 @@ VARIANTS = {
     # model's most likely class agrees across contrasts at 97 % of positions, and a probe of its class fractions reads
     # the contrast at 0.40 where the soft probabilities give 0.83 (experiments/results_anatomy_mode.json)
     "global-film-onehot-calamiti-cmeans100-clean": [*CMEANS, "model.kwargs.anatomy_code=onehot"],
+    # ... with half of the pairs remapped: with the soft code the remapped pairs raised the agreement of the mode
+    # (within - across 0.10 -> 0.42 with the contrast means); does the hard code keep that?
+    "global-film-onehot-calamiti-cmeans100-clean-remap": [
+        *CMEANS,
+        "model.kwargs.anatomy_code=onehot",
+        "objective.remap_p=0.5",
+    ],
+    # the shipped default's recipe with an InfoNCE on the contrast codes (objective.w_contrast_nce): the two crops of a
+    # scan are positives, every other crop of the batch (the session's other contrast first) a negative; no contrast
+    # names. Does the contrast latent then tell the contrast as a supervised encoder does (0.95)?
+    "global-film-categorical-calamiti-cmeans100-clean-cnce": [*CMEANS, "objective.w_contrast_nce=1.0"],
     "global-film-categorical-calamiti-fisher-clean": [
         *GLOBAL,
         "model.kwargs.contrast_injection=film",

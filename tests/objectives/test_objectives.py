@@ -10,7 +10,7 @@ from neurofm.errors import ConfigError
 from neurofm.models.dual_latent import DualLatentUNet
 from neurofm.models.resenc import ResEncUNet
 from neurofm.objectives import build_objective, objective_config
-from neurofm.objectives.fomo25 import Fomo25Config, Fomo25Loss, kl_divergence, random_remap
+from neurofm.objectives.fomo25 import Fomo25Config, Fomo25Loss, contrast_nce, kl_divergence, random_remap
 from neurofm.objectives.masking import block_mask, coarse_dropout, holes_for_fraction
 from neurofm.objectives.ssl3d import SSL3DConfig
 
@@ -558,3 +558,39 @@ def test_film_model_trains_under_the_reference_swap_and_every_decoder_stage_read
         assert torch.isfinite(g).all() and g.abs().sum() > 0
     first, last = _train(model, Fomo25Loss(cfg), batch, "rec", 40)
     assert last < 0.8 * first
+
+
+def test_contrast_nce_known_answers_invalid_scans_left_out_and_it_learns():
+    t = 0.5
+    eye = torch.eye(8)
+    # [a, b, a_ref, b_ref] for 2 pairs: each scan's two crops share a code, the four scans are orthogonal
+    codes = torch.cat([eye[:2], eye[2:4], eye[:2], eye[2:4]])[:, :, None, None, None]  # (8, 8, 1, 1, 1)
+    valid = torch.ones(2)
+    # each anchor: the positive at 1/t, six negatives at 0
+    assert contrast_nce(codes, valid, t) == pytest.approx(math.log(1 + 6 * math.exp(-1 / t)), rel=1e-5)
+    same = torch.ones(8, 3)  # every code alike: the positive is one of seven equal choices
+    assert contrast_nce(same, valid, t) == pytest.approx(math.log(7), rel=1e-5)
+    # the second scan of an invalid pair is neither an anchor nor a negative: its codes do not matter
+    half = torch.tensor([1.0, 0.0])
+    moved = codes.clone()
+    moved[[3, 7]] = torch.randn(2, 8, 1, 1, 1)
+    assert contrast_nce(moved, half, t) == pytest.approx(float(contrast_nce(codes, half, t)), rel=1e-6)
+    assert contrast_nce(codes, half, t) == pytest.approx(math.log(1 + 4 * math.exp(-1 / t)), rel=1e-5)
+    # in the objective: the term is there, moves the contrast head, and falls when trained
+    with pytest.raises(ConfigError, match="swap_contrast=reference"):
+        Fomo25Config(w_contrast_nce=1.0)
+    with pytest.raises(ConfigError, match="contrast_nce_temperature"):
+        Fomo25Config(contrast_nce_temperature=0.0)
+    torch.manual_seed(0)
+    model = DualLatentUNet(features=(4, 8, 16), latent=5, contrast_code="global", contrast_injection="film")
+    cfg = Fomo25Config(swap_contrast="reference", swap_anatomy="other", w_contrast_nce=1.0, mask_ratio=0.01)
+    batch = cfg.example_batch(2, 16, {})
+    batch["x_b"] = batch["x_b"] * 3 + 1  # the two scans of a session differ in contrast
+    batch["x_b_ref"] = batch["x_b_ref"] * 3 + 1
+    grads, terms = _grads(model, Fomo25Loss(cfg), batch)
+    off, _ = _grads(model, Fomo25Loss(Fomo25Config(swap_contrast="reference", swap_anatomy="other")), batch)
+    assert "contrast_nce" in terms
+    key = next(k for k in grads if k.startswith("contrast_head") and k.endswith("weight"))
+    assert not torch.allclose(grads[key], off[key])
+    first, last = _train(model, Fomo25Loss(cfg), batch, "contrast_nce", 40)
+    assert last < 0.7 * first

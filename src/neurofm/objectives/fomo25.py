@@ -38,6 +38,11 @@ Loss = w_rec (rec_a + rec_b) + w_swap (swap_ab + swap_ba) + w_kl(t) KL
   the metric of their running covariance (the Fisher ratio of a linear discriminant): a probe reads a
   small offset along a direction in which crop means hardly vary, which a per-channel scale underweights.
 * repel: cos(zc_a, zc_b) pushes the contrast latents of two contrasts apart.
+* contrast_nce (``w_contrast_nce``): InfoNCE on the contrast codes of every encoded crop — the two crops of
+  one scan (the pair crop and the reference crop, at another place) are each other's positive, and every
+  other crop of the batch is a negative, the same session's other contrast at the same place first among
+  them. The code must then say which scan it came from, whatever the crop shows, and tell one subject's
+  contrasts apart; it uses no contrast names. Needs the reference crops (``swap_contrast="reference"``).
 * adversary (``w_adversary``): a small classifier reads the contrast from the anatomy latent at
   every position while a gradient reversal (Ganin & Lempitsky 2015) makes the encoder remove what it
   reads: the anatomy latent of a crop must not tell its contrast. ``w_contrast_id`` trains a
@@ -105,6 +110,8 @@ class Fomo25Config:
     contrast_means_metric: str = "diagonal"  # diagonal | whitened
     contrast_means_ridge: float = 1e-3  # added to the variances (covariance), times their mean
     w_repel: float = 0.5
+    w_contrast_nce: float = 0.0
+    contrast_nce_temperature: float = 0.1
     w_adversary: float = 0.0
     w_contrast_id: float = 0.0
     w_anatomy: float = 0.0  # > 0: the anatomy latent predicts the subject's regional volumes (1 - cosine)
@@ -141,6 +148,7 @@ class Fomo25Config:
             "w_align_mean",
             "w_contrast_means",
             "w_repel",
+            "w_contrast_nce",
             "w_adversary",
             "w_contrast_id",
             "w_anatomy",
@@ -155,6 +163,13 @@ class Fomo25Config:
             raise ConfigError(f"objective.contrast_means_ridge should be > 0, got {self.contrast_means_ridge}")
         if not self.align_temperature > 0:
             raise ConfigError(f"objective.align_temperature should be > 0, got {self.align_temperature}")
+        if not self.contrast_nce_temperature > 0:
+            raise ConfigError(f"objective.contrast_nce_temperature should be > 0, got {self.contrast_nce_temperature}")
+        if self.w_contrast_nce > 0 and not (self.w_swap > 0 and self.swap_contrast == "reference"):
+            raise ConfigError(
+                "objective.w_contrast_nce needs a second crop of each scan: objective.swap_contrast=reference "
+                "(with objective.w_swap > 0)"
+            )
 
     def data_needs(self) -> DataNeeds:
         return DataNeeds(
@@ -191,6 +206,22 @@ def kl_divergence(mu: torch.Tensor, logvar: torch.Tensor, reduction: str = "sum"
 def cosine(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """Cosine similarity of flattened samples: ``(B,)``."""
     return F.cosine_similarity(a.flatten(1), b.flatten(1), dim=1, eps=1e-6)
+
+
+def contrast_nce(codes: torch.Tensor, valid: torch.Tensor, temperature: float) -> torch.Tensor:
+    """InfoNCE on the contrast codes ``(4B, ...)`` of the crops ``[x_a, x_b, x_a_ref, x_b_ref]``: each crop's
+    positive is the other crop of its scan, every other crop a negative; the second scans of invalid pairs
+    (``valid`` ``(B,)``, 0/1) are neither anchors nor negatives. Mean over anchors."""
+    n = codes.shape[0]
+    bsz = n // 4
+    v = F.normalize(codes.flatten(1).float(), dim=1, eps=1e-6)
+    ones = torch.ones_like(valid)
+    keep = torch.cat([ones, valid, ones, valid]).bool()
+    logits = (v @ v.T) / temperature
+    drop = torch.eye(n, dtype=torch.bool, device=v.device) | ~keep[None, :]
+    logits = logits.masked_fill(drop, float("-inf"))
+    positive = (torch.arange(n, device=v.device) + 2 * bsz) % n  # a kept anchor's positive is kept too
+    return F.cross_entropy(logits[keep], positive[keep])
 
 
 def dense_nce(a: torch.Tensor, b: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -490,7 +521,9 @@ class Fomo25Loss(nn.Module):
         if cfg.w_align_mean > 0:
             terms["align_mean"] = self.align_mean_term(mus_a, mus_b, valid)
             total = total + cfg.w_align_mean * terms["align_mean"]
-        contrast_terms = cfg.w_contrast_means > 0 or cfg.w_adversary > 0 or cfg.w_contrast_id > 0
+        contrast_terms = (
+            cfg.w_contrast_means > 0 or cfg.w_adversary > 0 or cfg.w_contrast_id > 0 or cfg.w_contrast_nce > 0
+        )
         if contrast_terms and cfg.contrast_input == "clean":  # what a downstream model sees: the scans unmasked
             clean = model.forward_features(x).latents
             mu_s, mu_c = clean["mu_s"], clean["mu_c"]
@@ -504,6 +537,9 @@ class Fomo25Loss(nn.Module):
         if cfg.w_repel > 0:
             terms["repel"] = _wmean(cosine(muc_a, muc_b), valid)
             total = total + cfg.w_repel * terms["repel"]
+        if cfg.w_contrast_nce > 0:  # use_ref holds (the config requires the reference crops)
+            terms["contrast_nce"] = contrast_nce(mu_c, valid, cfg.contrast_nce_temperature)
+            total = total + cfg.w_contrast_nce * terms["contrast_nce"]
         if cfg.w_anatomy > 0:
             terms["anatomy"] = self.anatomy_term(model, mus_a, mus_b, batch, valid)
             total = total + cfg.w_anatomy * terms["anatomy"]
