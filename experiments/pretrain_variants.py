@@ -225,6 +225,7 @@ VARIANTS = {
     # scan are positives, every other crop of the batch (the session's other contrast first) a negative; no contrast
     # names. Does the contrast latent then tell the contrast as a supervised encoder does (0.95)?
     "global-film-categorical-calamiti-cmeans100-clean-cnce": [*CMEANS, "objective.w_contrast_nce=1.0"],
+    "global-film-categorical-calamiti-cmeans100-clean-cnce3": [*CMEANS, "objective.w_contrast_nce=3.0"],
     "global-film-categorical-calamiti-fisher-clean": [
         *GLOBAL,
         "model.kwargs.contrast_injection=film",
