@@ -20,12 +20,10 @@ import argparse
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 import torch
-import torch.nn.functional as F
 
+from neurofm.analyze.embed import embed_store
 from neurofm.analyze.latent import latent_analysis, summary_table
-from neurofm.data.sampling import window_slices
 from neurofm.models.registry import model_from_checkpoint
 from neurofm.objectives.fomo25 import random_remap
 from neurofm.preprocess.transforms import pad_to
@@ -66,31 +64,6 @@ def agreement(model, store: Store, sessions: int = 30, seed: int = 0) -> dict:
     }
 
 
-@torch.no_grad()
-def scan_vectors(model, store: Store) -> pd.DataFrame:
-    rows = []
-    for key in store.keys:
-        rec = store.record(key)
-        for name in rec["images"]:
-            v = np.asarray(store.read(key, name), np.float32)
-            x = torch.from_numpy(pad_to(v, PATCH, float(v.min())))[None, None]
-            soft, hard = [], []
-            for w in window_slices(tuple(x.shape[2:]), PATCH, 0.0):
-                p = model.forward_features(x[(slice(None), slice(None), *w)]).latents["mu_s"]
-                soft.append(p.mean(dim=(2, 3, 4)))
-                hard.append(F.one_hot(p.argmax(1), p.shape[1]).float().mean(dim=(1, 2, 3)))
-            rows.append(
-                {
-                    "subject": rec["subject"],
-                    "session": rec["session"],
-                    "contrast": name,
-                    "probabilities": torch.cat(soft).mean(0).numpy(),
-                    "mode": torch.cat(hard).mean(0).numpy(),
-                }
-            )
-    return pd.DataFrame(rows)
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--eval", type=Path, required=True)
@@ -106,10 +79,10 @@ def main() -> None:
             print(f"{run}: not a categorical anatomy code, skipped")
             continue
         row = {"agreement": agreement(model, store)}
-        df = scan_vectors(model, store)
-        for name in ("probabilities", "mode"):
-            d = df.assign(subject_latent=df[name], contrast_latent=[np.zeros(0, np.float32)] * len(df))
-            row[name] = summary_table(latent_analysis(d))[0]
+        df = embed_store(run, args.eval)  # subject_latent: the probabilities averaged; anatomy_mode: the mode
+        for name, col in (("probabilities", "subject_latent"), ("mode", "anatomy_mode")):
+            d = df.assign(subject_latent=df[col], contrast_latent=[np.zeros(0, np.float32)] * len(df))
+            row[name] = summary_table(latent_analysis(d.drop(columns="anatomy_mode")))[0]
         out["runs"][run.name] = row
         print(run.name, row, flush=True)
         write_json(args.out, to_jsonable(out))
