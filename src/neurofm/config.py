@@ -203,6 +203,10 @@ class Config:
         atomically; returns what was written."""
         from neurofm.utils import to_jsonable, write_json
 
-        record = to_jsonable({**self.to_dict(), **extra})
+        settings = self.to_dict()
+        clash = sorted(set(extra) & set(settings))
+        if clash:  # what a run derived must not pass for a setting (a resumed or reused run would read it as one)
+            raise ValueError(f"{', '.join(clash)}: a setting of {type(self).__name__}; record derived values elsewhere")
+        record = to_jsonable({**settings, **extra})
         write_json(path, record)
         return record

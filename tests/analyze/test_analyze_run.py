@@ -82,9 +82,15 @@ def test_a_finished_arm_is_reused_only_with_the_settings_it_was_made_with(tmp_pa
     folder = tmp_path / "seg-scratch-seed3"
     folder.mkdir()
     # what the run drew, and which code made it
-    record = cfg.save(folder / "run.json", train_subjects=["sub-002", "sub-007"], code=code_fingerprint())
+    drawn = {"train_subjects": ["sub-002", "sub-007"], "test_subjects": ["sub-001"]}
+    record = cfg.save(folder / "run.json", split=drawn, code=code_fingerprint())
     (folder / "summary.json").write_text("{}")
     assert stale_settings(folder, cfg) == []
+    # the drawn subjects are not the setting that fixes them: a run asked for exactly those is another run
+    assert stale_settings(folder, replace(cfg, train_subjects=["sub-007", "sub-002"])) == ["train_subjects"]
+    with pytest.raises(ValueError, match="train_subjects: a setting"):
+        cfg.save(tmp_path / "clash.json", train_subjects=["sub-002"])
+    assert not (tmp_path / "clash.json").exists()
     assert stale_settings(folder, replace(cfg, num_workers=0, bootstrap=50)) == []  # same samples, same result
     assert stale_settings(folder, replace(cfg, lr=3e-3, seg_fg_weight=20.0)) == ["lr", "seg_fg_weight"]
     del record["seg_fg_weight"]  # a run made before the setting existed used its default

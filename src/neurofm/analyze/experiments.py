@@ -81,11 +81,11 @@ def stale_settings(folder: Path, cfg: FinetuneConfig) -> list[str]:
     done = json.loads(path.read_text())
     stale = []
     for f in dataclasses.fields(cfg):
-        if f.name in NOT_RESULT or (f.name == "train_subjects" and cfg.train_subjects is None):
-            continue  # run.json records the subjects a run drew (from its seed, compared) under that name
+        if f.name in NOT_RESULT:
+            continue
         default = f.default if f.default is not dataclasses.MISSING else None
         want, got = to_jsonable(getattr(cfg, f.name)), done.get(f.name, to_jsonable(default))
-        if f.name == "train_subjects":
+        if f.name == "train_subjects" and want is not None:
             want = sorted(want)
         if want != got:
             stale.append(f.name)

@@ -259,8 +259,7 @@ def train_fold(
         task_info=info,
         transfer=transfer,
         pretrained=src,
-        train_subjects=sorted({c.subject for c in train}),
-        test_subjects=sorted({c.subject for c in test}),
+        split={"train_subjects": _subjects(train), "test_subjects": _subjects(test)},  # what the run drew
         code=code_fingerprint(),
     )
     if closed:
@@ -303,6 +302,10 @@ def train_fold(
     if not trainer.is_global_zero:
         return None, done
     return Predictor(model, info, device=module.device, tta=cfg.tta, overlap=cfg.overlap, lcc=cfg.lcc), done
+
+
+def _subjects(cases: list) -> list[str]:
+    return sorted({c.subject for c in cases})
 
 
 def whole_shape(store: Store, cases: list, multiple: int) -> list[int]:
