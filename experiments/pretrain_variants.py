@@ -226,6 +226,13 @@ VARIANTS = {
     # names. Does the contrast latent then tell the contrast as a supervised encoder does (0.95)?
     "global-film-categorical-calamiti-cmeans100-clean-cnce": [*CMEANS, "objective.w_contrast_nce=1.0"],
     "global-film-categorical-calamiti-cmeans100-clean-cnce3": [*CMEANS, "objective.w_contrast_nce=3.0"],
+    # ... with the anatomy code made hard: onehot took the confidence (where the soft code hid the contrast) out of the
+    # anatomy latent, the InfoNCE put the contrast into the contrast latent; do the two together meet both probe rows?
+    "global-film-onehot-calamiti-cmeans100-clean-cnce3": [
+        *CMEANS,
+        "model.kwargs.anatomy_code=onehot",
+        "objective.w_contrast_nce=3.0",
+    ],
     "global-film-categorical-calamiti-fisher-clean": [
         *GLOBAL,
         "model.kwargs.contrast_injection=film",
