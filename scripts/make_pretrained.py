@@ -11,6 +11,9 @@ One command (about two hours on a 2-core CPU at the default 30,000 steps)::
 4. copies the weights and descriptions (no optimizer state, no machine paths) to
    ``src/neurofm/pretrained/<name>/`` and writes its ``MODEL_CARD.md``.
 
+``--refresh-analysis --name NAME`` trains nothing: it measures a packaged model again with the current
+``neurofm analyze`` and rewrites its ``analysis.json`` and its card's analysis table.
+
 Every stage reuses what is already in ``--work``, so an interrupted run resumes.
 """
 
@@ -29,6 +32,7 @@ ROOT = Path(__file__).resolve().parents[1]
 NEUROFM = [sys.executable, "-m", "neurofm.cli"]
 DEFAULT_NAME = "fomo25-tiny-synth"  # the recipe's plain form; neurofm demo fine-tunes fomo25-tiny-cmeans
 DEFAULT_PRESET = "fomo25-tiny"
+ANALYSIS_HEADING = "## What `neurofm analyze` measured"
 CARRY = ("model.safetensors", "model.json", "transfer.json", "preprocessing.json", "run.json", "meta.json")
 
 
@@ -56,7 +60,8 @@ def scrub(run_cfg: dict, pool_command: str) -> dict:
     return {**run_cfg, "extra": extra}
 
 
-def model_card(name: str, args: argparse.Namespace, run_cfg: dict, meta: dict, analysis: dict, pool_cmd: str) -> str:
+def analysis_table(analysis: dict) -> str:
+    """The card's table of what ``neurofm analyze`` measured (its ``analysis.json``)."""
     lat = analysis.get("latent", {})
 
     def latent(part: str, key: str, sub: str) -> str:
@@ -107,7 +112,10 @@ def model_card(name: str, args: argparse.Namespace, run_cfg: dict, meta: dict, a
             f"({'passed' if swap.get('passed') else 'failed'})",
         ),
     ]
-    table = "\n".join(f"| {k} | {v} |" for k, v in checks)
+    return "| check | value |\n| --- | --- |\n" + "\n".join(f"| {k} | {v} |" for k, v in checks)
+
+
+def model_card(name: str, args: argparse.Namespace, run_cfg: dict, meta: dict, analysis: dict, pool_cmd: str) -> str:
     losses = ", ".join(f"{k} {v:.4g}" for k, v in meta.get("losses", {}).items())
     model = f"`{run_cfg['model']['name']}` {json.dumps(run_cfg['model']['kwargs'])}"
     d, o = run_cfg["data"], run_cfg["optim"]
@@ -137,10 +145,8 @@ Recipe `{args.preset}` ({d["patch"]}^3 crops, batch {d["batch_size"]}, AdamW lr 
 steps; objective `{json.dumps(run_cfg["objective"])}`. Wall time {args.train_minutes:.0f} min on a CPU ({args.threads}).
 Last logged losses: {losses}.
 
-## What `neurofm analyze` measured (evaluation set: {args.eval_subjects} other subjects x 2 sessions)
-| check | value |
-| --- | --- |
-{table}
+{ANALYSIS_HEADING} (evaluation set: {args.eval_subjects} other subjects x 2 sessions)
+{analysis_table(analysis)}
 
 ## Use
     neurofm finetune --from {name} --data STORE --task seg --target lesion --out ft/
@@ -164,13 +170,56 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument(
         "--set", nargs="+", action="extend", default=[], dest="extra", help="more recipe overrides (repeatable)"
     )
+    ap.add_argument(
+        "--refresh-analysis",
+        action="store_true",
+        help="train nothing: analyze the packaged model --name again and rewrite its analysis.json and its card's "
+        "analysis table (the rest of the card is kept)",
+    )
     return ap
+
+
+def analyze(work: Path, run: Path | str, out: Path, args: argparse.Namespace) -> dict:
+    """``neurofm analyze`` on the evaluation set (made in ``work`` if missing); its ``analysis.json``."""
+    evaluation = synth_and_prepare(work, "eval", args.eval_subjects, args.eval_seed, args.workers)
+    sh("analyze", run, "--data", evaluation, "--out", out, "--max-sessions", 2 * args.eval_subjects)
+    analysis = json.loads((out / "analysis.json").read_text())
+    analysis.update(
+        run=args.name, data=f"neurofm synth, {args.eval_subjects} subjects x 2 sessions, seed {args.eval_seed}"
+    )
+    return analysis
+
+
+def card_with_analysis(card: str, analysis: dict) -> str:
+    """``card`` with the table of its analysis section (heading kept) made from ``analysis``."""
+    lines = card.splitlines(keepends=True)
+    start = next(i for i, line in enumerate(lines) if line.startswith(ANALYSIS_HEADING))
+    end = next((i for i in range(start + 1, len(lines)) if lines[i].startswith("## ")), len(lines))
+    section = f"{lines[start].rstrip()}\n{analysis_table(analysis)}\n\n"
+    return "".join(lines[:start]) + section + "".join(lines[end:])
+
+
+def refresh_analysis(work: Path, args: argparse.Namespace) -> None:
+    """The packaged model measured by the current ``neurofm analyze``; its card's other sections are kept."""
+    dest = ROOT / "src" / "neurofm" / "pretrained" / args.name
+    card = dest / "MODEL_CARD.md"
+    if not card.is_file():
+        raise SystemExit(f"no packaged model {args.name} (looked for {card.relative_to(ROOT)})")
+    text = card.read_text()
+    if ANALYSIS_HEADING not in text:
+        raise SystemExit(f"{card.relative_to(ROOT)} has no section {ANALYSIS_HEADING!r} to rewrite")
+    analysis = analyze(work, dest, work / f"analysis-{args.name}", args)
+    card.write_text(card_with_analysis(text, analysis))
+    (dest / "analysis.json").write_text(json.dumps(analysis, indent=2) + "\n")
+    print(f"rewrote {card.relative_to(ROOT)}'s analysis table and {args.name}/analysis.json")
 
 
 def main() -> None:
     args = parser().parse_args()
     work = args.work.resolve()
     work.mkdir(parents=True, exist_ok=True)
+    if args.refresh_analysis:
+        return refresh_analysis(work, args)
     pool = synth_and_prepare(work, "pool", args.pool_subjects, args.pool_seed, args.workers)
     pool_cmd = (
         f"neurofm synth POOL --subjects {args.pool_subjects} --sessions 2 --seed {args.pool_seed} --resolution 2 "
@@ -202,12 +251,7 @@ def main() -> None:
     timing.write_text(json.dumps({"minutes": args.train_minutes}))
     threads = os.environ.get("OMP_NUM_THREADS")
     args.threads = f"OMP_NUM_THREADS={threads}" if threads else f"{os.cpu_count()} cores"
-    evaluation = synth_and_prepare(work, "eval", args.eval_subjects, args.eval_seed, args.workers)
-    sh("analyze", run, "--data", evaluation, "--out", work / "analysis", "--max-sessions", 2 * args.eval_subjects)
-    analysis = json.loads((work / "analysis" / "analysis.json").read_text())
-    analysis.update(
-        run=args.name, data=f"neurofm synth, {args.eval_subjects} subjects x 2 sessions, seed {args.eval_seed}"
-    )
+    analysis = analyze(work, run, work / "analysis", args)
 
     from neurofm.io.checkpoint import latest_checkpoint
 

@@ -186,6 +186,24 @@ def test_make_pretrained_keeps_every_repeated_override():
     assert args.extra == ["a=1", "b=2", "c=3"]
 
 
+def test_a_cards_analysis_table_is_rewritten_and_nothing_else():
+    script = _make_pretrained()
+    card = (ROOT / "fomo25-tiny-cmeans" / "MODEL_CARD.md").read_text()
+    analysis = json.loads((ROOT / "fomo25-tiny-cmeans" / "analysis.json").read_text())
+    mode = {"similarity": {"difference": 0.4321}, "contrast_probe": {"accuracy": 0.1234, "chance": 0.209}}
+    analysis["latent"]["anatomy_mode"] = mode
+    new = script.card_with_analysis(card, analysis)
+    assert "| anatomy latent's most likely class, within minus across | 0.432 |" in new
+    assert "| contrast probe from the anatomy latent's most likely class (chance) | 0.123 (0.209) |" in new
+    head, tail = card.split(script.ANALYSIS_HEADING)
+    assert new.startswith(head + script.ANALYSIS_HEADING) and new.endswith(tail[tail.index("\n## ") :])
+    assert new.count("| check | value |") == 1
+    assert script.card_with_analysis(new, analysis) == new  # rewriting again changes nothing
+    del analysis["latent"]["anatomy_mode"]
+    old_table = script.analysis_table(analysis)
+    assert script.card_with_analysis(card, analysis).count(old_table) == 1 and "most likely class" not in old_table
+
+
 @pytest.mark.parametrize("name", [n for n in SHIPPED if CARD.get(n, ("",))[0].startswith("scripts/make_pretrained")])
 def test_a_model_cards_command_remakes_its_recipe(name):
     """The command on the card, parsed as the script parses it, asks for the recipe the weights were trained with."""
