@@ -58,6 +58,11 @@ CARD = {
         "swap check",
         "w_contrast_means",
     ),
+    "fomo25-tiny-cnce": (
+        "scripts/make_pretrained.py --work WORK --name fomo25-tiny-cnce",
+        "swap check",
+        "w_contrast_nce",
+    ),
     "neurofm-brain-extract": ("scripts/make_brain_extractor.py", "Dice against the generator's brain mask"),
 }
 
