@@ -209,8 +209,10 @@ def refresh_analysis(work: Path, args: argparse.Namespace) -> None:
     if ANALYSIS_HEADING not in text:
         raise SystemExit(f"{card.relative_to(ROOT)} has no section {ANALYSIS_HEADING!r} to rewrite")
     analysis = analyze(work, dest, work / f"analysis-{args.name}", args)
-    card.write_text(card_with_analysis(text, analysis))
-    (dest / "analysis.json").write_text(json.dumps(analysis, indent=2) + "\n")
+    from neurofm.utils import atomic_write_text, write_json
+
+    atomic_write_text(card, card_with_analysis(text, analysis))
+    write_json(dest / "analysis.json", analysis)
     print(f"rewrote {card.relative_to(ROOT)}'s analysis table and {args.name}/analysis.json")
 
 

@@ -115,7 +115,8 @@ def evaluate_run(
         )
         same = Path(cfg["extra"]["store"]).resolve() == Path(data).resolve()
         use_test = split == "test" or (split == "auto" and same)
-        cases = [c for c in cs.cases if c.subject in set(split_subjects(cfg)[1])] if use_test else cs.cases
+        held_out = held_out_subjects(cfg)
+        cases = [c for c in cs.cases if c.subject in held_out] if use_test else cs.cases
         if cs.task == "cls" and [str(c) for c in cs.classes] != [str(c) for c in info["classes"]]:
             raise CheckpointError(f"the store's classes {cs.classes} differ from the run's {info['classes']}")
         predictor = Predictor.from_run(fold, device=device, tta=tta, overlap=overlap, lcc=lcc)
@@ -140,11 +141,10 @@ def evaluate_run(
     return summary
 
 
-def split_subjects(run_cfg: dict[str, Any]) -> tuple[list[str], list[str]]:
-    """The (training, test) subjects a fine-tuning fold drew, from its ``run.json``. Runs written before
-    2026-12-03 kept them at the top level, where ``train_subjects`` is also the setting that fixes them."""
-    split = run_cfg.get("split") or run_cfg
-    return list(split.get("train_subjects") or []), list(split["test_subjects"])
+def held_out_subjects(run_cfg: dict[str, Any]) -> set[str]:
+    """The test subjects a fine-tuning fold drew, from its ``run.json`` (under ``split``; runs written
+    before 2026-12-03 kept them at the top level)."""
+    return set((run_cfg.get("split") or run_cfg)["test_subjects"])
 
 
 def config_splits(cs: Any, cfg: Any) -> list:
