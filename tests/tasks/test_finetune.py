@@ -223,6 +223,20 @@ def test_finetune_modes_and_scratch_via_cli(store_4mm, pretrained_4mm, tmp_path,
     )
     assert code == 0 and "mae" in out
     assert len(pd.read_csv(tmp_path / "scr" / f"eval-{store_4mm.name}" / "predictions.csv")) == 12
+    # on its own store a run is scored on the subjects it held out, read from run.json's split (or, for runs
+    # written before it, from the top level)
+    held_out = set(run["split"]["test_subjects"])
+    assert held_out and not held_out & train
+    n_held_out = sum(store.record(k)["subject"] in held_out for k in store.keys)
+    for layout in ("split", "top level"):
+        if layout == "top level":
+            old = {**run, "test_subjects": run["split"]["test_subjects"], "train_subjects": sorted(train)}
+            del old["split"]
+            (tmp_path / "scr" / "run.json").write_text(json.dumps(old))
+        code, out, _ = run_cli("evaluate", tmp_path / "scr", "--data", store_4mm, "--no-tta", "--bootstrap", "50")
+        assert code == 0, layout
+        scored = pd.read_csv(tmp_path / "scr" / f"eval-{store_4mm.name}" / "predictions.csv")
+        assert len(scored) == n_held_out < 12, layout
     code, _, err = run_cli(
         "finetune",
         "--data",
