@@ -337,7 +337,7 @@ def _pretrain_pool(out: Path, cfg: DemoConfig, console: Console) -> Path:
 
 
 def _latent_text(rows: list[dict[str, Any]], swap: dict[str, Any]) -> str:
-    from neurofm.analyze.latent import CONFUSED_COLUMN, GAP_COLUMN, INTENSITY_ROW, MODE_ROW
+    from neurofm.analyze.latent import CONFUSED_COLUMN, GAP_COLUMN, INTENSITY_ROW, MODE_ROW, swap_verdict
 
     def f(x: Any) -> str:
         return "n/a" if x is None else f"{x:.2f}"
@@ -360,8 +360,9 @@ def _latent_text(rows: list[dict[str, Any]], swap: dict[str, Any]) -> str:
     ]
     if swap:
         lines.append(
-            f"  swap check: {'passed' if swap['passed'] else 'failed'} — the recombination is nearest to the anatomy "
-            f"in the other contrast in {swap['a_nearest']:.0%} of {swap['sessions']} sessions"
+            f"  swap check: {swap_verdict(swap)} — the recombination is nearest to the anatomy in the other contrast "
+            f"in {swap['a_nearest']:.0%} [{swap['a_nearest_low']:.0%}, {swap['a_nearest_high']:.0%}] of "
+            f"{swap['trials']} trials ({swap['sessions']} sessions; passes above 50 %)"
         )
     return "\n".join(lines)
 

@@ -31,7 +31,9 @@ def test_analyze_latents_ablation_label_efficiency_and_fomo(store_4mm, pretraine
     assert 0 <= lat["anatomy"]["contrast_probe"]["accuracy"] <= 1
     ref = lat["intensity"]["contrast_probe"]  # the reference probe on the scans' intensity histograms
     assert 0 <= ref["accuracy"] <= 1 and sum(map(sum, ref["confusion"])) == ref["n"] == lat["scans"]
-    assert res["swap"]["sessions"] == 4 and 0 <= res["swap"]["a_nearest"] <= 1
+    swap = res["swap"]  # four draws per session, the share with an interval over subjects
+    assert (swap["sessions"], swap["trials"]) == (4, 16)
+    assert 0 <= swap["a_nearest_low"] <= swap["a_nearest"] <= swap["a_nearest_high"] <= 1
     # every table: the arms, scratch as the reference, and the two floors
     assert [r["init"] for r in res["ablation"]] == ["recipe", "mae", "scratch", "random frozen", "constant"]
     arms = ["pretrained full", "scratch", "random frozen", "constant"]

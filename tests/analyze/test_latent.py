@@ -199,3 +199,76 @@ def test_the_anatomy_codes_mode_is_analysed_beside_its_probabilities():
     # an empty mode (a Gaussian or a hard code) adds no row
     empty = df.assign(anatomy_mode=[np.zeros(0, np.float32)] * len(df))
     assert "anatomy_mode" not in latent_analysis(empty)
+
+
+class _TwoContrastStore:
+    """Sessions whose two contrasts are known intensity maps of one anatomy: A = f, B = 5 − f."""
+
+    MAPS = {"A": (1.0, 0.0), "B": (-1.0, 5.0)}
+
+    def __init__(self, subjects=6, sessions=2, shape=(12, 12, 12), seed=0):
+        rng = np.random.default_rng(seed)
+        self.anatomy = {
+            f"sub-{s}_ses-{t}": rng.random(shape).astype(np.float32) for s in range(subjects) for t in range(sessions)
+        }
+
+    def record(self, key):
+        arr = self.anatomy[key]
+        return {"subject": key.split("_")[0], "shape": list(arr.shape), "images": {"A": "", "B": ""}}
+
+    def read(self, key, name, box):
+        scale, offset = self.MAPS[name]
+        return scale * self.anatomy[key][box] + offset
+
+
+class _Oracle:
+    """Reads the contrast of the reference crop and renders the other crop's anatomy in it: disentangled."""
+
+    disentangles = True
+
+    @staticmethod
+    def _contrast(x):
+        return _TwoContrastStore.MAPS["A" if float(x.mean()) < 2.5 else "B"]
+
+    def recombine(self, x_anatomy, x_contrast):
+        (s_in, o_in), (s_out, o_out) = self._contrast(x_anatomy), self._contrast(x_contrast)
+        return s_out * (x_anatomy - o_in) / s_in + o_out
+
+
+class _Copier(_Oracle):
+    """Ignores the contrast code: gives back the anatomy crop's own intensities."""
+
+    def recombine(self, x_anatomy, x_contrast):
+        return x_anatomy.clone()
+
+
+def test_swap_check_known_answers_with_an_interval_over_subjects():
+    from neurofm.analyze.latent import swap_check
+
+    store = _TwoContrastStore()
+    keys = sorted(store.anatomy)
+    good = swap_check(_Oracle(), store, keys, patch=8, draws=3)
+    assert good["a_nearest"] == 1.0 and good["passed"] and good["verdict"] == "passed"
+    assert good["a_nearest_low"] == good["a_nearest_high"] == 1.0
+    assert good["mse_to_a"] == pytest.approx(0.0, abs=1e-10)
+    assert (good["sessions"], good["subjects"], good["trials"]) == (12, 6, 36)
+    bad = swap_check(_Copier(), store, keys, patch=8, draws=3)
+    assert bad["a_nearest"] == 0.0 and not bad["passed"] and bad["verdict"] == "failed"
+    assert bad["mse_to_b"] == pytest.approx(0.0, abs=1e-10)
+    with pytest.raises(ValueError, match="at least one draw"):
+        swap_check(_Oracle(), store, keys, patch=8, draws=0)
+
+
+def test_the_swap_shares_interval_resamples_subjects_not_trials():
+    from neurofm.analyze.latent import share_interval, swap_verdict
+
+    # two subjects, one always right and one always wrong: 40 trials look certain, two subjects do not
+    hits = np.array([1] * 20 + [0] * 20)
+    low, high = share_interval(hits, ["sub-a"] * 20 + ["sub-b"] * 20)
+    assert (low, high) == (0.0, 1.0)
+    # forty subjects with the same 50/50 split: the interval narrows around one half
+    low, high = share_interval(hits, [f"sub-{i}" for i in range(40)])
+    assert 0.3 < low < 0.5 < high < 0.7
+    assert np.isnan(share_interval(hits, ["sub-a"] * 40)[0])  # one subject: no interval
+    assert swap_verdict({"passed": False, "verdict": "at the line"}).startswith("failed, at the line")
+    assert swap_verdict({"passed": True, "verdict": "passed"}) == "passed"

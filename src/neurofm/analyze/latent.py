@@ -231,7 +231,14 @@ def _confused_text(m: dict[str, Any] | None) -> str | None:
 
 @torch.no_grad()
 def swap_check(
-    model: Any, store: Any, keys: list[str], patch: int, seed: int = 0, device: str = "cpu"
+    model: Any,
+    store: Any,
+    keys: list[str],
+    patch: int,
+    seed: int = 0,
+    device: str = "cpu",
+    draws: int = 4,
+    reps: int = 2000,
 ) -> dict[str, Any]:
     """Does the anatomy latent carry the anatomy and the contrast latent only the contrast?
 
@@ -242,47 +249,94 @@ def swap_check(
     to ``x_b`` (b's own intensities) and to ``x_a_ref`` (the crop the contrast code came from). The
     same with the contrast code of ``x_a`` itself (``copy``) shows what a copying latent would give.
 
+    Each session gives ``draws`` such trials, each with its own pair of contrasts and place. The share
+    of trials where ``x_a`` is the nearest comes with a 95 % bootstrap interval over subjects (all
+    trials of a resampled subject go together), since one subject's sessions and crops are not
+    independent.
+
     Returns:
-        mean squared errors of the recombination to each target, the share of sessions where
-        ``x_a`` is the nearest, ``passed`` (that share above one half and the mean error to ``x_a``
-        the smallest), and the number of sessions; empty for a backbone without separate latents.
+        mean squared errors of the recombination to each target, the share of trials where ``x_a``
+        is the nearest (``a_nearest``) with ``a_nearest_low`` / ``a_nearest_high``, ``passed`` (that
+        share above one half and the mean error to ``x_a`` the smallest), ``verdict`` (``passed`` or
+        ``failed`` when the interval lies wholly on that side of one half, else ``at the line``), and
+        the numbers of sessions, subjects and trials; empty for a backbone without separate latents.
     """
     from neurofm.data.sampling import random_box
 
     if not getattr(model, "disentangles", False):
         return {}
+    if draws < 1:
+        raise ValueError(f"swap_check needs at least one draw per session, got {draws}")
     rng = np.random.default_rng(seed)
     errs: dict[str, list[float]] = {"to_a": [], "to_b": [], "to_a_ref": [], "copy_to_a": []}
+    subjects: list[str] = []
+    sessions = 0
     for key in keys:
         rec = store.record(key)
         names = sorted(rec["images"])
         if len(names) < 2:
             continue
-        a, b = rng.choice(names, size=2, replace=False)
+        sessions += 1
         shape = tuple(rec["shape"])
-        box = random_box(shape, patch, rng)
-        # the reference crop: as far from the first as the scan allows, and flipped front to back
-        far = tuple(slice(s - sl.stop, s - sl.stop + (sl.stop - sl.start)) for sl, s in zip(box, shape, strict=True))
-
-        x_a, x_b = _crop(store, key, a, box, patch, device), _crop(store, key, b, box, patch, device)
-        x_ref = _crop(store, key, a, far, patch, device, flip=True)
-        y = model.recombine(x_b, x_ref)
-        y_copy = model.recombine(x_b, x_a)
-        errs["to_a"].append(float(((y - x_a) ** 2).mean()))
-        errs["to_b"].append(float(((y - x_b) ** 2).mean()))
-        errs["to_a_ref"].append(float(((y - x_ref) ** 2).mean()))
-        errs["copy_to_a"].append(float(((y_copy - x_a) ** 2).mean()))
+        for _ in range(draws):
+            a, b = rng.choice(names, size=2, replace=False)
+            box = random_box(shape, patch, rng)
+            # the reference crop: as far from the first as the scan allows, and flipped front to back
+            far = tuple(
+                slice(s - sl.stop, s - sl.stop + (sl.stop - sl.start)) for sl, s in zip(box, shape, strict=True)
+            )
+            x_a, x_b = _crop(store, key, a, box, patch, device), _crop(store, key, b, box, patch, device)
+            x_ref = _crop(store, key, a, far, patch, device, flip=True)
+            y = model.recombine(x_b, x_ref)
+            y_copy = model.recombine(x_b, x_a)
+            errs["to_a"].append(float(((y - x_a) ** 2).mean()))
+            errs["to_b"].append(float(((y - x_b) ** 2).mean()))
+            errs["to_a_ref"].append(float(((y - x_ref) ** 2).mean()))
+            errs["copy_to_a"].append(float(((y_copy - x_a) ** 2).mean()))
+            subjects.append(str(rec.get("subject", key)))
     if not errs["to_a"]:
         return {}
     e = {k: np.asarray(v) for k, v in errs.items()}
     nearest = (e["to_a"] < e["to_b"]) & (e["to_a"] < e["to_a_ref"])
     means = {f"mse_{k}": float(v.mean()) for k, v in e.items()}
+    share = float(nearest.mean())
+    low, high = share_interval(nearest, subjects, reps=reps, seed=seed)
+    passed = bool(share > 0.5 and means["mse_to_a"] < min(means["mse_to_b"], means["mse_to_a_ref"]))
+    verdict = "passed" if passed and low > 0.5 else "failed" if not passed and high < 0.5 else "at the line"
     return {
         **means,
-        "a_nearest": float(nearest.mean()),
-        "passed": bool(nearest.mean() > 0.5 and means["mse_to_a"] < min(means["mse_to_b"], means["mse_to_a_ref"])),
-        "sessions": int(len(nearest)),
+        "a_nearest": share,
+        "a_nearest_low": low,
+        "a_nearest_high": high,
+        "passed": passed,
+        "verdict": verdict,
+        "sessions": sessions,
+        "subjects": len(set(subjects)),
+        "trials": int(len(nearest)),
     }
+
+
+def swap_verdict(swap: dict[str, Any]) -> str:
+    """The swap check in words: passed / failed, and whether its interval leaves one half out."""
+    said = "passed" if swap.get("passed") else "failed"
+    if swap.get("verdict") == "at the line":
+        return f"{said}, at the line (the interval contains 50 %)"
+    return said
+
+
+def share_interval(hits: np.ndarray, groups: list[str], reps: int = 2000, seed: int = 0) -> tuple[float, float]:
+    """Percentile 95 % interval of the share of ``hits``, resampling whole groups (subjects) with replacement."""
+    hits = np.asarray(hits, float)
+    labels, index = np.unique(np.asarray(groups), return_inverse=True)
+    sums = np.bincount(index, weights=hits, minlength=len(labels))
+    counts = np.bincount(index, minlength=len(labels)).astype(float)
+    if len(labels) < 2:
+        return float("nan"), float("nan")
+    rng = np.random.default_rng(seed)
+    pick = rng.integers(0, len(labels), size=(reps, len(labels)))
+    shares = sums[pick].sum(axis=1) / counts[pick].sum(axis=1)
+    low, high = np.percentile(shares, [2.5, 97.5])
+    return float(low), float(high)
 
 
 def _crop(store: Any, key: str, name: str, box: tuple[slice, ...], patch: int, device: str, flip: bool = False):

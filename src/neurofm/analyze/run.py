@@ -154,7 +154,10 @@ def analyze(
                     "The anatomy of scan b decoded with the contrast code of scan a taken from another crop (far away "
                     "and flipped front to back). Disentangled latents give b's anatomy in a's contrast: nearest to "
                     "x_a, not to x_b (b's own intensities) or to the crop the code came from. 'copy' uses the contrast "
-                    "code of x_a's own crop, which a contrast latent that copies its input would also pass."
+                    "code of x_a's own crop, which a contrast latent that copies its input would also pass. Each "
+                    "session gives four trials (pairs of contrasts and places drawn at random); the share of trials "
+                    "nearest to x_a has a 95 % interval from resampling subjects, and the check is 'at the line' "
+                    "when that interval contains one half."
                 ),
                 tables=[[{k: v for k, v in swap.items()}]],
             )
