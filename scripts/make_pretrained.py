@@ -62,6 +62,8 @@ def scrub(run_cfg: dict, pool_command: str) -> dict:
 
 def analysis_table(analysis: dict) -> str:
     """The card's table of what ``neurofm analyze`` measured (its ``analysis.json``)."""
+    from neurofm.analyze.latent import swap_verdict
+
     lat = analysis.get("latent", {})
 
     def latent(part: str, key: str, sub: str) -> str:
@@ -108,8 +110,9 @@ def analysis_table(analysis: dict) -> str:
         ),
         (
             "swap check: recombination nearest to the anatomy in the other contrast",
-            f"{swap.get('a_nearest', float('nan')):.2f} of {swap.get('sessions', 0)} sessions "
-            f"({'passed' if swap.get('passed') else 'failed'})",
+            f"{swap.get('a_nearest', float('nan')):.2f} [{swap.get('a_nearest_low', float('nan')):.2f}, "
+            f"{swap.get('a_nearest_high', float('nan')):.2f}] of {swap.get('trials', swap.get('sessions', 0))} trials "
+            f"in {swap.get('sessions', 0)} sessions ({swap_verdict(swap)})",
         ),
     ]
     return "| check | value |\n| --- | --- |\n" + "\n".join(f"| {k} | {v} |" for k, v in checks)
@@ -216,7 +219,19 @@ def refresh_analysis(work: Path, args: argparse.Namespace) -> None:
     print(f"rewrote {card.relative_to(ROOT)}'s analysis table and {args.name}/analysis.json")
 
 
+def swap_in(stage: Path, dest: Path) -> None:
+    """Put the finished folder ``stage`` where ``dest`` is: two renames, the old folder removed last."""
+    old = dest.with_name(f".{dest.name}.old")
+    shutil.rmtree(old, ignore_errors=True)
+    if dest.exists():
+        dest.rename(old)
+    stage.rename(dest)
+    shutil.rmtree(old, ignore_errors=True)
+
+
 def main() -> None:
+    from neurofm.utils import write_json
+
     args = parser().parse_args()
     work = args.work.resolve()
     work.mkdir(parents=True, exist_ok=True)
@@ -250,7 +265,7 @@ def main() -> None:
     minutes = (time.time() - t0) / 60
     spent = json.loads(timing.read_text()) if timing.is_file() else {"minutes": 0.0}
     args.train_minutes = spent["minutes"] + minutes
-    timing.write_text(json.dumps({"minutes": args.train_minutes}))
+    write_json(timing, {"minutes": args.train_minutes})
     threads = os.environ.get("OMP_NUM_THREADS")
     args.threads = f"OMP_NUM_THREADS={threads}" if threads else f"{os.cpu_count()} cores"
     analysis = analyze(work, run, work / "analysis", args)
@@ -259,22 +274,25 @@ def main() -> None:
 
     ck = latest_checkpoint(run)
     dest = ROOT / "src" / "neurofm" / "pretrained" / args.name
-    shutil.rmtree(dest, ignore_errors=True)
-    (dest / "checkpoints" / ck.name).mkdir(parents=True)
+    # built beside the model's folder and swapped in whole: a killed packaging leaves the old model intact
+    stage = dest.with_name(f".{args.name}.staging")
+    shutil.rmtree(stage, ignore_errors=True)
+    (stage / "checkpoints" / ck.name).mkdir(parents=True)
     run_cfg = scrub(json.loads((run / "run.json").read_text()), pool_cmd)
     for f in CARRY:
         src = ck / f
         if f == "run.json":
-            (dest / "checkpoints" / ck.name / f).write_text(
+            (stage / "checkpoints" / ck.name / f).write_text(
                 json.dumps(scrub(json.loads(src.read_text()), pool_cmd), indent=2) + "\n"
             )
         else:
-            shutil.copy(src, dest / "checkpoints" / ck.name / f)
-    (dest / "checkpoints" / "last").write_text(ck.name + "\n")
-    (dest / "run.json").write_text(json.dumps(run_cfg, indent=2) + "\n")
+            shutil.copy(src, stage / "checkpoints" / ck.name / f)
+    (stage / "checkpoints" / "last").write_text(ck.name + "\n")
+    (stage / "run.json").write_text(json.dumps(run_cfg, indent=2) + "\n")
     meta = json.loads((ck / "meta.json").read_text())
-    (dest / "MODEL_CARD.md").write_text(model_card(args.name, args, run_cfg, meta, analysis, pool_cmd))
-    (dest / "analysis.json").write_text(json.dumps(analysis, indent=2) + "\n")
+    (stage / "MODEL_CARD.md").write_text(model_card(args.name, args, run_cfg, meta, analysis, pool_cmd))
+    write_json(stage / "analysis.json", analysis)
+    swap_in(stage, dest)
     size = sum(p.stat().st_size for p in dest.rglob("*") if p.is_file()) / 1e6
     print(f"packaged {dest.relative_to(ROOT)} ({size:.1f} MB)")
 

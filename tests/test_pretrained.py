@@ -209,6 +209,24 @@ def test_a_cards_analysis_table_is_rewritten_and_nothing_else():
     assert script.card_with_analysis(card, analysis).count(old_table) == 1 and "most likely class" not in old_table
 
 
+def test_packaging_swaps_a_finished_folder_in_whole(tmp_path, monkeypatch):
+    script = _make_pretrained()
+    dest, stage = tmp_path / "model", tmp_path / ".model.staging"
+    (dest / "checkpoints").mkdir(parents=True)
+    (dest / "run.json").write_text("old")
+    (stage / "checkpoints").mkdir(parents=True)
+    (stage / "run.json").write_text("new")
+    script.swap_in(stage, dest)
+    assert (dest / "run.json").read_text() == "new" and sorted(p.name for p in tmp_path.iterdir()) == ["model"]
+    # a packaging killed between its two renames leaves only dot-folders beside the models, which nothing lists
+    import neurofm.pretrained as pretrained
+
+    (tmp_path / ".model.old").mkdir()
+    (tmp_path / ".model.old" / "run.json").write_text("old")
+    monkeypatch.setattr(pretrained, "ROOT", tmp_path)
+    assert pretrained.shipped() == ["model"]
+
+
 @pytest.mark.parametrize("name", [n for n in SHIPPED if CARD.get(n, ("",))[0].startswith("scripts/make_pretrained")])
 def test_a_model_cards_command_remakes_its_recipe(name):
     """The command on the card, parsed as the script parses it, asks for the recipe the weights were trained with."""

@@ -14,7 +14,9 @@ ROOT = Path(__file__).parent
 
 def shipped() -> list[str]:
     """Names of the pretrained models in the package."""
-    return sorted(p.name for p in ROOT.iterdir() if p.is_dir() and (p / "run.json").is_file())
+    return sorted(
+        p.name for p in ROOT.iterdir() if p.is_dir() and not p.name.startswith(".") and (p / "run.json").is_file()
+    )
 
 
 def shipped_path(name: str) -> Path | None:
