@@ -320,7 +320,7 @@ def swap_verdict(swap: dict[str, Any]) -> str:
     """The swap check in words: passed / failed, and whether its interval leaves one half out."""
     said = "passed" if swap.get("passed") else "failed"
     if swap.get("verdict") == "at the line":
-        return f"{said}, at the line (the interval contains 50 %)"
+        return f"{said}, at the line: the interval contains 50 %"
     return said
 
 
