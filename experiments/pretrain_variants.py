@@ -233,6 +233,14 @@ VARIANTS = {
         "model.kwargs.anatomy_code=onehot",
         "objective.w_contrast_nce=3.0",
     ],
+    # ... or kept soft with its logits standardised at every position (model.kwargs.anatomy_logit_norm): the soft
+    # code's confidence, where the contrast hid, is then set by the temperature, while the code stays soft (the hard
+    # code lost the anatomy agreement)
+    "global-film-categorical-calamiti-cmeans100-clean-cnce3-lnorm": [
+        *CMEANS,
+        "objective.w_contrast_nce=3.0",
+        "model.kwargs.anatomy_logit_norm=true",
+    ],
     "global-film-categorical-calamiti-fisher-clean": [
         *GLOBAL,
         "model.kwargs.contrast_injection=film",

@@ -546,6 +546,31 @@ def test_onehot_anatomy_code_is_the_most_likely_class_with_the_softmax_gradient(
     assert last < 0.8 * first
 
 
+def test_normalised_anatomy_logits_leave_the_codes_confidence_to_the_temperature():
+    torch.manual_seed(0)
+    model = DualLatentUNet(features=(4, 8, 16), latent=5, anatomy_code="categorical", anatomy_logit_norm=True)
+    assert model.config["anatomy_logit_norm"] is True and "anatomy_logit_norm" not in DualLatentUNet().config
+    x = torch.randn(2, 1, 16, 16, 16)
+    lat = model.forward_features(x).latents
+    logits = lat["logits_s"]  # standardised over the classes at every position
+    assert torch.allclose(logits.mean(1), torch.zeros_like(logits[:, 0]), atol=1e-5)
+    assert torch.allclose(logits.var(1, unbiased=False), torch.ones_like(logits[:, 0]), atol=1e-3)
+    assert torch.allclose(lat["mu_s"], torch.softmax(logits / model.anatomy_temperature, dim=1), atol=1e-6)
+    # a head that says the same thing more loudly gives the same code; without the switch it does not
+    plain = DualLatentUNet(features=(4, 8, 16), latent=5, anatomy_code="categorical")
+    plain.load_state_dict(model.state_dict())
+    before = plain.forward_features(x).latents["mu_s"]
+    with torch.no_grad():
+        for m in (model, plain):
+            m.subject_head.weight.mul_(3.0), m.subject_head.bias.mul_(3.0)
+    assert (model.forward_features(x).latents["mu_s"] - lat["mu_s"]).abs().max() < 2e-3  # layer_norm's eps
+    assert (plain.forward_features(x).latents["mu_s"] - before).abs().max() > 0.05
+    with pytest.raises(ConfigError, match="anatomy_logit_norm"):
+        DualLatentUNet(anatomy_logit_norm=True)
+    first, last = _train(model, Fomo25Loss(Fomo25Config()), _pair_batch(), "rec", 40)
+    assert last < 0.8 * first
+
+
 def test_film_model_trains_under_the_reference_swap_and_every_decoder_stage_reads_the_code():
     torch.manual_seed(0)
     model = DualLatentUNet(features=(4, 8, 16), latent=5, contrast_code="global", contrast_injection="film")

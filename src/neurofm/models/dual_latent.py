@@ -145,6 +145,10 @@ class DualLatentUNet(Backbone):
             (a softmax over ``latent`` classes per position; see the module docstring) or ``onehot`` (its most
             likely class, the softmax's gradient passed straight through).
         anatomy_temperature: the categorical code's softmax temperature.
+        anatomy_logit_norm: standardise each position's class logits (zero mean, unit variance over the
+            classes, no learnt scale) before the softmax, so that the code's overall confidence is set by the
+            temperature and cannot follow the input's contrast; which classes a position favours, and by how
+            much relative to each other, is still the encoder's.
     """
 
     stem_keys = ("encoder.stages.0.0.convs.0.conv.weight", "encoder.stages.0.0.convs.0.all_modules.0.weight")
@@ -165,6 +169,7 @@ class DualLatentUNet(Backbone):
         anatomy_outputs: int = 0,
         anatomy_code: str = "gaussian",
         anatomy_temperature: float = 0.5,
+        anatomy_logit_norm: bool = False,
     ):
         super().__init__()
         features = tuple(int(f) for f in features)
@@ -179,6 +184,8 @@ class DualLatentUNet(Backbone):
             )
         if anatomy_code not in ("gaussian", "categorical", "onehot"):
             raise ConfigError(f"anatomy_code should be gaussian, categorical or onehot, got {anatomy_code!r}")
+        if anatomy_logit_norm and anatomy_code == "gaussian":
+            raise ConfigError("anatomy_logit_norm needs a categorical or onehot anatomy_code")
         if not anatomy_temperature > 0:
             raise ConfigError(f"anatomy_temperature should be > 0, got {anatomy_temperature}")
         if len(features) < 2 or min(features) < 1:
@@ -205,6 +212,9 @@ class DualLatentUNet(Backbone):
             self.config["contrast_injection"] = contrast_injection
         if anatomy_code != "gaussian":
             self.config.update(anatomy_code=anatomy_code, anatomy_temperature=anatomy_temperature)
+        if anatomy_logit_norm:
+            self.config["anatomy_logit_norm"] = True
+        self.anatomy_logit_norm = bool(anatomy_logit_norm)
         self.categorical_anatomy = anatomy_code in ("categorical", "onehot")
         self.hard_anatomy = anatomy_code == "onehot"
         self.anatomy_temperature = anatomy_temperature
@@ -296,6 +306,8 @@ class DualLatentUNet(Backbone):
         mu_c, logvar_c = self.contrast_head(pooled).chunk(2, dim=1)  # global: (B, latent, 1, 1, 1)
         feats.latents = {"mu_c": mu_c, "logvar_c": logvar_c.clamp(*LOGVAR_RANGE)}
         if self.categorical_anatomy:  # class probabilities; the objective samples from the logits
+            if self.anatomy_logit_norm:  # over the class axis, without a learnt scale
+                mu_s = F.layer_norm(mu_s.movedim(1, -1), (mu_s.shape[1],)).movedim(-1, 1)
             probs = F.softmax(mu_s / self.anatomy_temperature, dim=1)
             if self.hard_anatomy:  # the most likely class, with the softmax's gradient (straight through)
                 hard = F.one_hot(probs.argmax(1), probs.shape[1]).movedim(-1, 1).to(probs.dtype)
