@@ -70,6 +70,11 @@ def analysis_table(analysis: dict) -> str:
         v = lat.get(part, {}).get(key, {}).get(sub)
         return "n/a" if v is None else f"{v:.3f}"
 
+    def probe(part: str) -> str:
+        p = lat.get(part, {}).get("contrast_probe", {})
+        interval = f" [{p['accuracy_low']:.3f}, {p['accuracy_high']:.3f}]" if "accuracy_low" in p else ""
+        return f"{latent(part, 'contrast_probe', 'accuracy')}{interval} ({latent(part, 'contrast_probe', 'chance')})"
+
     def confused(part: str) -> str:
         m = lat.get(part, {}).get("contrast_probe", {}).get("most_confused") or {}
         return f"{'/'.join(m['pair'])}, {m['errors']} errors ({m['share']:.0%})" if m.get("pair") else "n/a"
@@ -83,11 +88,11 @@ def analysis_table(analysis: dict) -> str:
         ("anatomy latent, within minus across", latent("anatomy", "similarity", "difference")),
         (
             "contrast probe from the anatomy latent (chance)",
-            f"{latent('anatomy', 'contrast_probe', 'accuracy')} ({latent('anatomy', 'contrast_probe', 'chance')})",
+            probe("anatomy"),
         ),
         (
             "contrast probe from the contrast latent (chance)",
-            f"{latent('contrast', 'contrast_probe', 'accuracy')} ({latent('contrast', 'contrast_probe', 'chance')})",
+            probe("contrast"),
         ),
         ("contrast probe from the contrast latent, most confused pair", confused("contrast")),
     ]
@@ -99,8 +104,7 @@ def analysis_table(analysis: dict) -> str:
             ),
             (
                 "contrast probe from the anatomy latent's most likely class (chance)",
-                f"{latent('anatomy_mode', 'contrast_probe', 'accuracy')} "
-                f"({latent('anatomy_mode', 'contrast_probe', 'chance')})",
+                probe("anatomy_mode"),
             ),
         ]
     checks += [

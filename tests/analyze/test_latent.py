@@ -96,6 +96,9 @@ def test_probes_find_contrast_only_in_the_contrast_latent():
     assert from_contrast["accuracy"] == 1.0
     assert from_contrast["chance"] == pytest.approx(1 / 3)
     assert from_anatomy["accuracy"] < 0.6  # near chance: anatomy carries no contrast information here
+    # the accuracy's interval over subjects: none around a perfect probe, and one holding the near-chance value
+    assert from_contrast["accuracy_low"] == from_contrast["accuracy_high"] == 1.0
+    assert from_anatomy["accuracy_low"] < from_anatomy["accuracy"] < from_anatomy["accuracy_high"]
     res = latent_analysis(df)
     table = summary_table(res)
     assert [r["latent"] for r in table] == ["anatomy", "contrast"]

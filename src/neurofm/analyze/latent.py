@@ -99,7 +99,9 @@ def contrast_probe(df: pd.DataFrame, column: str, folds: int = 5, seed: int = 0)
     """Cross-validated accuracy of a linear probe predicting the contrast from ``column``.
 
     Folds are grouped by subject, so the probe is always tested on subjects it never saw; with scans
-    of fewer than two subjects there is no such split and the result is empty.
+    of fewer than two subjects there is no such split and the result is empty. ``accuracy_low`` /
+    ``accuracy_high`` is a 95 % interval of the accuracy from resampling subjects' held-out predictions
+    (the test scans' spread; the folds' refits are not redone).
     """
     from sklearn.linear_model import LogisticRegression
     from sklearn.model_selection import GroupKFold, cross_val_predict
@@ -118,8 +120,11 @@ def contrast_probe(df: pd.DataFrame, column: str, folds: int = 5, seed: int = 0)
     index = {v: i for i, v in enumerate(values)}
     confusion = np.zeros((len(values), len(values)), int)  # rows: true contrast, columns: predicted
     np.add.at(confusion, ([index[v] for v in y], [index[v] for v in pred]), 1)
+    low, high = share_interval(pred == y, [str(g) for g in groups], seed=seed)
     return {
         "accuracy": float((pred == y).mean()),
+        "accuracy_low": low,
+        "accuracy_high": high,
         "chance": float(counts.max() / counts.sum()),
         "classes": [str(v) for v in values],
         "confusion": confusion.tolist(),
