@@ -102,7 +102,7 @@ def test_probes_find_contrast_only_in_the_contrast_latent():
     res = latent_analysis(df)
     table = summary_table(res)
     assert [r["latent"] for r in table] == ["anatomy", "contrast"]
-    assert table[1]["contrast probe accuracy"] == 1.0
+    assert table[1]["contrast probe accuracy"] == 1.0 and table[1]["probe accuracy, 95 % interval"] == "[1.000, 1.000]"
     assert table[0]["contrast gap (0 same, 2 unrelated)"] < 0.1 < 1.0 < table[1]["contrast gap (0 same, 2 unrelated)"]
 
 

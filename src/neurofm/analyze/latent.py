@@ -202,6 +202,8 @@ def latent_analysis(df: pd.DataFrame, seed: int = 0, reference: pd.DataFrame | N
 GAP_COLUMN = "contrast gap (0 same, 2 unrelated)"
 CONFUSED_COLUMN = "most confused contrasts"
 INTENSITY_ROW = "(reference) intensity histogram"
+#: the probe accuracy's 95 % interval over subjects, as the report prints it
+INTERVAL_COLUMN = "probe accuracy, 95 % interval"
 #: the row of a soft categorical anatomy code read by its most likely class at each position
 MODE_ROW = "anatomy, most likely class"
 
@@ -220,6 +222,9 @@ def summary_table(result: dict[str, Any]) -> list[dict[str, Any]]:
                 "cosine within subject": sim.get("within"),
                 "cosine across subjects": sim.get("across"),
                 "contrast probe accuracy": probe.get("accuracy"),
+                INTERVAL_COLUMN: (
+                    f"[{probe['accuracy_low']:.3f}, {probe['accuracy_high']:.3f}]" if "accuracy_low" in probe else None
+                ),
                 "chance": probe.get("chance"),
                 CONFUSED_COLUMN: _confused_text(probe.get("most_confused")),
                 GAP_COLUMN: gap.get("gap"),
