@@ -62,7 +62,7 @@ def scrub(run_cfg: dict, pool_command: str) -> dict:
 
 def analysis_table(analysis: dict) -> str:
     """The card's table of what ``neurofm analyze`` measured (its ``analysis.json``)."""
-    from neurofm.analyze.latent import swap_verdict
+    from neurofm.analyze.latent import probe_interval, swap_verdict
 
     lat = analysis.get("latent", {})
 
@@ -71,8 +71,8 @@ def analysis_table(analysis: dict) -> str:
         return "n/a" if v is None else f"{v:.3f}"
 
     def probe(part: str) -> str:
-        p = lat.get(part, {}).get("contrast_probe", {})
-        interval = f" [{p['accuracy_low']:.3f}, {p['accuracy_high']:.3f}]" if "accuracy_low" in p else ""
+        interval = probe_interval(lat.get(part, {}).get("contrast_probe", {}))
+        interval = f" {interval}" if interval else ""
         return f"{latent(part, 'contrast_probe', 'accuracy')}{interval} ({latent(part, 'contrast_probe', 'chance')})"
 
     def confused(part: str) -> str:

@@ -222,15 +222,20 @@ def summary_table(result: dict[str, Any]) -> list[dict[str, Any]]:
                 "cosine within subject": sim.get("within"),
                 "cosine across subjects": sim.get("across"),
                 "contrast probe accuracy": probe.get("accuracy"),
-                INTERVAL_COLUMN: (
-                    f"[{probe['accuracy_low']:.3f}, {probe['accuracy_high']:.3f}]" if "accuracy_low" in probe else None
-                ),
+                INTERVAL_COLUMN: probe_interval(probe),
                 "chance": probe.get("chance"),
                 CONFUSED_COLUMN: _confused_text(probe.get("most_confused")),
                 GAP_COLUMN: gap.get("gap"),
             }
         )
     return rows
+
+
+def probe_interval(probe: dict[str, Any]) -> str | None:
+    """A probe's accuracy interval as printed in reports and model cards, ``[low, high]``; None without one."""
+    if "accuracy_low" not in probe:
+        return None
+    return f"[{probe['accuracy_low']:.3f}, {probe['accuracy_high']:.3f}]"
 
 
 def _confused_text(m: dict[str, Any] | None) -> str | None:
@@ -287,6 +292,7 @@ def swap_check(
         if len(names) < 2:
             continue
         sessions += 1
+        subject = str(rec.get("subject", key))
         shape = tuple(rec["shape"])
         for _ in range(draws):
             a, b = rng.choice(names, size=2, replace=False)
@@ -303,7 +309,7 @@ def swap_check(
             errs["to_b"].append(float(((y - x_b) ** 2).mean()))
             errs["to_a_ref"].append(float(((y - x_ref) ** 2).mean()))
             errs["copy_to_a"].append(float(((y_copy - x_a) ** 2).mean()))
-            subjects.append(str(rec.get("subject", key)))
+            subjects.append(subject)
     if not errs["to_a"]:
         return {}
     e = {k: np.asarray(v) for k, v in errs.items()}
@@ -336,12 +342,11 @@ def swap_verdict(swap: dict[str, Any]) -> str:
 
 def share_interval(hits: np.ndarray, groups: list[str], reps: int = 2000, seed: int = 0) -> tuple[float, float]:
     """Percentile 95 % interval of the share of ``hits``, resampling whole groups (subjects) with replacement."""
-    hits = np.asarray(hits, float)
     labels, index = np.unique(np.asarray(groups), return_inverse=True)
-    sums = np.bincount(index, weights=hits, minlength=len(labels))
-    counts = np.bincount(index, minlength=len(labels)).astype(float)
     if len(labels) < 2:
         return float("nan"), float("nan")
+    sums = np.bincount(index, weights=np.asarray(hits, float), minlength=len(labels))
+    counts = np.bincount(index, minlength=len(labels)).astype(float)
     rng = np.random.default_rng(seed)
     pick = rng.integers(0, len(labels), size=(reps, len(labels)))
     shares = sums[pick].sum(axis=1) / counts[pick].sum(axis=1)
