@@ -2,12 +2,13 @@
 
 The same arms and settings as ``neurofm demo`` (``neurofm.demo.finetune_config``: the pretrained model
 read as the demo reads it, scratch, a frozen random encoder and the constant predictor), paired on the
-same few-shot draws, seeds 0 .. N-1. Pointed at a demo's ``finetune`` folder, it reuses the demo's finished
-runs (their settings are compared first) and adds the missing seeds.
+same few-shot draws, seeds F .. F+N-1 (``--first-seed`` F, default 0). Pointed at a demo's ``finetune`` folder,
+it reuses the demo's finished runs (their settings are compared first) and adds the missing seeds.
 
     python experiments/demo_seeds.py --data DEMO/store --out DEMO/finetune --tasks reg --seeds 10
     python experiments/demo_seeds.py --pretrained fomo25-tiny-synth --data STORE --out DIR --tasks cls --seeds 10
     python experiments/demo_seeds.py --data STORE --out DIR --tasks seg --shots seg=2 --seeds 10
+    python experiments/demo_seeds.py --data STORE --out DIR --tasks seg --first-seed 10 --seeds 10  # seeds 10-19
 
 Writes ``DIR/results-<tasks>-<seeds>[-shots-<shots>].json``: one row per task and arm (value, interval,
 paired difference from scratch, per-seed values) and the command.
@@ -30,16 +31,18 @@ def main() -> None:
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--tasks", nargs="+", default=["seg", "cls", "reg"], choices=["seg", "cls", "reg"])
     ap.add_argument("--seeds", type=int, default=10)
+    ap.add_argument("--first-seed", type=int, default=0, help="the first seed (10: a replication on fresh seeds)")
     ap.add_argument("--shots", help="labelled subjects per task as the demo takes them, e.g. seg=2 (default: demo's)")
     args = ap.parse_args()
     tasks = [(t, target) for t, target in DemoConfig().tasks if t in args.tasks]
-    demo = DemoConfig(pretrained=args.pretrained, seeds=args.seeds, tasks=tasks)
+    demo = DemoConfig(pretrained=args.pretrained, seeds=args.seeds, tasks=tasks, seed=args.first_seed)
     if args.shots:
         demo.shots = parse_shots(args.shots, demo.shots)
     rows = finetune_rows(demo, args.pretrained, args.data, args.out, progress=False)
     print(score_text(rows))
     shots = f"-shots-{args.shots.replace('=', '').replace(',', '-')}" if args.shots else ""
-    name = f"results-{'-'.join(args.tasks)}-{args.seeds}{shots}.json"
+    first = f"-from-{args.first_seed}" if args.first_seed else ""
+    name = f"results-{'-'.join(args.tasks)}-{args.seeds}{first}{shots}.json"
     write_json(args.out / name, {"command": " ".join(["python", *sys.argv]), "rows": to_jsonable(rows)})
 
 

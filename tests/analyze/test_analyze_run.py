@@ -1,8 +1,10 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import pytest
+import torch
 
 from neurofm.analyze.run import AnalyzeConfig, analyze, spread_sessions
 from neurofm.store import Store
@@ -73,7 +75,6 @@ def test_session_budget_spans_subjects_before_repeating_one(tiny_store):
 
 
 def test_a_finished_arm_is_reused_only_with_the_settings_it_was_made_with(tmp_path):
-    from dataclasses import replace
 
     from neurofm.analyze.experiments import arm_rows, stale_settings
     from neurofm.errors import ConfigError
@@ -85,7 +86,7 @@ def test_a_finished_arm_is_reused_only_with_the_settings_it_was_made_with(tmp_pa
     folder.mkdir()
     # what the run drew, and which code made it
     drawn = {"train_subjects": ["sub-002", "sub-007"], "test_subjects": ["sub-001"]}
-    record = cfg.save(folder / "run.json", split=drawn, code=code_fingerprint())
+    record = cfg.save(folder / "run.json", split=drawn, code=code_fingerprint(), threads=torch.get_num_threads())
     (folder / "summary.json").write_text("{}")
     assert stale_settings(folder, cfg) == []
     # the drawn subjects are not the setting that fixes them: a run asked for exactly those is another run
@@ -108,6 +109,17 @@ def test_a_finished_arm_is_reused_only_with_the_settings_it_was_made_with(tmp_pa
         assert stale_settings(folder, cfg) == ["code"]
     with pytest.raises(ConfigError, match="made by other neurofm code"):
         arm_rows(tmp_path, folder, cfg)
+    # ... nor on another number of CPU threads (sums round otherwise): the message says how to reuse it
+    other = torch.get_num_threads() + 1
+    (folder / "run.json").write_text(json.dumps({**record, "threads": other}))
+    assert stale_settings(folder, cfg) == ["threads"]
+    with pytest.raises(ConfigError, match=f"made on {other} CPU threads.*OMP_NUM_THREADS={other} reuses it"):
+        arm_rows(tmp_path, folder, cfg)
+    del record["threads"]  # written before runs recorded them
+    (folder / "run.json").write_text(json.dumps(record))
+    with pytest.raises(ConfigError, match="does not record them"):
+        arm_rows(tmp_path, folder, cfg)
+    assert (folder / "summary.json").is_file()
 
 
 def test_the_code_fingerprint_follows_the_source(tmp_path, monkeypatch):
@@ -135,3 +147,23 @@ def test_the_code_fingerprint_follows_the_source(tmp_path, monkeypatch):
     (package / "sub" / "a.py").rename(package / "sub" / "b.py")  # a moved module is other code
     assert fingerprint() != first
     utils.code_fingerprint.cache_clear()
+
+
+@pytest.mark.slow
+def test_a_study_names_each_run_by_its_seed_and_a_later_first_seed_reuses_it(tiny_store, tmp_path):
+    # a replication from seed 6 must find seed 6's run, and never take seed 0's folder for its own
+    from neurofm.analyze.experiments import Arm, paired_study
+    from neurofm.train.config import FinetuneConfig
+
+    base = FinetuneConfig(
+        task="reg", target="age", contrasts=["T1w"], shots=4, seed=5, patch=32, num_workers=0, tta=False
+    )
+    arms = [Arm("random linear", "random", "linear"), Arm("constant", "constant", "")]
+    rows = paired_study(tiny_store, tmp_path, base, arms, 2, "reg-age", reference="constant")
+    runs = sorted(p.name for p in tmp_path.iterdir() if p.is_dir())
+    assert runs == ["reg-age-random-linear-seed5", "reg-age-random-linear-seed6"]
+    assert [r["init"] for r in rows] == ["random linear", "constant"] and len(rows[0]["per_seed"]) == 2
+    made = {p: (p / "summary.json").stat().st_mtime_ns for p in tmp_path.iterdir()}
+    later = paired_study(tiny_store, tmp_path, replace(base, seed=6), arms, 1, "reg-age", reference="constant")
+    assert later[0]["per_seed"] == rows[0]["per_seed"][1:]  # seed 6 read back, not trained again
+    assert {p: (p / "summary.json").stat().st_mtime_ns for p in tmp_path.iterdir()} == made

@@ -232,14 +232,16 @@ def test_kill_9_then_resume_continues_from_the_last_checkpoint(tiny_store, tmp_p
     assert saved_step == int(ck.name.split("-")[1])
     cap = _Capture()
     target = saved_step + 6
-    first_code = json.loads((run / "run.json").read_text())["code"]
+    first = json.loads((run / "run.json").read_text())
+    first_code = first["code"]
     # resumed by other code (as after a git pull): run.json names the new code and keeps the old one's steps
     monkeypatch.setattr("neurofm.tasks.pretrain.code_fingerprint", lambda: "other-code")
     pretrain(None, run, resume=True, overrides=[f"trainer.max_steps={target}"], progress=False, callbacks=[cap])
     assert cap.start_step == saved_step
     record = json.loads((run / "run.json").read_text())
     assert record["code"] == "other-code"
-    assert record["code_history"] == [{"code": first_code, "until_step": saved_step}]
+    assert record["code_history"] == [{"code": first_code, "threads": first["threads"], "until_step": saved_step}]
+    assert record["threads"] == torch.get_num_threads()
     want = saved["optimizer_states"][0]["state"]
     assert set(cap.optimizer_state) == set(want)
     for k, v in want.items():

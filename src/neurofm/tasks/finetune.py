@@ -261,6 +261,7 @@ def train_fold(
         pretrained=src,
         split={"train_subjects": _subjects(train), "test_subjects": _subjects(test)},  # what the run drew
         code=code_fingerprint(),
+        threads=torch.get_num_threads(),  # CPU float sums differ with the thread count: part of what made the numbers
     )
     if closed:
         return _closed_probe(data, fold_dir, cfg, cs, train, test, model, info, run_cfg, transfer)

@@ -103,8 +103,9 @@ def pretrain(
 
     With ``resume=True`` the run's saved config is used (``overrides`` may still extend it,
     e.g. ``trainer.max_steps``) and training continues from the newest complete checkpoint.
-    ``run.json`` records the code that trains (``code``, :func:`~neurofm.utils.code_fingerprint`); a run
-    resumed under other code keeps each earlier hash in ``code_history`` with the step it had reached.
+    ``run.json`` records the code that trains (``code``, :func:`~neurofm.utils.code_fingerprint`) and its
+    number of CPU threads (``threads``); a run resumed under other code or on other threads keeps each earlier
+    pair in ``code_history`` with the step it had reached.
     """
     run = Path(out)
     ckpt_path = None
@@ -115,13 +116,16 @@ def pretrain(
         saved = read_json(run / "run.json")
         saved.pop("neurofm_version", None)
         before = saved.pop("code", None)
+        before_threads = saved.pop("threads", None)
         code_history = list(saved.pop("code_history", []))
         cfg = Recipe.resolve(overrides=overrides, base=saved)
         data = data or saved["extra"]["store"]
         ck = latest_checkpoint(run)
         ckpt_path = str(ck / STATE) if ck is not None else None
-        if before != code_fingerprint():  # the steps so far were made by other code: say which, and up to where
-            code_history.append({"code": before, "until_step": checkpoint_step(ck) if ck is not None else 0})
+        if before != code_fingerprint() or before_threads != torch.get_num_threads():
+            # the steps so far were made by other code or on another number of CPU threads: say which, and up to where
+            step = checkpoint_step(ck) if ck is not None else 0
+            code_history.append({"code": before, "threads": before_threads, "until_step": step})
     else:
         if (run / "run.json").is_file() and latest_checkpoint(run) is not None:
             raise NeurofmError(f"{run} already holds a run; use --resume to continue it, or another --out")
@@ -138,7 +142,13 @@ def pretrain(
         lock.acquire()
     try:
         history = {"code_history": code_history} if code_history else {}
-        run_dict = cfg.save(run / "run.json", neurofm_version=__version__, code=code_fingerprint(), **history)
+        run_dict = cfg.save(
+            run / "run.json",
+            neurofm_version=__version__,
+            code=code_fingerprint(),
+            threads=torch.get_num_threads(),
+            **history,
+        )
         module = PretrainModule(cfg)
         saver = RunCheckpoint(run, run_dict, cfg.trainer.checkpoint_every, cfg.trainer.keep_checkpoints)
         preempt = Preemption(saver)
