@@ -3,6 +3,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
 
 @pytest.mark.slow
@@ -32,6 +33,8 @@ def test_demo_end_to_end_tiny(tmp_path, run_cli):
     demo = {p.name for p in (tmp_path / "demo" / "bids").glob("sub-*")}
     assert len(pool) == 3 and len(demo) == 6 and not pool & demo
     summary = json.loads((tmp_path / "demo" / "demo.json").read_text())
+    assert summary["threads"] == torch.get_num_threads()  # the values repeat at this count
+    assert f"Trained on {torch.get_num_threads()} CPU threads" in html
     arms = {(r["task"], r["init"]) for r in summary["scores"]}
     assert arms == {
         ("seg", "pretrained full"),

@@ -85,6 +85,8 @@ def _check(cfg: DemoConfig) -> None:
 
 def run_demo(out: str | Path = "neurofm-demo", cfg: DemoConfig | None = None) -> Path:
     """Run every stage (see module docstring); returns the path of the HTML report."""
+    import torch
+
     from neurofm.analyze import figures
     from neurofm.analyze.embed import embed_store
     from neurofm.analyze.latent import intensity_histograms, latent_analysis, summary_table, swap_check
@@ -199,7 +201,9 @@ def run_demo(out: str | Path = "neurofm-demo", cfg: DemoConfig | None = None) ->
             "each a few-shot draw and an initialisation shared by all arms; values are means over seeds, differences "
             "are paired (same cases, same seed) against scratch; 95 % intervals from a bootstrap over seeds and cases. "
             "Floors: a frozen randomly initialised encoder with the same head, and the constant predictor "
-            "(training mean, class frequencies, or background everywhere).",
+            "(training mean, class frequencies, or background everywhere). "
+            f"Trained on {torch.get_num_threads()} CPU threads: the values repeat to the last digit at that count, "
+            "not at another (OMP_NUM_THREADS sets it).",
             images=["figures/scores.png", "figures/differences.png"],
             tables=[scores],
         ),
@@ -209,7 +213,16 @@ def run_demo(out: str | Path = "neurofm-demo", cfg: DemoConfig | None = None) ->
         out / "report.html", "neurofm demo", sections, intro="The embedded default, end to end, offline, on a CPU."
     )
     write_json(
-        out / "demo.json", to_jsonable({"scores": rows, "latent": drop_values(lat), "swap": swap, "times": times})
+        out / "demo.json",
+        to_jsonable(
+            {
+                "scores": rows,
+                "latent": drop_values(lat),
+                "swap": swap,
+                "times": times,
+                "threads": torch.get_num_threads(),
+            }
+        ),
     )
     console.rule("done")
     console.print(f"total {times['total'] / 60:.1f} min")
