@@ -3,8 +3,6 @@
 
 VENV ?= .venv
 BIN := $(VENV)/bin
-# pytest-xdist workers for `make test` (one CPU thread each, tests/conftest.py); 0 runs the tests in one process
-TEST_WORKERS ?= 2
 
 setup:
 	@bash scripts/setup.sh
@@ -14,7 +12,7 @@ demo: setup
 
 test: setup
 	$(BIN)/ruff check src tests benchmarks scripts experiments
-	$(BIN)/python -m pytest -q --durations=15 -n $(TEST_WORKERS) --dist worksteal $(ARGS)
+	$(BIN)/python -m pytest -q --durations=15 $(ARGS)
 
 test-fast: setup
 	$(BIN)/python -m pytest -q -m "not slow" $(ARGS)
