@@ -9,9 +9,7 @@ from pathlib import Path
 import nibabel as nib
 import pytest
 
-# One CPU thread per pytest-xdist worker (`make test` runs two): two workers of two threads each on a 2-core
-# machine would fight over the cores. A run without xdist keeps two. Set before torch is imported.
-os.environ.setdefault("OMP_NUM_THREADS", "1" if os.environ.get("PYTEST_XDIST_WORKER") else "2")
+os.environ.setdefault("OMP_NUM_THREADS", "2")
 
 ANATOMICAL = Path(nib.__file__).parent / "tests" / "data" / "anatomical.nii"
 
