@@ -149,21 +149,28 @@ def test_the_code_fingerprint_follows_the_source(tmp_path, monkeypatch):
     utils.code_fingerprint.cache_clear()
 
 
-@pytest.mark.slow
-def test_a_study_names_each_run_by_its_seed_and_a_later_first_seed_reuses_it(tiny_store, tmp_path):
-    # a replication from seed 6 must find seed 6's run, and never take seed 0's folder for its own
+def test_a_study_names_each_run_by_its_seed_and_a_later_first_seed_reuses_it(tmp_path):
+    # a replication from seed 6 must find seed 6's finished run, and never take seed 0's folder for its own
     from neurofm.analyze.experiments import Arm, paired_study
+    from neurofm.evaluate.scoring import write_predictions
     from neurofm.train.config import FinetuneConfig
+    from neurofm.utils import code_fingerprint
 
-    base = FinetuneConfig(
-        task="reg", target="age", contrasts=["T1w"], shots=4, seed=5, patch=32, num_workers=0, tta=False
-    )
-    arms = [Arm("random linear", "random", "linear"), Arm("constant", "constant", "")]
-    rows = paired_study(tiny_store, tmp_path, base, arms, 2, "reg-age", reference="constant")
-    runs = sorted(p.name for p in tmp_path.iterdir() if p.is_dir())
-    assert runs == ["reg-age-random-linear-seed5", "reg-age-random-linear-seed6"]
-    assert [r["init"] for r in rows] == ["random linear", "constant"] and len(rows[0]["per_seed"]) == 2
-    made = {p: (p / "summary.json").stat().st_mtime_ns for p in tmp_path.iterdir()}
-    later = paired_study(tiny_store, tmp_path, replace(base, seed=6), arms, 1, "reg-age", reference="constant")
-    assert later[0]["per_seed"] == rows[0]["per_seed"][1:]  # seed 6 read back, not trained again
-    assert {p: (p / "summary.json").stat().st_mtime_ns for p in tmp_path.iterdir()} == made
+    base = FinetuneConfig(task="reg", target="age", source="scratch", shots=4, seed=5)
+    arms = [Arm("scratch", "scratch")]
+    for seed, error in ((5, 2.0), (6, 3.0), (0, 9.0)):  # finished runs, as this code on this thread count made them
+        run = tmp_path / f"reg-age-scratch-seed{seed}"
+        run.mkdir()
+        replace(base, seed=seed, bootstrap=50).save(
+            run / "run.json", code=code_fingerprint(), threads=torch.get_num_threads()
+        )
+        cases = [
+            {"fold": 0, "key": f"sub-{i}_ses-1", "subject": f"sub-{i}", "site": "site-0", "target": 50.0 + i}
+            for i in range(4)
+        ]
+        write_predictions(run / "predictions.csv", [{**c, "prediction": c["target"] + error} for c in cases])
+        (run / "summary.json").write_text("{}")
+    rows = paired_study(tmp_path, tmp_path, base, arms, 2, "reg-age")  # seeds 5 and 6, read back, none trained
+    assert rows[0]["per_seed"] == [2.0, 3.0]
+    later = paired_study(tmp_path, tmp_path, replace(base, seed=6), arms, 1, "reg-age")
+    assert later[0]["per_seed"] == [3.0]
