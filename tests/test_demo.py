@@ -34,7 +34,9 @@ def test_demo_end_to_end_tiny(tmp_path, run_cli):
     assert len(pool) == 3 and len(demo) == 6 and not pool & demo
     summary = json.loads((tmp_path / "demo" / "demo.json").read_text())
     assert summary["threads"] == torch.get_num_threads()  # the values repeat at this count
-    assert f"Trained on {torch.get_num_threads()} CPU threads" in html
+    assert f"Trained on {torch.get_num_threads()} CPU threads of " in html
+    assert summary["machine"]["cpu_capability"] == torch.backends.cpu.get_cpu_capability()
+    assert f"({summary['machine']['cpu_capability']} kernels" in html
     arms = {(r["task"], r["init"]) for r in summary["scores"]}
     assert arms == {
         ("seg", "pretrained full"),

@@ -98,7 +98,7 @@ def run_demo(out: str | Path = "neurofm-demo", cfg: DemoConfig | None = None) ->
     from neurofm.preprocess import PrepareConfig, prepare
     from neurofm.store import Store
     from neurofm.synth.montage import montage
-    from neurofm.utils import to_jsonable, write_json
+    from neurofm.utils import machine, to_jsonable, write_json
 
     cfg = cfg or DemoConfig()
     _check(cfg)
@@ -202,8 +202,9 @@ def run_demo(out: str | Path = "neurofm-demo", cfg: DemoConfig | None = None) ->
             "are paired (same cases, same seed) against scratch; 95 % intervals from a bootstrap over seeds and cases. "
             "Floors: a frozen randomly initialised encoder with the same head, and the constant predictor "
             "(training mean, class frequencies, or background everywhere). "
-            f"Trained on {torch.get_num_threads()} CPU threads: the values repeat to the last digit at that count, "
-            "not at another (OMP_NUM_THREADS sets it).",
+            f"Trained on {torch.get_num_threads()} CPU threads of {_machine_text()}: the values repeat to the last "
+            "digit on this machine at that count, not at another count (OMP_NUM_THREADS sets it) and not always on "
+            "another processor.",
             images=["figures/scores.png", "figures/differences.png"],
             tables=[scores],
         ),
@@ -221,6 +222,7 @@ def run_demo(out: str | Path = "neurofm-demo", cfg: DemoConfig | None = None) ->
                 "swap": swap,
                 "times": times,
                 "threads": torch.get_num_threads(),
+                "machine": machine(),
             }
         ),
     )
@@ -228,6 +230,14 @@ def run_demo(out: str | Path = "neurofm-demo", cfg: DemoConfig | None = None) ->
     console.print(f"total {times['total'] / 60:.1f} min")
     console.print(f"report: {page.resolve()}")
     return page
+
+
+def _machine_text() -> str:
+    from neurofm.utils import machine
+
+    m = machine()
+    gpu = f"; GPU {m['gpu']}" if m.get("gpu") else ""
+    return f"{m['cpu']} ({m['cpu_capability']} kernels{gpu})"
 
 
 def _per_task(value: Any, task: str, default: Any) -> Any:

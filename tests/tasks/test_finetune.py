@@ -214,6 +214,7 @@ def test_finetune_modes_and_scratch_via_cli(store_4mm, pretrained_4mm, tmp_path,
     assert code == 0, err
     run = json.loads((tmp_path / "scr" / "run.json").read_text())
     assert run["threads"] == torch.get_num_threads()  # part of what made the numbers
+    assert run["machine"]["cpu"] and run["machine"]["cpu_capability"] == torch.backends.cpu.get_cpu_capability()
     info, train, store = run["task_info"], set(run["split"]["train_subjects"]), Store(store_4mm)
     fits = np.max([store.record(k)["shape"] for k in store.keys if store.record(k)["subject"] in train], axis=0)
     step = info["whole_scan"]  # the encoder's downsampling: 8 for ssl3d-tiny

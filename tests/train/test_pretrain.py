@@ -21,6 +21,7 @@ from neurofm.tasks.pretrain import PretrainModule, prepare_data, pretrain
 from neurofm.train.config import OptimConfig
 from neurofm.train.optim import build_optimizer, lr_factor
 from neurofm.train.presets import PRESETS, get_preset
+from neurofm.utils import machine
 
 TINY_PRESETS = sorted(p for p in PRESETS if p.endswith("-tiny")) + ["ssl3d-tiny+dense"]
 
@@ -240,8 +241,9 @@ def test_kill_9_then_resume_continues_from_the_last_checkpoint(tiny_store, tmp_p
     assert cap.start_step == saved_step
     record = json.loads((run / "run.json").read_text())
     assert record["code"] == "other-code"
-    assert record["code_history"] == [{"code": first_code, "threads": first["threads"], "until_step": saved_step}]
-    assert record["threads"] == torch.get_num_threads()
+    made = {"code": first_code, "threads": first["threads"], "machine": first["machine"], "until_step": saved_step}
+    assert record["code_history"] == [made]
+    assert record["threads"] == torch.get_num_threads() and record["machine"] == machine()
     want = saved["optimizer_states"][0]["state"]
     assert set(cap.optimizer_state) == set(want)
     for k, v in want.items():

@@ -44,7 +44,7 @@ from neurofm.train.config import FinetuneConfig
 from neurofm.train.memory import is_oom, oom_error, probe
 from neurofm.train.presets import PRESETS, get_preset
 from neurofm.train.trainer import build_trainer
-from neurofm.utils import code_fingerprint, to_jsonable, write_json
+from neurofm.utils import code_fingerprint, machine, to_jsonable, write_json
 
 __all__ = ["FinetuneConfig", "FinetuneModule", "backbone_from", "finetune"]
 
@@ -262,6 +262,7 @@ def train_fold(
         split={"train_subjects": _subjects(train), "test_subjects": _subjects(test)},  # what the run drew
         code=code_fingerprint(),
         threads=torch.get_num_threads(),  # CPU float sums differ with the thread count: part of what made the numbers
+        machine=machine(),  # and with the processor (recorded, not checked: the run folder stays where it was made)
     )
     if closed:
         return _closed_probe(data, fold_dir, cfg, cs, train, test, model, info, run_cfg, transfer)

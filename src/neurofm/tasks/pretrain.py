@@ -26,7 +26,7 @@ from neurofm.train.config import Recipe
 from neurofm.train.memory import is_oom, oom_error, probe
 from neurofm.train.optim import build_optimizer, lr_factor
 from neurofm.train.trainer import build_trainer
-from neurofm.utils import code_fingerprint, read_json
+from neurofm.utils import code_fingerprint, machine, read_json
 
 
 class PretrainModule(L.LightningModule):
@@ -104,8 +104,9 @@ def pretrain(
     With ``resume=True`` the run's saved config is used (``overrides`` may still extend it,
     e.g. ``trainer.max_steps``) and training continues from the newest complete checkpoint.
     ``run.json`` records the code that trains (``code``, :func:`~neurofm.utils.code_fingerprint`) and its
-    number of CPU threads (``threads``); a run resumed under other code or on other threads keeps each earlier
-    pair in ``code_history`` with the step it had reached.
+    number of CPU threads (``threads``) and processor (``machine``, :func:`~neurofm.utils.machine`); a run resumed
+    under other code, on other threads or on another machine keeps each earlier record in ``code_history`` with
+    the step it had reached.
     """
     run = Path(out)
     ckpt_path = None
@@ -117,15 +118,20 @@ def pretrain(
         saved.pop("neurofm_version", None)
         before = saved.pop("code", None)
         before_threads = saved.pop("threads", None)
+        before_machine = saved.pop("machine", None)
         code_history = list(saved.pop("code_history", []))
         cfg = Recipe.resolve(overrides=overrides, base=saved)
         data = data or saved["extra"]["store"]
         ck = latest_checkpoint(run)
         ckpt_path = str(ck / STATE) if ck is not None else None
-        if before != code_fingerprint() or before_threads != torch.get_num_threads():
-            # the steps so far were made by other code or on another number of CPU threads: say which, and up to where
+        now = (code_fingerprint(), torch.get_num_threads(), machine())
+        if (before, before_threads, before_machine) != now:
+            # the steps so far were made by other code, on another number of CPU threads or on another machine:
+            # say which, and up to where
             step = checkpoint_step(ck) if ck is not None else 0
-            code_history.append({"code": before, "threads": before_threads, "until_step": step})
+            code_history.append(
+                {"code": before, "threads": before_threads, "machine": before_machine, "until_step": step}
+            )
     else:
         if (run / "run.json").is_file() and latest_checkpoint(run) is not None:
             raise NeurofmError(f"{run} already holds a run; use --resume to continue it, or another --out")
@@ -147,6 +153,7 @@ def pretrain(
             neurofm_version=__version__,
             code=code_fingerprint(),
             threads=torch.get_num_threads(),
+            machine=machine(),
             **history,
         )
         module = PretrainModule(cfg)
