@@ -10,6 +10,7 @@ scratch arm is compared with the constant (is it below it, with an interval?) an
     python experiments/scratch_age.py --data DEMO/store --out DIR [--seeds 5] [--steps 100 300 1000] \
         [--whole-steps 300]
     python experiments/scratch_age.py --data BIG_STORE --out DIR --shots 24 48 96 --whole-steps
+    python experiments/scratch_age.py --data DEMO/store --out DIR --lr 0.001 --whole-steps  # scratch at another rate
 
 ``--shots`` gives the curve over labelled subjects (a store with more subjects than the demo's: every subject
 not drawn is a test case). Pointed at a demo's ``finetune`` folder with the demo's 24 labelled subjects it
@@ -38,16 +39,20 @@ def main() -> None:
     ap.add_argument("--steps", type=int, nargs="+", default=[100, 300, 1000], help="scratch on 32^3 crops")
     ap.add_argument("--whole-steps", type=int, nargs="*", default=[300], help="scratch on whole scans")
     ap.add_argument("--shots", type=int, nargs="+", default=[DemoConfig().shots["reg"]], help="labelled subjects")
+    ap.add_argument("--lr", type=float, help="scratch's learning rate (default: the demo's, 3e-3)")
     args = ap.parse_args()
     demo = DemoConfig(pretrained=args.pretrained, seeds=args.seeds)
     demo_base = finetune_config(demo, args.pretrained, "reg", "age")
     # the demo's names for the arms it runs, so that its finished runs are reused
     arms = [Arm("pretrained linear", args.pretrained, "linear")]
+    lr = {} if args.lr is None else {"lr": args.lr}
+    tag = "" if args.lr is None else f" lr{args.lr:g}"
     for steps in args.steps:
-        name = "scratch" if steps == demo_base.steps else f"scratch {steps} steps"
-        arms.append(Arm(name, "scratch", "full", {"steps": steps}))
+        name = "scratch" if steps == demo_base.steps and not lr else f"scratch {steps} steps{tag}"
+        arms.append(Arm(name, "scratch", "full", {"steps": steps, **lr}))
     for steps in args.whole_steps:
-        arms.append(Arm(f"scratch whole {steps} steps", "scratch", "full", {"steps": steps, "whole_scan": True}))
+        whole = {"steps": steps, "whole_scan": True, **lr}
+        arms.append(Arm(f"scratch whole {steps} steps{tag}", "scratch", "full", whole))
     arms.append(Arm("constant", "constant", ""))
     results = {}
     for shots in args.shots:
