@@ -158,6 +158,7 @@ def run_demo(out: str | Path = "neurofm-demo", cfg: DemoConfig | None = None) ->
     times["analyze"] = time.time() - t
 
     t = stage("6/6 report", "HTML with figures and tables")
+    made_on = machine()
     times["report"] = time.time() - t
     times["total"] = time.time() - t_all
     pre_text = (
@@ -202,9 +203,9 @@ def run_demo(out: str | Path = "neurofm-demo", cfg: DemoConfig | None = None) ->
             "are paired (same cases, same seed) against scratch; 95 % intervals from a bootstrap over seeds and cases. "
             "Floors: a frozen randomly initialised encoder with the same head, and the constant predictor "
             "(training mean, class frequencies, or background everywhere). "
-            f"Trained on {torch.get_num_threads()} CPU threads of {_machine_text()}: the values repeat to the last "
-            "digit on this machine at that count, not at another count (OMP_NUM_THREADS sets it) and not always on "
-            "another processor.",
+            f"Trained on {torch.get_num_threads()} CPU threads of {_machine_text(made_on)}: the values repeat to the "
+            "last digit on this machine at that count, not at another count (OMP_NUM_THREADS sets it) and not "
+            "always on another processor.",
             images=["figures/scores.png", "figures/differences.png"],
             tables=[scores],
         ),
@@ -222,7 +223,7 @@ def run_demo(out: str | Path = "neurofm-demo", cfg: DemoConfig | None = None) ->
                 "swap": swap,
                 "times": times,
                 "threads": torch.get_num_threads(),
-                "machine": machine(),
+                "machine": made_on,
             }
         ),
     )
@@ -232,10 +233,7 @@ def run_demo(out: str | Path = "neurofm-demo", cfg: DemoConfig | None = None) ->
     return page
 
 
-def _machine_text() -> str:
-    from neurofm.utils import machine
-
-    m = machine()
+def _machine_text(m: dict[str, Any]) -> str:
     gpu = f"; GPU {m['gpu']}" if m.get("gpu") else ""
     return f"{m['cpu']} ({m['cpu_capability']} kernels{gpu})"
 
