@@ -257,6 +257,13 @@ def finetune(
         typer.Option(help="Full mode from pretrained weights: share of the steps with the encoder held still [0.25]."),
     ] = None,
     seed: Annotated[int | None, typer.Option(help="Seed of the subsets, folds and training [0].")] = None,
+    augment: Annotated[
+        str | None,
+        typer.Option(
+            help="Training augmentation: flips (mirrors), nnunet (nnU-Net's default: rotation, scaling, noise, blur, "
+            "brightness, contrast, low resolution, gamma, mirrors) or none [flips]."
+        ),
+    ] = None,
     workers: Annotated[int | None, typer.Option("--workers", "-j", help="Data-loader worker processes [2].")] = None,
     tta: Annotated[bool | None, typer.Option(help="Mirror test-time augmentation at evaluation [yes].")] = None,
     lcc: Annotated[bool | None, typer.Option(help="Keep the largest connected component (seg) [no].")] = None,
@@ -298,6 +305,7 @@ def finetune(
         "backbone_lr_scale": backbone_lr_scale,
         "head_warmup": head_warmup,
         "seed": seed,
+        "augment": augment,
         "num_workers": workers,
         "tta": tta,
         "lcc": lcc,

@@ -51,6 +51,8 @@ class DemoConfig:
     # segmentation's cross-entropy weight of the lesion class: at 1, 200 steps from 4 labelled subjects left some
     # runs of either arm on the empty-prediction plateau; chosen on another store (docs/finetuning.md)
     seg_fg_weight: float = 10.0
+    # training augmentation per task (or one for all) of the arms trained by gradient steps: flips or nnunet
+    finetune_augment: str | dict[str, str] = "flips"
     seg_fg_p: float = 0.5  # the share of segmentation crops centred on a lesion voxel (nnU-Net's is 0.33)
     shots: dict[str, int] = field(default_factory=lambda: {"seg": 4, "cls": 16, "reg": 24})  # labelled subjects
     # the pretrained protocol per task, fixed before the demo's data is seen on the shipped model's evaluation
@@ -261,6 +263,7 @@ def finetune_config(cfg: DemoConfig, run: str | Path, task: str, target: str) ->
         patch=cfg.patch,
         fg_p=cfg.seg_fg_p,
         seg_fg_weight=cfg.seg_fg_weight if task == "seg" else 1.0,
+        augment=str(_per_task(cfg.finetune_augment, task, "flips")),
         positive_only=True,
         num_workers=1,
         tta=False,

@@ -210,9 +210,12 @@ def test_finetune_modes_and_scratch_via_cli(store_4mm, pretrained_4mm, tmp_path,
         "50",
         "--set",
         "whole_scan=true",
+        "--augment",
+        "nnunet",  # nnU-Net's augmentation turns and scales whole scans too
     )
     assert code == 0, err
     run = json.loads((tmp_path / "scr" / "run.json").read_text())
+    assert run["augment"] == "nnunet"
     assert run["threads"] == torch.get_num_threads()  # part of what made the numbers
     assert run["machine"]["cpu"] and run["machine"]["cpu_capability"] == torch.backends.cpu.get_cpu_capability()
     info, train, store = run["task_info"], set(run["split"]["train_subjects"]), Store(store_4mm)
@@ -265,6 +268,11 @@ def test_finetune_modes_and_scratch_via_cli(store_4mm, pretrained_4mm, tmp_path,
         "--from", "scratch", "--preset", "few-shot-seg",
     )  # fmt: skip
     assert code == 2 and "--task cls has none" in err and not (tmp_path / "v").exists()
+    code, _, err = run_cli(
+        "finetune", "--data", store_4mm, "--task", "seg", "--target", "lesion", "--out", tmp_path / "u",
+        "--from", "scratch", "--augment", "elastic",
+    )  # fmt: skip
+    assert code == 2 and "--augment should be one of none, flips, nnunet" in err and not (tmp_path / "u").exists()
 
 
 def test_contrast_dropout_keeps_a_random_nonempty_subset(tiny_store):
@@ -453,7 +461,7 @@ def test_the_few_shot_preset_is_the_demos_segmentation_protocol():
     cfg = FinetuneConfig.resolve("few-shot-seg", None, [], values={"task": "seg", "target": "lesion"})
     demo = finetune_config(DemoConfig(), "fomo25-tiny-synth", "seg", "lesion")
     assert cfg.mode == DemoConfig().modes["seg"][0]
-    for name in ("steps", "lr", "seg_fg_weight", "fg_p", "head_warmup"):
+    for name in ("steps", "lr", "seg_fg_weight", "fg_p", "head_warmup", "augment"):
         assert getattr(cfg, name) == getattr(demo, name), name
     flagged = FinetuneConfig.resolve(
         "few-shot-seg", None, ["seg_fg_weight=5"], values={"task": "seg", "target": "x", "lr": 3e-3}

@@ -15,6 +15,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from neurofm.data.augment import AUGMENTS, NnUNetAugment, resample, widen
 from neurofm.data.loader import sample_rng
 from neurofm.data.sampling import box_around, random_box, stack_contrasts
 from neurofm.errors import ConfigError, StoreError
@@ -232,6 +233,10 @@ class FinetuneDataset(Dataset):
     contrast of a crop is left out with that probability (one always stays), so that a model
     trained on complete sessions also works on any one contrast alone.
 
+    ``augment``: ``flips`` (mirror flips along each axis; True), ``nnunet`` (nnU-Net's default training
+    augmentation, :mod:`neurofm.data.augment`: rotation, scaling, noise, blur, brightness, contrast, low
+    resolution, gamma, and the flips) or ``none`` (False; contrast dropout is augmentation too and goes with it).
+
     With ``whole`` (cls/reg), each item is a whole scan instead of a crop, padded evenly to that fixed
     shape ``(X, Y, Z)`` (:func:`neurofm.infer.runtime.global_windows` pads a scan the same way when
     the model reads it): a global target such as age is a property of the whole brain, which a crop
@@ -247,7 +252,7 @@ class FinetuneDataset(Dataset):
         length: int,
         seed: int = 0,
         fg_p: float = 0.33,
-        augment: bool = True,
+        augment: bool | str = True,
         contrast_dropout: float = 0.0,
         whole: list[int] | None = None,
     ):
@@ -257,7 +262,12 @@ class FinetuneDataset(Dataset):
             raise ConfigError("whole-scan training is for cls/reg; segmentation trains on crops")
         self.store_root = str(store_root)
         self.cs, self.cases, self.patch, self.length = case_set, cases, patch, length
-        self.seed, self.fg_p, self.augment = seed, fg_p, augment
+        augment = {True: "flips", False: "none"}.get(augment, augment)  # type: ignore[call-overload]
+        if augment not in AUGMENTS:
+            raise ConfigError(f"augment should be one of {AUGMENTS}, got {augment!r}")
+        self.seed, self.fg_p = seed, fg_p
+        self.augment = augment != "none"
+        self.nnunet = NnUNetAugment() if augment == "nnunet" else None
         self.contrast_dropout = float(contrast_dropout)
         self.whole = list(whole) if whole is not None else None
         self._store: Store | None = None
@@ -288,38 +298,47 @@ class FinetuneDataset(Dataset):
         return random_box(shape, p, rng)
 
     def __getitem__(self, i: int) -> dict[str, Any]:
-        """Sample ``i``: its crop, flips and contrast dropout come from :func:`sample_rng` (seed, i)."""
+        """Sample ``i``: its crop, augmentation and contrast dropout come from :func:`sample_rng` (seed, i)."""
         self._setup()
         self._rng = sample_rng(self.seed, i)
         assert self._store is not None
         case = self.cases[(i % self.length) % len(self.cases)]
         shape = tuple(self._store.record(case.key)["shape"])
         box = self._box(case, shape)
-        images = {c: np.asarray(self._store.read(case.key, c, box), np.float32) for c in case.contrasts}
+        size = self.whole or [self.patch] * 3
+        turn = self.nnunet.spatial(self._rng) if self.nnunet is not None else None
+        read, pads = box, None
+        if turn is not None and self.whole is None:  # read around the crop, so that turning it shows no empty corners
+            read, pads = widen(box, shape, self.patch + 2 * self.nnunet.margin(self.patch))  # type: ignore[union-attr]
+        images = {c: np.asarray(self._store.read(case.key, c, read), np.float32) for c in case.contrasts}
         img, present = stack_contrasts(images, self.cs.contrasts)
         if self.augment and self.contrast_dropout > 0 and present.sum() > 1:
             keep = present & (self._rng.random(len(present)) >= self.contrast_dropout)
             if not keep.any():
                 keep[self._rng.choice(np.flatnonzero(present))] = True
             present = keep
-        size = self.whole or [self.patch] * 3
-        img = np.stack([pad_to_shape(a, size, float(a.min())) for a in img])
-        img *= present.astype(np.float32)[:, None, None, None]
-        out: dict[str, Any] = {}
+        lab = None
         if self.cs.task == "seg":
-            lab = self._lut[np.asarray(self._store.read(case.key, case.target, box), np.int64)]
-            lab = pad_to(lab, self.patch, 0)
-            if self.augment:
-                for ax in range(3):
-                    if self._rng.random() < 0.5:
-                        img, lab = np.flip(img, ax + 1), np.flip(lab, ax)
+            lab = self._lut[np.asarray(self._store.read(case.key, case.target, read), np.int64)]
+        if pads is not None:
+            img = np.stack([np.pad(a, pads, constant_values=float(a.min())) for a in img])
+            lab = np.pad(lab, pads) if lab is not None else None
+        else:
+            img = np.stack([pad_to_shape(a, size, float(a.min())) for a in img])
+            lab = pad_to(lab, self.patch, 0) if lab is not None else None
+        if turn is not None:
+            img, lab = resample(img, lab, turn, size)
+        img *= present.astype(np.float32)[:, None, None, None]
+        if self.augment:
+            for ax in range(3):
+                if self._rng.random() < 0.5:
+                    img = np.flip(img, ax + 1)
+                    lab = np.flip(lab, ax) if lab is not None else None
+        if self.nnunet is not None:
+            img = self.nnunet.intensity(img, present, self._rng)
+        out: dict[str, Any] = {"x": torch.from_numpy(np.ascontiguousarray(img)), "present": torch.from_numpy(present)}
+        if lab is not None:
             out["y"] = torch.from_numpy(np.ascontiguousarray(lab))[None]
         else:
-            if self.augment:
-                for ax in range(3):
-                    if self._rng.random() < 0.5:
-                        img = np.flip(img, ax + 1)
             out["y"] = torch.tensor(case.target, dtype=torch.long if self.cs.task == "cls" else torch.float32)
-        out["x"] = torch.from_numpy(np.ascontiguousarray(img))
-        out["present"] = torch.from_numpy(present)
         return out

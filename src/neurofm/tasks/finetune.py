@@ -268,7 +268,7 @@ def train_fold(
         return _closed_probe(data, fold_dir, cfg, cs, train, test, model, info, run_cfg, transfer)
     ds = FinetuneDataset(
         data, cs, train, patch, length=cfg.steps * cfg.batch_size, seed=seed, fg_p=cfg.fg_p,
-        contrast_dropout=cfg.contrast_dropout, whole=whole,
+        augment=cfg.augment, contrast_dropout=cfg.contrast_dropout, whole=whole,
     )  # fmt: skip
     if cs.task != "seg":
         model.fit_feature_norm(_norm_batches(ds, cfg.batch_size))

@@ -170,6 +170,7 @@ class FinetuneConfig(Config):
     head_pool: str = "mean"  # cls/reg: the learned pooling's reduction over space, mean or meanmax (docs/finetuning.md)
     head_pool_latent: bool = False  # cls/reg: the learned pooling also reads the anatomy latent map
     contrast_dropout: float = 0.0  # leave out each present contrast of a training crop with this probability
+    augment: str = "flips"  # training augmentation: flips, nnunet (nnU-Net's default pipeline) or none
     whole_scan: bool = False  # cls/reg trained by steps: on whole scans (padded to one size), not on crops
     tta: bool = True
     overlap: float = 0.5
@@ -216,6 +217,10 @@ class FinetuneConfig(Config):
             raise ConfigError(
                 f"seg_fg_weight weighs segmentation's cross-entropy; --task {self.task} has none (leave it at 1)"
             )
+        from neurofm.data.augment import AUGMENTS
+
+        if self.augment not in AUGMENTS:
+            raise ConfigError(f"--augment should be one of {', '.join(AUGMENTS)}, got {self.augment!r}")
         if not 0 <= self.contrast_dropout < 1:
             raise ConfigError(f"contrast_dropout should be in [0, 1), got {self.contrast_dropout}")
         if not (0 <= self.head_warmup < 1 and 0 <= self.warmup_fraction <= 1):
