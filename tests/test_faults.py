@@ -346,3 +346,31 @@ def test_prepare_on_a_real_small_filesystem(small_bids, tmp_path, run_cli):
         assert _tree_digest(mnt / "store") == _tree_digest(tmp_path / "clean")
     finally:
         subprocess.run(["umount", "-l", str(mnt)], capture_output=True)  # lazy: a handle left open must not block
+
+
+def _take_lock_in_child(path: str, queue) -> None:
+    try:
+        FolderLock(Path(path), "fine-tune").acquire()
+        queue.put("acquired")
+    except LockedError as e:
+        queue.put(str(e))
+
+
+def test_a_child_process_rerunning_its_parents_script_is_told_the_likely_cause(tmp_path):
+    """A script without a ``__main__`` guard re-runs in every data-loader worker; the worker then meets the lock its
+    parent holds, and the error says so instead of blaming "another process"."""
+    import multiprocessing
+
+    lock = tmp_path / "run" / ".lock"
+    held = FolderLock(lock, "fine-tune").acquire()
+    try:
+        ctx = multiprocessing.get_context("spawn")
+        queue = ctx.Queue()
+        child = ctx.Process(target=_take_lock_in_child, args=(str(lock), queue))
+        child.start()
+        said = queue.get(timeout=120)
+        child.join(timeout=60)
+    finally:
+        held.release()
+    assert f"held by this process's parent (pid {os.getpid()})" in said
+    assert 'if __name__ == "__main__":' in said

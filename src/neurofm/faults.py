@@ -133,6 +133,14 @@ def process_rank() -> int:
     return 0
 
 
+def _is_parent(holder: dict[str, Any], host: str) -> bool:
+    """Whether the lock's holder is the process that started this one (multiprocessing's spawn or forkserver)."""
+    import multiprocessing
+
+    parent = multiprocessing.parent_process()
+    return parent is not None and holder.get("host") == host and holder.get("pid") == parent.pid
+
+
 class FolderLock:
     """An exclusive lock file ``path`` naming its holder; refresh its heartbeat while held.
 
@@ -185,6 +193,12 @@ class FolderLock:
                     self.took_over = holder
                     self.path.unlink(missing_ok=True)
                     continue
+                if _is_parent(holder, me["host"]):
+                    raise LockedError(
+                        f"{self.path.parent} is held by this process's parent (pid {holder['pid']}): a child process "
+                        f"(a data-loader worker, which re-imports the script that started it) is running that script's "
+                        f'work again. Keep a script\'s top-level code under `if __name__ == "__main__":`'
+                    ) from None
                 raise LockedError(
                     f"{self.path.parent} is being written by another process (host {holder.get('host', '?')}, "
                     f"pid {holder.get('pid', '?')}, since {holder.get('started', '?')}: {holder.get('command', '?')}); "
