@@ -10,6 +10,7 @@ it reuses the demo's finished runs (their settings are compared first) and adds 
     python experiments/demo_seeds.py --data STORE --out DIR --tasks seg --shots seg=2 --seeds 10
     python experiments/demo_seeds.py --data STORE --out DIR --tasks seg --first-seed 10 --seeds 10  # seeds 10-19
     python experiments/demo_seeds.py --data STORE --out DIR --tasks seg --augment nnunet --seeds 10
+    python experiments/demo_seeds.py --data STORE --out DIR --tasks cls reg --lr cls=0.001,reg=0.001 --seeds 10
 
 Writes ``DIR/results-<tasks>-<seeds>[-shots-<shots>].json``: one row per task and arm (value, interval,
 paired difference from scratch, per-seed values) and the command.
@@ -21,7 +22,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from neurofm.demo import DemoConfig, finetune_rows, parse_shots, score_text
+from neurofm.demo import DemoConfig, finetune_rows, parse_per_task, parse_shots, score_text
 from neurofm.utils import to_jsonable, write_json
 
 
@@ -34,6 +35,7 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, default=10)
     ap.add_argument("--first-seed", type=int, default=0, help="the first seed (10: a replication on fresh seeds)")
     ap.add_argument("--no-floors", action="store_true", help="leave out the frozen random encoder and the constant")
+    ap.add_argument("--lr", help="learning rate per task of the trained arms, e.g. reg=0.001 (default: demo's)")
     ap.add_argument("--augment", help="training augmentation of the trained arms, flips or nnunet (default: demo's)")
     ap.add_argument("--shots", help="labelled subjects per task as the demo takes them, e.g. seg=2 (default: demo's)")
     args = ap.parse_args()
@@ -43,12 +45,15 @@ def main() -> None:
         demo.shots = parse_shots(args.shots, demo.shots)
     if args.augment:
         demo.finetune_augment = args.augment
+    if args.lr:
+        demo.finetune_lr = parse_per_task(args.lr, dict(demo.finetune_lr), float, "--lr")  # type: ignore[arg-type]
     demo.floors = not args.no_floors
     rows = finetune_rows(demo, args.pretrained, args.data, args.out, progress=False)
     print(score_text(rows))
     shots = f"-shots-{args.shots.replace('=', '').replace(',', '-')}" if args.shots else ""
     first = f"-from-{args.first_seed}" if args.first_seed else ""
     aug = f"-{args.augment}" if args.augment else ""
+    aug += f"-lr-{args.lr.replace('=', '').replace(',', '-')}" if args.lr else ""
     name = f"results-{'-'.join(args.tasks)}-{args.seeds}{first}{shots}{aug}.json"
     write_json(args.out / name, {"command": " ".join(["python", *sys.argv]), "rows": to_jsonable(rows)})
 

@@ -5,6 +5,8 @@ import json
 import pytest
 import torch
 
+from neurofm.errors import ConfigError
+
 
 @pytest.mark.slow
 def test_demo_end_to_end_tiny(tmp_path, run_cli):
@@ -58,12 +60,16 @@ def test_demo_end_to_end_tiny(tmp_path, run_cli):
 
 
 def test_demo_shots_are_parsed_per_task_and_bad_ones_refused(tmp_path, run_cli):
-    from neurofm.demo import parse_shots
+    from neurofm.demo import parse_per_task, parse_shots
 
     default = {"seg": 4, "cls": 16, "reg": 24}
     assert parse_shots("2", default) == {"seg": 2, "cls": 2, "reg": 2}
     assert parse_shots("seg=2, cls=8", default) == {"seg": 2, "cls": 8, "reg": 24}
-    for bad, said in (("seg=x", "TASK=N pairs"), ("age=3", "unknown tasks ['age']")):
+    rates = parse_per_task("reg=0.001", {"seg": 1e-2, "reg": 3e-3}, float, "--lr")
+    assert rates == {"seg": 1e-2, "reg": 1e-3}
+    with pytest.raises(ConfigError, match="--lr takes a value"):
+        parse_per_task("reg=fast", {"reg": 3e-3}, float, "--lr")
+    for bad, said in (("seg=x", "TASK=VALUE pairs"), ("age=3", "unknown tasks ['age']")):
         code, _, err = run_cli("demo", "--out", tmp_path / "d", "--shots", bad)
         assert code == 2 and said in err and "Traceback" not in err
         assert not (tmp_path / "d").exists()  # refused before anything is written

@@ -291,17 +291,23 @@ def finetune_rows(
 
 def parse_shots(text: str, default: dict[str, int]) -> dict[str, int]:
     """``"4"`` -> every task 4; ``"seg=2,cls=8"`` -> those tasks, the others as ``default``."""
+    return parse_per_task(text, default, int, "--shots")
+
+
+def parse_per_task(text: str, default: dict[str, Any], cast: Any = int, flag: str = "--shots") -> dict[str, Any]:
+    """A per-task setting: ``"4"`` -> every task of ``default`` 4; ``"seg=2,cls=8"`` -> those tasks, the others as
+    ``default``; each value read by ``cast``."""
     from neurofm.errors import ConfigError
 
     try:
         if "=" not in text:
-            return {t: int(text) for t in default}
-        given = {k.strip(): int(v) for k, v in (p.split("=") for p in text.split(",") if p.strip())}
+            return {t: cast(text) for t in default}
+        given = {k.strip(): cast(v) for k, v in (p.split("=") for p in text.split(",") if p.strip())}
     except ValueError:
-        raise ConfigError(f"--shots takes a number or TASK=N pairs (e.g. seg=2,cls=8), got {text!r}") from None
+        raise ConfigError(f"{flag} takes a value or TASK=VALUE pairs (e.g. seg=2,cls=8), got {text!r}") from None
     unknown = set(given) - set(default)
     if unknown:
-        raise ConfigError(f"--shots names unknown tasks {sorted(unknown)}; the demo's are {sorted(default)}")
+        raise ConfigError(f"{flag} names unknown tasks {sorted(unknown)}; the demo's are {sorted(default)}")
     return {**default, **given}
 
 
