@@ -16,9 +16,10 @@ from neurofm.store import Store
 from neurofm.tasks.finetune import finetune
 from neurofm.train.config import FinetuneConfig
 
-SPATIAL_ONLY = NnUNetAugment(
-    rotate_p=1, scale_p=1, noise_p=0, blur_p=0, brightness_p=0, contrast_p=0, lowres_p=0, gamma_inverted_p=0, gamma_p=0
+INTENSITY_OFF = NnUNetAugment(
+    noise_p=0, blur_p=0, brightness_p=0, contrast_p=0, lowres_p=0, gamma_inverted_p=0, gamma_p=0
 )
+SPATIAL_ONLY = replace(INTENSITY_OFF, rotate_p=1, scale_p=1)
 
 
 def _ball(n: int, radius: float, centre: tuple[float, ...] | None = None) -> np.ndarray:
@@ -75,15 +76,24 @@ def test_nnunet_items_are_reproducible_augmented_and_keep_missing_contrasts_empt
     plain = FinetuneDataset(tiny_store, cs, cs.cases, 16, length=40, seed=2)
     aug = FinetuneDataset(tiny_store, cs, cs.cases, 16, length=40, seed=2, augment="nnunet")
     again = FinetuneDataset(tiny_store, cs, cs.cases, 16, length=40, seed=2, augment="nnunet")
-    changed = 0
+    # with every probability at 0 an item only crops and flips: each value is one of its scan's voxels
+    still = FinetuneDataset(tiny_store, cs, cs.cases, 16, length=40, seed=2, augment="nnunet")
+    still.nnunet = replace(INTENSITY_OFF, rotate_p=0, scale_p=0)
+    scans = {(c.key, k): np.asarray(store.read(c.key, k), np.float32) for c in cs.cases for k in c.contrasts}
+    resampled = 0
     for i in range(40):
-        a, b, p = aug[i], again[i], plain[i]
+        a, b, p, z = aug[i], again[i], plain[i], still[i]
         np.testing.assert_array_equal(a["x"].numpy(), b["x"].numpy())  # the sample's own draws, in any worker
         assert a["x"].shape == p["x"].shape and a["y"].shape == p["y"].shape
         assert set(np.unique(a["y"].numpy())) <= {0, 1}
         assert not a["x"][~a["present"]].any()  # a missing contrast stays empty
-        changed += not np.allclose(a["x"].numpy(), p["x"].numpy())
-    assert changed >= 30
+        case = cs.cases[i % len(cs.cases)]
+        for ch, name in enumerate(cs.contrasts):
+            if z["present"][ch]:
+                assert np.isin(z["x"][ch].numpy(), scans[(case.key, name)]).all()
+            if a["present"][ch]:
+                resampled += not np.isin(a["x"][ch].numpy(), scans[(case.key, name)]).all()
+    assert resampled > 0  # the pipeline makes values no voxel of the scan has (resampling, noise, gamma, ...)
     # nnU-Net's probabilities: rotation 0.2 and scaling 0.2, so a patch is resampled with probability 0.36
     rng = np.random.default_rng(0)
     turns = [NnUNetAugment().spatial(rng) for _ in range(4000)]

@@ -211,7 +211,7 @@ def test_finetune_modes_and_scratch_via_cli(store_4mm, pretrained_4mm, tmp_path,
         "--set",
         "whole_scan=true",
         "--augment",
-        "nnunet",  # nnU-Net's augmentation turns and scales whole scans too
+        "nnunet",  # the whole-scan path takes nnU-Net's augmentation too
     )
     assert code == 0, err
     run = json.loads((tmp_path / "scr" / "run.json").read_text())

@@ -62,8 +62,8 @@ class NnUNetAugment:
         if not (rot or sc):
             return None
         lim = math.radians(self.rotate_deg)
-        angles = tuple(float(a) for a in rng.uniform(-lim, lim, 3)) if rot else (0.0, 0.0, 0.0)
-        return angles, float(rng.uniform(*self.scale)) if sc else 1.0  # type: ignore[return-value]
+        a = rng.uniform(-lim, lim, 3) if rot else np.zeros(3)
+        return (float(a[0]), float(a[1]), float(a[2])), float(rng.uniform(*self.scale)) if sc else 1.0
 
     def intensity(self, img: np.ndarray, present: np.ndarray, rng: np.random.Generator) -> np.ndarray:
         """Noise, blur, brightness, contrast, low resolution and the two gammas (nnU-Net's order) on each present
