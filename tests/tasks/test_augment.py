@@ -67,7 +67,39 @@ def test_widen_keeps_the_crop_centre_and_pads_where_the_scan_ends():
     read, pads = widen((slice(0, 16), slice(24, 40), slice(5, 21)), (40, 40, 40), 32)
     assert read == (slice(0, 24), slice(16, 40), slice(0, 29)) and pads == [(8, 0), (0, 8), (3, 0)]
     assert all(r.stop - r.start + a + b == 32 for r, (a, b) in zip(read, pads, strict=True))
-    assert NnUNetAugment().margin(32) == 23  # 32 * (1.4 * sqrt(3) - 1) / 2, rounded up
+    read, pads = widen((slice(10, 26),) * 3, (40, 40, 40), (16, 20, 42))  # one size per axis
+    assert read == (slice(10, 26), slice(8, 28), slice(0, 39)) and pads == [(0, 0), (0, 0), (3, 0)]
+
+
+def test_a_draws_read_is_all_its_turned_patch_samples_and_far_less_than_any_turn_needs():
+    rng = np.random.default_rng(3)
+    vol = rng.normal(size=(1, 72, 72, 72)).astype(np.float32)
+    lab = rng.integers(0, 3, (72, 72, 72))
+    p, box = 16, (slice(28, 44),) * 3
+    spatial = SPATIAL_ONLY.spatial
+    for _ in range(12):
+        turn = spatial(rng)
+        assert turn is not None
+        read, pads = widen(box, vol.shape[1:], tuple(p + 2 * m for m in NnUNetAugment.margins(p, turn)))
+        assert pads == [(0, 0)] * 3
+        tight, tight_lab = resample(vol[(slice(None), *read)], lab[read], turn, [p] * 3)
+        # the room a cube turned any way would need: half its diagonal at scale 1.4, and a voxel more
+        wide = widen(box, vol.shape[1:], p + 2 * (math.ceil(p * (1.4 * math.sqrt(3) - 1) / 2) + 1))[0]
+        ref, ref_lab = resample(vol[(slice(None), *wide)], lab[wide], turn, [p] * 3)
+        np.testing.assert_allclose(tight, ref, atol=1e-4)  # nothing sampled lay outside the tight read
+        assert np.mean(tight_lab == ref_lab) > 0.999
+    # one voxel short on an axis and the patch samples beyond the read (there the border value stands in)
+    turn = ((0.5, 0.4, -0.5), 1.4)
+    m = NnUNetAugment.margins(p, turn)
+    short = widen(box, vol.shape[1:], (p + 2 * m[0] - 2, p + 2 * m[1], p + 2 * m[2]))[0]
+    ref = resample(vol[(slice(None), *widen(box, vol.shape[1:], 64)[0])], None, turn, [p] * 3)[0]
+    assert np.abs(resample(vol[(slice(None), *short)], None, turn, [p] * 3)[0] - ref).max() > 1e-3
+    # no turn and scale 1 read one voxel more than the crop; at 1 mm with 128^3 patches a spatial draw reads on
+    # average under a fifth of what the room for any turn (312^3) would
+    assert NnUNetAugment.margins(p, ((0.0, 0.0, 0.0), 1.0)) == (1, 1, 1)
+    draws = [t for t in (NnUNetAugment().spatial(rng) for _ in range(4000)) if t is not None]
+    reads = [np.prod([128 + 2 * m for m in NnUNetAugment.margins(128, t)]) for t in draws]
+    assert np.mean(reads) < 0.2 * 312**3
 
 
 def test_nnunet_items_are_reproducible_augmented_and_keep_missing_contrasts_empty(tiny_store):

@@ -5,7 +5,8 @@ trainer applies to every training patch, with its probabilities and ranges (``nn
 
 * rotation (each axis ±30°, probability 0.2) and isotropic scaling (0.7-1.4, probability 0.2), resampled by MONAI's
   :class:`~monai.transforms.Affine` from a larger read around the same centre, so that the patch does not show the
-  corners a rotated crop would leave empty (bilinear for the image, nearest for the label);
+  corners a rotated crop would leave empty (bilinear for the image, nearest for the label); the read is as large as
+  the draw needs (:meth:`NnUNetAugment.margins`), not the room any turn would;
 * Gaussian noise (variance up to 0.1, probability 0.1), Gaussian blur (σ 0.5-1, probability 0.2, each channel
   with probability 0.5), brightness (×0.75-1.25, 0.15), contrast around the mean within the channel's range
   (×0.75-1.25, 0.15), simulated low resolution (zoom 0.5-1 down by nearest and back, 0.25, each channel 0.5), and
@@ -50,10 +51,21 @@ class NnUNetAugment:
     gamma_p: float = 0.3
     gamma: tuple[float, float] = (0.7, 1.5)
 
-    def margin(self, patch: int) -> int:
-        """Voxels read beyond each side of a ``patch`` crop for a spatial transform: a cube turned any way and
-        scaled by up to ``scale[1]`` stays within this much room around its centre (half its diagonal)."""
-        return int(math.ceil(patch * (self.scale[1] * math.sqrt(3.0) - 1) / 2))
+    @staticmethod
+    def margins(patch: int, transform: tuple[tuple[float, float, float], float]) -> tuple[int, int, int]:
+        """Voxels to read beyond each side of a ``patch`` crop, per axis, so that this draw's turned and scaled
+        patch (:func:`resample`) samples only what was read: the reach along an axis of the patch's corners, mapped
+        by MONAI's affine, and the next voxel that linear interpolation reads. A draw near no turn and scale 1
+        reads a voxel more than the crop; a cube turned any way and scaled by up to 1.4 would need
+        half its diagonal, ``patch * (1.4 * sqrt(3) - 1) / 2``, which no draw within ±30° per axis reaches."""
+        from monai.transforms.utils import create_rotate, create_scale
+
+        angles, scale = transform
+        a = (create_rotate(3, angles) @ create_scale(3, (scale,) * 3))[:3, :3]
+        half = (patch - 1) / 2
+        reach = np.abs(a).sum(axis=1) * half  # the farthest a patch corner lands from the centre, per axis
+        m0, m1, m2 = (max(0, math.floor(r - half) + 1) for r in reach)  # the least m with half + m > r
+        return m0, m1, m2
 
     def spatial(self, rng: np.random.Generator) -> tuple[tuple[float, float, float], float] | None:
         """The rotation (radians about each axis) and scale of one sample, or None when neither fires."""
@@ -106,13 +118,16 @@ class NnUNetAugment:
         return out
 
 
-def widen(box: tuple[slice, ...], shape: tuple[int, ...], size: int) -> tuple[tuple[slice, ...], list[tuple[int, int]]]:
-    """The ``size^3`` box with the same centre as ``box``, clipped to ``shape``, and the padding (before, after) per
-    axis that makes what is read from it ``size^3`` again."""
+def widen(
+    box: tuple[slice, ...], shape: tuple[int, ...], size: int | tuple[int, ...]
+) -> tuple[tuple[slice, ...], list[tuple[int, int]]]:
+    """The box of ``size`` (one size for every axis, or one per axis) with the same centre as ``box``, clipped to
+    ``shape``, and the padding (before, after) per axis that makes what is read from it ``size`` again."""
+    sizes = (size,) * len(box) if isinstance(size, int) else tuple(size)
     read, pads = [], []
-    for b, s in zip(box, shape, strict=True):
-        lo = (b.start + b.stop) // 2 - size // 2
-        hi = lo + size
+    for b, s, n in zip(box, shape, sizes, strict=True):
+        lo = (b.start + b.stop) // 2 - n // 2
+        hi = lo + n
         read.append(slice(max(lo, 0), min(hi, s)))
         pads.append((max(-lo, 0), max(hi - s, 0)))
     return tuple(read), pads

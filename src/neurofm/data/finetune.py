@@ -309,7 +309,7 @@ class FinetuneDataset(Dataset):
         turn = self.nnunet.spatial(self._rng) if self.nnunet is not None else None
         read, pads = box, None
         if turn is not None and self.whole is None:  # read around the crop, so that turning it shows no empty corners
-            read, pads = widen(box, shape, self.patch + 2 * self.nnunet.margin(self.patch))  # type: ignore[union-attr]
+            read, pads = widen(box, shape, tuple(self.patch + 2 * m for m in NnUNetAugment.margins(self.patch, turn)))
         images = {c: np.asarray(self._store.read(case.key, c, read), np.float32) for c in case.contrasts}
         img, present = stack_contrasts(images, self.cs.contrasts)
         if self.augment and self.contrast_dropout > 0 and present.sum() > 1:
