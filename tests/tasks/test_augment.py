@@ -88,7 +88,7 @@ def test_a_draws_read_is_all_its_turned_patch_samples_and_far_less_than_any_turn
         ref, ref_lab = resample(vol[(slice(None), *wide)], lab[wide], turn, [p] * 3)
         np.testing.assert_allclose(tight, ref, atol=1e-4)  # nothing sampled lay outside the tight read
         assert np.mean(tight_lab == ref_lab) > 0.999
-    # one voxel short on an axis and the patch samples beyond the read (there the border value stands in)
+    # a voxel short at each end of one axis and the patch samples beyond the read (there the border value stands in)
     turn = ((0.5, 0.4, -0.5), 1.4)
     m = NnUNetAugment.margins(p, turn)
     short = widen(box, vol.shape[1:], (p + 2 * m[0] - 2, p + 2 * m[1], p + 2 * m[2]))[0]
