@@ -80,7 +80,7 @@ def main() -> None:
         "pretraining steps and pool size of the demo's recipe (experiments/rule_seg_curve.md)",
         "commands": [
             "OMP_NUM_THREADS=2 bash experiments/seg_curve.sh WORK POOL_STORE DEMO_STORE",
-            " ".join(["python", *sys.argv]),
+            " ".join(["python", *sys.argv]).replace(str(args.work), "WORK"),
         ],
         "machine": made.get("machine"),
         "threads": made.get("threads"),
