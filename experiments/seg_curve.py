@@ -1,7 +1,7 @@
 """Collect the segmentation gain curve that ``experiments/seg_curve.sh`` ran (``experiments/rule_seg_curve.md``).
 
 Reads each ``WORK/eval-RUN-step-N/results-seg-10.json`` (the demo's segmentation rows for one pretraining
-checkpoint: pretrained in full and scratch, seeds 0-9, paired) and each run's training log, adds the shipped
+checkpoint: pretrained in full and scratch, seeds 0-9, paired), adds the shipped
 model's own 10-seed row on the same store and machine (``experiments/results_seg_augment.json``, flips, 4
 subjects: another pretraining run of the same recipe) as the 10,000-step reference, prints the table and writes
 the JSON.
@@ -12,27 +12,12 @@ the JSON.
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 POOLS = {"A": 300, "B": 75}
-
-
-def last_losses(run: Path, step: int) -> dict[str, float]:
-    """The training losses logged last at or before ``step`` (Lightning's CSV log: one batch's, so noisy)."""
-    best: dict[str, float] = {}
-    for path in sorted(run.glob("logs/csv/version_*/metrics.csv")):
-        with path.open() as f:
-            for row in csv.DictReader(f):
-                if int(row.get("step") or -1) > step:
-                    continue
-                for k, v in row.items():  # "loss" and its terms, "loss/rec", ...
-                    if k.startswith("loss") and v not in ("", None):
-                        best[k.removeprefix("loss/")] = float(v)
-    return best
 
 
 def main() -> None:
@@ -63,18 +48,18 @@ def main() -> None:
                 "minus_scratch": [pre["difference"], pre["difference_low"], pre["difference_high"]],
                 "ahead_behind": [sum(d > 0 for d in diff), sum(d < 0 for d in diff)],
                 "runs_below_0.1": sum(v < 0.1 for v in pre["per_seed"]),
-                "last_logged_losses_one_batch": last_losses(args.work / run, step),
             }
         )
     if scratch is None:
         sys.exit(f"no finished points under {args.work}")
     rows.sort(key=lambda r: (-r["pool_subjects"], r["step"]))
     made = json.loads(next(args.work.glob("eval-*/seg-lesion-pretrained-full-seed0/run.json")).read_text())
-    shipped = next(
-        r
+    demo_rows = {  # the shipped model's 10-seed rows: flips, 4 labelled subjects
+        r["arm"]: r
         for r in json.loads((ROOT / "experiments/results_seg_augment.json").read_text())["rows"]
-        if r["augment"] == "flips" and r["labelled_subjects"] == 4 and r["arm"] == "pretrained full"
-    )
+        if r["augment"] == "flips" and r["labelled_subjects"] == 4
+    }
+    shipped = demo_rows["pretrained full"]
     result = {
         "question": "the demo's segmentation gain (4 labelled subjects, 10 seeds, paired with scratch) against the "
         "pretraining steps and pool size of the demo's recipe (experiments/rule_seg_curve.md)",
@@ -96,11 +81,7 @@ def main() -> None:
             "dice": shipped["dice"],
             "per_seed": shipped["per_seed"],
             "minus_scratch": shipped["minus_scratch"],
-            "scratch_per_seed_there": next(
-                r["per_seed"]
-                for r in json.loads((ROOT / "experiments/results_seg_augment.json").read_text())["rows"]
-                if r["augment"] == "flips" and r["labelled_subjects"] == 4 and r["arm"] == "scratch"
-            ),
+            "scratch_per_seed_there": demo_rows["scratch"]["per_seed"],
         },
     }
     args.out.write_text(json.dumps(result, indent=1) + "\n")
