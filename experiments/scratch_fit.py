@@ -22,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from torch.utils.data import DataLoader
 
 from neurofm.data.finetune import FinetuneDataset, build_cases
 from neurofm.models.registry import model_from_checkpoint
@@ -41,15 +42,9 @@ def training_fit(run: Path, data: str, crops: int, seed: int) -> dict:
     train_subjects = set(rc["split"]["train_subjects"])
     train = [c for c in cs.cases if c.subject in train_subjects]
     ds = FinetuneDataset(data, cs, train, int(rc["data"]["patch"]), length=crops, seed=seed)
-    preds, ys = [], []
-    for i in range(0, crops, 2):
-        items = [ds[j] for j in range(i, min(i + 2, crops))]
-        x = torch.stack([it["x"] for it in items])
-        present = torch.stack([it["present"] for it in items])
-        preds.append(model(x, present)[:, 0])
-        ys += [float(it["y"]) for it in items]
-    p = torch.cat(preds).numpy()
-    y = (np.array(ys) - task["target_mean"]) / task["target_std"]
+    batches = list(DataLoader(ds, batch_size=8))
+    p = torch.cat([model(b["x"], b["present"])[:, 0] for b in batches]).numpy()
+    y = (torch.cat([b["y"] for b in batches]).double().numpy() - task["target_mean"]) / task["target_std"]
     summary = json.loads((run / "summary.json").read_text())["metrics"]
     with open(run / "predictions.csv", newline="") as f:
         test = [(float(r["prediction"]), float(r["target"])) for r in csv.DictReader(f)]
