@@ -10,7 +10,14 @@ from neurofm.errors import ConfigError
 from neurofm.models.dual_latent import DualLatentUNet
 from neurofm.models.resenc import ResEncUNet
 from neurofm.objectives import build_objective, objective_config
-from neurofm.objectives.fomo25 import Fomo25Config, Fomo25Loss, contrast_nce, kl_divergence, random_remap
+from neurofm.objectives.fomo25 import (
+    Fomo25Config,
+    Fomo25Loss,
+    class_usage,
+    contrast_nce,
+    kl_divergence,
+    random_remap,
+)
 from neurofm.objectives.masking import block_mask, coarse_dropout, holes_for_fraction
 from neurofm.objectives.ssl3d import SSL3DConfig
 
@@ -619,3 +626,52 @@ def test_contrast_nce_known_answers_invalid_scans_left_out_and_it_learns():
     assert not torch.allclose(grads[key], off[key])
     first, last = _train(model, Fomo25Loss(cfg), batch, "contrast_nce", 40)
     assert last < 0.7 * first
+
+
+def test_class_usage_known_answers_needs_a_categorical_code_and_spreads_a_collapsed_code():
+    k = 8
+    uniform = torch.full((2, k, 2, 2, 2), 1.0 / k)
+    assert float(class_usage(uniform)) == pytest.approx(0.0, abs=1e-6)
+    one = torch.zeros(2, k, 2, 2, 2)
+    one[:, 3] = 1.0
+    assert float(class_usage(one)) == pytest.approx(1.0, abs=1e-6)
+    # every position sure of its class, half the positions in class 0 and half in class 1: H = log 2
+    split = torch.zeros(2, k, 2, 2, 2)
+    split[0, 0], split[1, 1] = 1.0, 1.0
+    assert float(class_usage(split)) == pytest.approx(1.0 - math.log(2) / math.log(k), rel=1e-6)
+    # it reads the batch's marginal, not each position's entropy: the same marginal, the same value
+    assert float(class_usage(torch.full((2, k, 2, 2, 2), 0.0).index_fill(1, torch.tensor([0, 1]), 0.5))) == (
+        pytest.approx(float(class_usage(split)), rel=1e-6)
+    )
+    with pytest.raises(ConfigError, match="w_anatomy_usage"):
+        Fomo25Config(w_anatomy_usage=-1.0)
+    batch = _pair_batch()
+    with pytest.raises(ConfigError, match="categorical"):
+        Fomo25Loss(Fomo25Config(w_anatomy_usage=1.0))(DualLatentUNet(features=(4, 8, 16), latent=4), batch)
+
+    # in the objective: a code pushed onto one class spreads again under the term, and only under it
+    def collapsed():
+        torch.manual_seed(0)
+        model = DualLatentUNet(features=(4, 8, 16), latent=k, anatomy_code="categorical")
+        with torch.no_grad():
+            head = model.subject_head
+            head.bias[:k] = 0.0
+            head.bias[0] = 6.0  # the anatomy logits: class 0 far ahead everywhere
+        return model
+
+    cfg = Fomo25Config(w_anatomy_usage=1.0, w_swap=0, w_align=0, w_repel=0, w_kl=0)
+    model = collapsed()
+    first, last = _train(model, Fomo25Loss(cfg), batch, "anatomy_usage", 40, lr=1e-2)
+    assert first > 0.9 and last < 0.5 * first
+    control = collapsed()
+    opt = torch.optim.Adam(control.parameters(), lr=1e-2)
+    plain = Fomo25Loss(Fomo25Config(w_swap=0, w_align=0, w_repel=0, w_kl=0))
+    for _ in range(40):
+        loss, terms, _ = plain(control, batch)
+        assert "anatomy_usage" not in terms
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    with torch.no_grad():
+        kept = class_usage(control.forward_features(torch.cat([batch["x_a"], batch["x_b"]])).latents["mu_s"])
+    assert float(kept) > 2 * last

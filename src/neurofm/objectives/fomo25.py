@@ -68,6 +68,12 @@ Loss = w_rec (rec_a + rec_b) + w_swap (swap_ab + swap_ba) + w_kl(t) KL
   SynthSeg's domain randomisation (Billot et al. 2023) put into the pair objective, without labels — and the
   contrast code to say which map it was. The remapped scan has no contrast name (-1): the terms that use
   the BIDS suffix skip it. A single-scan session gets its pair this way too.
+* anatomy_usage (``w_anatomy_usage``, a categorical anatomy code only): ``1 - H(p) / log K``, where ``p`` is the
+  class distribution averaged over every position of every crop the batch encodes and ``K`` the number of classes
+  (wav2vec 2.0's codebook diversity term, Baevski et al. 2020, on the log scale). It is 0 when the batch uses every
+  class equally and 1 when it uses one. Without it the code drifts to a few classes (docs/pretraining.md: 5-6 of
+  32, two of them holding 79-83 % of positions), and a scan's anatomy vector is then a handful of shares that
+  differ little between subjects.
 * A session with one scan contributes only its reconstruction and KL (unless remapped).
 
 The paper's form is ``align="cosine", swap_anatomy="mean", swap_contrast="same"`` with a
@@ -76,6 +82,7 @@ spatial contrast latent; the defaults were chosen by measurement (docs/pretraini
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -115,6 +122,7 @@ class Fomo25Config:
     w_adversary: float = 0.0
     w_contrast_id: float = 0.0
     w_anatomy: float = 0.0  # > 0: the anatomy latent predicts the subject's regional volumes (1 - cosine)
+    w_anatomy_usage: float = 0.0  # > 0: a categorical anatomy code spreads the batch over its classes
     contrast_input: str = "masked"  # masked: the contrast terms read the masked encodings | clean
     swap_anatomy: str = "mean"  # mean (paper) | other
     swap_contrast: str = "same"  # same (paper) | reference
@@ -152,6 +160,7 @@ class Fomo25Config:
             "w_adversary",
             "w_contrast_id",
             "w_anatomy",
+            "w_anatomy_usage",
         ):
             if getattr(self, name) < 0:
                 raise ConfigError(f"objective.{name} should be >= 0, got {getattr(self, name)}")
@@ -222,6 +231,16 @@ def contrast_nce(codes: torch.Tensor, valid: torch.Tensor, temperature: float) -
     logits = logits.masked_fill(drop, float("-inf"))
     positive = (torch.arange(n, device=v.device) + 2 * bsz) % n  # a kept anchor's positive is kept too
     return F.cross_entropy(logits[keep], positive[keep])
+
+
+def class_usage(probs: torch.Tensor) -> torch.Tensor:
+    """``1 - H(p) / log K`` of the class distribution ``p`` averaged over the samples and positions of ``probs``
+    ``(B, K, *grid)`` (each position's probabilities summing to 1): 0 when every class is used equally, 1 when
+    one class takes every position."""
+    k = probs.shape[1]
+    p = probs.movedim(1, -1).reshape(-1, k).float().mean(0)
+    entropy = -(p * p.clamp_min(1e-12).log()).sum()
+    return 1.0 - entropy / math.log(k)
 
 
 def dense_nce(a: torch.Tensor, b: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -540,6 +559,13 @@ class Fomo25Loss(nn.Module):
         if cfg.w_contrast_nce > 0:  # use_ref holds (the config requires the reference crops)
             terms["contrast_nce"] = contrast_nce(mu_c, valid, cfg.contrast_nce_temperature)
             total = total + cfg.w_contrast_nce * terms["contrast_nce"]
+        if cfg.w_anatomy_usage > 0:
+            if not categorical:
+                raise ConfigError(
+                    "objective.w_anatomy_usage needs a categorical anatomy code (model.kwargs.anatomy_code=categorical)"
+                )
+            terms["anatomy_usage"] = class_usage(lat["mu_s"])  # the masked encodings of every crop
+            total = total + cfg.w_anatomy_usage * terms["anatomy_usage"]
         if cfg.w_anatomy > 0:
             terms["anatomy"] = self.anatomy_term(model, mus_a, mus_b, batch, valid)
             total = total + cfg.w_anatomy * terms["anatomy"]
