@@ -107,6 +107,16 @@ def analysis_table(analysis: dict) -> str:
                 probe("anatomy_mode"),
             ),
         ]
+        usage = lat["anatomy_mode"].get("code_usage")
+        if usage:
+            checks.insert(
+                5,
+                (
+                    f"anatomy code: classes holding ≥ {usage['floor']:.0%} of positions, perplexity, largest shares",
+                    f"{usage['classes_used']} of {usage['classes']}, {usage['perplexity']:.1f}, "
+                    + " / ".join(f"{v:.2f}" for v in usage["largest_shares"][:3]),
+                ),
+            )
     checks += [
         (
             "reference: the same probe on each scan's intensity histogram (most confused pair)",

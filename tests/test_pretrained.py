@@ -172,6 +172,10 @@ def test_analyze_reads_the_demos_categorical_code_by_its_most_likely_class_too(s
     soft, mode = lat["anatomy"], lat["anatomy_mode"]
     assert soft["contrast_probe"]["n"] == mode["contrast_probe"]["n"] == lat["scans"]
     assert -2 <= mode["similarity"]["difference"] <= 2 and 0 <= mode["contrast_probe"]["accuracy"] <= 1
+    usage = mode["code_usage"]  # how many of its classes the code uses, printed and in the report
+    assert usage["classes"] == 32 and 1 <= usage["classes_used"] <= 32 and 1.0 <= usage["perplexity"] <= 32.0
+    assert f"uses {usage['classes_used']} of its 32 classes" in " ".join(out.split())
+    assert f"uses {usage['classes_used']} of its 32 classes" in (tmp_path / "an" / "report.html").read_text()
 
 
 def _make_pretrained():
@@ -200,6 +204,12 @@ def test_a_cards_analysis_table_is_rewritten_and_nothing_else():
     new = script.card_with_analysis(card, analysis)
     assert "| anatomy latent's most likely class, within minus across | 0.432 |" in new
     assert "| contrast probe from the anatomy latent's most likely class (chance) | 0.123 (0.209) |" in new
+    assert "classes holding" not in new  # an analysis from before the code's usage was measured
+    mode["code_usage"] = {"classes": 32, "classes_used": 5, "floor": 0.01, "perplexity": 3.456, "largest_shares": [0.5]}
+    rows = script.analysis_table(analysis).splitlines()
+    row = "| anatomy code: classes holding ≥ 1% of positions, perplexity, largest shares | 5 of 32, 3.5, 0.50 |"
+    assert rows.index(row) == rows.index(next(r for r in rows if "anatomy latent's most likely class (" in r)) + 1
+    del mode["code_usage"]
     head, tail = card.split(script.ANALYSIS_HEADING)
     assert new.startswith(head + script.ANALYSIS_HEADING) and new.endswith(tail[tail.index("\n## ") :])
     assert new.count("| check | value |") == 1

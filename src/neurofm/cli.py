@@ -520,9 +520,13 @@ def analyze(
     with _guarded(out, "writing the analysis"):
         result = run_analyze(run, data, out, cfg)
     from neurofm.analyze.latent import summary_table
+    from neurofm.analyze.run import usage_text
 
     for r in summary_table(result.get("latent", {})):
         results.print(r)
+    usage = usage_text(result.get("latent", {}).get("anatomy_mode", {}).get("code_usage", {}))
+    if usage:
+        results.print(usage.strip())
 
 
 @app.command()

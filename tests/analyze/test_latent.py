@@ -7,6 +7,7 @@ import pytest
 from neurofm.analyze.latent import (
     INTENSITY_ROW,
     MODE_ROW,
+    code_usage,
     contrast_gap,
     contrast_probe,
     intensity_histograms,
@@ -202,6 +203,28 @@ def test_the_anatomy_codes_mode_is_analysed_beside_its_probabilities():
     # an empty mode (a Gaussian or a hard code) adds no row
     empty = df.assign(anatomy_mode=[np.zeros(0, np.float32)] * len(df))
     assert "anatomy_mode" not in latent_analysis(empty)
+
+
+def test_code_usage_known_answers():
+    # 4 scans of an 8-class code: two scans all in class 0, two split evenly between classes 1 and 2
+    modes = [np.eye(8)[0], np.eye(8)[0], 0.5 * (np.eye(8)[1] + np.eye(8)[2]), 0.5 * (np.eye(8)[1] + np.eye(8)[2])]
+    df = pd.DataFrame({"subject": ["a", "b", "c", "d"], "contrast": ["T1w"] * 4, "anatomy_mode": modes})
+    u = code_usage(df)
+    assert u["classes"] == 8 and u["classes_used"] == 3
+    assert u["perplexity"] == pytest.approx(np.exp(-(0.5 * np.log(0.5) + 2 * 0.25 * np.log(0.25))))  # 2^1.5
+    assert u["largest_shares"][:3] == pytest.approx([0.5, 0.25, 0.25]) and u["largest_shares"][3] == 0
+    # a class under the floor is not counted as used, but still enters the perplexity
+    rare = [np.r_[0.995, 0.005, np.zeros(6)]] * 4
+    r = code_usage(df.assign(anatomy_mode=rare))
+    assert r["classes_used"] == 1 and 1.0 < r["perplexity"] < 1.1
+    assert code_usage(df.drop(columns="anatomy_mode")) == {}
+    assert code_usage(df.assign(anatomy_mode=[np.zeros(0)] * 4)) == {}
+    # latent_analysis carries it in the mode's entry
+    full = _latents(n_subjects=6)
+    full["anatomy_mode"] = [np.eye(16)[i % 3] for i in range(len(full))]  # 18 scans, 6 in each of 3 classes
+    res = latent_analysis(full)
+    assert res["anatomy_mode"]["code_usage"]["classes_used"] == 3
+    assert res["anatomy_mode"]["code_usage"]["perplexity"] == pytest.approx(3.0)
 
 
 class _TwoContrastStore:

@@ -177,6 +177,25 @@ def intensity_histograms(
     return pd.DataFrame(rows)
 
 
+def code_usage(df: pd.DataFrame, column: str = "anatomy_mode", floor: float = 0.01) -> dict[str, Any]:
+    """How a categorical anatomy code spreads over its classes, from each scan's share of positions per most likely
+    class (:mod:`neurofm.analyze.embed`), averaged over scans: the number of classes, those holding at least
+    ``floor`` of the positions, the perplexity ``exp(H)`` of the shares (the number of equally used classes with the
+    same entropy) and the five largest shares. Empty when the column is missing or empty."""
+    if column not in df or len(df) == 0 or len(df[column].iloc[0]) == 0:
+        return {}
+    share = np.stack(df[column].to_numpy()).astype(np.float64).mean(0)
+    share = share / max(share.sum(), 1e-12)
+    nz = share[share > 0]
+    return {
+        "classes": int(share.size),
+        "classes_used": int((share >= floor).sum()),
+        "floor": floor,
+        "perplexity": float(np.exp(-(nz * np.log(nz)).sum())),
+        "largest_shares": [float(v) for v in np.sort(share)[::-1][:5]],
+    }
+
+
 def latent_analysis(df: pd.DataFrame, seed: int = 0, reference: pd.DataFrame | None = None) -> dict[str, Any]:
     """Similarity and probes for both latents (see module docstring), and for the anatomy code's mode where
     ``df`` has a non-empty ``anatomy_mode`` column (:mod:`neurofm.analyze.embed`); with ``reference`` (from
@@ -190,6 +209,9 @@ def latent_analysis(df: pd.DataFrame, seed: int = 0, reference: pd.DataFrame | N
         probe = contrast_probe(df, col, seed=seed)
         if sim or probe:
             out[name] = {"similarity": sim, "contrast_probe": probe, "contrast_gap": contrast_gap(df, col)}
+    usage = code_usage(df)
+    if usage and "anatomy_mode" in out:
+        out["anatomy_mode"]["code_usage"] = usage
     if reference is not None and len(reference) and df["contrast"].nunique() > 1:  # not for a stack model
         probe = contrast_probe(reference, "intensity_histogram", seed=seed)
         if probe:

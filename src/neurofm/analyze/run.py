@@ -103,6 +103,17 @@ def domain_shift_table(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return out
 
 
+def usage_text(usage: dict[str, Any]) -> str:
+    """A sentence on how many of its classes a categorical anatomy code uses (:func:`latent.code_usage`)."""
+    if not usage:
+        return ""
+    top = ", ".join(f"{v:.0%}" for v in usage["largest_shares"][:3])
+    return (
+        f" The code's most likely class uses {usage['classes_used']} of its {usage['classes']} classes "
+        f"(≥ {usage['floor']:.0%} of positions; perplexity {usage['perplexity']:.1f}); the largest hold {top}."
+    )
+
+
 def analyze(
     run: str | Path, data: str | Path, out: str | Path, cfg: AnalyzeConfig | None = None, progress: bool = True
 ) -> dict[str, Any]:
@@ -136,6 +147,7 @@ def analyze(
                 "class probabilities (the anatomy row) and by the share of positions whose most likely class is each "
                 "class (its mode), which leaves out how sure the code is. The same probe on each scan's intensity "
                 "histogram is the reference: contrasts it cannot tell apart differ in few voxels."
+                + usage_text(lat.get("anatomy_mode", {}).get("code_usage", {}))
             ),
             images=[png.name] if png else [],
             tables=[summary_table(lat)],
