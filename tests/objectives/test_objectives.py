@@ -13,6 +13,7 @@ from neurofm.objectives import build_objective, objective_config
 from neurofm.objectives.fomo25 import (
     Fomo25Config,
     Fomo25Loss,
+    class_agreement,
     class_usage,
     contrast_nce,
     kl_divergence,
@@ -675,3 +676,44 @@ def test_class_usage_known_answers_needs_a_categorical_code_and_spreads_a_collap
     with torch.no_grad():
         kept = class_usage(control.forward_features(torch.cat([batch["x_a"], batch["x_b"]])).latents["mu_s"])
     assert float(kept) > 2 * last
+
+
+def test_class_agreement_known_answers_needs_a_categorical_code_and_brings_the_classes_together():
+    k = 8
+    sure = torch.full((2, k, 2, 2, 2), -30.0)
+    sure[:, 3] = 0.0  # log-probabilities: class 3 everywhere, with (all but) certainty
+    assert class_agreement(sure, sure).tolist() == pytest.approx([0.0, 0.0], abs=1e-6)
+    uniform = torch.full((2, k, 2, 2, 2), -math.log(k))
+    assert class_agreement(uniform, uniform).tolist() == pytest.approx([1.0, 1.0], rel=1e-6)
+    # a sure of class 3, b uniform: a -> b costs log K, b -> a costs (log K + 7 * 30) / K ... over log K
+    half = 0.5 * (math.log(k) + (7 * 30.0) / k) / math.log(k)
+    assert class_agreement(sure, uniform).tolist() == pytest.approx([half, half], rel=1e-5)
+    assert class_agreement(uniform, sure).tolist() == pytest.approx([half, half], rel=1e-5)
+    # sure of different classes costs far more than agreeing
+    other = torch.full((2, k, 2, 2, 2), -30.0)
+    other[:, 5] = 0.0
+    assert float(class_agreement(sure, other)[0]) > 10
+    with pytest.raises(ConfigError, match="align should be"):
+        Fomo25Config(align="classe")
+    batch = _pair_batch()
+    with pytest.raises(ConfigError, match="categorical"):
+        Fomo25Loss(Fomo25Config(align="classes"))(DualLatentUNet(features=(4, 8, 16), latent=4), batch)
+
+    # in the objective: on two contrasts of one anatomy the term falls, and the most likely classes agree
+    # at more positions than when training without it
+    batch["x_b"] = 1.0 - 2.0 * batch["x_a"].tanh()  # another contrast of the same anatomy
+
+    def agreement(model):
+        with torch.no_grad():
+            p = model.forward_features(torch.cat([batch["x_a"], batch["x_b"]])).latents["mu_s"].argmax(1)
+        return float((p[:2] == p[2:]).float().mean())
+
+    cfg = dict(w_swap=0, w_repel=0, w_kl=0, mask_ratio=0.01)
+    torch.manual_seed(0)
+    model = DualLatentUNet(features=(4, 8, 16), latent=k, anatomy_code="categorical")
+    first, last = _train(model, Fomo25Loss(Fomo25Config(align="classes", w_align=1.0, **cfg)), batch, "align", 60)
+    assert last < 0.5 * first
+    torch.manual_seed(0)
+    control = DualLatentUNet(features=(4, 8, 16), latent=k, anatomy_code="categorical")
+    _train(control, Fomo25Loss(Fomo25Config(w_align=0.0, **cfg)), batch, "rec", 60)
+    assert agreement(model) > agreement(control)

@@ -23,7 +23,14 @@ Loss = w_rec (rec_a + rec_b) + w_swap (swap_ab + swap_ba) + w_kl(t) KL
   difference of a's and b's anatomy latents at every position, each channel divided by its
   running variance over crops and positions: the two must be *equal*, not only parallel, so
   neither a per-contrast offset nor a per-contrast scale (both invisible to a cosine, both read
-  by a linear probe) can stay, and shrinking the latent does not help.
+  by a linear probe) can stay, and shrinking the latent does not help; ``classes`` (a categorical anatomy
+  code only) — the cross-entropy between a's and b's class distributions at every position, both ways,
+  over ``log K``: the same class, held with confidence, at the same place in both contrasts. It is 0 when
+  the two are sure of one class and agree, 1 when both are uniform. With ``w_anatomy_usage`` at the same
+  weight the two are Invariant Information Clustering's objective taken apart (Ji et al. 2019: the mutual
+  information of the two views' classes is the entropy of the class marginal, which the usage term asks to
+  be high, less the entropy of one view's class given the other's, which this term bounds from above);
+  alone, agreement collapses the code onto a few classes (docs/pretraining.md).
 * align_mean (``w_align_mean``): the same squared difference for the *crop means* of the two
   anatomy latents, each channel divided by the running variance of crop means. A contrast offset
   that is small beside the anatomy's variation from position to position (what the per-position
@@ -110,7 +117,7 @@ class Fomo25Config:
     kl_warmup_epochs: float = 10.0
     kl_reduction: str = "sum"  # sum (SPEC) | mean
     w_align: float = 0.5
-    align: str = "cosine"  # cosine (paper) | centred | dense_nce | mse
+    align: str = "cosine"  # cosine (paper) | centred | dense_nce | mse | classes
     align_temperature: float = 0.1
     w_align_mean: float = 0.0
     w_contrast_means: float = 0.0
@@ -138,7 +145,7 @@ class Fomo25Config:
         choices = {
             "rec_loss": ("smooth_l1", "masked_mse"),
             "kl_reduction": ("sum", "mean"),
-            "align": ("cosine", "centred", "dense_nce", "mse"),
+            "align": ("cosine", "centred", "dense_nce", "mse", "classes"),
             "swap_anatomy": ("mean", "other"),
             "swap_contrast": ("same", "reference"),
             "rec_anatomy": ("own", "random"),
@@ -241,6 +248,17 @@ def class_usage(probs: torch.Tensor) -> torch.Tensor:
     p = probs.movedim(1, -1).reshape(-1, k).float().mean(0)
     entropy = -(p * p.clamp_min(1e-12).log()).sum()
     return 1.0 - entropy / math.log(k)
+
+
+def class_agreement(logp_a: torch.Tensor, logp_b: torch.Tensor) -> torch.Tensor:
+    """The cross-entropy between the class distributions of ``a`` and ``b`` at the same positions, averaged
+    over the two directions and the positions and divided by ``log K``, from their log-probabilities
+    ``(B, K, *grid)``: ``(B,)``. 0 when both put all their mass on the same class at every position; 1 when
+    both are uniform."""
+    k = logp_a.shape[1]
+    p_a, p_b = logp_a.exp(), logp_b.exp()
+    ce = -0.5 * ((p_a * logp_b).sum(1) + (p_b * logp_a).sum(1))
+    return ce.flatten(1).mean(1) / math.log(k)
 
 
 def dense_nce(a: torch.Tensor, b: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -534,7 +552,16 @@ class Fomo25Loss(nn.Module):
             total = total + weight * terms["kl"]
         mus_a, mus_b = mu_s[:bsz], mu_s[bsz : 2 * bsz]
         muc_a, muc_b = mu_c[:bsz], mu_c[bsz : 2 * bsz]
-        if cfg.w_align > 0:
+        if cfg.w_align > 0 and cfg.align == "classes":
+            if not categorical:
+                raise ConfigError(
+                    "objective.align=classes needs a categorical anatomy code (model.kwargs.anatomy_code=categorical)"
+                )
+            tau = float(getattr(model, "anatomy_temperature", 1.0))
+            logp = F.log_softmax(lat["logits_s"][pair].float() / tau, dim=1)  # mu_s's log, computed stably
+            terms["align"] = _wmean(class_agreement(logp[:bsz], logp[bsz:]), valid)
+            total = total + cfg.w_align * terms["align"]
+        elif cfg.w_align > 0:
             terms["align"] = self.align_term(mus_a, mus_b, valid)
             total = total + cfg.w_align * terms["align"]
         if cfg.w_align_mean > 0:
