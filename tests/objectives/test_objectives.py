@@ -1,9 +1,11 @@
 from __future__ import annotations
 
 import math
+from types import SimpleNamespace
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from neurofm.errors import ConfigError
@@ -717,3 +719,55 @@ def test_class_agreement_known_answers_needs_a_categorical_code_and_brings_the_c
     control = DualLatentUNet(features=(4, 8, 16), latent=k, anatomy_code="categorical")
     _train(control, Fomo25Loss(Fomo25Config(w_align=0.0, **cfg)), batch, "rec", 60)
     assert agreement(model) > agreement(control)
+
+
+class _FixedCode(nn.Module):
+    """A dual-latent stand-in whose categorical anatomy code is either a fixed map of positions (``"place"``) or
+    the crop's 2x2x2 block means ranked into classes (``"image"``), with a global contrast code and a decoder."""
+
+    def __init__(self, code: str, k: int = 8):
+        super().__init__()
+        self.code, self.k = code, k
+        self.scale = nn.Parameter(torch.ones(()))
+
+    def forward_features(self, x):
+        n = x.shape[0]
+        if self.code == "place":
+            logits = torch.arange(8.0).view(1, 1, 2, 2, 2).expand(n, 1, 2, 2, 2)
+        else:
+            logits = F.adaptive_avg_pool3d(x, 2)
+        logits = 30.0 * self.scale * -(logits - torch.arange(self.k, dtype=x.dtype).view(1, -1, 1, 1, 1)).abs()
+        lat = {"logits_s": logits, "mu_s": logits.softmax(1), "mu_c": torch.zeros(n, 2), "logvar_c": torch.zeros(n, 2)}
+        return SimpleNamespace(latents=lat)
+
+    def decode(self, zs, zc):
+        return F.interpolate(zs[:, :1], scale_factor=8) * self.scale
+
+
+def test_pair_flip_mirrors_the_second_scan_so_that_a_code_of_places_cannot_agree():
+    # the mirror: only the second scan's rows move, and applying it twice gives the input back
+    torch.manual_seed(3)
+    mirror = None
+    while mirror is None:
+        mirror = Fomo25Loss.mirror_second(8, 2, "cpu")
+    t = torch.randn(8, 1, 4, 4, 4)
+    moved = mirror(t)
+    assert torch.equal(moved[[0, 1, 4, 5]], t[[0, 1, 4, 5]]) and not torch.equal(moved[[2, 3, 6, 7]], t[[2, 3, 6, 7]])
+    assert torch.equal(mirror(moved), t)
+
+    # a code of places agrees across a pair for free; mirrored, it does not. A code that follows the image agrees
+    # with or without the mirror (the two scans here are the same image)
+    x = torch.arange(16.0).view(1, 1, 16, 1, 1).expand(2, 1, 16, 16, 16) / 2.0
+    x = x + torch.arange(16.0).view(1, 1, 1, 1, 16) / 4.0
+    batch = {"x_a": x, "x_b": x.clone(), "pair_valid": torch.tensor([True, True])}
+    cfg = dict(align="classes", w_align=1.0, w_swap=0, w_repel=0, w_kl=0, mask_ratio=0.01, block=8, variational=False)
+
+    def align(code, flip, seed):
+        torch.manual_seed(seed)
+        return float(Fomo25Loss(Fomo25Config(pair_flip=flip, **cfg))(_FixedCode(code), batch)[1]["align"])
+
+    assert all(align("place", False, s) < 1e-2 for s in range(4))
+    assert all(align("image", False, s) < 1e-2 for s in range(4))
+    assert all(align("image", True, s) < 1e-2 for s in range(8))
+    place = [align("place", True, s) for s in range(8)]
+    assert max(place) > 1.0 and sum(v > 1.0 for v in place) >= 4  # every draw that mirrors something

@@ -81,6 +81,13 @@ Loss = w_rec (rec_a + rec_b) + w_swap (swap_ab + swap_ba) + w_kl(t) KL
   class equally and 1 when it uses one. Without it the code drifts to a few classes (docs/pretraining.md: 5-6 of
   32, two of them holding 79-83 % of positions), and a scan's anatomy vector is then a handful of shares that
   differ little between subjects.
+* pair_flip: in training, the second scan of each pair (and its reference crop) is encoded mirrored along a random
+  subset of the three axes (each with probability one half, the same for the whole batch) and its latent maps
+  mirrored back before any term reads them. The two crops of a pair sit at the same place, so without it an anatomy
+  code that says only *where in the crop* a position is (which zero padding lets a convolution tell) agrees across
+  contrasts for free — the shortcut Invariant Information Clustering avoids by giving its two views different
+  geometry; with it, such a code disagrees whenever the mirror moves a position, and only a code that follows the
+  image can agree.
 * A session with one scan contributes only its reconstruction and KL (unless remapped).
 
 The paper's form is ``align="cosine", swap_anatomy="mean", swap_contrast="same"`` with a
@@ -136,6 +143,7 @@ class Fomo25Config:
     rec_anatomy: str = "own"  # own (paper) | random
     remap_p: float = 0.0  # probability that a pair's second scan is a random intensity remapping of its first
     remap_knots: int = 4
+    pair_flip: bool = False  # True: a pair's second scan encoded mirrored (random axes), its latents mirrored back
     variational: bool = True
     contrast_variational: bool = True  # False: the contrast latent is its mean (no sampling, no KL)
 
@@ -462,6 +470,21 @@ class Fomo25Loss(nn.Module):
             return ((d.double() * torch.linalg.solve(cov, d.double().T).T).sum() / n_seen).to(m.dtype)
         return (d**2 / _floored(self.contrast_means_scale, self.cfg.contrast_means_ridge)).sum() / (n_seen * c)
 
+    @staticmethod
+    def mirror_second(n: int, bsz: int, device: Any):
+        """A function mirroring the second scan's crops (rows ``bsz:2*bsz`` and ``3*bsz:`` of ``n`` stacked
+        crops) of a ``(n, C, X, Y, Z)`` tensor along a random subset of the spatial axes (each with probability
+        one half; drawn on the CPU, no device sync); applying it twice gives the input back. ``None`` when the
+        draw mirrors nothing."""
+        dims = tuple(d for d, flip in zip((2, 3, 4), torch.rand(3) < 0.5, strict=True) if flip)
+        if not dims:
+            return None
+        rows = torch.zeros(n, dtype=torch.bool)
+        rows[bsz : 2 * bsz] = True
+        rows[3 * bsz :] = True
+        sel = rows.to(device).view(-1, 1, 1, 1, 1)
+        return lambda t: torch.where(sel, t.flip(dims), t)
+
     def remap_pairs(self, batch: dict[str, Any], use_ref: bool) -> dict[str, Any]:
         """``batch`` with the second scan of a random ``remap_p`` of its pairs replaced by a random intensity
         remapping of the first (:func:`random_remap`; its reference crop by the same map of the first's),
@@ -503,7 +526,13 @@ class Fomo25Loss(nn.Module):
         scans = [x_a, x_b] + ([batch["x_a_ref"], batch["x_b_ref"]] if use_ref else [])
         x = torch.cat(scans)
         masks = block_mask(len(x), tuple(x_a.shape[2:]), cfg.block, cfg.mask_ratio, device=x_a.device)
-        lat = model.forward_features(x.masked_fill(masks, 0.0)).latents
+        inputs = x.masked_fill(masks, 0.0)
+        mirror = self.mirror_second(len(x), bsz, x.device) if cfg.pair_flip and self.training else None
+        if mirror is not None:
+            inputs = mirror(inputs)
+        lat = model.forward_features(inputs).latents
+        if mirror is not None:  # every spatial latent map back in the unmirrored frame
+            lat = {k: mirror(v) if v.dim() == inputs.dim() else v for k, v in lat.items()}
         mu_s, mu_c, lv_c = lat["mu_s"], lat["mu_c"], lat["logvar_c"]
         categorical = "logits_s" in lat  # a categorical anatomy code: no Gaussian posterior, no KL
         z_s, z_c = mu_s, mu_c
