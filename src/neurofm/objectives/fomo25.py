@@ -30,7 +30,8 @@ Loss = w_rec (rec_a + rec_b) + w_swap (swap_ab + swap_ba) + w_kl(t) KL
   weight the two are Invariant Information Clustering's objective taken apart (Ji et al. 2019: the mutual
   information of the two views' classes is the entropy of the class marginal, which the usage term asks to
   be high, less the entropy of one view's class given the other's, which this term bounds from above);
-  alone, agreement collapses the code onto a few classes (docs/pretraining.md).
+  alone, agreement collapses the code onto a few classes, and since a pair's crops sit at the same place, a code
+  that names only places in the crop meets both for free unless ``pair_flip`` is on (docs/pretraining.md).
 * align_mean (``w_align_mean``): the same squared difference for the *crop means* of the two
   anatomy latents, each channel divided by the running variance of crop means. A contrast offset
   that is small beside the anatomy's variation from position to position (what the per-position
