@@ -723,7 +723,7 @@ def test_class_agreement_known_answers_needs_a_categorical_code_and_brings_the_c
 
 class _FixedCode(nn.Module):
     """A dual-latent stand-in whose categorical anatomy code is either a fixed map of positions (``"place"``) or
-    the crop's 2x2x2 block means ranked into classes (``"image"``), with a global contrast code and a decoder."""
+    the crop's 2x2x2 block means rounded to the nearest class (``"image"``), a global contrast code, a decoder."""
 
     def __init__(self, code: str, k: int = 8):
         super().__init__()
@@ -770,4 +770,5 @@ def test_pair_flip_mirrors_the_second_scan_so_that_a_code_of_places_cannot_agree
     assert all(align("image", False, s) < 1e-2 for s in range(4))
     assert all(align("image", True, s) < 1e-2 for s in range(8))
     place = [align("place", True, s) for s in range(8)]
-    assert max(place) > 1.0 and sum(v > 1.0 for v in place) >= 4  # every draw that mirrors something
+    # a draw that mirrors nothing leaves it agreeing; every other draw breaks it
+    assert all(v < 1e-2 or v > 1.0 for v in place) and sum(v > 1.0 for v in place) >= 4

@@ -88,7 +88,7 @@ Loss = w_rec (rec_a + rec_b) + w_swap (swap_ab + swap_ba) + w_kl(t) KL
   code that says only *where in the crop* a position is (which zero padding lets a convolution tell) agrees across
   contrasts for free — the shortcut Invariant Information Clustering avoids by giving its two views different
   geometry; with it, such a code disagrees whenever the mirror moves a position, and only a code that follows the
-  image can agree.
+  image can agree. (The unmasked encoding that ``contrast_input="clean"`` adds is not mirrored.)
 * A session with one scan contributes only its reconstruction and KL (unless remapped).
 
 The paper's form is ``align="cosine", swap_anatomy="mean", swap_contrast="same"`` with a
@@ -393,8 +393,25 @@ class Fomo25Loss(nn.Module):
             pred_ba,
         )
 
-    def align_term(self, mus_a: torch.Tensor, mus_b: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    def align_term(
+        self,
+        mus_a: torch.Tensor,
+        mus_b: torch.Tensor,
+        valid: torch.Tensor,
+        logits: torch.Tensor | None = None,
+        temperature: float = 1.0,
+    ) -> torch.Tensor:
+        """The agreement of a pair's anatomy latents (``cfg.align``); ``align="classes"`` reads a categorical
+        code's ``logits`` (the first ``2 * len(mus_a)`` rows: a's, then b's) and softmax ``temperature``."""
         cfg = self.cfg
+        if cfg.align == "classes":
+            if logits is None:
+                raise ConfigError(
+                    "objective.align=classes needs a categorical anatomy code (model.kwargs.anatomy_code=categorical)"
+                )
+            bsz = len(mus_a)
+            logp = F.log_softmax(logits[: 2 * bsz].float() / temperature, dim=1)  # mu_s's log, computed stably
+            return _wmean(class_agreement(logp[:bsz], logp[bsz:]), valid)
         if cfg.align == "dense_nce":
             keep = valid.bool()
             if not keep.any():
@@ -582,17 +599,9 @@ class Fomo25Loss(nn.Module):
             total = total + weight * terms["kl"]
         mus_a, mus_b = mu_s[:bsz], mu_s[bsz : 2 * bsz]
         muc_a, muc_b = mu_c[:bsz], mu_c[bsz : 2 * bsz]
-        if cfg.w_align > 0 and cfg.align == "classes":
-            if not categorical:
-                raise ConfigError(
-                    "objective.align=classes needs a categorical anatomy code (model.kwargs.anatomy_code=categorical)"
-                )
+        if cfg.w_align > 0:
             tau = float(getattr(model, "anatomy_temperature", 1.0))
-            logp = F.log_softmax(lat["logits_s"][pair].float() / tau, dim=1)  # mu_s's log, computed stably
-            terms["align"] = _wmean(class_agreement(logp[:bsz], logp[bsz:]), valid)
-            total = total + cfg.w_align * terms["align"]
-        elif cfg.w_align > 0:
-            terms["align"] = self.align_term(mus_a, mus_b, valid)
+            terms["align"] = self.align_term(mus_a, mus_b, valid, lat.get("logits_s"), tau)
             total = total + cfg.w_align * terms["align"]
         if cfg.w_align_mean > 0:
             terms["align_mean"] = self.align_mean_term(mus_a, mus_b, valid)
