@@ -722,8 +722,12 @@ def test_class_agreement_known_answers_needs_a_categorical_code_and_brings_the_c
 
 
 class _FixedCode(nn.Module):
-    """A dual-latent stand-in whose categorical anatomy code is either a fixed map of positions (``"place"``) or
-    the crop's 2x2x2 block means rounded to the nearest class (``"image"``), a global contrast code, a decoder."""
+    """A dual-latent stand-in on a 4x4x4 grid of 4-voxel cells (16³ crops) whose categorical anatomy code is a fixed
+    map of places, ``"place"`` (a class per parity pattern of the position) or ``"mirrored place"`` (edge or inner
+    along each axis: the same under every mirror of the crop), or the crop's cell means rounded to the nearest class
+    (``"image"``); with a global contrast code and a decoder."""
+
+    downsampling = 4
 
     def __init__(self, code: str, k: int = 8):
         super().__init__()
@@ -731,44 +735,64 @@ class _FixedCode(nn.Module):
         self.scale = nn.Parameter(torch.ones(()))
 
     def forward_features(self, x):
-        n = x.shape[0]
-        if self.code == "place":
-            logits = torch.arange(8.0).view(1, 1, 2, 2, 2).expand(n, 1, 2, 2, 2)
+        n, i = x.shape[0], torch.arange(4)
+        if self.code == "image":
+            logits = F.avg_pool3d(x, 4)
         else:
-            logits = F.adaptive_avg_pool3d(x, 2)
+            bit = i % 2 if self.code == "place" else ((i == 1) | (i == 2)).long()
+            logits = (bit.view(4, 1, 1) + 2 * bit.view(1, 4, 1) + 4 * bit.view(1, 1, 4)).float()
+            logits = logits.expand(n, 1, 4, 4, 4)
         logits = 30.0 * self.scale * -(logits - torch.arange(self.k, dtype=x.dtype).view(1, -1, 1, 1, 1)).abs()
         lat = {"logits_s": logits, "mu_s": logits.softmax(1), "mu_c": torch.zeros(n, 2), "logvar_c": torch.zeros(n, 2)}
         return SimpleNamespace(latents=lat)
 
     def decode(self, zs, zc):
-        return F.interpolate(zs[:, :1], scale_factor=8) * self.scale
+        return F.interpolate(zs[:, :1], scale_factor=4) * self.scale
 
 
-def test_pair_flip_mirrors_the_second_scan_so_that_a_code_of_places_cannot_agree():
-    # the mirror: only the second scan's rows move, and applying it twice gives the input back
+def test_second_view_moves_only_the_second_scan_and_its_undo_maps_input_and_latent_grid_back():
     torch.manual_seed(3)
-    mirror = None
-    while mirror is None:
-        mirror = Fomo25Loss.mirror_second(8, 2, "cpu")
-    t = torch.randn(8, 1, 4, 4, 4)
-    moved = mirror(t)
-    assert torch.equal(moved[[0, 1, 4, 5]], t[[0, 1, 4, 5]]) and not torch.equal(moved[[2, 3, 6, 7]], t[[2, 3, 6, 7]])
-    assert torch.equal(mirror(moved), t)
+    for flip, shift in ((True, False), (False, True), (True, True)):
+        view = None
+        while view is None:
+            view = Fomo25Loss.second_view(8, 2, (16, 16, 16), 4, flip, shift, "cpu")
+        apply, undo = view
+        t = torch.randn(8, 1, 16, 16, 16)
+        moved = apply(t)
+        first, second = [0, 1, 4, 5], [2, 3, 6, 7]
+        assert torch.equal(moved[first], t[first]) and not torch.equal(moved[second], t[second])
+        assert torch.equal(undo(moved), t)
+        # a map that commutes with whole-cell moves (the cell means) is brought back on its own 4x4x4 grid
+        assert torch.allclose(undo(F.avg_pool3d(moved, 4)), F.avg_pool3d(t, 4), atol=1e-6)
+    with pytest.raises(ConfigError, match="multiple of the model's downsampling"):
+        Fomo25Loss.second_view(8, 2, (16, 16, 18), 4, False, True, "cpu")
+    with pytest.raises(ConfigError, match="downsampling"):
+        Fomo25Loss.second_view(8, 2, (16, 16, 16), None, False, True, "cpu")
 
-    # a code of places agrees across a pair for free; mirrored, it does not. A code that follows the image agrees
-    # with or without the mirror (the two scans here are the same image)
-    x = torch.arange(16.0).view(1, 1, 16, 1, 1).expand(2, 1, 16, 16, 16) / 2.0
-    x = x + torch.arange(16.0).view(1, 1, 1, 1, 16) / 4.0
+
+def test_pair_views_leave_only_a_code_of_the_image_agreeing():
+    # a code of places agrees across a pair for free; the mirror breaks it unless the code is itself mirror-symmetric;
+    # the shift breaks both. A code that follows the image agrees under every view (the two scans are the same image)
+    i = torch.arange(4)
+    cells = ((i.view(4, 1, 1) + 2 * i.view(1, 1, 4) + (i.view(1, 4, 1) > 1)) % 8).float()  # a class per 4³ cell
+    x = F.interpolate(cells[None, None], scale_factor=4).expand(2, 1, 16, 16, 16)
     batch = {"x_a": x, "x_b": x.clone(), "pair_valid": torch.tensor([True, True])}
     cfg = dict(align="classes", w_align=1.0, w_swap=0, w_repel=0, w_kl=0, mask_ratio=0.01, block=8, variational=False)
 
-    def align(code, flip, seed):
+    def align(code, seed, **view):
         torch.manual_seed(seed)
-        return float(Fomo25Loss(Fomo25Config(pair_flip=flip, **cfg))(_FixedCode(code), batch)[1]["align"])
+        return float(Fomo25Loss(Fomo25Config(**view, **cfg))(_FixedCode(code), batch)[1]["align"])
 
-    assert all(align("place", False, s) < 1e-2 for s in range(4))
-    assert all(align("image", False, s) < 1e-2 for s in range(4))
-    assert all(align("image", True, s) < 1e-2 for s in range(8))
-    place = [align("place", True, s) for s in range(8)]
+    for code in ("place", "mirrored place", "image"):
+        assert all(align(code, s) < 1e-2 for s in range(4))
+    assert all(align("image", s, pair_flip=True, pair_shift=True) < 1e-2 for s in range(8))
+    assert all(align("mirrored place", s, pair_flip=True) < 1e-2 for s in range(8))
+    place = [align("place", s, pair_flip=True) for s in range(8)]
     # a draw that mirrors nothing leaves it agreeing; every other draw breaks it
     assert all(v < 1e-2 or v > 1.0 for v in place) and sum(v > 1.0 for v in place) >= 4
+    # a fixed code of places can be unmoved by one particular draw (the parity code by a mirror and a one-cell
+    # shift along the same axis), but no code of places other than a constant one is unmoved by every draw
+    for code in ("place", "mirrored place"):
+        for view in ({"pair_shift": True}, {"pair_flip": True, "pair_shift": True}):
+            values = [align(code, s, **view) for s in range(8)]
+            assert all(v < 1e-2 or v > 1.0 for v in values) and sum(v > 1.0 for v in values) >= 6, (code, values)

@@ -31,7 +31,8 @@ Loss = w_rec (rec_a + rec_b) + w_swap (swap_ab + swap_ba) + w_kl(t) KL
   information of the two views' classes is the entropy of the class marginal, which the usage term asks to
   be high, less the entropy of one view's class given the other's, which this term bounds from above);
   alone, agreement collapses the code onto a few classes, and since a pair's crops sit at the same place, a code
-  that names only places in the crop meets both for free unless ``pair_flip`` is on (docs/pretraining.md).
+  that names only places in the crop meets both for free unless the views' geometry differs (``pair_flip``
+  and ``pair_shift``, below; docs/pretraining.md).
 * align_mean (``w_align_mean``): the same squared difference for the *crop means* of the two
   anatomy latents, each channel divided by the running variance of crop means. A contrast offset
   that is small beside the anatomy's variation from position to position (what the per-position
@@ -87,8 +88,15 @@ Loss = w_rec (rec_a + rec_b) + w_swap (swap_ab + swap_ba) + w_kl(t) KL
   mirrored back before any term reads them. The two crops of a pair sit at the same place, so without it an anatomy
   code that says only *where in the crop* a position is (which zero padding lets a convolution tell) agrees across
   contrasts for free — the shortcut Invariant Information Clustering avoids by giving its two views different
-  geometry; with it, such a code disagrees whenever the mirror moves a position, and only a code that follows the
-  image can agree. (The unmasked encoding that ``contrast_input="clean"`` adds is not mirrored.)
+  geometry. A mirror alone does not close it: a code of places that is itself symmetric under the mirrors (edge or
+  inner along each axis: 2³ classes) still agrees, and that is what a 10,000-step run learned (docs/pretraining.md).
+* pair_shift: in training, the second scan of each pair (and its reference crop) is also shifted circularly by a
+  random whole number of bottleneck cells along each axis (``torch.roll``; uniform over the grid, the same for the
+  whole batch) and its latent maps shifted back, so every position of a's map meets the same tissue in b's but seen
+  from another place in the crop (and across a wrap-around seam). No code of places survives a shift; only a code
+  that follows the image can agree. With ``pair_flip`` the shift follows the mirror. Needs crops whose sides are a
+  multiple of the model's ``downsampling``. (The unmasked encoding that ``contrast_input="clean"`` adds is neither
+  mirrored nor shifted.)
 * A session with one scan contributes only its reconstruction and KL (unless remapped).
 
 The paper's form is ``align="cosine", swap_anatomy="mean", swap_contrast="same"`` with a
@@ -98,6 +106,7 @@ spatial contrast latent; the defaults were chosen by measurement (docs/pretraini
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -145,6 +154,7 @@ class Fomo25Config:
     remap_p: float = 0.0  # probability that a pair's second scan is a random intensity remapping of its first
     remap_knots: int = 4
     pair_flip: bool = False  # True: a pair's second scan encoded mirrored (random axes), its latents mirrored back
+    pair_shift: bool = False  # True: ... and shifted circularly by whole bottleneck cells, its latents shifted back
     variational: bool = True
     contrast_variational: bool = True  # False: the contrast latent is its mean (no sampling, no KL)
 
@@ -489,19 +499,47 @@ class Fomo25Loss(nn.Module):
         return (d**2 / _floored(self.contrast_means_scale, self.cfg.contrast_means_ridge)).sum() / (n_seen * c)
 
     @staticmethod
-    def mirror_second(n: int, bsz: int, device: Any):
-        """A function mirroring the second scan's crops (rows ``bsz:2*bsz`` and ``3*bsz:`` of ``n`` stacked
-        crops) of a ``(n, C, X, Y, Z)`` tensor along a random subset of the spatial axes (each with probability
-        one half; drawn on the CPU, no device sync); applying it twice gives the input back. ``None`` when the
-        draw mirrors nothing."""
-        dims = tuple(d for d, flip in zip((2, 3, 4), torch.rand(3) < 0.5, strict=True) if flip)
-        if not dims:
+    def second_view(
+        n: int, bsz: int, size: tuple[int, ...], cell: int | None, flip: bool, shift: bool, device: Any
+    ) -> tuple[Callable[[torch.Tensor], torch.Tensor], Callable[[torch.Tensor], torch.Tensor]] | None:
+        """The view of a pair's second scan (rows ``bsz:2*bsz`` and ``3*bsz:`` of ``n`` stacked crops of spatial
+        ``size``): ``(apply, undo)``, each a function of a ``(n, C, *grid)`` tensor that moves only those rows.
+        ``apply`` mirrors along a random subset of the axes (``flip``; each with probability one half) and then
+        shifts circularly by a random whole number of cells of ``cell`` voxels along each axis (``shift``; uniform
+        over the ``size // cell`` grid); ``undo`` maps a tensor of any grid that divides ``size`` (the input, or a
+        latent map of ``size // cell`` positions) back. Drawn on the CPU (no device sync); ``None`` when the draw
+        changes nothing."""
+        dims = tuple(d for d, f in zip((2, 3, 4), torch.rand(3) < 0.5, strict=True) if f) if flip else ()
+        if shift:
+            if not cell or any(s % cell for s in size):
+                raise ConfigError(
+                    f"objective.pair_shift needs crop sides that are a multiple of the model's downsampling ({cell}), "
+                    f"got {tuple(size)}"
+                )
+            cells = [int(torch.randint(0, s // cell, ())) for s in size]
+        else:
+            cells = [0] * len(size)
+        if not dims and not any(cells):
             return None
         rows = torch.zeros(n, dtype=torch.bool)
         rows[bsz : 2 * bsz] = True
         rows[3 * bsz :] = True
-        sel = rows.to(device).view(-1, 1, 1, 1, 1)
-        return lambda t: torch.where(sel, t.flip(dims), t)
+        sel = rows.to(device).view(-1, *([1] * (1 + len(size))))
+
+        def steps(t: torch.Tensor, sign: int) -> tuple[int, ...]:
+            return tuple(sign * k * t.shape[2 + i] // (size[i] // cell) for i, k in enumerate(cells)) if cell else ()
+
+        def apply(t: torch.Tensor) -> torch.Tensor:
+            v = t.flip(dims) if dims else t
+            v = v.roll(steps(t, 1), (2, 3, 4)) if any(cells) else v
+            return torch.where(sel, v, t)
+
+        def undo(t: torch.Tensor) -> torch.Tensor:
+            v = t.roll(steps(t, -1), (2, 3, 4)) if any(cells) else t
+            v = v.flip(dims) if dims else v
+            return torch.where(sel, v, t)
+
+        return apply, undo
 
     def remap_pairs(self, batch: dict[str, Any], use_ref: bool) -> dict[str, Any]:
         """``batch`` with the second scan of a random ``remap_p`` of its pairs replaced by a random intensity
@@ -545,12 +583,15 @@ class Fomo25Loss(nn.Module):
         x = torch.cat(scans)
         masks = block_mask(len(x), tuple(x_a.shape[2:]), cfg.block, cfg.mask_ratio, device=x_a.device)
         inputs = x.masked_fill(masks, 0.0)
-        mirror = self.mirror_second(len(x), bsz, x.device) if cfg.pair_flip and self.training else None
-        if mirror is not None:
-            inputs = mirror(inputs)
+        view = None
+        if (cfg.pair_flip or cfg.pair_shift) and self.training:
+            cell = getattr(model, "downsampling", None)
+            view = self.second_view(len(x), bsz, tuple(x.shape[2:]), cell, cfg.pair_flip, cfg.pair_shift, x.device)
+        if view is not None:
+            inputs = view[0](inputs)
         lat = model.forward_features(inputs).latents
-        if mirror is not None:  # every spatial latent map back in the unmirrored frame
-            lat = {k: mirror(v) if v.dim() == inputs.dim() else v for k, v in lat.items()}
+        if view is not None:  # every spatial latent map back in the pair's own frame
+            lat = {k: view[1](v) if v.dim() == inputs.dim() else v for k, v in lat.items()}
         mu_s, mu_c, lv_c = lat["mu_s"], lat["mu_c"], lat["logvar_c"]
         categorical = "logits_s" in lat  # a categorical anatomy code: no Gaussian posterior, no KL
         z_s, z_c = mu_s, mu_c
