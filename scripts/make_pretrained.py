@@ -63,6 +63,7 @@ def scrub(run_cfg: dict, pool_command: str) -> dict:
 def analysis_table(analysis: dict) -> str:
     """The card's table of what ``neurofm analyze`` measured (its ``analysis.json``)."""
     from neurofm.analyze.latent import probe_interval, swap_verdict
+    from neurofm.analyze.run import usage_of
 
     lat = analysis.get("latent", {})
 
@@ -107,16 +108,26 @@ def analysis_table(analysis: dict) -> str:
                 probe("anatomy_mode"),
             ),
         ]
-        usage = lat["anatomy_mode"].get("code_usage")
-        if usage:
-            checks.insert(
-                5,
-                (
-                    f"anatomy code: classes holding ≥ {usage['floor']:.0%} of positions, perplexity, largest shares",
-                    f"{usage['classes_used']} of {usage['classes']}, {usage['perplexity']:.1f}, "
-                    + " / ".join(f"{v:.2f}" for v in usage["largest_shares"][:3]),
-                ),
+    usage = usage_of(lat)  # a categorical code, soft (read by its most likely class) or one-hot
+    if usage:
+        checks.insert(
+            5 if lat.get("anatomy_mode") else 3,
+            (
+                f"anatomy code: classes holding ≥ {usage['floor']:.0%} of positions, perplexity, largest shares",
+                f"{usage['classes_used']} of {usage['classes']}, {usage['perplexity']:.1f}, "
+                + " / ".join(f"{v:.2f}" for v in usage["largest_shares"][:3]),
+            ),
+        )
+    places = analysis.get("places")
+    if places:
+        checks.append(
+            (
+                "anatomy code, crop moved one cell: positions keeping their class with the tissue / with the place",
+                f"{places['same_tissue']:.2f} [{places['same_tissue_low']:.2f}, {places['same_tissue_high']:.2f}] / "
+                f"{places['same_place']:.2f} [{places['same_place_low']:.2f}, {places['same_place_high']:.2f}] "
+                f"of {places['crops']} crops",
             )
+        )
     checks += [
         (
             "reference: the same probe on each scan's intensity histogram (most confused pair)",

@@ -176,6 +176,13 @@ def test_analyze_reads_the_demos_categorical_code_by_its_most_likely_class_too(s
     assert usage["classes"] == 32 and 1 <= usage["classes_used"] <= 32 and 1.0 <= usage["perplexity"] <= 32.0
     assert f"uses {usage['classes_used']} of its 32 classes" in " ".join(out.split())
     assert f"uses {usage['classes_used']} of its 32 classes" in (tmp_path / "an" / "report.html").read_text()
+    # whether the code follows the image or names places in the crop: every scan's crop moved by one cell
+    places = json.loads((tmp_path / "an" / "analysis.json").read_text())["places"]
+    assert places["crops"] == lat["scans"] and places["move_voxels"] == 8
+    assert 0 <= places["same_tissue_low"] <= places["same_tissue"] <= places["same_tissue_high"] <= 1
+    assert 0 <= places["same_place_low"] <= places["same_place"] <= places["same_place_high"] <= 1
+    said = f"{places['same_tissue']:.0%} of positions keep their most likely class with the tissue"
+    assert said in " ".join(out.split()) and said in (tmp_path / "an" / "report.html").read_text()
 
 
 def _make_pretrained():

@@ -519,14 +519,14 @@ def analyze(
     )
     with _guarded(out, "writing the analysis"):
         result = run_analyze(run, data, out, cfg)
-    from neurofm.analyze.latent import summary_table
-    from neurofm.analyze.run import usage_text
+    from neurofm.analyze.latent import places_text, summary_table
+    from neurofm.analyze.run import usage_of, usage_text
 
     for r in summary_table(result.get("latent", {})):
         results.print(r)
-    usage = usage_text(result.get("latent", {}).get("anatomy_mode", {}).get("code_usage", {}))
-    if usage:
-        results.print(usage.strip())
+    for line in (usage_text(usage_of(result.get("latent", {}))), places_text(result.get("places", {}))):
+        if line:
+            results.print(line.strip())
 
 
 @app.command()

@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -298,3 +300,43 @@ def test_the_swap_shares_interval_resamples_subjects_not_trials():
     assert np.isnan(share_interval(hits, ["sub-a"] * 40)[0])  # one subject: no interval
     assert swap_verdict({"passed": False, "verdict": "at the line"}).startswith("failed, at the line")
     assert swap_verdict({"passed": True, "verdict": "passed"}) == "passed"
+
+
+class _ClassCode:
+    """A categorical anatomy code on a grid of 4-voxel cells: ``"place"`` gives each position of the crop its own
+    class whatever the image; ``"image"`` gives a position the class of the tissue at its cell's corner voxel."""
+
+    categorical_anatomy = True
+    downsampling = 4
+
+    def __init__(self, code):
+        self.code = code
+
+    def forward_features(self, x):
+        import torch
+        import torch.nn.functional as F
+
+        if self.code == "place":
+            cls = torch.arange(8).view(1, 2, 2, 2).expand(len(x), 2, 2, 2)
+        else:
+            cls = (x[:, 0, ::4, ::4, ::4] * 7).round().long() % 8
+        return SimpleNamespace(latents={"mu_s": F.one_hot(cls, 8).movedim(-1, 1).float()})
+
+
+def test_place_check_tells_a_code_of_places_from_a_code_of_the_image():
+    from neurofm.analyze.latent import place_check, places_text
+
+    store = _TwoContrastStore()
+    keys = sorted(store.anatomy)
+    image = place_check(_ClassCode("image"), store, keys, patch=8)
+    assert image["same_tissue"] == 1.0 and image["same_place"] < 0.5
+    assert (image["crops"], image["subjects"], image["move_voxels"]) == (24, 6, 4)
+    assert image["same_place_high"] < image["same_tissue_low"] == 1.0
+    assert "follows the image" in places_text(image)
+    places = place_check(_ClassCode("place"), store, keys, patch=8)
+    assert places["same_place"] == 1.0 and places["same_tissue"] == 0.0
+    assert "names places in the crop" in places_text(places)
+    # nothing to say for a code that is not categorical, or scans too small to move a crop by a cell
+    assert place_check(SimpleNamespace(downsampling=4), store, keys, patch=8) == {}
+    assert place_check(_ClassCode("image"), _TwoContrastStore(shape=(10, 10, 10)), keys, patch=8) == {}
+    assert places_text({}) == ""

@@ -20,7 +20,15 @@ from rich.console import Console
 
 from neurofm.analyze import experiments, figures
 from neurofm.analyze.embed import embed_store
-from neurofm.analyze.latent import intensity_histograms, latent_analysis, summary_table, swap_check
+from neurofm.analyze.latent import (
+    code_usage,
+    intensity_histograms,
+    latent_analysis,
+    place_check,
+    places_text,
+    summary_table,
+    swap_check,
+)
 from neurofm.evaluate.report import Section, write_report
 from neurofm.models.registry import model_from_checkpoint
 from neurofm.store import Store
@@ -103,6 +111,12 @@ def domain_shift_table(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return out
 
 
+def usage_of(lat: dict[str, Any]) -> dict[str, Any]:
+    """The code usage of a categorical anatomy code in a latent analysis: read from the soft code's most likely
+    class, or from a hard (one-hot) code's own class shares; empty for any other code."""
+    return lat.get("anatomy_mode", {}).get("code_usage") or lat.get("anatomy", {}).get("code_usage") or {}
+
+
 def usage_text(usage: dict[str, Any]) -> str:
     """A sentence on how many of its classes a categorical anatomy code uses (:func:`latent.code_usage`)."""
     if not usage:
@@ -134,6 +148,9 @@ def analyze(
     keys = spread_sessions(store, cfg.max_sessions)
     df = embed_store(run, data, keys=keys, progress=progress)
     lat = latent_analysis(df, reference=intensity_histograms(store, keys))
+    model, info = model_from_checkpoint(run)
+    if getattr(model, "hard_anatomy", False) and "anatomy" in lat:  # a one-hot code's latent is its class shares
+        lat["anatomy"]["code_usage"] = code_usage(df, "subject_latent")
     result["latent"] = drop_values(lat)
     png = figures.latent_figure(lat, out / "latent.png")
     sections.append(
@@ -147,17 +164,21 @@ def analyze(
                 "class probabilities (the anatomy row) and by the share of positions whose most likely class is each "
                 "class (its mode), which leaves out how sure the code is. The same probe on each scan's intensity "
                 "histogram is the reference: contrasts it cannot tell apart differ in few voxels."
-                + usage_text(lat.get("anatomy_mode", {}).get("code_usage", {}))
+                + usage_text(usage_of(lat))
             ),
             images=[png.name] if png else [],
             tables=[summary_table(lat)],
         )
     )
 
-    model, info = model_from_checkpoint(run)
+    patch = int(info["run"].get("data", {}).get("patch", 64))
+    places = place_check(model.eval(), store, keys, patch)
+    if places:
+        result["places"] = places
+        sections[-1].text += places_text(places)
     if model.disentangles:
         console.rule("swap check")
-        swap = swap_check(model.eval(), store, keys, int(info["run"].get("data", {}).get("patch", 64)))
+        swap = swap_check(model.eval(), store, keys, patch)
         result["swap"] = swap
         sections.append(
             Section(
