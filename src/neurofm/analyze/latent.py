@@ -369,7 +369,7 @@ def place_check(
     same place in the crop (``same_place``: the crop's frame), each with a 95 % interval from resampling subjects.
     A code of the image keeps its class with the tissue; a code of places (which zero padding lets a convolution
     build, and which agrees across a pair's contrasts for free) keeps it with the place; a constant code does both.
-    Empty unless the anatomy code is categorical or the scans are too small to move a crop.
+    Empty when the anatomy code is not categorical, or no scan is large enough to move a crop by a cell.
     """
     from neurofm.data.sampling import random_box
 
