@@ -796,3 +796,25 @@ def test_pair_views_leave_only_a_code_of_the_image_agreeing():
         for view in ({"pair_shift": True}, {"pair_flip": True, "pair_shift": True}):
             values = [align(code, s, **view) for s in range(8)]
             assert all(v < 1e-2 or v > 1.0 for v in values) and sum(v > 1.0 for v in values) >= 6, (code, values)
+
+
+@pytest.mark.parametrize("form", ["cosine", "centred", "mse"])
+def test_the_shift_keeps_a_code_of_places_from_meeting_the_older_agreement_forms(form):
+    # the other forms compare the two anatomy maps position by position too, so a code of places meets the
+    # uncentred ones for free when the crops sit at one place; shifted, it does not, while a code of the image
+    # still does. Centring on the running mean already refuses a code that is the same in every crop.
+    i = torch.arange(4)
+    cells = ((i.view(4, 1, 1) + 2 * i.view(1, 1, 4) + (i.view(1, 4, 1) > 1)) % 8).float()
+    x = F.interpolate(torch.stack([cells, (3 * cells + 1) % 8])[:, None], scale_factor=4)  # two images
+    batch = {"x_a": x, "x_b": x.clone(), "pair_valid": torch.tensor([True, True])}
+    cfg = dict(align=form, w_align=1.0, w_swap=0, w_repel=0, w_kl=0, mask_ratio=0.01, block=8, variational=False)
+
+    def align(code, seed, shift):
+        torch.manual_seed(seed)
+        return float(Fomo25Loss(Fomo25Config(pair_shift=shift, **cfg))(_FixedCode(code), batch)[1]["align"])
+
+    assert all(align("image", s, shift) < 1e-3 for s in range(6) for shift in (False, True))
+    unmoved = [align("place", s, False) for s in range(4)]
+    assert all(v > 0.5 for v in unmoved) if form == "centred" else all(v < 1e-3 for v in unmoved), unmoved
+    moved = [align("place", s, True) for s in range(8)]
+    assert sum(v > 0.5 for v in moved) >= 6, moved
