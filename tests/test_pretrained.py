@@ -63,6 +63,12 @@ CARD = {
         "swap check",
         "w_contrast_nce",
     ),
+    "fomo25-tiny-cshift": (
+        "scripts/make_pretrained.py --work WORK --name fomo25-tiny-cshift",
+        "swap check",
+        "pair_shift",
+        "lesion Dice",
+    ),
     "neurofm-brain-extract": ("scripts/make_brain_extractor.py", "Dice against the generator's brain mask"),
 }
 
