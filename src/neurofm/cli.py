@@ -497,8 +497,9 @@ def analyze(
     contrasts: Annotated[str | None, typer.Option(help="Fine-tuning contrasts.")] = None,
     max_sessions: Annotated[int, typer.Option(help="Sessions embedded for the latent analysis.")] = 60,
 ) -> None:
-    """The paper's analyses: latent similarity, contrast probes, swap check; optionally ablation, label efficiency,
-    FOMO25 — each fine-tuning table paired over seeds against scratch, with a random-encoder and a constant floor."""
+    """The paper's analyses: latent similarity, contrast probes, swap check (and, for a categorical anatomy code, its
+    class usage and the place check); optionally ablation, label efficiency, FOMO25 — each fine-tuning table paired
+    over seeds against scratch, with a random-encoder and a constant floor."""
     from neurofm.analyze.run import AnalyzeConfig
     from neurofm.analyze.run import analyze as run_analyze
 
