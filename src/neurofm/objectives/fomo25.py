@@ -526,8 +526,8 @@ class Fomo25Loss(nn.Module):
         rows[3 * bsz :] = True
         sel = rows.to(device).view(-1, *([1] * (1 + len(size))))
 
-        def steps(t: torch.Tensor, sign: int) -> tuple[int, ...]:
-            return tuple(sign * k * t.shape[2 + i] // (size[i] // cell) for i, k in enumerate(cells)) if cell else ()
+        def steps(t: torch.Tensor, sign: int) -> tuple[int, ...]:  # called only when a cell moves (cell is set)
+            return tuple(sign * k * t.shape[2 + i] // (size[i] // cell) for i, k in enumerate(cells))
 
         def apply(t: torch.Tensor) -> torch.Tensor:
             v = t.flip(dims) if dims else t
