@@ -22,13 +22,25 @@ import argparse
 import sys
 from pathlib import Path
 
-from neurofm.demo import DemoConfig, finetune_rows, parse_per_task, parse_shots, score_text
+from neurofm.demo import (
+    DemoConfig,
+    finetune_rows,
+    models_by_task,
+    models_text,
+    parse_per_task,
+    parse_shots,
+    score_text,
+)
 from neurofm.utils import to_jsonable, write_json
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--pretrained", default=DemoConfig().pretrained, help="a shipped model or a run folder")
+    ap.add_argument(
+        "--pretrained",
+        help="a shipped model or a run folder for every task, or per task as seg=NAME,cls=NAME "
+        f"(default: the demo's, {models_text(models_by_task(DemoConfig()))})",
+    )
     ap.add_argument("--data", type=Path, required=True, help="the demo's store (or another labelled store)")
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--tasks", nargs="+", default=["seg", "cls", "reg"], choices=["seg", "cls", "reg"])
@@ -40,7 +52,9 @@ def main() -> None:
     ap.add_argument("--shots", help="labelled subjects per task as the demo takes them, e.g. seg=2 (default: demo's)")
     args = ap.parse_args()
     tasks = [(t, target) for t, target in DemoConfig().tasks if t in args.tasks]
-    demo = DemoConfig(pretrained=args.pretrained, seeds=args.seeds, tasks=tasks, seed=args.first_seed)
+    demo = DemoConfig(seeds=args.seeds, tasks=tasks, seed=args.first_seed)
+    if args.pretrained:
+        demo.pretrained = parse_per_task(args.pretrained, models_by_task(demo), str, "--pretrained")
     if args.shots:
         demo.shots = parse_shots(args.shots, demo.shots)
     if args.augment:
@@ -48,7 +62,7 @@ def main() -> None:
     if args.lr:
         demo.finetune_lr = parse_per_task(args.lr, dict(demo.finetune_lr), float, "--lr")  # type: ignore[arg-type]
     demo.floors = not args.no_floors
-    rows = finetune_rows(demo, args.pretrained, args.data, args.out, progress=False)
+    rows = finetune_rows(demo, models_by_task(demo), args.data, args.out, progress=False)
     print(score_text(rows))
     shots = f"-shots-{args.shots.replace('=', '').replace(',', '-')}" if args.shots else ""
     first = f"-from-{args.first_seed}" if args.first_seed else ""

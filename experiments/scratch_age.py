@@ -26,13 +26,14 @@ from dataclasses import asdict, replace
 from pathlib import Path
 
 from neurofm.analyze.experiments import Arm, paired_study
-from neurofm.demo import DemoConfig, finetune_config
+from neurofm.demo import DemoConfig, finetune_config, models_by_task
 from neurofm.utils import to_jsonable, write_json
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--pretrained", default=DemoConfig().pretrained, help="a shipped model or a run folder")
+    demo_model = models_by_task(DemoConfig())["reg"]
+    ap.add_argument("--pretrained", default=demo_model, help=f"a shipped model or a run folder (default {demo_model})")
     ap.add_argument("--data", type=Path, required=True, help="the demo's store")
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--seeds", type=int, default=5)

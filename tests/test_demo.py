@@ -73,3 +73,50 @@ def test_demo_shots_are_parsed_per_task_and_bad_ones_refused(tmp_path, run_cli):
         code, _, err = run_cli("demo", "--out", tmp_path / "d", "--shots", bad)
         assert code == 2 and said in err and "Traceback" not in err
         assert not (tmp_path / "d").exists()  # refused before anything is written
+
+
+def test_demo_pretrained_per_task_and_bad_models_refused(tmp_path, run_cli):
+    from neurofm.demo import DEFAULT_MODELS, SHIPPED, DemoConfig, models_by_task, models_text
+    from neurofm.pretrained import shipped
+
+    assert set(DEFAULT_MODELS.values()) <= set(shipped()) and DEFAULT_MODELS["cls"] == SHIPPED
+    assert models_by_task(DemoConfig()) == DEFAULT_MODELS
+    cfg = DemoConfig(pretrained={"cls": "fomo25-tiny-cnce"})  # the tasks left out keep their default
+    assert models_by_task(cfg) == {**DEFAULT_MODELS, "cls": "fomo25-tiny-cnce"}
+    seg = DEFAULT_MODELS["seg"]
+    assert models_text(models_by_task(cfg)) == f"seg {seg}, cls fomo25-tiny-cnce, reg {DEFAULT_MODELS['reg']}"
+    assert models_text(models_by_task(DemoConfig(pretrained="fomo25-tiny-cnce"))) == "fomo25-tiny-cnce"
+    for bad, said in (
+        ("seg=no-such-model", "no-such-model"),  # a missing model is said before any work
+        ("no-such-model", "no-such-model"),
+        ("age=fomo25-tiny-cnce", "--pretrained names unknown tasks ['age']"),
+    ):
+        code, _, err = run_cli("demo", "--out", tmp_path / "d", "--pretrained", bad)
+        assert code == 2 and said in err and "Traceback" not in err, err
+        assert not (tmp_path / "d").exists()
+
+
+@pytest.mark.slow
+def test_demo_fine_tunes_each_task_from_its_own_model(tmp_path, run_cli):
+    # the default: segmentation from one shipped model, the other tasks from another; every row says which it
+    # came from and each model's latents are analysed
+    from neurofm.demo import DEFAULT_MODELS
+
+    out = tmp_path / "demo"
+    args = ["demo", "--out", out, "--subjects", "6", "--sessions", "1", "--finetune-steps", "2", "--seeds", "2"]
+    args += ["--shots", "seg=2,cls=3,reg=3"]
+    code, _, said = run_cli(*args)
+    assert code == 0, said
+    summary = json.loads((out / "demo.json").read_text())
+    assert summary["pretrained"] == DEFAULT_MODELS and DEFAULT_MODELS["seg"] != DEFAULT_MODELS["cls"]
+    assert {(r["task"], r["model"]) for r in summary["scores"]} == set(DEFAULT_MODELS.items())
+    assert set(summary["latent"]) == set(DEFAULT_MODELS.values())
+    assert all(v["latent"] and v["swap"] for v in summary["latent"].values())
+    for model in set(DEFAULT_MODELS.values()):  # the printed pretrained rows name their model
+        assert any(f"({model})" in line and "pretrained" in line for line in said.splitlines()), model
+    assert "the model of seg:" in said and "the model of cls, reg:" in said
+    html = (out / "report.html").read_text()
+    for label in ("the model of seg", "the model of cls, reg"):
+        assert f"Latent analysis — {label}" in html and f"{label}: <code>" in html
+    for png in ("latent.png", "latent-2.png"):
+        assert (out / "figures" / png).stat().st_size > 2000, png

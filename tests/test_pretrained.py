@@ -20,8 +20,9 @@ def test_a_pretrained_model_ships():
 
 
 def test_the_demos_model_ships_and_its_recipe_is_a_preset(run_cli):
-    """neurofm demo fine-tunes a shipped model by default, and --pretrain-steps trains that model's settings from
-    nothing: the preset resolves to the model and objective the shipped weights were trained with."""
+    """neurofm demo fine-tunes shipped models by default (classification and regression from SHIPPED), and
+    --pretrain-steps trains SHIPPED's settings from nothing: the preset resolves to the model and objective the
+    shipped weights were trained with."""
     from dataclasses import asdict
 
     from neurofm.demo import RECIPE
@@ -42,7 +43,11 @@ def test_the_demos_model_ships_and_its_recipe_is_a_preset(run_cli):
         assert mine == {k: v for k, v in run[part].items() if k != "num_workers"}, part
     code, out, err = run_cli("demo", "--help")
     assert code == 0, err
-    assert f"[default: {DEMO_MODEL}]" in " ".join(out.replace("│", " ").split())  # rich's box, wrapped
+    said = " ".join(out.replace("│", " ").split())  # rich's box, wrapped
+    from neurofm.demo import DEFAULT_MODELS
+
+    assert f"default: seg {DEFAULT_MODELS['seg']}, cls {DEMO_MODEL}, reg {DEMO_MODEL}." in said, said
+    assert set(DEFAULT_MODELS.values()) <= set(SHIPPED)
 
 
 #: what each shipped folder's model card must name: the script that makes it, and its own checks

@@ -9,8 +9,10 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
-from neurofm.demo import SHIPPED as DEMO_MODEL
+from neurofm.demo import DemoConfig, models_by_task, models_text
 from neurofm.errors import NeurofmError
+
+DEMO_MODELS = models_text(models_by_task(DemoConfig()))  # the demo's default pretrained model(s), for --help
 
 app = typer.Typer(
     name="neurofm",
@@ -628,8 +630,12 @@ def demo(
     subjects: Annotated[int, typer.Option(help="Synthetic subjects.")] = 40,
     sessions: Annotated[int, typer.Option(help="Sessions (visits) per synthetic subject.")] = 2,
     pretrained: Annotated[
-        str, typer.Option(help="The pretrained model: one that ships with neurofm, or a run folder.")
-    ] = DEMO_MODEL,
+        str | None,
+        typer.Option(
+            help="The pretrained model (one that ships with neurofm, or a run folder) for every task, or per task, "
+            f"e.g. seg=NAME,cls=NAME2 (the others keep the default); default: {DEMO_MODELS}."
+        ),
+    ] = None,
     pretrain_steps: Annotated[
         int,
         typer.Option(
@@ -652,13 +658,12 @@ def demo(
 ) -> None:
     """The embedded default end to end, offline, on a CPU (about 15 min on 2 cores): synth -> prepare ->
     the pretrained model -> fine-tune (pretrained, scratch, two floors; paired over seeds) -> analyze -> HTML report."""
-    from neurofm.demo import DemoConfig, parse_shots, run_demo
+    from neurofm.demo import parse_per_task, parse_shots, run_demo
 
     cfg = DemoConfig(
         subjects=subjects,
         sessions=sessions,
         workers=workers,
-        pretrained=pretrained,
         pretrain_steps=pretrain_steps,
         pool_subjects=pool_subjects,
         seeds=seeds,
@@ -666,6 +671,8 @@ def demo(
     )
     if shots is not None:
         cfg.shots = parse_shots(shots, cfg.shots)
+    if pretrained is not None:
+        cfg.pretrained = parse_per_task(pretrained, models_by_task(cfg), str, "--pretrained")
     if finetune_steps is not None:
         cfg.finetune_steps = finetune_steps
     with _guarded(out, "running the demo", "free space and run the demo again: finished stages are kept"):

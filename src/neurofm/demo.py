@@ -2,14 +2,15 @@
 
 1. synth — synthetic subjects on the real ICBM 2009c / CerebrA anatomy (2 mm, 3 sites);
 2. prepare — RAS, 4 mm (so a 32³ crop holds most of a brain), crop, z-score, blosc2 store;
-3. pretrained model — the fomo25-tiny model that ships with neurofm (pretrained on a separate
-   pool of synthetic subjects, none of them the demo's), or, with ``pretrain_steps``, its recipe
-   pretrained here from nothing on a freshly synthesised pool disjoint from the demo's subjects;
+3. pretrained model — a fomo25-tiny model that ships with neurofm (pretrained on a separate
+   pool of synthetic subjects, none of them the demo's), one for every task or one per task, or, with
+   ``pretrain_steps``, the default's recipe pretrained here from nothing on a freshly synthesised pool
+   disjoint from the demo's subjects;
 4. fine-tune — lesion segmentation, health classification and age regression from a few
    labelled subjects: the pretrained model, scratch with the same architecture and budget, a
    frozen random encoder and the constant predictor, on the same few-shot draws for several
    seeds; the paired difference from scratch with its 95 % interval;
-5. analyze — anatomy-latent similarity, contrast probes and the swap check;
+5. analyze — anatomy-latent similarity, contrast probes and the swap check, of each model used;
 6. report — HTML with the figures and the tables.
 
 Every stage reuses its output if it is already there, so an interrupted demo resumes.
@@ -29,6 +30,9 @@ if TYPE_CHECKING:
     from neurofm.train.config import FinetuneConfig
 
 SHIPPED = "fomo25-tiny-cmeans"  # chosen over fomo25-tiny-synth on the demo's 10 seeds (docs/finetuning.md)
+# the model each task fine-tunes by default: segmentation from fomo25-tiny-cshift, ahead of scratch and of
+# fomo25-tiny-cmeans on subjects the choice was not made on (experiments/rule_per_task_default.md)
+DEFAULT_MODELS = {"seg": "fomo25-tiny-cshift", "cls": SHIPPED, "reg": SHIPPED}
 RECIPE = "fomo25-cmeans-tiny"  # the shipped model's recipe: what pretrain_steps > 0 trains from nothing
 
 
@@ -38,7 +42,9 @@ class DemoConfig:
     sessions: int = 2
     workers: int = 2
     spacing: float = 4.0  # mm: a 32^3 crop holds most of a brain
-    pretrained: str = SHIPPED  # a shipped model or a run folder; ignored when pretrain_steps > 0
+    # a shipped model or a run folder for every task, or one per task ({"seg": ..., ...}; a task left out takes
+    # its DEFAULT_MODELS entry); ignored when pretrain_steps > 0
+    pretrained: str | dict[str, str] = field(default_factory=lambda: dict(DEFAULT_MODELS))
     pretrain_steps: int = 0  # > 0: pretrain the shipped recipe from nothing on a separate synthetic pool
     pool_subjects: int = 100  # subjects of that pool (two sessions each)
     patch: int = 32
@@ -83,7 +89,20 @@ def _check(cfg: DemoConfig) -> None:
             f"use at least {need}, or lower --shots"
         )
     if cfg.pretrain_steps <= 0:
-        resolve_checkpoint(cfg.pretrained)  # a missing model is said now, not after synth and prepare
+        for model in dict.fromkeys(models_by_task(cfg).values()):
+            resolve_checkpoint(model)  # a missing model is said now, not after synth and prepare
+
+
+def models_by_task(cfg: DemoConfig) -> dict[str, str]:
+    """The pretrained model each task of ``cfg.tasks`` fine-tunes (``cfg.pretrained``, one or per task)."""
+    return {task: str(_per_task(cfg.pretrained, task, DEFAULT_MODELS.get(task, SHIPPED))) for task, _ in cfg.tasks}
+
+
+def models_text(models: dict[str, str]) -> str:
+    """``"NAME"`` when every task takes one model, else ``"seg NAME, cls NAME2, ..."``."""
+    if len(set(models.values())) == 1:
+        return next(iter(models.values()))
+    return ", ".join(f"{task} {model}" for task, model in models.items())
 
 
 def run_demo(out: str | Path = "neurofm-demo", cfg: DemoConfig | None = None) -> Path:
@@ -134,15 +153,18 @@ def run_demo(out: str | Path = "neurofm-demo", cfg: DemoConfig | None = None) ->
         t = stage("3/6 pretrain", title)
         run = _pretrain_pool(out, cfg, console)
         figures.training_curves(run, fig_dir / "pretrain_curves.png", "fomo25-tiny pretraining")
+        models = {task: str(run) for task, _ in cfg.tasks}
     else:
-        t = stage("3/6 pretrained model", f"{cfg.pretrained}, shipped with neurofm (no pretraining here)")
-        run = cfg.pretrained
-    console.print(describe_run(resolve_run(run)))
+        models = models_by_task(cfg)
+        t = stage("3/6 pretrained model", f"{models_text(models)}, shipped with neurofm (no pretraining here)")
+    distinct = list(dict.fromkeys(models.values()))
+    for model in distinct:
+        console.print(describe_run(resolve_run(model)))
     times["pretrain"] = time.time() - t
 
     shots = ", ".join(f"{k} {v}" for k, v in cfg.shots.items())
     t = stage("4/6 fine-tune", f"labelled subjects {shots}; {cfg.seeds} seeds; pretrained, scratch and two floors")
-    rows = finetune_rows(cfg, run, store, out / "finetune")
+    rows = finetune_rows(cfg, models, store, out / "finetune")
     figures.scores_figure(rows, fig_dir / "scores.png", f"labelled subjects: {shots}; mean over {cfg.seeds} seeds")
     figures.difference_figure(rows, fig_dir / "differences.png")
     scores = score_table(rows)
@@ -151,13 +173,18 @@ def run_demo(out: str | Path = "neurofm-demo", cfg: DemoConfig | None = None) ->
 
     t = stage("5/6 analyze", "anatomy-latent similarity across contrasts, contrast probes, swap check")
     keys = spread_sessions(Store(store), cfg.latent_sessions)
-    lat = latent_analysis(
-        embed_store(run, store, keys=keys, progress=True), reference=intensity_histograms(Store(store), keys)
-    )
-    figures.latent_figure(lat, fig_dir / "latent.png")
-    model, info = model_from_checkpoint(run)
-    swap = swap_check(model.eval(), Store(store), keys, int(info["run"].get("data", {}).get("patch", cfg.patch)))
-    console.print(_latent_text(summary_table(lat), swap))
+    reference = intensity_histograms(Store(store), keys)
+    analyses: dict[str, dict[str, Any]] = {}
+    for i, model in enumerate(distinct):
+        lat = latent_analysis(embed_store(model, store, keys=keys, progress=True), reference=reference)
+        png = "latent.png" if i == 0 else f"latent-{i + 1}.png"
+        figures.latent_figure(lat, fig_dir / png)
+        net, info = model_from_checkpoint(model)
+        swap = swap_check(net.eval(), Store(store), keys, int(info["run"].get("data", {}).get("patch", cfg.patch)))
+        if len(distinct) > 1:
+            console.print(f"  {_model_label(model, models, cfg)}:")
+        console.print(_latent_text(summary_table(lat), swap))
+        analyses[model] = {"latent": lat, "swap": swap, "figure": f"figures/{png}"}
     times["analyze"] = time.time() - t
 
     t = stage("6/6 report", "HTML with figures and tables")
@@ -168,9 +195,12 @@ def run_demo(out: str | Path = "neurofm-demo", cfg: DemoConfig | None = None) ->
         f"{RECIPE} pretrained here for {cfg.pretrain_steps} steps on {cfg.pool_subjects} other synthetic subjects "
         "(no labels; none of them is a fine-tuning or test subject)."
         if cfg.pretrain_steps > 0
-        else f"<code>{cfg.pretrained}</code>, which ships with neurofm: its model card (<code>neurofm inspect "
-        f"{cfg.pretrained}</code>) gives the data, the command and the steps. None of its pretraining subjects "
-        "is a fine-tuning or test subject here."
+        else " ".join(
+            f"{_model_label(m, models, cfg)}: <code>{m}</code>, which ships with neurofm; its model card "
+            f"(<code>neurofm inspect {m}</code>) gives the data, the command and the steps."
+            for m in distinct
+        )
+        + " None of the pretraining subjects is a fine-tuning or test subject here."
     )
     sections = [
         Section(
@@ -185,13 +215,16 @@ def run_demo(out: str | Path = "neurofm-demo", cfg: DemoConfig | None = None) ->
             text=pre_text,
             images=["figures/pretrain_curves.png"] if cfg.pretrain_steps > 0 else [],
         ),
-        Section(
-            "Latent analysis",
-            images=["figures/latent.png"],
-            tables=[summary_table(lat), [swap] if swap else []],
-            note="swap check: one scan's anatomy decoded with the contrast code of another crop of another "
-            "contrast; mse_to_a is the error to that anatomy in that contrast, which disentangled latents make "
-            "the smallest.",
+        *(
+            Section(
+                "Latent analysis" + (f" — {_model_label(m, models, cfg)}" if len(distinct) > 1 else ""),
+                images=[a["figure"]],
+                tables=[summary_table(a["latent"]), [a["swap"]] if a["swap"] else []],
+                note="swap check: one scan's anatomy decoded with the contrast code of another crop of another "
+                "contrast; mse_to_a is the error to that anatomy in that contrast, which disentangled latents make "
+                "the smallest.",
+            )
+            for m, a in analyses.items()
         ),
         Section(
             "Fine-tuning: does pretraining help with few labels?",
@@ -221,9 +254,9 @@ def run_demo(out: str | Path = "neurofm-demo", cfg: DemoConfig | None = None) ->
         out / "demo.json",
         to_jsonable(
             {
+                "pretrained": models,
                 "scores": rows,
-                "latent": drop_values(lat),
-                "swap": swap,
+                "latent": {m: {"latent": drop_values(a["latent"]), "swap": a["swap"]} for m, a in analyses.items()},
                 "times": times,
                 "threads": torch.get_num_threads(),
                 "machine": made_on,
@@ -244,6 +277,13 @@ def _machine_text(m: dict[str, Any]) -> str:
 def _per_task(value: Any, task: str, default: Any) -> Any:
     """A setting given for all tasks (one number) or per task (a dict)."""
     return value.get(task, default) if isinstance(value, dict) else value
+
+
+def _model_label(model: str, models: dict[str, str], cfg: DemoConfig) -> str:
+    """``"the pretrained model"`` or, per task, ``"the model of seg, cls"``."""
+    if cfg.pretrain_steps > 0 or len(set(models.values())) == 1:
+        return "the pretrained model"
+    return "the model of " + ", ".join(task for task, m in models.items() if m == model)
 
 
 def finetune_config(cfg: DemoConfig, run: str | Path, task: str, target: str) -> FinetuneConfig:
@@ -273,20 +313,27 @@ def finetune_config(cfg: DemoConfig, run: str | Path, task: str, target: str) ->
 
 
 def finetune_rows(
-    cfg: DemoConfig, run: str | Path, store: str | Path, out: str | Path, progress: bool = True
+    cfg: DemoConfig,
+    run: str | Path | dict[str, str],
+    store: str | Path,
+    out: str | Path,
+    progress: bool = True,
 ) -> list[dict[str, Any]]:
-    """The demo's fine-tuning rows: per task of ``cfg.tasks``, the pretrained model read as ``cfg.modes`` says,
-    scratch and the two floors, paired over ``cfg.seeds`` seeds; a finished run in ``out`` is reused when its
-    settings and the code that made it match (others are trained again)."""
+    """The demo's fine-tuning rows: per task of ``cfg.tasks``, the pretrained model (``run``: one for every task,
+    or per task) read as ``cfg.modes`` says, scratch and the two floors (both with that model's architecture),
+    paired over ``cfg.seeds`` seeds; a finished run in ``out`` is reused when its settings and the code that made
+    it match (others are trained again)."""
     from neurofm.analyze import experiments
 
     rows = []
     for task, target in cfg.tasks:
-        arms = experiments.standard_arms(str(run), task, cfg.modes.get(task, ["full"]), cfg.floors)
-        task_cfg = finetune_config(cfg, run, task, target)
-        rows += experiments.paired_study(
+        model = run[task] if isinstance(run, dict) else run
+        arms = experiments.standard_arms(str(model), task, cfg.modes.get(task, ["full"]), cfg.floors)
+        task_cfg = finetune_config(cfg, model, task, target)
+        task_rows = experiments.paired_study(
             store, out, task_cfg, arms, cfg.seeds, f"{task}-{target}", progress=progress, redo_stale=True
         )
+        rows += [{**r, "model": str(model)} for r in task_rows]
     return rows
 
 
@@ -401,6 +448,7 @@ def _latent_text(rows: list[dict[str, Any]], swap: dict[str, Any]) -> str:
 def score_text(rows: list[dict[str, Any]]) -> str:
     """The fine-tuning rows as the demo prints them: value, interval and the paired difference from scratch."""
     lines = []
+    per_task = len({r.get("model") for r in rows}) > 1  # the tasks fine-tune different models: say which
     for r in rows:
         if "skipped" in r:
             lines.append(f"  {r['task_label']}: skipped ({r['skipped']})")
@@ -411,5 +459,7 @@ def score_text(rows: list[dict[str, Any]]) -> str:
         )
         if r.get("difference") is not None:
             line += f"   minus scratch {r['difference']:+.3f} [{r['difference_low']:+.3f}, {r['difference_high']:+.3f}]"
+        if per_task and r["init"].startswith("pretrained"):
+            line += f"   ({Path(r['model']).name})"
         lines.append(line)
     return "\n".join(lines)
