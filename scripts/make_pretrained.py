@@ -30,7 +30,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 NEUROFM = [sys.executable, "-m", "neurofm.cli"]
-DEFAULT_NAME = "fomo25-tiny-synth"  # the recipe's plain form; neurofm demo fine-tunes fomo25-tiny-cmeans
+DEFAULT_NAME = "fomo25-tiny-synth"  # the recipe's plain form (the demo fine-tunes -cshift and -cmeans)
 DEFAULT_PRESET = "fomo25-tiny"
 ANALYSIS_HEADING = "## What `neurofm analyze` measured"
 CARRY = ("model.safetensors", "model.json", "transfer.json", "preprocessing.json", "run.json", "meta.json")
