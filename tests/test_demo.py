@@ -118,5 +118,6 @@ def test_demo_fine_tunes_each_task_from_its_own_model(tmp_path, run_cli):
     html = (out / "report.html").read_text()
     for label in ("the model of seg", "the model of cls, reg"):
         assert f"Latent analysis — {label}" in html and f"{label}: <code>" in html
+    assert "Labelled subjects seg 2, cls 3, reg 3;" in html and "{'seg'" not in html  # settings read as text
     for png in ("latent.png", "latent-2.png"):
         assert (out / "figures" / png).stat().st_size > 2000, png

@@ -228,9 +228,11 @@ def run_demo(out: str | Path = "neurofm-demo", cfg: DemoConfig | None = None) ->
         ),
         Section(
             "Fine-tuning: does pretraining help with few labels?",
-            text=f"{cfg.shots} labelled subjects per task, inputs {', '.join(cfg.contrasts)}, "
-            f"{ {t: _steps(cfg, t) for t, _ in cfg.tasks} } steps at learning rates "
-            f"{ {t: _lr(cfg, t) for t, _ in cfg.tasks} } for every arm trained by gradient steps (linear probes "
+            text=f"Labelled subjects {shots}; inputs {', '.join(cfg.contrasts)}; steps "
+            + ", ".join(f"{t} {_steps(cfg, t)}" for t, _ in cfg.tasks)
+            + " at learning rates "
+            + ", ".join(f"{t} {_lr(cfg, t):g}" for t, _ in cfg.tasks)
+            + " for every arm trained by gradient steps (linear probes "
             "are fitted in closed form, their penalty cross-validated over the labelled subjects); segmentation's "
             f"cross-entropy weighs lesion voxels {cfg.seg_fg_weight:g}x background; every other "
             "subject is a "

@@ -174,3 +174,23 @@ def test_a_study_names_each_run_by_its_seed_and_a_later_first_seed_reuses_it(tmp
     assert rows[0]["per_seed"] == [2.0, 3.0]
     later = paired_study(tmp_path, tmp_path, replace(base, seed=6), arms, 1, "reg-age")
     assert later[0]["per_seed"] == [3.0]
+
+
+def _row(task: str, init: str, model: str, x: int | None = None) -> dict:
+    row = {"task_label": task, "init": init, "model": model, "metric": "dice", "value": 0.5, "ci_low": 0.4}
+    row.update(ci_high=0.6, difference=0.1, difference_low=0.0, difference_high=0.2, seeds=3, cases=12)
+    return row if x is None else {**row, "x": x}
+
+
+def test_the_score_table_names_each_tasks_model_and_counts_only_when_it_has_them():
+    from neurofm.analyze.run import score_table
+
+    one = [_row("seg-lesion", "pretrained full", "/runs/a"), _row("seg-lesion", "scratch", "/runs/a")]
+    table = score_table(one)
+    assert "model" not in table[0] and "labelled subjects" not in table[0]  # one model, no counts: no such columns
+    other = [_row("cls-healthy", "pretrained linear", "/models/b"), _row("cls-healthy", "scratch", "/models/b")]
+    per_task = [*one, *other]
+    table = score_table(per_task)
+    assert [r["model"] for r in table] == ["a", "", "b", ""]  # the pretrained rows name their model, by its folder
+    curve = score_table([_row("seg-lesion", "pretrained full", "/runs/a", x) for x in (2, 4)])
+    assert [r["labelled subjects"] for r in curve] == [2, 4] and curve[0]["95% CI"] == "[0.4, 0.6]"

@@ -70,6 +70,7 @@ def score_table(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Report rows: each arm's headline metric (mean over seeds) and its paired difference from scratch."""
     out = []
     per_task = len({r.get("model") for r in rows}) > 1  # the tasks fine-tune different models (the demo's rows)
+    counts = any(r.get("x") is not None for r in rows)  # label-efficiency rows: the labelled subjects of each
     for r in rows:
         if "skipped" in r:
             out.append({"task": r["task_label"], "init": "–", "metric": "skipped", "value": r["skipped"]})
@@ -79,7 +80,7 @@ def score_table(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
                 "task": r["task_label"],
                 "init": r["init"],
                 **({"model": Path(r["model"]).name if r["init"].startswith("pretrained") else ""} if per_task else {}),
-                "labelled subjects": r.get("x"),
+                **({"labelled subjects": r.get("x")} if counts else {}),
                 "metric": r["metric"],
                 "value": r["value"],
                 "95% CI": _interval(r["ci_low"], r["ci_high"]),
