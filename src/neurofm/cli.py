@@ -639,8 +639,8 @@ def demo(
     pretrain_steps: Annotated[
         int,
         typer.Option(
-            help="> 0: pretrain the shipped model's recipe (fomo25-cmeans-tiny) from nothing instead, "
-            "on a separate synthetic pool."
+            help="> 0: pretrain fomo25-tiny-cmeans's recipe (fomo25-cmeans-tiny) from nothing instead, on a "
+            "separate synthetic pool, and fine-tune it for every task."
         ),
     ] = 0,
     pool_subjects: Annotated[int, typer.Option(help="Subjects of that pool (two sessions each).")] = 100,
@@ -656,8 +656,8 @@ def demo(
     ] = None,
     spacing: Annotated[float, typer.Option(help="Voxel size of the store in mm.")] = 4.0,
 ) -> None:
-    """The embedded default end to end, offline, on a CPU (about 15 min on 2 cores): synth -> prepare ->
-    the pretrained model -> fine-tune (pretrained, scratch, two floors; paired over seeds) -> analyze -> HTML report."""
+    """The embedded default end to end, offline, on a CPU (7-15 min on 2 cores): synth -> prepare -> the shipped
+    pretrained models -> fine-tune (pretrained, scratch, two floors; paired over seeds) -> analyze -> HTML report."""
     from neurofm.demo import parse_per_task, parse_shots, run_demo
 
     cfg = DemoConfig(

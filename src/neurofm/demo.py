@@ -1,4 +1,4 @@
-"""``neurofm demo``: the embedded default end to end, offline, on a 2-core CPU in about 15 minutes.
+"""``neurofm demo``: the embedded default end to end, offline, on a 2-core CPU in 7-15 minutes.
 
 1. synth — synthetic subjects on the real ICBM 2009c / CerebrA anatomy (2 mm, 3 sites);
 2. prepare — RAS, 4 mm (so a 32³ crop holds most of a brain), crop, z-score, blosc2 store;
@@ -33,7 +33,7 @@ SHIPPED = "fomo25-tiny-cmeans"  # chosen over fomo25-tiny-synth on the demo's 10
 # the model each task fine-tunes by default: segmentation from fomo25-tiny-cshift, ahead of scratch and of
 # fomo25-tiny-cmeans on subjects the choice was not made on (experiments/rule_per_task_default.md)
 DEFAULT_MODELS = {"seg": "fomo25-tiny-cshift", "cls": SHIPPED, "reg": SHIPPED}
-RECIPE = "fomo25-cmeans-tiny"  # the shipped model's recipe: what pretrain_steps > 0 trains from nothing
+RECIPE = "fomo25-cmeans-tiny"  # fomo25-tiny-cmeans's recipe (SHIPPED): what pretrain_steps > 0 trains from nothing
 
 
 @dataclass
