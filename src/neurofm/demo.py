@@ -182,7 +182,7 @@ def run_demo(out: str | Path = "neurofm-demo", cfg: DemoConfig | None = None) ->
         net, info = model_from_checkpoint(model)
         swap = swap_check(net.eval(), Store(store), keys, int(info["run"].get("data", {}).get("patch", cfg.patch)))
         if len(distinct) > 1:
-            console.print(f"  {_model_label(model, models, cfg)}:")
+            console.print(f"  {_model_label(model, models)}:")
         console.print(_latent_text(summary_table(lat), swap))
         analyses[model] = {"latent": lat, "swap": swap, "figure": f"figures/{png}"}
     times["analyze"] = time.time() - t
@@ -196,7 +196,7 @@ def run_demo(out: str | Path = "neurofm-demo", cfg: DemoConfig | None = None) ->
         "(no labels; none of them is a fine-tuning or test subject)."
         if cfg.pretrain_steps > 0
         else " ".join(
-            f"{_model_label(m, models, cfg)}: <code>{m}</code>, which ships with neurofm; its model card "
+            f"{_model_label(m, models)}: <code>{m}</code>, which ships with neurofm; its model card "
             f"(<code>neurofm inspect {m}</code>) gives the data, the command and the steps."
             for m in distinct
         )
@@ -217,7 +217,7 @@ def run_demo(out: str | Path = "neurofm-demo", cfg: DemoConfig | None = None) ->
         ),
         *(
             Section(
-                "Latent analysis" + (f" — {_model_label(m, models, cfg)}" if len(distinct) > 1 else ""),
+                "Latent analysis" + (f" — {_model_label(m, models)}" if len(distinct) > 1 else ""),
                 images=[a["figure"]],
                 tables=[summary_table(a["latent"]), [a["swap"]] if a["swap"] else []],
                 note="swap check: one scan's anatomy decoded with the contrast code of another crop of another "
@@ -281,9 +281,9 @@ def _per_task(value: Any, task: str, default: Any) -> Any:
     return value.get(task, default) if isinstance(value, dict) else value
 
 
-def _model_label(model: str, models: dict[str, str], cfg: DemoConfig) -> str:
+def _model_label(model: str, models: dict[str, str]) -> str:
     """``"the pretrained model"`` or, per task, ``"the model of seg, cls"``."""
-    if cfg.pretrain_steps > 0 or len(set(models.values())) == 1:
+    if len(set(models.values())) == 1:
         return "the pretrained model"
     return "the model of " + ", ".join(task for task, m in models.items() if m == model)
 
@@ -449,9 +449,11 @@ def _latent_text(rows: list[dict[str, Any]], swap: dict[str, Any]) -> str:
 
 def score_text(rows: list[dict[str, Any]]) -> str:
     """The fine-tuning rows as the demo prints them: value, interval and the paired difference from scratch."""
+    from neurofm.analyze.run import model_names
+
     lines = []
-    per_task = len({r.get("model") for r in rows}) > 1  # the tasks fine-tune different models: say which
-    for r in rows:
+    names = model_names(rows)  # the tasks fine-tune different models: say which
+    for i, r in enumerate(rows):
         if "skipped" in r:
             lines.append(f"  {r['task_label']}: skipped ({r['skipped']})")
             continue
@@ -461,7 +463,7 @@ def score_text(rows: list[dict[str, Any]]) -> str:
         )
         if r.get("difference") is not None:
             line += f"   minus scratch {r['difference']:+.3f} [{r['difference_low']:+.3f}, {r['difference_high']:+.3f}]"
-        if per_task and r["init"].startswith("pretrained"):
-            line += f"   ({Path(r['model']).name})"
+        if names and names[i]:
+            line += f"   ({names[i]})"
         lines.append(line)
     return "\n".join(lines)

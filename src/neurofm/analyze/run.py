@@ -66,12 +66,20 @@ def _interval(lo: float | None, hi: float | None) -> str:
     return f"[{lo:.3g}, {hi:.3g}]" if lo is not None and lo == lo and hi == hi else "–"
 
 
+def model_names(rows: list[dict[str, Any]]) -> list[str] | None:
+    """Per row, the folder name of the pretrained model it fine-tuned ("" for scratch and the floors), when the
+    tasks fine-tune different models (the demo's rows); None when one model (or none) serves them all."""
+    if len({r.get("model") for r in rows}) <= 1:
+        return None
+    return [Path(r["model"]).name if r.get("init", "").startswith("pretrained") else "" for r in rows]
+
+
 def score_table(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Report rows: each arm's headline metric (mean over seeds) and its paired difference from scratch."""
     out = []
-    per_task = len({r.get("model") for r in rows}) > 1  # the tasks fine-tune different models (the demo's rows)
+    names = model_names(rows)
     counts = any(r.get("x") is not None for r in rows)  # label-efficiency rows: the labelled subjects of each
-    for r in rows:
+    for i, r in enumerate(rows):
         if "skipped" in r:
             out.append({"task": r["task_label"], "init": "–", "metric": "skipped", "value": r["skipped"]})
             continue
@@ -79,7 +87,7 @@ def score_table(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
             {
                 "task": r["task_label"],
                 "init": r["init"],
-                **({"model": Path(r["model"]).name if r["init"].startswith("pretrained") else ""} if per_task else {}),
+                **({"model": names[i]} if names else {}),
                 **({"labelled subjects": r.get("x")} if counts else {}),
                 "metric": r["metric"],
                 "value": r["value"],
