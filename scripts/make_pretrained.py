@@ -151,6 +151,13 @@ def model_card(name: str, args: argparse.Namespace, run_cfg: dict, meta: dict, a
     named = "" if name == DEFAULT_NAME else f" --name {name}"
     named += "" if args.preset == DEFAULT_PRESET else f" --preset {args.preset}"
     command = f"--work WORK{named} --steps {args.steps} --pool-subjects {args.pool_subjects}{sets}"
+    if args.package_step is not None:
+        command += f" --package-step {args.package_step}"
+    of = (
+        f" (the checkpoint at step {meta['step']} of a {args.steps}-step schedule)"
+        if meta["step"] != args.steps
+        else ""
+    )
     return f"""# {name}
 
 fomo25-tiny ({model}), pretrained without labels on synthetic multi-contrast heads made by
@@ -170,8 +177,8 @@ The synthetic heads come from one template: the model has seen no real scan.
     .venv/bin/python scripts/make_pretrained.py {command}
 
 Recipe `{args.preset}` ({d["patch"]}^3 crops, batch {d["batch_size"]}, AdamW lr {o["lr"]}, cosine), {meta["step"]}
-steps; objective `{json.dumps(run_cfg["objective"])}`. Wall time {args.train_minutes:.0f} min on a CPU ({args.threads}).
-Last logged losses: {losses}.
+steps{of}; objective `{json.dumps(run_cfg["objective"])}`. Wall time {args.train_minutes:.0f} min on a CPU
+({args.threads}) for the whole schedule. Losses logged at that step: {losses}.
 
 {ANALYSIS_HEADING} (evaluation set: {args.eval_subjects} other subjects x 2 sessions)
 {analysis_table(analysis)}
@@ -195,6 +202,13 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--eval-subjects", type=int, default=40)
     ap.add_argument("--eval-seed", type=int, default=3000)
     ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument(
+        "--package-step",
+        type=int,
+        default=None,
+        help="package the run's checkpoint at this step (it must have been kept: trainer.checkpoint_every and "
+        "trainer.keep_checkpoints) instead of the last one; it is the one analysed and described",
+    )
     ap.add_argument(
         "--set", nargs="+", action="extend", default=[], dest="extra", help="more recipe overrides (repeatable)"
     )
@@ -242,6 +256,20 @@ def refresh_analysis(work: Path, args: argparse.Namespace) -> None:
     atomic_write_text(card, card_with_analysis(text, analysis))
     write_json(dest / "analysis.json", analysis)
     print(f"rewrote {card.relative_to(ROOT)}'s analysis table and {args.name}/analysis.json")
+
+
+def checkpoint_to_package(run: Path, step: int | None) -> Path:
+    """The run's last checkpoint, or the one written at ``step``; a clear error where there is none."""
+    from neurofm.io.checkpoint import is_complete, latest_checkpoint
+
+    ck = latest_checkpoint(run) if step is None else run / "checkpoints" / f"step-{step:07d}"
+    if ck is None or not is_complete(ck):
+        at = "" if step is None else f" at step {step}"
+        raise SystemExit(
+            f"{run}: no checkpoint{at} (trainer.checkpoint_every must write one there and trainer.keep_checkpoints "
+            "keep it)"
+        )
+    return ck
 
 
 def swap_in(stage: Path, dest: Path) -> None:
@@ -293,11 +321,9 @@ def main() -> None:
     write_json(timing, {"minutes": args.train_minutes})
     threads = os.environ.get("OMP_NUM_THREADS")
     args.threads = f"OMP_NUM_THREADS={threads}" if threads else f"{os.cpu_count()} cores"
-    analysis = analyze(work, run, work / "analysis", args)
-
-    from neurofm.io.checkpoint import latest_checkpoint
-
-    ck = latest_checkpoint(run)
+    ck = checkpoint_to_package(run, args.package_step)
+    tag = "" if args.package_step is None else f"-step{args.package_step}"
+    analysis = analyze(work, ck, work / f"analysis{tag}", args)
     dest = ROOT / "src" / "neurofm" / "pretrained" / args.name
     # built beside the model's folder and swapped in whole: a killed packaging leaves the old model intact
     stage = dest.with_name(f".{args.name}.staging")

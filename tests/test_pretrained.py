@@ -213,6 +213,31 @@ def test_make_pretrained_keeps_every_repeated_override():
     assert args.extra == ["a=1", "b=2", "c=3"]
 
 
+def test_make_pretrained_packages_a_kept_checkpoint_or_says_there_is_none(tmp_path):
+    script = _make_pretrained()
+    run = tmp_path / "run"
+    for step in (2000, 4000):
+        ck = run / "checkpoints" / f"step-{step:07d}"
+        ck.mkdir(parents=True)
+        (ck / "meta.json").write_text(json.dumps({"step": step}))
+        (ck / "model.safetensors").write_bytes(b"")
+    (run / "checkpoints" / "last").write_text("step-0004000\n")
+    assert script.checkpoint_to_package(run, None).name == "step-0004000"
+    assert script.checkpoint_to_package(run, 2000).name == "step-0002000"
+    with pytest.raises(SystemExit, match="no checkpoint at step 3000"):
+        script.checkpoint_to_package(run, 3000)
+    (run / "checkpoints" / "step-0002000" / "model.safetensors").unlink()  # written only in part
+    with pytest.raises(SystemExit, match="no checkpoint at step 2000"):
+        script.checkpoint_to_package(run, 2000)
+    args = script.parser().parse_args(["--work", "w", "--steps", "4000", "--package-step", "2000"])
+    run_cfg = {"model": {"name": "m", "kwargs": {}}, "data": {"patch": 32, "batch_size": 2}, "optim": {"lr": 1e-3}}
+    run_cfg["objective"] = {"kind": "fomo25"}
+    args.train_minutes, args.threads = 10.0, "OMP_NUM_THREADS=2"
+    card = script.model_card("m", args, run_cfg, {"step": 2000, "losses": {}}, {}, "POOL")
+    assert "--steps 4000 --pool-subjects 300 --package-step 2000" in card
+    assert "2000\nsteps (the checkpoint at step 2000 of a 4000-step schedule)" in card
+
+
 def test_a_cards_analysis_table_is_rewritten_and_nothing_else():
     script = _make_pretrained()
     card = (ROOT / "fomo25-tiny-cmeans" / "MODEL_CARD.md").read_text()
