@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 from types import SimpleNamespace
 
 import pytest
@@ -346,6 +347,29 @@ def test_contrast_adversary_reverses_its_gradient_and_the_classifier_learns():
     assert last < 0.5 * first  # the contrast code learns to name the contrast
     with pytest.raises(ConfigError, match="contrast_classes"):
         loss_fn(DualLatentUNet(features=(4, 8, 16), latent=8), batch)
+
+
+def test_pooled_adversary_reads_each_crops_mean_anatomy_vector():
+    cfg = Fomo25Config(w_adversary=2.0, adversary_pool="mean", w_swap=0, w_kl=0, w_align=0, w_repel=0)
+    torch.manual_seed(0)
+    model = DualLatentUNet(features=(4, 8, 16), latent=8, **cfg.model_kwargs({}, None, {}))
+    mu_s, mu_c = torch.randn(4, 8, 2, 2, 2, requires_grad=True), torch.randn(4, 8, 2, 2, 2)
+    batch = {"contrast_a": torch.tensor([0, 1]), "contrast_b": torch.tensor([2, -1])}  # -1: an unknown contrast
+    terms: dict = {}
+    total = Fomo25Loss(cfg).contrast_terms(model, mu_s, mu_c, batch, 2, False, terms)
+    logits = model.adversary(mu_s.mean(dim=(2, 3, 4), keepdim=True)).flatten(1)
+    expected = F.cross_entropy(logits[:3], torch.tensor([0, 1, 2]))  # the known contrasts, one value per crop
+    assert torch.allclose(terms["adversary"], expected) and torch.allclose(total, 2.0 * expected)
+    per_position: dict = {}
+    Fomo25Loss(replace(cfg, adversary_pool="position")).contrast_terms(model, mu_s, mu_c, batch, 2, False, per_position)
+    assert not torch.allclose(per_position["adversary"], expected)
+    total.backward()  # the encoder side gets the reversed gradient: it moves to make the adversary wrong
+    (grad,) = torch.autograd.grad(
+        F.cross_entropy(model.adversary(mu_s.mean((2, 3, 4), True)).flatten(1)[:3], torch.tensor([0, 1, 2])), mu_s
+    )
+    assert torch.allclose(mu_s.grad, -2.0 * grad, atol=1e-6)
+    with pytest.raises(ConfigError, match="adversary_pool"):
+        Fomo25Config(adversary_pool="max")
 
 
 def test_contrast_means_term_pulls_each_contrasts_mean_to_the_common_one():

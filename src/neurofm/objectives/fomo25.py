@@ -54,7 +54,10 @@ Loss = w_rec (rec_a + rec_b) + w_swap (swap_ab + swap_ba) + w_kl(t) KL
   contrasts apart; it uses no contrast names. Needs the reference crops (``swap_contrast="reference"``).
 * adversary (``w_adversary``): a small classifier reads the contrast from the anatomy latent at
   every position while a gradient reversal (Ganin & Lempitsky 2015) makes the encoder remove what it
-  reads: the anatomy latent of a crop must not tell its contrast. ``w_contrast_id`` trains a
+  reads: the anatomy latent of a crop must not tell its contrast. ``adversary_pool="mean"``: it reads each
+  crop's mean anatomy vector instead (a categorical code's class shares), the kind of vector a linear
+  probe of whole scans reads, where a per-position adversary can sit at chance while the probe still tells
+  the contrast. ``w_contrast_id`` trains a
   classifier of the contrast on the contrast latent's mean. Both use the scan's BIDS suffix
   (T1w, T1c, ...), which every scan of a store has: metadata, not a downstream label. They and
   contrast_means read the masked encodings the other terms use, or (``contrast_input="clean"``) an extra
@@ -144,6 +147,7 @@ class Fomo25Config:
     w_contrast_nce: float = 0.0
     contrast_nce_temperature: float = 0.1
     w_adversary: float = 0.0
+    adversary_pool: str = "position"  # position: every position of the anatomy latent | mean: each crop's mean
     w_contrast_id: float = 0.0
     w_anatomy: float = 0.0  # > 0: the anatomy latent predicts the subject's regional volumes (1 - cosine)
     w_anatomy_usage: float = 0.0  # > 0: a categorical anatomy code spreads the batch over its classes
@@ -170,6 +174,7 @@ class Fomo25Config:
             "rec_anatomy": ("own", "random"),
             "contrast_input": ("masked", "clean"),
             "contrast_means_metric": ("diagonal", "whitened"),
+            "adversary_pool": ("position", "mean"),
         }
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
@@ -702,8 +707,11 @@ class Fomo25Loss(nn.Module):
         target = torch.cat(ids + (ids if use_ref else [])).long().view(-1)  # -1: a contrast outside CONTRASTS
         total = mu_s.sum() * 0.0
         if cfg.w_adversary > 0:
-            logits = model.adversary(reverse_gradient(mu_s))  # (N, classes, *grid)
-            per_position = target.view(-1, *([1] * (mu_s.dim() - 2))).expand(-1, *mu_s.shape[2:])
+            read = mu_s  # (N, C, *grid); "mean": each crop's mean vector (a categorical code's class shares)
+            if cfg.adversary_pool == "mean":
+                read = mu_s.mean(dim=tuple(range(2, mu_s.dim())), keepdim=True)
+            logits = model.adversary(reverse_gradient(read))  # (N, classes, *grid)
+            per_position = target.view(-1, *([1] * (read.dim() - 2))).expand(-1, *read.shape[2:])
             terms["adversary"] = _known_ce(logits, per_position)
             total = total + cfg.w_adversary * terms["adversary"]
         if cfg.w_contrast_id > 0:
