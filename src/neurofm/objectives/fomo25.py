@@ -57,9 +57,9 @@ Loss = w_rec (rec_a + rec_b) + w_swap (swap_ab + swap_ba) + w_kl(t) KL
   reads: the anatomy latent of a crop must not tell its contrast. ``adversary_pool="mean"``: it reads each
   crop's mean anatomy vector instead (a categorical code's class shares), the kind of vector a linear
   probe of whole scans reads, where a per-position adversary can sit at chance while the probe still tells
-  the contrast. ``w_contrast_id`` trains a
-  classifier of the contrast on the contrast latent's mean. Both use the scan's BIDS suffix
-  (T1w, T1c, ...), which every scan of a store has: metadata, not a downstream label. They and
+  the contrast. ``w_contrast_id`` trains a classifier of the contrast on the contrast latent's mean.
+  Both use the scan's BIDS suffix (T1w, T1c, ...), which every scan of a store has: metadata, not a
+  downstream label. They and
   contrast_means read the masked encodings the other terms use, or (``contrast_input="clean"``) an extra
   encoding of the unmasked crops, which is what a downstream model and the latent analysis see.
 * anatomy (``w_anatomy``): the SSL3D winner's anatomy anchor on the fomo25 subject latent — a projector
