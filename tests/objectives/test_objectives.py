@@ -19,6 +19,7 @@ from neurofm.objectives.fomo25 import (
     class_agreement,
     class_usage,
     contrast_nce,
+    fit_linear_probe,
     kl_divergence,
     random_remap,
 )
@@ -370,6 +371,68 @@ def test_pooled_adversary_reads_each_crops_mean_anatomy_vector():
     assert torch.allclose(mu_s.grad, -2.0 * grad, atol=1e-6)
     with pytest.raises(ConfigError, match="adversary_pool"):
         Fomo25Config(adversary_pool="max")
+
+
+def test_fit_linear_probe_is_the_analysis_probes_fit():
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.preprocessing import StandardScaler
+
+    g = torch.Generator().manual_seed(5)
+    y = torch.randint(1, 4, (200,), generator=g) * 2  # labels 2, 4, 6: the classes come back sorted
+    x = 0.03 + 5e-3 * torch.randn(200, 6, generator=g)  # class shares' scale: ~0.005 between crops
+    x[:, :3] += 5e-3 * F.one_hot(y // 2 - 1, 3)
+    mean, scale, weight, bias, classes, accuracy = fit_linear_probe(x, y)
+    z = StandardScaler().fit_transform(x.double().numpy())
+    ref = LogisticRegression(max_iter=2000).fit(z, y.numpy())
+    assert classes.tolist() == [2, 4, 6]
+    assert torch.allclose(weight, torch.from_numpy(ref.coef_), atol=5e-3)
+    assert math.isclose(float(accuracy), ref.score(z, y.numpy()), abs_tol=0.01) and float(accuracy) > 0.6
+
+
+def test_refitted_critic_reads_standardised_crop_means_and_pushes_them_together():
+    cfg = Fomo25Config(w_adversary=1.0, adversary_pool="mean", adversary_fit="refit", adversary_refit=2)
+    cfg = replace(cfg, adversary_buffer=64)
+    assert "contrast_classes" not in cfg.model_kwargs({}, None, {})  # no adversary head: the critic is refitted
+    g = torch.Generator().manual_seed(3)
+    ids = torch.tensor([0, 1, 2, -1] * 8)  # -1: a crop of unknown contrast, never counted
+    offset = torch.zeros(32, 4)
+    offset[:, 0] = 1e-2 * ids.clamp_min(0).float()  # each contrast shifts class 0's share by 2x the spread
+    loss = Fomo25Loss(cfg).train()
+
+    def crops():
+        return 0.25 + 5e-3 * torch.randn(32, 4, generator=g) + offset
+
+    assert loss.refit_critic_term(crops(), ids) == 0  # nothing fitted yet (32 of 64 crops buffered)
+    loss.refit_critic_term(crops(), ids)  # the buffer is full on the second call, which refits
+    assert loss.critic_classes.tolist() == [0, 1, 2] and float(loss.critic_accuracy) > 0.8
+    assert torch.allclose(loss.critic_prior, torch.full((3,), 1 / 3, dtype=torch.float64))
+    m = crops().requires_grad_(True)
+    value = loss.eval().refit_critic_term(m, ids)
+    value.backward()
+    assert value > 0.3
+    # descending moves contrast 0's crops up class 0 and contrast 2's down, on average: together (each crop
+    # goes to where the critic is unsure, whatever its contrast)
+    step = -m.grad[:, 0]
+    assert step[ids == 0].mean() > 0 and step[ids == 2].mean() < 0 and (m.grad[ids == -1] == 0).all()
+    # the same crops with no contrast in them: the critic, refitted, reads little and the term is small
+    blind = Fomo25Loss(replace(cfg, adversary_buffer=256)).train()
+    for _ in range(10):
+        last = blind.refit_critic_term(0.25 + 5e-3 * torch.randn(32, 4, generator=g), ids)
+    assert float(blind.critic_accuracy) < 0.7 and last < value / 5
+    # in the loss, a model without contrast heads trains with it; its accuracy is logged beside the term
+    torch.manual_seed(0)
+    model = DualLatentUNet(features=(4, 8, 16), latent=4, **cfg.model_kwargs({}, None, {}))
+    assert model.adversary is None
+    objective = Fomo25Loss(replace(cfg, adversary_buffer=8, adversary_refit=1))
+    batch = _pair_batch()
+    batch["contrast_a"], batch["contrast_b"] = torch.tensor([0, 2]), torch.tensor([1, 3])
+    for _ in range(2):
+        grads, terms = _grads(model, objective, batch)
+    assert torch.isfinite(terms["adversary"]) and torch.isfinite(terms["critic_accuracy"])
+    with pytest.raises(ConfigError, match="adversary_pool=mean"):
+        Fomo25Config(adversary_fit="refit")
+    with pytest.raises(ConfigError, match="adversary_refit"):
+        Fomo25Config(adversary_fit="refit", adversary_pool="mean", adversary_refit=0)
 
 
 def test_contrast_means_term_pulls_each_contrasts_mean_to_the_common_one():

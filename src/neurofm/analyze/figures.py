@@ -21,13 +21,17 @@ def read_metrics(run: str | Path) -> Any:
     return df.groupby("step", as_index=False).last().sort_values("step")
 
 
+#: logged beside the loss terms but not terms: the KL weight's ramp, the refitted critic's accuracy on its buffer
+NOT_TERMS = ("kl_weight", "critic_accuracy")
+
+
 def training_curves(run: str | Path, png: str | Path, title: str = "") -> Path | None:
     """Total loss and each term against the step."""
     df = read_metrics(run)
     if df.empty or "loss" not in df.columns:
         return None
     plt = pyplot()
-    terms = [c for c in df.columns if c.startswith("loss/") and not c.endswith("kl_weight")]
+    terms = [c for c in df.columns if c.startswith("loss/") and not c.endswith(NOT_TERMS)]
     fig, axes = plt.subplots(1, 2 if terms else 1, figsize=(10 if terms else 5, 3.4), squeeze=False)
     d = df.dropna(subset=["loss"])
     axes[0][0].plot(d["step"], d["loss"], lw=1)

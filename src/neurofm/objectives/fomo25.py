@@ -57,7 +57,14 @@ Loss = w_rec (rec_a + rec_b) + w_swap (swap_ab + swap_ba) + w_kl(t) KL
   reads: the anatomy latent of a crop must not tell its contrast. ``adversary_pool="mean"``: it reads each
   crop's mean anatomy vector instead (a categorical code's class shares), the kind of vector a linear
   probe of whole scans reads, where a per-position adversary can sit at chance while the probe still tells
-  the contrast. ``w_contrast_id`` trains a classifier of the contrast on the contrast latent's mean.
+  the contrast. ``adversary_fit="refit"`` (crop means only) puts the analysis probe itself in the loop: the term
+  keeps the last ``adversary_buffer`` crops' mean anatomy vectors and contrasts (detached), and every
+  ``adversary_refit`` training steps fits a fresh critic on them as the analysis fits its probe (each channel
+  standardised, then an L2-penalised multinomial logistic regression); the encoder's term is the KL divergence from
+  the buffer's contrast frequencies to that critic's prediction for each crop, 0 when the critic can say no more than
+  the frequencies. An online critic on raw class shares (which differ by ~0.005 between crops) hardly learns;
+  the refitted one reads them standardised, as the probe does, and cannot fall behind the encoder by more than
+  ``adversary_refit`` steps. ``w_contrast_id`` trains a classifier of the contrast on the contrast latent's mean.
   Both use the scan's BIDS suffix (T1w, T1c, ...), which every scan of a store has: metadata, not a
   downstream label. They and
   contrast_means read the masked encodings the other terms use, or (``contrast_input="clean"``) an extra
@@ -148,6 +155,9 @@ class Fomo25Config:
     contrast_nce_temperature: float = 0.1
     w_adversary: float = 0.0
     adversary_pool: str = "position"  # position: every position of the anatomy latent | mean: each crop's mean
+    adversary_fit: str = "online"  # online: a head trained through a gradient reversal | refit: the probe in the loop
+    adversary_refit: int = 50  # refit: steps between fits of the critic
+    adversary_buffer: int = 512  # refit: crops (their mean anatomy vectors) the critic is fitted on
     w_contrast_id: float = 0.0
     w_anatomy: float = 0.0  # > 0: the anatomy latent predicts the subject's regional volumes (1 - cosine)
     w_anatomy_usage: float = 0.0  # > 0: a categorical anatomy code spreads the batch over its classes
@@ -175,6 +185,7 @@ class Fomo25Config:
             "contrast_input": ("masked", "clean"),
             "contrast_means_metric": ("diagonal", "whitened"),
             "adversary_pool": ("position", "mean"),
+            "adversary_fit": ("online", "refit"),
         }
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
@@ -199,6 +210,16 @@ class Fomo25Config:
             raise ConfigError(f"objective.remap_p should be in [0, 1], got {self.remap_p}")
         if self.remap_knots < 1:
             raise ConfigError(f"objective.remap_knots should be >= 1, got {self.remap_knots}")
+        if self.adversary_fit == "refit" and self.adversary_pool != "mean":
+            raise ConfigError(
+                "objective.adversary_fit=refit fits its critic on each crop's mean anatomy vector, as the analysis "
+                "probe reads whole scans: set objective.adversary_pool=mean"
+            )
+        if self.adversary_refit < 1 or self.adversary_buffer < 8:
+            raise ConfigError(
+                f"objective.adversary_refit should be >= 1 and objective.adversary_buffer >= 8, got "
+                f"{self.adversary_refit} and {self.adversary_buffer}"
+            )
         if not self.contrast_means_ridge > 0:
             raise ConfigError(f"objective.contrast_means_ridge should be > 0, got {self.contrast_means_ridge}")
         if not self.align_temperature > 0:
@@ -211,6 +232,11 @@ class Fomo25Config:
                 "(with objective.w_swap > 0)"
             )
 
+    @property
+    def online_heads(self) -> bool:
+        """Whether the model needs its contrast heads (the online adversary, the contrast classifier)."""
+        return (self.w_adversary > 0 and self.adversary_fit == "online") or self.w_contrast_id > 0
+
     def data_needs(self) -> DataNeeds:
         return DataNeeds(
             reference_crop=self.w_swap > 0 and self.swap_contrast == "reference", volumes=self.w_anatomy > 0
@@ -218,7 +244,7 @@ class Fomo25Config:
 
     def model_kwargs(self, kwargs: dict[str, Any], data: DataConfig, extra: dict[str, Any]) -> dict[str, Any]:
         out = dict(kwargs)
-        if self.w_adversary > 0 or self.w_contrast_id > 0:
+        if self.online_heads:
             out["contrast_classes"] = len(CONTRASTS)
         if self.w_anatomy > 0:
             out["anatomy_outputs"] = len(extra["regions"])
@@ -362,6 +388,37 @@ def _floored(var: torch.Tensor, relative: float = 1e-3) -> torch.Tensor:
     return var + relative * var.mean() + 1e-12
 
 
+def fit_linear_probe(
+    x: torch.Tensor, y: torch.Tensor, c: float = 1.0, max_iter: int = 100
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A multinomial logistic regression of the labels ``y`` ``(N,)`` on ``x`` ``(N, C)``, each channel standardised
+    first: the analysis probe's fit (scikit-learn's ``StandardScaler`` and ``LogisticRegression``, whose L2 penalty
+    is ``|W|^2 / (2 c)`` beside the summed cross-entropy), by L-BFGS in float64. A channel's scale is floored at
+    ``sqrt(1e-3)`` of the channels' typical one (``_floored``), so that a near-constant channel cannot take the
+    gradients that flow through it. Returns ``(mean, scale, weight (K, C), bias (K,), classes (K,), accuracy)``,
+    ``classes`` the labels present, sorted, and ``accuracy`` on ``x`` itself."""
+    x = x.detach().double()
+    classes, index = torch.unique(y, return_inverse=True)
+    mean = x.mean(0)
+    scale = _floored(x.var(0, unbiased=False)).sqrt()
+    z = (x - mean) / scale
+    weight = torch.zeros(len(classes), z.shape[1], dtype=z.dtype, device=z.device, requires_grad=True)
+    bias = torch.zeros(len(classes), dtype=z.dtype, device=z.device, requires_grad=True)
+    opt = torch.optim.LBFGS([weight, bias], max_iter=max_iter, line_search_fn="strong_wolfe")
+
+    def closure() -> torch.Tensor:
+        opt.zero_grad()
+        loss = F.cross_entropy(z @ weight.T + bias, index, reduction="sum") + (weight**2).sum() / (2 * c)
+        loss.backward()
+        return loss
+
+    with torch.enable_grad():
+        opt.step(closure)
+    weight, bias = weight.detach(), bias.detach()
+    accuracy = ((z @ weight.T + bias).argmax(1) == index).double().mean()
+    return mean, scale, weight, bias, classes, accuracy
+
+
 class Fomo25Loss(nn.Module):
     """Scores a dual-latent model (``forward_features`` with mu/logvar latents, and ``decode``) on scan pairs."""
 
@@ -378,6 +435,15 @@ class Fomo25Loss(nn.Module):
         self.register_buffer("contrast_seen", torch.zeros(0, dtype=torch.bool), persistent=False)
         # the running variance (diagonal) or covariance (whitened) of the crop means contrast_means reads
         self.register_buffer("contrast_means_scale", torch.zeros(0), persistent=False)
+        # adversary_fit=refit: the last crops' mean anatomy vectors and contrasts (-1 unknown), and the critic last
+        # fitted on them (standardisation, weights, the contrasts it knows and their frequencies, its accuracy)
+        self.register_buffer("critic_x", torch.zeros(0), persistent=False)
+        self.register_buffer("critic_y", torch.zeros(0, dtype=torch.long), persistent=False)
+        for name in ("critic_mean", "critic_scale", "critic_weight", "critic_bias", "critic_prior"):
+            self.register_buffer(name, torch.zeros(0), persistent=False)
+        self.register_buffer("critic_classes", torch.zeros(0, dtype=torch.long), persistent=False)
+        self.register_buffer("critic_accuracy", torch.tensor(float("nan")), persistent=False)
+        self.critic_calls = 0  # training calls since the run (or its resumption) began
 
     def reconstruction(self, pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
         """Per-sample reconstruction loss ``(B,)``; ``mask`` (True = hidden) selects voxels for masked_mse."""
@@ -502,6 +568,37 @@ class Fomo25Loss(nn.Module):
             cov = cov + ridge * torch.eye(c, dtype=cov.dtype, device=cov.device)
             return ((d.double() * torch.linalg.solve(cov, d.double().T).T).sum() / n_seen).to(m.dtype)
         return (d**2 / _floored(self.contrast_means_scale, self.cfg.contrast_means_ridge)).sum() / (n_seen * c)
+
+    def refit_critic_term(self, m: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """``adversary_fit="refit"`` (see module docstring): the mean over crops of known contrast of
+        ``KL(prior || critic(m_i))``, for crop-mean anatomy vectors ``m`` ``(N, C)`` and contrasts ``target``
+        ``(N,)`` (-1 unknown), with the critic last fitted on the buffer; 0 until the first fit. In training the
+        crops join the buffer and, every ``adversary_refit`` calls once the buffer is full, a new critic is fitted."""
+        cfg = self.cfg
+        if self.training:
+            self.critic_calls += 1
+            if self.critic_x.dim() != 2 or self.critic_x.shape[1] != m.shape[1]:
+                self.critic_x, self.critic_y = m.detach()[:0].clone(), target[:0].clone()
+            self.critic_x = torch.cat([self.critic_x, m.detach()])[-cfg.adversary_buffer :]
+            self.critic_y = torch.cat([self.critic_y, target.to(self.critic_y.dtype)])[-cfg.adversary_buffer :]
+            if self.critic_calls % cfg.adversary_refit == 0 and len(self.critic_x) >= cfg.adversary_buffer:
+                known = self.critic_y >= 0
+                if len(torch.unique(self.critic_y[known])) >= 2:
+                    mean, scale, weight, bias, classes, accuracy = fit_linear_probe(
+                        self.critic_x[known], self.critic_y[known]
+                    )
+                    counts = (self.critic_y[known][:, None] == classes[None, :]).sum(0).double()
+                    self.critic_mean, self.critic_scale, self.critic_weight = mean, scale, weight
+                    self.critic_bias, self.critic_classes = bias, classes
+                    self.critic_prior, self.critic_accuracy = counts / counts.sum(), accuracy
+        if self.critic_weight.numel() == 0:
+            return m.sum() * 0.0
+        z = (m.double() - self.critic_mean) / self.critic_scale
+        logp = F.log_softmax(z @ self.critic_weight.T + self.critic_bias, dim=1)  # (N, K)
+        prior = self.critic_prior
+        kl = (prior * (prior.log() - logp)).sum(1)  # (N,)
+        counted = (target[:, None] == self.critic_classes[None, :]).any(1)  # a contrast the critic knows
+        return _wmean(kl, counted.to(kl.dtype)).to(m.dtype)
 
     @staticmethod
     def second_view(
@@ -701,12 +798,16 @@ class Fomo25Loss(nn.Module):
     def contrast_terms(self, model, mu_s, mu_c, batch, bsz: int, use_ref: bool, terms: dict) -> torch.Tensor:
         """The anatomy adversary and the contrast classifier on every encoded scan (see module docstring)."""
         cfg = self.cfg
-        if getattr(model, "adversary", None) is None:
+        if cfg.online_heads and getattr(model, "adversary", None) is None:
             raise ConfigError("objective.w_adversary / w_contrast_id need a model built with contrast_classes > 0")
         ids = [batch["contrast_a"], batch["contrast_b"]]
         target = torch.cat(ids + (ids if use_ref else [])).long().view(-1)  # -1: a contrast outside CONTRASTS
         total = mu_s.sum() * 0.0
-        if cfg.w_adversary > 0:
+        if cfg.w_adversary > 0 and cfg.adversary_fit == "refit":
+            terms["adversary"] = self.refit_critic_term(mu_s.flatten(2).mean(2), target)
+            terms["critic_accuracy"] = self.critic_accuracy.clone()
+            total = total + cfg.w_adversary * terms["adversary"]
+        elif cfg.w_adversary > 0:
             read = mu_s  # (N, C, *grid); "mean": each crop's mean vector (a categorical code's class shares)
             if cfg.adversary_pool == "mean":
                 read = mu_s.mean(dim=tuple(range(2, mu_s.dim())), keepdim=True)
