@@ -64,7 +64,9 @@ Loss = w_rec (rec_a + rec_b) + w_swap (swap_ab + swap_ba) + w_kl(t) KL
   the buffer's contrast frequencies to that critic's prediction for each crop, 0 when the critic can say no more than
   the frequencies. An online critic on raw class shares (which differ by ~0.005 between crops) hardly learns;
   the refitted one reads them standardised, as the probe does, and cannot fall behind the encoder by more than
-  ``adversary_refit`` steps. ``w_contrast_id`` trains a classifier of the contrast on the contrast latent's mean.
+  ``adversary_refit`` steps. On a one-hot code its gradient passes straight through the soft probabilities while
+  the critic counts hard classes: in 3,000-step runs the encoder flattened the former and left the latter telling
+  the contrast (docs/pretraining.md, "The probe as the critic"). ``w_contrast_id`` trains a classifier of the contrast on the contrast latent's mean.
   Both use the scan's BIDS suffix (T1w, T1c, ...), which every scan of a store has: metadata, not a
   downstream label. They and
   contrast_means read the masked encodings the other terms use, or (``contrast_input="clean"``) an extra
