@@ -66,11 +66,12 @@ Loss = w_rec (rec_a + rec_b) + w_swap (swap_ab + swap_ba) + w_kl(t) KL
   the refitted one reads them standardised, as the probe does, and cannot fall behind the encoder by more than
   ``adversary_refit`` steps. On a one-hot code its gradient passes straight through the soft probabilities while
   the critic counts hard classes: in 3,000-step runs the encoder flattened the former and left the latter telling
-  the contrast (docs/pretraining.md, "The probe as the critic"). ``w_contrast_id`` trains a classifier of the
-  contrast on the contrast latent's mean. Both use the scan's BIDS suffix (T1w, T1c, ...), which every scan of a
-  store has: metadata, not a downstream label. They and contrast_means read the masked encodings the other terms
-  use, or (``contrast_input="clean"``) an extra encoding of the unmasked crops, which is what a downstream model and
-  the latent analysis see.
+  the contrast (docs/pretraining.md, "The probe as the critic"). On a soft code it met the critic and the analysis
+  probe still read the contrast: a crop hardly shows it, a whole scan's average does, and the critic sees crops.
+  ``w_contrast_id`` trains a classifier of the contrast on the contrast latent's mean. Both use the scan's BIDS suffix
+  (T1w, T1c, ...), which every scan of a store has: metadata, not a downstream label. They and contrast_means read the
+  masked encodings the other terms use, or (``contrast_input="clean"``) an extra encoding of the unmasked crops, which
+  is what a downstream model and the latent analysis see.
 * anatomy (``w_anatomy``): the SSL3D winner's anatomy anchor on the fomo25 subject latent — a projector
   reads each scan's anatomy latent map (a non-linear map per position, then the average) and predicts
   the subject's regional-volume vector (ICV-normalised, standardised per region over the pool, as
