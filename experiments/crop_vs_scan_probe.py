@@ -1,12 +1,12 @@
 """The analysis' contrast probe on single crops against whole scans: does a latent that hides the contrast crop by crop
 still tell it once a scan's windows are averaged?
 
-    python experiments/crop_vs_scan_probe.py RUN [RUN ...] --data EVAL_STORE --sessions 80
+    python experiments/crop_vs_scan_probe.py RUN [RUN ...] --data EVAL_STORE --sessions 80 [--crops 1 4 16]
 
 For every scan of the first sessions: the whole-scan anatomy vector (``neurofm.analyze.embed``: windows averaged) and
-the mean anatomy vector of one crop of the run's patch size at a random place inside the volume (one draw per scan,
-seeded). The same grouped, cross-validated probe (``neurofm.analyze.latent.contrast_probe``) reads both
-(rule_refit_critic.md).
+the mean anatomy vector of one crop of the run's patch size at a random place inside the volume, or the mean over
+``--crops`` such crops (seeded draws). The same grouped, cross-validated probe
+(``neurofm.analyze.latent.contrast_probe``) reads both (rule_refit_critic.md).
 """
 
 from __future__ import annotations
@@ -23,19 +23,22 @@ from neurofm.models.registry import model_from_checkpoint
 from neurofm.store import Store
 
 
-def crop_vectors(run: str, store: Store, df, patch: int, seed: int) -> list[np.ndarray]:
+def crop_vectors(run: str, store: Store, df, patch: int, seed: int, crops: int = 1) -> list[np.ndarray]:
+    """Per scan, the mean over ``crops`` random crops of the crops' mean anatomy vectors."""
     model, _ = model_from_checkpoint(run)
     model.eval()
     rng = np.random.default_rng(seed)
     out = []
     for key, name in zip(df["key"], df["contrast"], strict=True):
         v = np.asarray(store.read(key, name), np.float32)
-        start = [int(rng.integers(0, max(1, s - patch + 1))) for s in v.shape]
-        crop = v[tuple(slice(a, a + patch) for a in start)]
-        crop = np.pad(crop, [(0, patch - s) for s in crop.shape])
+        batch = []
+        for _ in range(crops):
+            start = [int(rng.integers(0, max(1, s - patch + 1))) for s in v.shape]
+            crop = v[tuple(slice(a, a + patch) for a in start)]
+            batch.append(np.pad(crop, [(0, patch - s) for s in crop.shape]))
         with torch.no_grad():
-            f = model.forward_features(torch.from_numpy(crop)[None, None])
-        out.append(f.anatomy[0].numpy())
+            f = model.forward_features(torch.from_numpy(np.stack(batch))[:, None])
+        out.append(f.anatomy.mean(0).numpy())
     return out
 
 
@@ -45,6 +48,7 @@ def main() -> None:
     ap.add_argument("--data", required=True)
     ap.add_argument("--sessions", type=int, default=80)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--crops", type=int, nargs="+", default=[1], help="crops averaged per scan, e.g. 1 4 16")
     args = ap.parse_args()
     store = Store(args.data)
     result = {}
@@ -52,14 +56,17 @@ def main() -> None:
         df = embed_store(run, args.data, keys=store.keys[: args.sessions])
         _, info = model_from_checkpoint(run)
         patch = int(info["run"].get("data", {}).get("patch", 32))
-        df["crop_latent"] = crop_vectors(run, store, df, patch, args.seed)
-        scan, crop = contrast_probe(df, "subject_latent"), contrast_probe(df, "crop_latent")
+        scan = contrast_probe(df, "subject_latent")
         result[run] = {
             "scans": len(df),
             "chance": scan["chance"],
             "whole_scan": [scan["accuracy"], scan["accuracy_low"], scan["accuracy_high"]],
-            "one_crop": [crop["accuracy"], crop["accuracy_low"], crop["accuracy_high"]],
         }
+        for n in args.crops:
+            df["crop_latent"] = crop_vectors(run, store, df, patch, args.seed, n)
+            crop = contrast_probe(df, "crop_latent")
+            key = "one_crop" if n == 1 else f"mean_of_{n}_crops"
+            result[run][key] = [crop["accuracy"], crop["accuracy_low"], crop["accuracy_high"]]
         print(run, json.dumps(result[run]))
     print(json.dumps(result, indent=1))
 
