@@ -426,9 +426,11 @@ def test_refitted_critic_reads_standardised_crop_means_and_pushes_them_together(
     objective = Fomo25Loss(replace(cfg, adversary_buffer=8, adversary_refit=1))
     batch = _pair_batch()
     batch["contrast_a"], batch["contrast_b"] = torch.tensor([0, 2]), torch.tensor([1, 3])
-    for _ in range(2):
-        grads, terms = _grads(model, objective, batch)
-    assert torch.isfinite(terms["adversary"]) and torch.isfinite(terms["critic_accuracy"])
+    _, terms = _grads(model, objective, batch)
+    assert terms["adversary"] == 0 and objective.critic_weight.numel() == 0  # 4 crops buffered of 8: no critic yet
+    _, terms = _grads(model, objective, batch)  # the buffer is full: a critic is fitted and the term is scored
+    assert objective.critic_classes.tolist() == [0, 1, 2, 3] and terms["adversary"] > 0
+    assert 0 <= float(terms["critic_accuracy"]) <= 1
     with pytest.raises(ConfigError, match="adversary_pool=mean"):
         Fomo25Config(adversary_fit="refit")
     with pytest.raises(ConfigError, match="adversary_refit"):
