@@ -2,6 +2,7 @@
 still tell it once a scan's windows are averaged?
 
     python experiments/crop_vs_scan_probe.py RUN [RUN ...] --data EVAL_STORE --sessions 80 [--crops 1 4 16]
+        [--augment none flip intensity all]
 
 For every scan of the first sessions: the whole-scan anatomy vector (``neurofm.analyze.embed``: windows averaged) and
 the mean anatomy vector of one crop of the run's patch size at a random place inside the volume, or the mean over
@@ -23,11 +24,33 @@ from neurofm.models.registry import model_from_checkpoint
 from neurofm.store import Store
 
 
-def crop_vectors(run: str, store: Store, df, patch: int, seed: int, crops: int = 1) -> list[np.ndarray]:
-    """Per scan, the mean over ``crops`` random crops of the crops' mean anatomy vectors."""
+def augmenter(run: str, kind: str, seed: int):
+    """The run's own training augmentation (``neurofm.data.pretrain.Augment`` with its data settings): ``all``;
+    ``flip`` its mirror flips alone; ``intensity`` its gamma and noise alone; ``none``: None."""
+    if kind == "none":
+        return None
+    from neurofm.data.config import DataConfig
+    from neurofm.data.pretrain import Augment
+
+    _, info = model_from_checkpoint(run)
+    data = {k: v for k, v in info["run"].get("data", {}).items() if k in DataConfig.__dataclass_fields__}
+    cfg = DataConfig(**data)
+    if kind == "flip":
+        cfg.affine_p, cfg.gamma_p, cfg.noise_p = 0.0, 0.0, 0.0
+    elif kind == "intensity":
+        cfg.flip_p, cfg.affine_p = 0.0, 0.0
+    return Augment(cfg, seed)
+
+
+def crop_vectors(
+    run: str, store: Store, df, patch: int, seed: int, crops: int = 1, augment: str = "none"
+) -> list[np.ndarray]:
+    """Per scan, the mean over ``crops`` random crops of the crops' mean anatomy vectors, each crop augmented as
+    ``augmenter`` says."""
     model, _ = model_from_checkpoint(run)
     model.eval()
     rng = np.random.default_rng(seed)
+    aug = augmenter(run, augment, seed)
     out = []
     for key, name in zip(df["key"], df["contrast"], strict=True):
         v = np.asarray(store.read(key, name), np.float32)
@@ -35,7 +58,10 @@ def crop_vectors(run: str, store: Store, df, patch: int, seed: int, crops: int =
         for _ in range(crops):
             start = [int(rng.integers(0, max(1, s - patch + 1))) for s in v.shape]
             crop = v[tuple(slice(a, a + patch) for a in start)]
-            batch.append(np.pad(crop, [(0, patch - s) for s in crop.shape]))
+            crop = np.pad(crop, [(0, patch - s) for s in crop.shape])
+            if aug is not None:
+                crop = aug(crop[None], None, np.ones(1, bool))[0][0]
+            batch.append(crop)
         with torch.no_grad():
             f = model.forward_features(torch.from_numpy(np.stack(batch))[:, None])
         out.append(f.anatomy.mean(0).numpy())
@@ -49,6 +75,13 @@ def main() -> None:
     ap.add_argument("--sessions", type=int, default=80)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--crops", type=int, nargs="+", default=[1], help="crops averaged per scan, e.g. 1 4 16")
+    ap.add_argument(
+        "--augment",
+        nargs="+",
+        default=["none"],
+        choices=["none", "flip", "intensity", "all"],
+        help="crops as the run's training augmentation makes them: all of it, its flips or its gamma and noise alone",
+    )
     args = ap.parse_args()
     store = Store(args.data)
     result = {}
@@ -62,11 +95,13 @@ def main() -> None:
             "chance": scan["chance"],
             "whole_scan": [scan["accuracy"], scan["accuracy_low"], scan["accuracy_high"]],
         }
-        for n in args.crops:
-            df["crop_latent"] = crop_vectors(run, store, df, patch, args.seed, n)
-            crop = contrast_probe(df, "crop_latent")
-            key = "one_crop" if n == 1 else f"mean_of_{n}_crops"
-            result[run][key] = [crop["accuracy"], crop["accuracy_low"], crop["accuracy_high"]]
+        for aug in args.augment:
+            for n in args.crops:
+                df["crop_latent"] = crop_vectors(run, store, df, patch, args.seed, n, aug)
+                crop = contrast_probe(df, "crop_latent")
+                key = ("one_crop" if n == 1 else f"mean_of_{n}_crops") + ("" if aug == "none" else f"_{aug}")
+                result[run][key] = [crop["accuracy"], crop["accuracy_low"], crop["accuracy_high"]]
+                print(run, key, result[run][key], flush=True)
         print(run, json.dumps(result[run]))
     print(json.dumps(result, indent=1))
 

@@ -437,6 +437,70 @@ def test_refitted_critic_reads_standardised_crop_means_and_pushes_them_together(
         Fomo25Config(adversary_fit="refit", adversary_pool="mean", adversary_refit=0)
 
 
+def test_whole_scan_critic_reads_scans_as_the_analysis_does_and_refits_on_the_current_encoder():
+    from neurofm.analyze.embed import scan_features
+    from neurofm.objectives.fomo25 import scan_vectors
+
+    cfg = Fomo25Config(w_adversary=1.0, adversary_pool="mean", adversary_fit="scans", adversary_refit=2)
+    cfg = replace(cfg, adversary_scans=8)
+    assert cfg.data_needs().whole_scan and not Fomo25Config().data_needs().whole_scan
+    assert "contrast_classes" not in cfg.model_kwargs({}, None, {})
+    torch.manual_seed(0)
+    model = DualLatentUNet(features=(4, 8, 16), latent=4, anatomy_code="categorical").eval()
+    g = torch.Generator().manual_seed(4)
+    scans = torch.randn(4, 1, 24, 20, 16, generator=g)
+    # the analysis' whole-scan vector: windows of the patch tiling the scan, their anatomy vectors averaged
+    with torch.no_grad():
+        got = scan_vectors(model, scans, 16)
+    for i in range(4):
+        want = scan_features(model, scans[i, 0].numpy(), 16)[0]
+        assert torch.allclose(got[i], torch.from_numpy(want), atol=1e-5)
+    loss = Fomo25Loss(cfg).train()
+    ids = torch.tensor([0, 1, 2, -1])  # -1: unknown, never counted
+    shift = torch.tensor([0.0, 1.0, 2.0, 0.0]).view(4, 1, 1, 1, 1)  # each contrast a brighter scan
+
+    def batch():
+        return torch.randn(4, 1, 24, 20, 16, generator=g) + shift
+
+    assert loss.scan_critic_term(model, batch(), ids, 16) == 0  # 4 of 8 scans banked: no critic, no encoding
+    assert loss.critic_weight.numel() == 0
+    loss.scan_critic_term(model, batch(), ids, 16)  # the bank is full on the second call, which refits
+    assert loss.critic_classes.tolist() == [0, 1, 2]
+    # the critic is fitted on the bank as the current encoder reads it: change the encoder, refit, and its
+    # standardisation is that of the new vectors
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=g))
+        loss.scan_critic_term(model, batch(), ids, 16)
+        value_before = loss.scan_critic_term(model, batch(), ids, 16)  # the fourth call refits
+        known = loss.critic_y >= 0
+        fresh = scan_vectors(model, loss.critic_x, 16)[known]
+    assert torch.allclose(loss.critic_mean, fresh.double().mean(0), atol=1e-5)
+    assert value_before > 0
+    # the term's gradient reaches the encoder, through the scans' windows
+    model.zero_grad()
+    value = loss.eval().scan_critic_term(model, batch(), ids, 16)
+    value.backward()
+    first_conv = next(p for n, p in model.named_parameters() if n.startswith("encoder") and p.dim() == 5)
+    assert value > 0 and first_conv.grad is not None and first_conv.grad.abs().sum() > 0
+    # in the loss: the batch's whole scans of the pair's first contrast, the critic's accuracy logged beside it
+    objective = Fomo25Loss(replace(cfg, adversary_refit=1, adversary_scans=8))
+    model.train()
+    pair = _pair_batch()
+    pair["contrast_a"], pair["contrast_b"] = torch.tensor([0, 2]), torch.tensor([1, 3])
+    pair["scan_a"] = torch.randn(2, 1, 24, 20, 16, generator=g) + torch.tensor([0.0, 2.0]).view(2, 1, 1, 1, 1)
+    for _ in range(3):
+        _, terms = _grads(model, objective, pair)
+        assert terms["adversary"] == 0  # 2, 4, 6 scans banked of 8: no critic yet
+    _, terms = _grads(model, objective, pair)
+    assert objective.critic_classes.tolist() == [0, 2] and terms["adversary"] > 0
+    assert 0 <= float(terms["critic_accuracy"]) <= 1
+    with pytest.raises(ConfigError, match="adversary_pool=mean"):
+        Fomo25Config(adversary_fit="scans")
+    with pytest.raises(ConfigError, match="adversary_scans"):
+        Fomo25Config(adversary_fit="scans", adversary_pool="mean", adversary_scans=4)
+
+
 def test_contrast_means_term_pulls_each_contrasts_mean_to_the_common_one():
     g = torch.Generator().manual_seed(2)
     anatomy = torch.randn(8, 4, 2, 2, 2, generator=g)

@@ -411,3 +411,32 @@ def test_a_sample_depends_on_its_index_and_the_seed_only(tiny_store):
     assert all(torch.equal(x, y) for x, y in zip(forward, backward, strict=True))
     assert not torch.equal(a[11]["x_a"], forward[0])  # the same session (11 = 3 + 8) an epoch later: a new draw
     assert not torch.equal(data(1)[3]["x_a"], forward[0])
+
+
+def test_pairs_can_bring_the_whole_scan_as_the_analysis_reads_it(tiny_store):
+    """``DataNeeds(whole_scan=True)``: the pair's first contrast, whole and unaugmented, centre-padded with its
+    darkest value to the store's largest shape; the scan the crops were cut from."""
+    import numpy as np
+
+    from neurofm.data.pretrain import DataNeeds, build_index, contrast_id
+    from neurofm.store import Store
+
+    store = Store(tiny_store)
+    cfg = get_preset("fomo25-tiny")
+    extra: dict = {}
+    index = build_index(store, cfg.data, extra, DataNeeds(whole_scan=True))
+    shapes = np.array([store.record(k)["shape"] for k in index.keys])
+    assert extra["scan_canvas"] == [max(int(s), cfg.data.patch) for s in shapes.max(0)]
+    ds = PretrainDataset(tiny_store, index, cfg.data, 4, needs=DataNeeds(whole_scan=True))  # augmentation on
+    item = ds[1]
+    scan = item["scan_a"].numpy()[0]
+    assert scan.shape == tuple(extra["scan_canvas"])
+    session = ds.items[1][0]  # pair mode: one item per session, sample i reads item i
+    key = index.keys[session]
+    name = next(n for n in index.contrasts[session] if contrast_id(n) == int(item["contrast_a"]))
+    vol = np.asarray(store.read(key, name), np.float32)
+    pads = [(c - v) // 2 for c, v in zip(scan.shape, vol.shape, strict=True)]
+    inner = scan[tuple(slice(p, p + v) for p, v in zip(pads, vol.shape, strict=True))]
+    assert np.array_equal(inner, vol)  # the stored scan itself: no flip, gamma or noise
+    assert np.isclose(scan.min(), vol.min()) and (scan == vol.min()).sum() >= scan.size - vol.size
+    assert "scan_a" not in PretrainDataset(tiny_store, index, cfg.data, 4)[0]

@@ -37,7 +37,7 @@ from neurofm.data.loader import sample_rng, training_loader
 from neurofm.data.sampling import random_box, stack_contrasts
 from neurofm.errors import StoreError
 from neurofm.io.manifest import CONTRASTS
-from neurofm.preprocess.transforms import minmax, pad_to
+from neurofm.preprocess.transforms import minmax, pad_to, pad_to_shape
 from neurofm.store import Store
 from neurofm.utils import write_json
 
@@ -53,11 +53,15 @@ class DataNeeds:
         dense: the dense label map ``dseg`` of each crop.
         reference_crop: pair mode: the same two scans at a second, independently placed and
             augmented crop (``x_a_ref``, ``x_b_ref``).
+        whole_scan: pair mode: the whole scan of the pair's first contrast (``scan_a``), unaugmented, centre-padded
+            with its darkest value to the store's largest shape (``extra["scan_canvas"]``), as the latent analysis
+            reads a scan.
     """
 
     volumes: bool = False
     dense: bool = False
     reference_crop: bool = False
+    whole_scan: bool = False
 
 
 @dataclass
@@ -162,6 +166,9 @@ def build_index(store: Store, cfg: DataConfig, extra: dict[str, Any], needs: Dat
         if not values:
             raise StoreError(f"{store.root}: the dense variant needs dseg label maps; none found")
         extra["dense_labels"] = sorted(values)
+    if needs.whole_scan:  # every scan fits the canvas (a resumed run's canvas grows with a larger store)
+        canvas = np.max([*shapes, extra.get("scan_canvas", (0, 0, 0))], axis=0)
+        extra["scan_canvas"] = [max(int(c), cfg.patch) for c in canvas]
     idx.extra = extra
     return idx
 
@@ -309,6 +316,15 @@ class PretrainDataset(Dataset):
             img, label = self._augment(img, label, present)
         return img, present, label
 
+    def _whole(self, key: str, name: str) -> np.ndarray:
+        """The whole scan ``name`` of session ``key`` as the analysis reads it (no augmentation), centre-padded with
+        its darkest value to the canvas: ``(1, *canvas)``."""
+        vol = self._read(key, name, None)
+        if self.cfg.intensity == "minmax":
+            vol = minmax(vol)
+        canvas = self.index.extra["scan_canvas"]
+        return np.ascontiguousarray(pad_to_shape(vol, canvas, float(vol.min()))[None], dtype=np.float32)
+
     def __getitem__(self, i: int) -> dict[str, Any]:
         """Sample ``i`` (its draws from :func:`sample_rng`); a session whose data cannot be read is skipped for
         a random other one."""
@@ -353,6 +369,8 @@ class PretrainDataset(Dataset):
             if self.needs.reference_crop:  # the same two scans elsewhere: a contrast code that shares no crop
                 ref, _, _ = self._crop(key, shape, names, avail)
                 out.update(x_a_ref=torch.from_numpy(ref[:1].copy()), x_b_ref=torch.from_numpy(ref[1:2].copy()))
+            if self.needs.whole_scan:
+                out["scan_a"] = torch.from_numpy(self._whole(key, names[0]))
         else:
             out.update(x=torch.from_numpy(np.ascontiguousarray(img)), present=torch.from_numpy(present))
         out["health"] = torch.tensor(int(self.index.health[s]))

@@ -68,6 +68,14 @@ Loss = w_rec (rec_a + rec_b) + w_swap (swap_ab + swap_ba) + w_kl(t) KL
   the critic counts hard classes: in 3,000-step runs the encoder flattened the former and left the latter telling
   the contrast (docs/pretraining.md, "The probe as the critic"). On a soft code it met the critic and the analysis
   probe still read the contrast: a crop hardly shows it, a whole scan's average does, and the critic sees crops.
+  ``adversary_fit="scans"`` moves the critic and its term to whole scans: the loader adds each pair's first scan
+  whole and unaugmented (``scan_a``, centre-padded to the store's largest shape), read as the analysis reads a scan
+  (the windows of the crop size that tile it, their mean anatomy vectors averaged: :func:`scan_vectors`). The term
+  keeps the last ``adversary_scans`` scans themselves, not their vectors, and at every fit encodes them again with
+  the current encoder (no gradient), so the critic cannot be fitted on vectors of an encoder that has since moved
+  away from them; the encoder's term is the same KL divergence on the batch's whole-scan vectors, with the
+  gradient through every window. It costs a whole scan's windows per pair, with their backward pass, at every
+  step, and ``adversary_scans`` scans' windows, forward only, at every fit.
   ``w_contrast_id`` trains a classifier of the contrast on the contrast latent's mean. Both use the scan's BIDS suffix
   (T1w, T1c, ...), which every scan of a store has: metadata, not a downstream label. They and contrast_means read the
   masked encodings the other terms use, or (``contrast_input="clean"``) an extra encoding of the unmasked crops, which
@@ -132,6 +140,7 @@ from neurofm.data.pretrain import DataNeeds
 from neurofm.errors import ConfigError
 from neurofm.io.manifest import CONTRASTS
 from neurofm.objectives.masking import block_mask
+from neurofm.preprocess.windows import window_slices
 
 
 @dataclass
@@ -158,9 +167,12 @@ class Fomo25Config:
     contrast_nce_temperature: float = 0.1
     w_adversary: float = 0.0
     adversary_pool: str = "position"  # position: every position of the anatomy latent | mean: each crop's mean
-    adversary_fit: str = "online"  # online: a head trained through a gradient reversal | refit: the probe in the loop
-    adversary_refit: int = 50  # refit: steps between fits of the critic
+    # online: a head trained through a gradient reversal | refit: the probe in the loop, on crops | scans: the probe
+    # in the loop, on whole scans encoded by the current encoder
+    adversary_fit: str = "online"
+    adversary_refit: int = 50  # refit, scans: steps between fits of the critic
     adversary_buffer: int = 512  # refit: crops (their mean anatomy vectors) the critic is fitted on
+    adversary_scans: int = 96  # scans: the last whole scans kept and encoded again at every fit of the critic
     w_contrast_id: float = 0.0
     w_anatomy: float = 0.0  # > 0: the anatomy latent predicts the subject's regional volumes (1 - cosine)
     w_anatomy_usage: float = 0.0  # > 0: a categorical anatomy code spreads the batch over its classes
@@ -188,7 +200,7 @@ class Fomo25Config:
             "contrast_input": ("masked", "clean"),
             "contrast_means_metric": ("diagonal", "whitened"),
             "adversary_pool": ("position", "mean"),
-            "adversary_fit": ("online", "refit"),
+            "adversary_fit": ("online", "refit", "scans"),
         }
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
@@ -213,15 +225,15 @@ class Fomo25Config:
             raise ConfigError(f"objective.remap_p should be in [0, 1], got {self.remap_p}")
         if self.remap_knots < 1:
             raise ConfigError(f"objective.remap_knots should be >= 1, got {self.remap_knots}")
-        if self.adversary_fit == "refit" and self.adversary_pool != "mean":
+        if self.adversary_fit != "online" and self.adversary_pool != "mean":
             raise ConfigError(
-                "objective.adversary_fit=refit fits its critic on each crop's mean anatomy vector, as the analysis "
-                "probe reads whole scans: set objective.adversary_pool=mean"
+                f"objective.adversary_fit={self.adversary_fit} fits its critic on mean anatomy vectors, as the "
+                "analysis probe reads whole scans: set objective.adversary_pool=mean"
             )
-        if self.adversary_refit < 1 or self.adversary_buffer < 8:
+        if self.adversary_refit < 1 or self.adversary_buffer < 8 or self.adversary_scans < 8:
             raise ConfigError(
-                f"objective.adversary_refit should be >= 1 and objective.adversary_buffer >= 8, got "
-                f"{self.adversary_refit} and {self.adversary_buffer}"
+                f"objective.adversary_refit should be >= 1 and objective.adversary_buffer and adversary_scans >= 8, "
+                f"got {self.adversary_refit}, {self.adversary_buffer} and {self.adversary_scans}"
             )
         if not self.contrast_means_ridge > 0:
             raise ConfigError(f"objective.contrast_means_ridge should be > 0, got {self.contrast_means_ridge}")
@@ -242,7 +254,9 @@ class Fomo25Config:
 
     def data_needs(self) -> DataNeeds:
         return DataNeeds(
-            reference_crop=self.w_swap > 0 and self.swap_contrast == "reference", volumes=self.w_anatomy > 0
+            reference_crop=self.w_swap > 0 and self.swap_contrast == "reference",
+            volumes=self.w_anatomy > 0,
+            whole_scan=self.w_adversary > 0 and self.adversary_fit == "scans",
         )
 
     def model_kwargs(self, kwargs: dict[str, Any], data: DataConfig, extra: dict[str, Any]) -> dict[str, Any]:
@@ -263,6 +277,8 @@ class Fomo25Config:
         if self.w_anatomy > 0:
             out["volumes"] = torch.randn(batch, len(extra.get("regions", ())), device=device)
             out["has_volumes"] = torch.ones(batch, dtype=torch.bool, device=device)
+        if self.data_needs().whole_scan:
+            out["scan_a"] = torch.randn(batch, 1, *extra.get("scan_canvas", (patch,) * 3), device=device)
         return out
 
 
@@ -422,6 +438,15 @@ def fit_linear_probe(
     return mean, scale, weight, bias, classes, accuracy
 
 
+def scan_vectors(model: nn.Module, scans: torch.Tensor, patch: int) -> torch.Tensor:
+    """Whole-scan anatomy vectors ``(B, C)`` of scans ``(B, 1, *shape)`` as the latent analysis reads them
+    (``neurofm.analyze.embed.scan_features``): each scan cut into the ``patch^3`` windows that tile it without
+    overlap (the last one moved back to end at the edge), the windows' mean anatomy vectors averaged."""
+    windows = window_slices(tuple(scans.shape[2:]), patch, 0.0)
+    x = torch.cat([scans[(slice(None), slice(None), *w)] for w in windows])  # window-major: (W * B, 1, P, P, P)
+    return model.forward_features(x).anatomy.view(len(windows), scans.shape[0], -1).mean(0)
+
+
 class Fomo25Loss(nn.Module):
     """Scores a dual-latent model (``forward_features`` with mu/logvar latents, and ``decode``) on scan pairs."""
 
@@ -572,6 +597,30 @@ class Fomo25Loss(nn.Module):
             return ((d.double() * torch.linalg.solve(cov, d.double().T).T).sum() / n_seen).to(m.dtype)
         return (d**2 / _floored(self.contrast_means_scale, self.cfg.contrast_means_ridge)).sum() / (n_seen * c)
 
+    def _fit_critic(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        """Fit the critic on vectors ``x`` ``(N, C)`` and contrasts ``y`` ``(N,)`` (-1 unknown), as the analysis fits
+        its probe; left as it was when fewer than two contrasts are known."""
+        known = y >= 0
+        if len(torch.unique(y[known])) < 2:
+            return
+        mean, scale, weight, bias, classes, accuracy = fit_linear_probe(x[known], y[known])
+        counts = (y[known][:, None] == classes[None, :]).sum(0).double()
+        self.critic_mean, self.critic_scale, self.critic_weight = mean, scale, weight
+        self.critic_bias, self.critic_classes = bias, classes
+        self.critic_prior, self.critic_accuracy = counts / counts.sum(), accuracy
+
+    def _critic_kl(self, m: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """The mean over vectors ``m`` ``(N, C)`` of a contrast the critic knows of ``KL(prior || critic(m_i))``; 0
+        before the first fit."""
+        if self.critic_weight.numel() == 0:
+            return m.sum() * 0.0
+        z = (m.double() - self.critic_mean) / self.critic_scale
+        logp = F.log_softmax(z @ self.critic_weight.T + self.critic_bias, dim=1)  # (N, K)
+        prior = self.critic_prior
+        kl = (prior * (prior.log() - logp)).sum(1)  # (N,)
+        counted = (target[:, None] == self.critic_classes[None, :]).any(1)  # a contrast the critic knows
+        return _wmean(kl, counted.to(kl.dtype)).to(m.dtype)
+
     def refit_critic_term(self, m: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         """``adversary_fit="refit"`` (see module docstring): the mean over crops of known contrast of
         ``KL(prior || critic(m_i))``, for crop-mean anatomy vectors ``m`` ``(N, C)`` and contrasts ``target``
@@ -585,23 +634,29 @@ class Fomo25Loss(nn.Module):
             self.critic_x = torch.cat([self.critic_x, m.detach()])[-cfg.adversary_buffer :]
             self.critic_y = torch.cat([self.critic_y, target.to(self.critic_y.dtype)])[-cfg.adversary_buffer :]
             if self.critic_calls % cfg.adversary_refit == 0 and len(self.critic_x) >= cfg.adversary_buffer:
-                known = self.critic_y >= 0
-                if len(torch.unique(self.critic_y[known])) >= 2:
-                    mean, scale, weight, bias, classes, accuracy = fit_linear_probe(
-                        self.critic_x[known], self.critic_y[known]
-                    )
-                    counts = (self.critic_y[known][:, None] == classes[None, :]).sum(0).double()
-                    self.critic_mean, self.critic_scale, self.critic_weight = mean, scale, weight
-                    self.critic_bias, self.critic_classes = bias, classes
-                    self.critic_prior, self.critic_accuracy = counts / counts.sum(), accuracy
-        if self.critic_weight.numel() == 0:
-            return m.sum() * 0.0
-        z = (m.double() - self.critic_mean) / self.critic_scale
-        logp = F.log_softmax(z @ self.critic_weight.T + self.critic_bias, dim=1)  # (N, K)
-        prior = self.critic_prior
-        kl = (prior * (prior.log() - logp)).sum(1)  # (N,)
-        counted = (target[:, None] == self.critic_classes[None, :]).any(1)  # a contrast the critic knows
-        return _wmean(kl, counted.to(kl.dtype)).to(m.dtype)
+                self._fit_critic(self.critic_x, self.critic_y)
+        return self._critic_kl(m, target)
+
+    def scan_critic_term(self, model: nn.Module, scans: torch.Tensor, target: torch.Tensor, patch: int) -> torch.Tensor:
+        """``adversary_fit="scans"`` (see module docstring): ``KL(prior || critic(s_i))`` averaged over whole scans
+        ``scans`` ``(B, 1, *canvas)`` of known contrast ``target`` ``(B,)``, ``s_i`` the scan's anatomy vector as the
+        analysis reads it (:func:`scan_vectors`), with the gradient. In training the scans join a bank of the last
+        ``adversary_scans``; every ``adversary_refit`` calls once it is full, the bank is encoded again by the
+        current encoder, without a gradient, and a new critic is fitted on it."""
+        cfg = self.cfg
+        if self.training:
+            self.critic_calls += 1
+            if self.critic_x.shape[1:] != scans.shape[1:]:
+                self.critic_x, self.critic_y = scans.detach()[:0].clone(), target[:0].clone()
+            self.critic_x = torch.cat([self.critic_x, scans.detach()])[-cfg.adversary_scans :]
+            self.critic_y = torch.cat([self.critic_y, target.to(self.critic_y.dtype)])[-cfg.adversary_scans :]
+            if self.critic_calls % cfg.adversary_refit == 0 and len(self.critic_x) >= cfg.adversary_scans:
+                with torch.no_grad():
+                    bank = torch.cat([scan_vectors(model, b, patch) for b in self.critic_x.split(8)])
+                self._fit_critic(bank, self.critic_y)
+        if self.critic_weight.numel() == 0:  # nothing to score yet: spare the encoding
+            return scans.sum() * 0.0
+        return self._critic_kl(scan_vectors(model, scans, patch), target)
 
     @staticmethod
     def second_view(
@@ -806,8 +861,12 @@ class Fomo25Loss(nn.Module):
         ids = [batch["contrast_a"], batch["contrast_b"]]
         target = torch.cat(ids + (ids if use_ref else [])).long().view(-1)  # -1: a contrast outside CONTRASTS
         total = mu_s.sum() * 0.0
-        if cfg.w_adversary > 0 and cfg.adversary_fit == "refit":
-            terms["adversary"] = self.refit_critic_term(mu_s.flatten(2).mean(2), target)
+        if cfg.w_adversary > 0 and cfg.adversary_fit != "online":
+            if cfg.adversary_fit == "scans":
+                patch = int(batch["x_a"].shape[-1])
+                terms["adversary"] = self.scan_critic_term(model, batch["scan_a"], batch["contrast_a"].view(-1), patch)
+            else:
+                terms["adversary"] = self.refit_critic_term(mu_s.flatten(2).mean(2), target)
             terms["critic_accuracy"] = self.critic_accuracy.clone()
             total = total + cfg.w_adversary * terms["adversary"]
         elif cfg.w_adversary > 0:
