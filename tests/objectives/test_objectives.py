@@ -389,6 +389,31 @@ def test_fit_linear_probe_is_the_analysis_probes_fit():
     assert math.isclose(float(accuracy), ref.score(z, y.numpy()), abs_tol=0.01) and float(accuracy) > 0.6
 
 
+def test_fit_linear_probe_without_a_floor_reads_a_channel_that_hardly_varies_as_the_analysis_probe_does():
+    """A soft code's unused classes vary by ~1e-8 between scans; StandardScaler blows them up to unit variance and
+    the analysis probe reads them. The floored critic does not; ``floor=0`` does, as the probe."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.preprocessing import StandardScaler
+
+    g = torch.Generator().manual_seed(6)
+    y = torch.randint(0, 3, (150,), generator=g)
+    x = torch.empty(150, 4, dtype=torch.float64)
+    x[:, :3] = 0.3 + 0.05 * torch.randn(150, 3, generator=g, dtype=torch.float64)  # used classes: no contrast
+    x[:, 3] = 1e-6 + 1e-8 * (y.double() + 0.3 * torch.randn(150, generator=g, dtype=torch.float64))  # unused: tells
+    *_, floored = fit_linear_probe(x, y)
+    mean, scale, weight, _, _, exact = fit_linear_probe(x, y, floor=0.0)
+    z = StandardScaler().fit_transform(x.numpy())
+    ref = LogisticRegression(max_iter=2000).fit(z, y.numpy())
+    assert float(floored) < 0.6 < 0.9 < float(exact)
+    assert math.isclose(float(exact), ref.score(z, y.numpy()), abs_tol=0.02)
+    assert torch.allclose(scale, x.std(0, unbiased=False), rtol=1e-9)
+    assert torch.allclose(weight, torch.from_numpy(ref.coef_), atol=2e-2)
+    constant = torch.cat([x, torch.full((150, 1), 0.5, dtype=torch.float64)], 1)
+    assert fit_linear_probe(constant, y, floor=0.0)[1][-1] == 1.0  # a constant channel is left unscaled
+    with pytest.raises(ConfigError, match="adversary_floor"):
+        Fomo25Config(adversary_floor=-1.0)
+
+
 def test_refitted_critic_reads_standardised_crop_means_and_pushes_them_together():
     cfg = Fomo25Config(w_adversary=1.0, adversary_pool="mean", adversary_fit="refit", adversary_refit=2)
     cfg = replace(cfg, adversary_buffer=64)

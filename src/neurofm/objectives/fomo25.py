@@ -173,6 +173,9 @@ class Fomo25Config:
     adversary_refit: int = 50  # refit, scans: steps between fits of the critic
     adversary_buffer: int = 512  # refit: crops (their mean anatomy vectors) the critic is fitted on
     adversary_scans: int = 96  # scans: the last whole scans kept and encoded again at every fit of the critic
+    # refit, scans: the critic's channel variances floored at this share of their mean; 0: scikit-learn's
+    # StandardScaler, as the analysis probe (a channel that hardly varies is read at full scale)
+    adversary_floor: float = 1e-3
     w_contrast_id: float = 0.0
     w_anatomy: float = 0.0  # > 0: the anatomy latent predicts the subject's regional volumes (1 - cosine)
     w_anatomy_usage: float = 0.0  # > 0: a categorical anatomy code spreads the batch over its classes
@@ -235,6 +238,8 @@ class Fomo25Config:
                 f"objective.adversary_refit should be >= 1 and objective.adversary_buffer and adversary_scans >= 8, "
                 f"got {self.adversary_refit}, {self.adversary_buffer} and {self.adversary_scans}"
             )
+        if self.adversary_floor < 0:
+            raise ConfigError(f"objective.adversary_floor should be >= 0, got {self.adversary_floor}")
         if not self.contrast_means_ridge > 0:
             raise ConfigError(f"objective.contrast_means_ridge should be > 0, got {self.contrast_means_ridge}")
         if not self.align_temperature > 0:
@@ -408,18 +413,24 @@ def _floored(var: torch.Tensor, relative: float = 1e-3) -> torch.Tensor:
 
 
 def fit_linear_probe(
-    x: torch.Tensor, y: torch.Tensor, c: float = 1.0, max_iter: int = 100
+    x: torch.Tensor, y: torch.Tensor, c: float = 1.0, max_iter: int = 100, floor: float = 1e-3
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """A multinomial logistic regression of the labels ``y`` ``(N,)`` on ``x`` ``(N, C)``, each channel standardised
     first: the analysis probe's fit (scikit-learn's ``StandardScaler`` and ``LogisticRegression``, whose L2 penalty
-    is ``|W|^2 / (2 c)`` beside the summed cross-entropy), by L-BFGS in float64. A channel's scale is floored at
-    ``sqrt(1e-3)`` of the channels' typical one (``_floored``), so that a near-constant channel cannot take the
-    gradients that flow through it. Returns ``(mean, scale, weight (K, C), bias (K,), classes (K,), accuracy)``,
+    is ``|W|^2 / (2 c)`` beside the summed cross-entropy), by L-BFGS in float64. A channel's variance is floored at
+    ``floor`` times the channels' mean variance (``_floored``), so that a near-constant channel cannot take the
+    gradients that flow through it; ``floor=0`` standardises as ``StandardScaler`` does, every channel to unit
+    variance however small its spread (a constant channel is left unscaled). Returns ``(mean, scale, weight (K, C), bias (K,), classes (K,), accuracy)``,
     ``classes`` the labels present, sorted, and ``accuracy`` on ``x`` itself."""
     x = x.detach().double()
     classes, index = torch.unique(y, return_inverse=True)
     mean = x.mean(0)
-    scale = _floored(x.var(0, unbiased=False)).sqrt()
+    var = x.var(0, unbiased=False)
+    if floor > 0:
+        scale = _floored(var, floor).sqrt()
+    else:  # scikit-learn's StandardScaler: a scale below 10 machine epsilons counts as none
+        scale = var.sqrt()
+        scale = torch.where(scale < 10 * torch.finfo(scale.dtype).eps, torch.ones_like(scale), scale)
     z = (x - mean) / scale
     weight = torch.zeros(len(classes), z.shape[1], dtype=z.dtype, device=z.device, requires_grad=True)
     bias = torch.zeros(len(classes), dtype=z.dtype, device=z.device, requires_grad=True)
@@ -603,7 +614,9 @@ class Fomo25Loss(nn.Module):
         known = y >= 0
         if len(torch.unique(y[known])) < 2:
             return
-        mean, scale, weight, bias, classes, accuracy = fit_linear_probe(x[known], y[known])
+        mean, scale, weight, bias, classes, accuracy = fit_linear_probe(
+            x[known], y[known], floor=self.cfg.adversary_floor
+        )
         counts = (y[known][:, None] == classes[None, :]).sum(0).double()
         self.critic_mean, self.critic_scale, self.critic_weight = mean, scale, weight
         self.critic_bias, self.critic_classes = bias, classes
