@@ -420,8 +420,8 @@ def fit_linear_probe(
     is ``|W|^2 / (2 c)`` beside the summed cross-entropy), by L-BFGS in float64. A channel's variance is floored at
     ``floor`` times the channels' mean variance (``_floored``), so that a near-constant channel cannot take the
     gradients that flow through it; ``floor=0`` standardises as ``StandardScaler`` does, every channel to unit
-    variance however small its spread (a constant channel is left unscaled). Returns ``(mean, scale, weight (K, C), bias (K,), classes (K,), accuracy)``,
-    ``classes`` the labels present, sorted, and ``accuracy`` on ``x`` itself."""
+    variance however small its spread (a constant channel is left unscaled). Returns ``(mean, scale, weight (K, C),
+    bias (K,), classes (K,), accuracy)``, ``classes`` the labels present, sorted, and ``accuracy`` on ``x`` itself."""
     x = x.detach().double()
     classes, index = torch.unique(y, return_inverse=True)
     mean = x.mean(0)
