@@ -75,7 +75,11 @@ Loss = w_rec (rec_a + rec_b) + w_swap (swap_ab + swap_ba) + w_kl(t) KL
   the current encoder (no gradient), so the critic cannot be fitted on vectors of an encoder that has since moved
   away from them; the encoder's term is the same KL divergence on the batch's whole-scan vectors, with the
   gradient through every window. It costs a whole scan's windows per pair, with their backward pass, at every
-  step, and ``adversary_scans`` scans' windows, forward only, at every fit.
+  step, and ``adversary_scans`` scans' windows, forward only, at every fit; the bank sits on the training device.
+  Both critics floor each channel's variance at ``adversary_floor`` (1e-3) times the channels' mean before
+  standardising. At 0 they standardise as the analysis probe's ``StandardScaler`` does: on a soft code the floored
+  critic left the contrast in classes whose probabilities vary by 1e-8 or less between scans, which the probe
+  blows up to unit variance and reads (docs/pretraining.md, "The critic on whole scans").
   ``w_contrast_id`` trains a classifier of the contrast on the contrast latent's mean. Both use the scan's BIDS suffix
   (T1w, T1c, ...), which every scan of a store has: metadata, not a downstream label. They and contrast_means read the
   masked encodings the other terms use, or (``contrast_input="clean"``) an extra encoding of the unmasked crops, which
