@@ -70,7 +70,8 @@ Loss = w_rec (rec_a + rec_b) + w_swap (swap_ab + swap_ba) + w_kl(t) KL
   probe still read the contrast: a crop hardly shows it, a whole scan's average does, and the critic sees crops.
   ``adversary_fit="scans"`` moves the critic and its term to whole scans: the loader adds each pair's first scan
   whole and unaugmented (``scan_a``, centre-padded to the store's largest shape), read as the analysis reads a scan
-  (the windows of the crop size that tile it, their mean anatomy vectors averaged: :func:`scan_vectors`). The term
+  (the windows of the crop size that tile it, their mean anatomy vectors averaged: :func:`scan_vectors`; they tile
+  the padded canvas, the analysis' tile the scan's own shape). The term
   keeps the last ``adversary_scans`` scans themselves, not their vectors, and at every fit encodes them again with
   the current encoder (no gradient), so the critic cannot be fitted on vectors of an encoder that has since moved
   away from them; the encoder's term is the same KL divergence on the batch's whole-scan vectors, with the
