@@ -27,6 +27,7 @@ import json
 
 import numpy as np
 import torch
+from crop_vs_scan_probe import crop_at, random_start  # experiments/ is on the path when a script runs
 
 from neurofm.analyze.embed import embed_store
 from neurofm.models.registry import model_from_checkpoint
@@ -46,11 +47,8 @@ def paired_crops(run: str, store: Store, keys: list[str], patch: int, crops: int
         vols = {n: np.asarray(store.read(key, n), np.float32) for n in rec["images"]}
         shape = next(iter(vols.values())).shape
         for _ in range(crops):
-            start = [int(rng.integers(0, max(1, s - patch + 1))) for s in shape]
-            batch = []
-            for v in vols.values():
-                crop = v[tuple(slice(a, a + patch) for a in start)]
-                batch.append(np.pad(crop, [(0, patch - s) for s in crop.shape]))
+            start = random_start(shape, patch, rng)
+            batch = [crop_at(v, start, patch) for v in vols.values()]
             with torch.no_grad():
                 f = model.forward_features(torch.from_numpy(np.stack(batch))[:, None])
             vecs.append(f.anatomy.numpy())
@@ -90,7 +88,10 @@ def scales(run: str, data: str, sessions: int, crops: int, seed: int) -> dict[st
     paired_sd = centred.std(0) + eps
     crop_offset = offsets(x, names)
     used = scan_sd > 1e-6 * scan_sd.max()  # classes the code never uses carry no signal either way
-    med = lambda v: float(np.median(v[used]))  # noqa: E731
+
+    def med(v: np.ndarray) -> float:
+        return float(np.median(v[used]))
+
     return {
         "scans": len(df),
         "crops": len(x),

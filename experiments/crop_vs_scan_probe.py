@@ -42,6 +42,18 @@ def augmenter(run: str, kind: str, seed: int):
     return Augment(cfg, seed)
 
 
+def random_start(shape: tuple[int, ...], patch: int, rng: np.random.Generator) -> list[int]:
+    """A random corner of a ``patch^3`` crop inside ``shape`` (0 along an axis shorter than the patch)."""
+    return [int(rng.integers(0, max(1, s - patch + 1))) for s in shape]
+
+
+def crop_at(v: np.ndarray, start: list[int], patch: int) -> np.ndarray:
+    """The ``patch^3`` crop of ``v`` at ``start``, zero-padded at the end along an axis shorter than the patch (the
+    committed numbers were cut so; ``preprocess.transforms.pad_to`` pads at the centre)."""
+    crop = v[tuple(slice(a, a + patch) for a in start)]
+    return np.pad(crop, [(0, patch - s) for s in crop.shape])
+
+
 def crop_vectors(
     run: str, store: Store, df, patch: int, seed: int, crops: int = 1, augment: str = "none"
 ) -> list[np.ndarray]:
@@ -56,9 +68,7 @@ def crop_vectors(
         v = np.asarray(store.read(key, name), np.float32)
         batch = []
         for _ in range(crops):
-            start = [int(rng.integers(0, max(1, s - patch + 1))) for s in v.shape]
-            crop = v[tuple(slice(a, a + patch) for a in start)]
-            crop = np.pad(crop, [(0, patch - s) for s in crop.shape])
+            crop = crop_at(v, random_start(v.shape, patch, rng), patch)
             if aug is not None:
                 crop = aug(crop[None], None, np.ones(1, bool))[0][0]
             batch.append(crop)

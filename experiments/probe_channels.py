@@ -38,8 +38,7 @@ def split_probe(df, floor: float) -> dict[str, object]:
             d["part"] = list(x[:, cols].astype(np.float32))
             r = contrast_probe(d, "part")
             out[name] = [round(r["accuracy"], 4), round(r["accuracy_low"], 4), round(r["accuracy_high"], 4)]
-    # every channel, scaled as the floored critic scales it; the probe's StandardScaler then sees equal variances
-    # only where the floor does not bite, so the scale is applied and the channels are not standardised again
+    # every channel scaled as the floored critic scales it (contrast_probe would standardise them again)
     from sklearn.linear_model import LogisticRegression
     from sklearn.model_selection import GroupKFold, cross_val_predict
 

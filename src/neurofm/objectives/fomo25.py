@@ -488,6 +488,7 @@ class Fomo25Loss(nn.Module):
         self.register_buffer("critic_classes", torch.zeros(0, dtype=torch.long), persistent=False)
         self.register_buffer("critic_accuracy", torch.tensor(float("nan")), persistent=False)
         self.critic_calls = 0  # training calls since the run (or its resumption) began
+        self.critic_written = 0  # rows written into the critic's ring buffer (critic_x, critic_y)
 
     def reconstruction(self, pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
         """Per-sample reconstruction loss ``(B,)``; ``mask`` (True = hidden) selects voxels for masked_mse."""
@@ -613,6 +614,21 @@ class Fomo25Loss(nn.Module):
             return ((d.double() * torch.linalg.solve(cov, d.double().T).T).sum() / n_seen).to(m.dtype)
         return (d**2 / _floored(self.contrast_means_scale, self.cfg.contrast_means_ridge)).sum() / (n_seen * c)
 
+    def _remember(self, x: torch.Tensor, y: torch.Tensor, size: int) -> bool:
+        """Write ``x`` ``(N, ...)`` (detached) and its contrasts ``y`` ``(N,)`` into the critic's ring buffer of
+        ``size`` rows, in place (a new buffer when the rows' shape or the size changes); True when the buffer is
+        full and ``adversary_refit`` training calls have passed since the last fit."""
+        if self.critic_x.shape[1:] != x.shape[1:] or len(self.critic_x) != size:
+            self.critic_x = x.new_zeros(size, *x.shape[1:])
+            self.critic_y = torch.full((size,), -1, dtype=torch.long, device=x.device)
+            self.critic_written = 0
+        x, y = x.detach()[-size:], y[-size:]
+        rows = (self.critic_written + torch.arange(len(x), device=x.device)) % size
+        self.critic_x[rows], self.critic_y[rows] = x, y.to(self.critic_y.dtype)
+        self.critic_written += len(x)
+        self.critic_calls += 1
+        return self.critic_calls % self.cfg.adversary_refit == 0 and self.critic_written >= size
+
     def _fit_critic(self, x: torch.Tensor, y: torch.Tensor) -> None:
         """Fit the critic on vectors ``x`` ``(N, C)`` and contrasts ``y`` ``(N,)`` (-1 unknown), as the analysis fits
         its probe; left as it was when fewer than two contrasts are known."""
@@ -644,15 +660,8 @@ class Fomo25Loss(nn.Module):
         ``KL(prior || critic(m_i))``, for crop-mean anatomy vectors ``m`` ``(N, C)`` and contrasts ``target``
         ``(N,)`` (-1 unknown), with the critic last fitted on the buffer; 0 until the first fit. In training the
         crops join the buffer and, every ``adversary_refit`` calls once the buffer is full, a new critic is fitted."""
-        cfg = self.cfg
-        if self.training:
-            self.critic_calls += 1
-            if self.critic_x.dim() != 2 or self.critic_x.shape[1] != m.shape[1]:
-                self.critic_x, self.critic_y = m.detach()[:0].clone(), target[:0].clone()
-            self.critic_x = torch.cat([self.critic_x, m.detach()])[-cfg.adversary_buffer :]
-            self.critic_y = torch.cat([self.critic_y, target.to(self.critic_y.dtype)])[-cfg.adversary_buffer :]
-            if self.critic_calls % cfg.adversary_refit == 0 and len(self.critic_x) >= cfg.adversary_buffer:
-                self._fit_critic(self.critic_x, self.critic_y)
+        if self.training and self._remember(m, target, self.cfg.adversary_buffer):
+            self._fit_critic(self.critic_x, self.critic_y)
         return self._critic_kl(m, target)
 
     def scan_critic_term(self, model: nn.Module, scans: torch.Tensor, target: torch.Tensor, patch: int) -> torch.Tensor:
@@ -661,17 +670,10 @@ class Fomo25Loss(nn.Module):
         analysis reads it (:func:`scan_vectors`), with the gradient. In training the scans join a bank of the last
         ``adversary_scans``; every ``adversary_refit`` calls once it is full, the bank is encoded again by the
         current encoder, without a gradient, and a new critic is fitted on it."""
-        cfg = self.cfg
-        if self.training:
-            self.critic_calls += 1
-            if self.critic_x.shape[1:] != scans.shape[1:]:
-                self.critic_x, self.critic_y = scans.detach()[:0].clone(), target[:0].clone()
-            self.critic_x = torch.cat([self.critic_x, scans.detach()])[-cfg.adversary_scans :]
-            self.critic_y = torch.cat([self.critic_y, target.to(self.critic_y.dtype)])[-cfg.adversary_scans :]
-            if self.critic_calls % cfg.adversary_refit == 0 and len(self.critic_x) >= cfg.adversary_scans:
-                with torch.no_grad():
-                    bank = torch.cat([scan_vectors(model, b, patch) for b in self.critic_x.split(8)])
-                self._fit_critic(bank, self.critic_y)
+        if self.training and self._remember(scans, target, self.cfg.adversary_scans):
+            with torch.no_grad():
+                bank = torch.cat([scan_vectors(model, b, patch) for b in self.critic_x.split(8)])
+            self._fit_critic(bank, self.critic_y)
         if self.critic_weight.numel() == 0:  # nothing to score yet: spare the encoding
             return scans.sum() * 0.0
         return self._critic_kl(scan_vectors(model, scans, patch), target)
