@@ -311,7 +311,7 @@ class DualLatentUNet(Backbone):
             probs = F.softmax(mu_s / self.anatomy_temperature, dim=1)
             if self.hard_anatomy:  # the most likely class, with the softmax's gradient (straight through)
                 hard = F.one_hot(probs.argmax(1), probs.shape[1]).movedim(-1, 1).to(probs.dtype)
-                probs = hard + probs - probs.detach()
+                probs = hard + (probs - probs.detach())  # exactly one-hot in the forward pass
             feats.latents.update(logits_s=mu_s, mu_s=probs)
             mu_s = feats.latents["mu_s"]
         else:
