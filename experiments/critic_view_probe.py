@@ -2,12 +2,13 @@
 
     python experiments/critic_view_probe.py RUN [RUN ...] --data EVAL_STORE --sessions 80
 
-The critic of ``objective.adversary_fit=scans`` reads each scan centre-padded to the training store's largest shape
-(``extra.scan_canvas`` in the run's ``run.json``) and tiled by ``patch^3`` windows over that canvas
-(``neurofm.objectives.fomo25.scan_vectors``). The analysis reads each scan padded only up to the patch and tiled over
-its own shape (``neurofm.analyze.embed.scan_features``). The two tilings cut different windows, with different amounts
-of padding. This script runs the analysis' grouped probe (``contrast_probe``) on the same evaluation scans read both
-ways, with one model. Results: ``results_scan_critic_onehot.json`` ("critic_view").
+Until 2026-12-04 the critic of ``objective.adversary_fit=scans`` read each scan centre-padded to the training store's
+largest shape (``extra.scan_canvas`` in the run's ``run.json``) and tiled by ``patch^3`` windows over that canvas
+(``neurofm.objectives.fomo25.scan_vectors`` without ``shapes``); it now tiles each scan's own shape. The analysis
+reads each scan padded only up to the patch and tiled over its own shape (``neurofm.analyze.embed.scan_features``).
+The two tilings cut different windows, with different amounts of padding. This script runs the analysis' grouped
+probe (``contrast_probe``) on the same evaluation scans read both ways, with one model. Results:
+``results_scan_critic_onehot.json`` ("critic_view").
 """
 
 from __future__ import annotations

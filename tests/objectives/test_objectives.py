@@ -480,6 +480,23 @@ def test_whole_scan_critic_reads_scans_as_the_analysis_does_and_refits_on_the_cu
     for i in range(4):
         want = scan_features(model, scans[i, 0].numpy(), 16)[0]
         assert torch.allclose(got[i], torch.from_numpy(want), atol=1e-5)
+    # scans of their own shapes, centre-padded with their darkest value into one canvas as the loader pads them
+    # (one axis shorter than the patch): each read by its own windows, as the analysis reads the scan alone
+    from neurofm.preprocess.transforms import pad_to_shape
+
+    own = [(24, 20, 16), (19, 13, 16), (17, 18, 11)]
+    vols = [torch.randn(s, generator=g).numpy() for s in own]
+    canvas = torch.stack([torch.from_numpy(pad_to_shape(v, (24, 20, 16), float(v.min())))[None] for v in vols])
+    with torch.no_grad():
+        got = scan_vectors(model, canvas, 16, torch.tensor(own))
+        tiled_canvas = scan_vectors(model, canvas, 16)
+    for i, v in enumerate(vols):
+        want = torch.from_numpy(scan_features(model, v, 16)[0])
+        assert torch.allclose(got[i], want, atol=1e-5)
+        if i:  # a smaller scan: the canvas' windows are not the analysis' windows
+            assert not torch.allclose(tiled_canvas[i], want, atol=1e-3)
+    with pytest.raises(ValueError, match="does not fit the canvas"):
+        scan_vectors(model, canvas, 16, torch.tensor([(25, 20, 16)] * 3))
     loss = Fomo25Loss(cfg).train()
     ids = torch.tensor([0, 1, 2, -1])  # -1: unknown, never counted
     shift = torch.tensor([0.0, 1.0, 2.0, 0.0]).view(4, 1, 1, 1, 1)  # each contrast a brighter scan
@@ -496,11 +513,15 @@ def test_whole_scan_critic_reads_scans_as_the_analysis_does_and_refits_on_the_cu
     with torch.no_grad():
         for p in model.parameters():
             p.add_(0.05 * torch.randn(p.shape, generator=g))
-        loss.scan_critic_term(model, batch(), ids, 16)
-        value_before = loss.scan_critic_term(model, batch(), ids, 16)  # the fourth call refits
+        shapes = torch.tensor([(24, 20, 16), (20, 14, 12), (24, 20, 16), (18, 20, 16)])  # each scan's own shape
+        loss.scan_critic_term(model, batch(), ids, 16, shapes)
+        value_before = loss.scan_critic_term(model, batch(), ids, 16, shapes)  # the fourth call refits
         known = loss.critic_y >= 0
-        fresh = scan_vectors(model, loss.critic_x, 16)[known]
+        assert torch.equal(loss.critic_shape, torch.cat([shapes, shapes]))  # the bank keeps the shapes
+        fresh = scan_vectors(model, loss.critic_x, 16, loss.critic_shape)[known]
+        canvas_read = scan_vectors(model, loss.critic_x, 16)[known]
     assert torch.allclose(loss.critic_mean, fresh.double().mean(0), atol=1e-5)
+    assert not torch.allclose(loss.critic_mean, canvas_read.double().mean(0), atol=1e-5)
     assert value_before > 0
     # the term's gradient reaches the encoder, through the scans' windows
     model.zero_grad()

@@ -438,5 +438,6 @@ def test_pairs_can_bring_the_whole_scan_as_the_analysis_reads_it(tiny_store):
     pads = [(c - v) // 2 for c, v in zip(scan.shape, vol.shape, strict=True)]
     inner = scan[tuple(slice(p, p + v) for p, v in zip(pads, vol.shape, strict=True))]
     assert np.array_equal(inner, vol)  # the stored scan itself: no flip, gamma or noise
+    assert item["scan_shape_a"].tolist() == list(vol.shape)  # its own shape, which the critic tiles
     assert np.isclose(scan.min(), vol.min()) and (scan == vol.min()).sum() >= scan.size - vol.size
     assert "scan_a" not in PretrainDataset(tiny_store, index, cfg.data, 4)[0]

@@ -54,8 +54,8 @@ class DataNeeds:
         reference_crop: pair mode: the same two scans at a second, independently placed and
             augmented crop (``x_a_ref``, ``x_b_ref``).
         whole_scan: pair mode: the whole scan of the pair's first contrast (``scan_a``), unaugmented, centre-padded
-            with its darkest value to the store's largest shape (``extra["scan_canvas"]``), as the latent analysis
-            reads a scan.
+            with its darkest value to the store's largest shape (``extra["scan_canvas"]``), and its own shape
+            (``scan_shape_a``), so that it can be read as the latent analysis reads a scan.
     """
 
     volumes: bool = False
@@ -316,14 +316,16 @@ class PretrainDataset(Dataset):
             img, label = self._augment(img, label, present)
         return img, present, label
 
-    def _whole(self, key: str, name: str) -> np.ndarray:
+    def _whole(self, key: str, name: str) -> tuple[np.ndarray, tuple[int, ...]]:
         """The whole scan ``name`` of session ``key`` as the analysis reads it (no augmentation), centre-padded with
-        its darkest value to the canvas: ``(1, *canvas)``."""
+        its darkest value to the canvas: ``(1, *canvas)``, and its own shape (the critic tiles that, as the
+        analysis does)."""
         vol = self._read(key, name, None)
         if self.cfg.intensity == "minmax":
             vol = minmax(vol)
         canvas = self.index.extra["scan_canvas"]
-        return np.ascontiguousarray(pad_to_shape(vol, canvas, float(vol.min()))[None], dtype=np.float32)
+        scan = np.ascontiguousarray(pad_to_shape(vol, canvas, float(vol.min()))[None], dtype=np.float32)
+        return scan, tuple(int(s) for s in vol.shape)
 
     def __getitem__(self, i: int) -> dict[str, Any]:
         """Sample ``i`` (its draws from :func:`sample_rng`); a session whose data cannot be read is skipped for
@@ -370,7 +372,8 @@ class PretrainDataset(Dataset):
                 ref, _, _ = self._crop(key, shape, names, avail)
                 out.update(x_a_ref=torch.from_numpy(ref[:1].copy()), x_b_ref=torch.from_numpy(ref[1:2].copy()))
             if self.needs.whole_scan:
-                out["scan_a"] = torch.from_numpy(self._whole(key, names[0]))
+                scan, shape = self._whole(key, names[0])
+                out.update(scan_a=torch.from_numpy(scan), scan_shape_a=torch.tensor(shape, dtype=torch.long))
         else:
             out.update(x=torch.from_numpy(np.ascontiguousarray(img)), present=torch.from_numpy(present))
         out["health"] = torch.tensor(int(self.index.health[s]))

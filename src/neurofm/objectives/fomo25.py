@@ -69,9 +69,11 @@ Loss = w_rec (rec_a + rec_b) + w_swap (swap_ab + swap_ba) + w_kl(t) KL
   the contrast (docs/pretraining.md, "The probe as the critic"). On a soft code it met the critic and the analysis
   probe still read the contrast: a crop hardly shows it, a whole scan's average does, and the critic sees crops.
   ``adversary_fit="scans"`` moves the critic and its term to whole scans: the loader adds each pair's first scan
-  whole and unaugmented (``scan_a``, centre-padded to the store's largest shape), read as the analysis reads a scan
-  (the windows of the crop size that tile it, their mean anatomy vectors averaged: :func:`scan_vectors`; they tile
-  the padded canvas, the analysis' tile the scan's own shape). The term
+  whole and unaugmented (``scan_a``, centre-padded to the store's largest shape, with its own shape
+  ``scan_shape_a``), read as the analysis reads a scan: the windows of the crop size that tile the scan's own
+  shape, their mean anatomy vectors averaged (:func:`scan_vectors`). Until 2026-12-04 they tiled the padded canvas,
+  and the encoder blinded those windows while the analysis' own still read the contrast
+  (``experiments/rule_scan_critic_onehot.md``). The term
   keeps the last ``adversary_scans`` scans themselves, not their vectors, and at every fit encodes them again with
   the current encoder (no gradient), so the critic cannot be fitted on vectors of an encoder that has since moved
   away from them; the encoder's term is the same KL divergence on the batch's whole-scan vectors, with the
@@ -288,7 +290,9 @@ class Fomo25Config:
             out["volumes"] = torch.randn(batch, len(extra.get("regions", ())), device=device)
             out["has_volumes"] = torch.ones(batch, dtype=torch.bool, device=device)
         if self.data_needs().whole_scan:
-            out["scan_a"] = torch.randn(batch, 1, *extra.get("scan_canvas", (patch,) * 3), device=device)
+            canvas = extra.get("scan_canvas", (patch,) * 3)
+            out["scan_a"] = torch.randn(batch, 1, *canvas, device=device)
+            out["scan_shape_a"] = torch.tensor(canvas, device=device).expand(batch, 3).clone()
         return out
 
 
@@ -454,13 +458,34 @@ def fit_linear_probe(
     return mean, scale, weight, bias, classes, accuracy
 
 
-def scan_vectors(model: nn.Module, scans: torch.Tensor, patch: int) -> torch.Tensor:
-    """Whole-scan anatomy vectors ``(B, C)`` of scans ``(B, 1, *shape)`` as the latent analysis reads them
-    (``neurofm.analyze.embed.scan_features``): each scan cut into the ``patch^3`` windows that tile it without
-    overlap (the last one moved back to end at the edge), the windows' mean anatomy vectors averaged."""
-    windows = window_slices(tuple(scans.shape[2:]), patch, 0.0)
-    x = torch.cat([scans[(slice(None), slice(None), *w)] for w in windows])  # window-major: (W * B, 1, P, P, P)
-    return model.forward_features(x).anatomy.view(len(windows), scans.shape[0], -1).mean(0)
+def analysis_windows(shape: tuple[int, ...], canvas: tuple[int, ...], patch: int) -> list[tuple[slice, ...]]:
+    """The windows the latent analysis cuts from a scan of ``shape`` (``neurofm.analyze.embed.scan_features``: the
+    scan centre-padded up to the patch where it is shorter, its own shape tiled by ``patch^3`` windows without
+    overlap), as slices of the ``canvas`` the loader centre-pads the scan into (``scan_a``). Both paddings take the
+    scan's darkest value, so the windows hold the same voxels as the analysis' own."""
+    own = [max(int(s), patch) for s in shape]
+    start = [(c - s) // 2 - (o - s) // 2 for c, s, o in zip(canvas, shape, own, strict=True)]
+    if any(a < 0 or a + o > c for a, o, c in zip(start, own, canvas, strict=True)):
+        raise ValueError(f"a scan of shape {tuple(shape)} does not fit the canvas {tuple(canvas)} at patch {patch}")
+    return [
+        tuple(slice(a + w.start, a + w.stop) for a, w in zip(start, win, strict=True))
+        for win in window_slices(tuple(own), patch, 0.0)
+    ]
+
+
+def scan_vectors(model: nn.Module, scans: torch.Tensor, patch: int, shapes: torch.Tensor | None = None) -> torch.Tensor:
+    """Whole-scan anatomy vectors ``(B, C)`` of scans ``(B, 1, *canvas)`` as the latent analysis reads them
+    (``neurofm.analyze.embed.scan_features``): each scan's own windows (:func:`analysis_windows`; ``shapes``
+    ``(B, 3)`` gives each scan's shape inside the canvas, the whole canvas when ``None``), their mean anatomy vectors
+    averaged."""
+    canvas = tuple(scans.shape[2:])
+    rows = shapes.tolist() if shapes is not None else [canvas] * len(scans)
+    cuts = [(i, w) for i, shape in enumerate(rows) for w in analysis_windows(shape, canvas, patch)]
+    x = torch.stack([scans[(i, slice(None), *w)] for i, w in cuts])  # (windows, 1, P, P, P)
+    a = model.forward_features(x).anatomy  # (windows, C)
+    owner = torch.tensor([i for i, _ in cuts], device=a.device)
+    count = torch.bincount(owner, minlength=len(scans)).to(a.dtype)
+    return a.new_zeros(len(scans), a.shape[1]).index_add(0, owner, a) / count[:, None]
 
 
 class Fomo25Loss(nn.Module):
@@ -483,6 +508,8 @@ class Fomo25Loss(nn.Module):
         # fitted on them (standardisation, weights, the contrasts it knows and their frequencies, its accuracy)
         self.register_buffer("critic_x", torch.zeros(0), persistent=False)
         self.register_buffer("critic_y", torch.zeros(0, dtype=torch.long), persistent=False)
+        # adversary_fit=scans: the banked scans' own shapes
+        self.register_buffer("critic_shape", torch.zeros(0, 3, dtype=torch.long), persistent=False)
         for name in ("critic_mean", "critic_scale", "critic_weight", "critic_bias", "critic_prior"):
             self.register_buffer(name, torch.zeros(0), persistent=False)
         self.register_buffer("critic_classes", torch.zeros(0, dtype=torch.long), persistent=False)
@@ -614,17 +641,21 @@ class Fomo25Loss(nn.Module):
             return ((d.double() * torch.linalg.solve(cov, d.double().T).T).sum() / n_seen).to(m.dtype)
         return (d**2 / _floored(self.contrast_means_scale, self.cfg.contrast_means_ridge)).sum() / (n_seen * c)
 
-    def _remember(self, x: torch.Tensor, y: torch.Tensor, size: int) -> bool:
-        """Write ``x`` ``(N, ...)`` (detached) and its contrasts ``y`` ``(N,)`` into the critic's ring buffer of
-        ``size`` rows, in place (a new buffer when the rows' shape or the size changes); True when the buffer is
-        full and ``adversary_refit`` training calls have passed since the last fit."""
+    def _remember(self, x: torch.Tensor, y: torch.Tensor, size: int, shapes: torch.Tensor | None = None) -> bool:
+        """Write ``x`` ``(N, ...)`` (detached), its contrasts ``y`` ``(N,)`` and, for whole scans, each scan's own
+        shape ``shapes`` ``(N, 3)`` into the critic's ring buffer of ``size`` rows, in place (a new buffer when the
+        rows' shape or the size changes); True when the buffer is full and ``adversary_refit`` training calls have
+        passed since the last fit."""
         if self.critic_x.shape[1:] != x.shape[1:] or len(self.critic_x) != size:
             self.critic_x = x.new_zeros(size, *x.shape[1:])
             self.critic_y = torch.full((size,), -1, dtype=torch.long, device=x.device)
+            self.critic_shape = torch.zeros(size, 3, dtype=torch.long, device=x.device)
             self.critic_written = 0
         x, y = x.detach()[-size:], y[-size:]
         rows = (self.critic_written + torch.arange(len(x), device=x.device)) % size
         self.critic_x[rows], self.critic_y[rows] = x, y.to(self.critic_y.dtype)
+        if shapes is not None:
+            self.critic_shape[rows] = shapes[-size:].to(self.critic_shape)
         self.critic_written += len(x)
         self.critic_calls += 1
         return self.critic_calls % self.cfg.adversary_refit == 0 and self.critic_written >= size
@@ -664,19 +695,34 @@ class Fomo25Loss(nn.Module):
             self._fit_critic(self.critic_x, self.critic_y)
         return self._critic_kl(m, target)
 
-    def scan_critic_term(self, model: nn.Module, scans: torch.Tensor, target: torch.Tensor, patch: int) -> torch.Tensor:
+    def scan_critic_term(
+        self,
+        model: nn.Module,
+        scans: torch.Tensor,
+        target: torch.Tensor,
+        patch: int,
+        shapes: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """``adversary_fit="scans"`` (see module docstring): ``KL(prior || critic(s_i))`` averaged over whole scans
         ``scans`` ``(B, 1, *canvas)`` of known contrast ``target`` ``(B,)``, ``s_i`` the scan's anatomy vector as the
-        analysis reads it (:func:`scan_vectors`), with the gradient. In training the scans join a bank of the last
-        ``adversary_scans``; every ``adversary_refit`` calls once it is full, the bank is encoded again by the
-        current encoder, without a gradient, and a new critic is fitted on it."""
-        if self.training and self._remember(scans, target, self.cfg.adversary_scans):
+        analysis reads it (:func:`scan_vectors`, each scan tiled by its own ``shapes`` ``(B, 3)``; the whole canvas
+        when ``None``), with the gradient. In training the scans join a bank of the last ``adversary_scans``; every
+        ``adversary_refit`` calls once it is full, the bank is encoded again by the current encoder, without a
+        gradient, and a new critic is fitted on it."""
+        if shapes is None:
+            shapes = torch.tensor(scans.shape[2:], device=scans.device).expand(len(scans), 3)
+        if self.training and self._remember(scans, target, self.cfg.adversary_scans, shapes):
             with torch.no_grad():
-                bank = torch.cat([scan_vectors(model, b, patch) for b in self.critic_x.split(8)])
+                bank = torch.cat(
+                    [
+                        scan_vectors(model, b, patch, s)
+                        for b, s in zip(self.critic_x.split(8), self.critic_shape.split(8), strict=True)
+                    ]
+                )
             self._fit_critic(bank, self.critic_y)
         if self.critic_weight.numel() == 0:  # nothing to score yet: spare the encoding
             return scans.sum() * 0.0
-        return self._critic_kl(scan_vectors(model, scans, patch), target)
+        return self._critic_kl(scan_vectors(model, scans, patch, shapes), target)
 
     @staticmethod
     def second_view(
@@ -884,7 +930,9 @@ class Fomo25Loss(nn.Module):
         if cfg.w_adversary > 0 and cfg.adversary_fit != "online":
             if cfg.adversary_fit == "scans":
                 patch = int(batch["x_a"].shape[-1])
-                terms["adversary"] = self.scan_critic_term(model, batch["scan_a"], batch["contrast_a"].view(-1), patch)
+                terms["adversary"] = self.scan_critic_term(
+                    model, batch["scan_a"], batch["contrast_a"].view(-1), patch, batch.get("scan_shape_a")
+                )
             else:
                 terms["adversary"] = self.refit_critic_term(mu_s.flatten(2).mean(2), target)
             terms["critic_accuracy"] = self.critic_accuracy.clone()
