@@ -29,11 +29,9 @@ from neurofm.store import Store
 
 
 @torch.no_grad()
-def canvas_vectors(run: str, store: Store, df, canvas: list[int]) -> list[np.ndarray]:
-    """Each row's scan read as the whole-scan critic reads it: centre-padded with its minimum to ``canvas``."""
-    model, info = model_from_checkpoint(run)
-    model = model.eval()
-    patch = int(info["run"].get("data", {}).get("patch", 32))
+def canvas_vectors(model: torch.nn.Module, patch: int, store: Store, df, canvas: list[int]) -> list[np.ndarray]:
+    """Each row's scan read as the whole-scan critic read it until 2026-12-04: centre-padded with its minimum to
+    ``canvas``, the canvas tiled."""
     out = []
     for key, contrast in zip(df["key"], df["contrast"], strict=True):
         v = np.asarray(store.read(key, contrast), np.float32)
@@ -53,14 +51,15 @@ def main() -> None:
     keys = spread_sessions(store, args.sessions)
     result = {}
     for run in args.runs:
-        _, info = model_from_checkpoint(run)
+        model, info = model_from_checkpoint(run)
+        patch = int(info["run"].get("data", {}).get("patch", 32))
         canvas = args.canvas or info["run"].get("extra", {}).get("scan_canvas")
         if not canvas:
             raise SystemExit(f"{run}: no extra.scan_canvas in its run.json; give --canvas X Y Z")
         largest = np.max([store.record(k)["shape"] for k in keys], 0)  # an evaluation scan larger than the canvas
         canvas = [max(int(c), int(s)) for c, s in zip(canvas, largest, strict=True)]
         df = embed_store(run, args.data, keys=keys)
-        df["critic_latent"] = canvas_vectors(run, store, df, canvas)
+        df["critic_latent"] = canvas_vectors(model.eval(), patch, store, df, canvas)
         r = {"scans": len(df), "canvas": canvas}
         for name, col in (("analysis_tiling", "subject_latent"), ("critic_tiling", "critic_latent")):
             p = contrast_probe(df, col)
