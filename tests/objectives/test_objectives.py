@@ -547,6 +547,29 @@ def test_whole_scan_critic_reads_scans_as_the_analysis_does_and_refits_on_the_cu
         Fomo25Config(adversary_fit="scans", adversary_pool="mean", adversary_scans=4)
 
 
+def test_running_state_carries_the_estimates_into_a_fresh_objective_and_refuses_foreign_names():
+    g = torch.Generator().manual_seed(3)
+    anatomy = torch.randn(8, 4, 2, 2, 2, generator=g)
+    ids = torch.tensor([0, 1, 2, 3] * 2)
+    cfg = Fomo25Config(w_contrast_means=1.0)
+    trained = Fomo25Loss(cfg)
+    for _ in range(3):  # other batches, whose contrasts sit apart
+        trained.contrast_means_term(torch.randn(8, 4, 2, 2, 2, generator=g) + 3 * ids.view(-1, 1, 1, 1, 1), ids)
+    trained.critic_calls, trained.critic_written = 7, 56
+    blank = Fomo25Loss(cfg).contrast_means_term(anatomy, ids)  # an objective that estimates them again
+    fresh = Fomo25Loss(cfg)
+    fresh.load_running_state(trained.running_state())
+    assert torch.equal(fresh.contrast_means, trained.contrast_means)
+    assert torch.equal(fresh.contrast_seen, trained.contrast_seen)
+    assert (fresh.critic_calls, fresh.critic_written) == (7, 56)
+    restored = fresh.contrast_means_term(anatomy, ids)
+    assert restored == trained.contrast_means_term(anatomy, ids) > 0
+    assert abs(float(restored - blank)) > 1e-3
+    assert "contrast_means" not in trained.state_dict()  # the estimates travel beside the weights, not in them
+    with pytest.raises(ConfigError, match="lacks"):
+        fresh.load_running_state({"buffers": {"weights": torch.zeros(1)}, "critic_calls": 0, "critic_written": 0})
+
+
 def test_contrast_means_term_pulls_each_contrasts_mean_to_the_common_one():
     g = torch.Generator().manual_seed(2)
     anatomy = torch.randn(8, 4, 2, 2, 2, generator=g)

@@ -341,18 +341,39 @@ class _StopAt(L.Callback):
             trainer.should_stop = True
 
 
+# fomo25 with every running estimate its objective keeps: the anatomy latent's running mean (align=centred), the
+# per-contrast running means and their scale (w_contrast_means), and the whole-scan critic's bank, its counters and
+# its last fit (a bank of 8 scans, fitted every 2 steps)
+_RUNNING_STATE = [
+    "objective.w_adversary=1.0",
+    "objective.adversary_pool=mean",
+    "objective.adversary_fit=scans",
+    "objective.adversary_scans=8",
+    "objective.adversary_refit=2",
+]
+
+
 @pytest.mark.slow
-def test_a_resumed_run_trains_exactly_as_an_uninterrupted_one(tiny_store, tmp_path):
-    """Crops, augmentation, masks and noise after a resume are the ones the run would have drawn: the
-    weights at the end are the same tensors, whether the run stopped at an epoch's end (8) or inside one (6)."""
+@pytest.mark.parametrize(
+    ("preset", "extra"), [("fomo25-tiny", []), ("fomo25-cmeans-tiny", _RUNNING_STATE)], ids=["plain", "running-state"]
+)
+def test_a_resumed_run_trains_exactly_as_an_uninterrupted_one(tiny_store, tmp_path, preset, extra):
+    """Crops, augmentation, masks and noise after a resume are the ones the run would have drawn, and the
+    objective's running estimates are the ones it had: the weights at the end are the same tensors, whether the run
+    stopped at an epoch's end (8) or inside one (6)."""
     sets = ["trainer.max_steps=12", "trainer.checkpoint_every=2", "data.steps_per_epoch=4", "data.num_workers=0"]
-    sets.append("trainer.keep_checkpoints=20")
+    sets += ["trainer.keep_checkpoints=20", *extra]
     whole = tmp_path / "whole"
-    pretrain(tiny_store, whole, "fomo25-tiny", overrides=sets, progress=False)
-    for stop in (8, 6):
+    pretrain(tiny_store, whole, preset, overrides=sets, progress=False)
+    for stop in (8, 6) if not extra else (6,):  # the critic's encodings of whole scans are slow: one stop
         parted = tmp_path / f"parted-{stop}"
-        pretrain(tiny_store, parted, "fomo25-tiny", overrides=sets, progress=False, callbacks=[_StopAt(stop)])
+        pretrain(tiny_store, parted, preset, overrides=sets, progress=False, callbacks=[_StopAt(stop)])
         assert latest_checkpoint(parted).name == f"step-{stop:07d}"
+        if extra:  # the checkpoint holds a fitted critic and the statistics, so the resume has something to restore
+            saved = torch.load(latest_checkpoint(parted) / STATE, map_location="cpu", weights_only=True)
+            running = saved["objective_state"]["buffers"]
+            assert running["critic_weight"].numel() > 0 and running["critic_x"].shape[0] == 8
+            assert running["anatomy_mean"].numel() > 0 and running["contrast_means"].numel() > 0
         a, b = _weights(whole, stop), _weights(parted, stop)
         assert all(torch.equal(a[k], b[k]) for k in a)  # the same run up to the stop
         pretrain(None, parted, resume=True, progress=False)

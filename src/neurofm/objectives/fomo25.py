@@ -494,8 +494,9 @@ class Fomo25Loss(nn.Module):
     def __init__(self, cfg: Fomo25Config):
         super().__init__()
         self.cfg = cfg
-        # the running mean (align=centred) and per-channel variance (align=mse) of the anatomy latent;
-        # not saved: a resumed run re-estimates them
+        # The running estimates below are not part of the state dict (their shapes follow the first batch): a
+        # checkpoint carries them through running_state() / load_running_state(), so a resumed run goes on with them.
+        # the running mean (align=centred) and per-channel variance (align=mse) of the anatomy latent
         self.register_buffer("anatomy_mean", torch.zeros(0), persistent=False)
         self.register_buffer("anatomy_var", torch.zeros(0), persistent=False)
         self.register_buffer("anatomy_mean_var", torch.zeros(0), persistent=False)
@@ -514,8 +515,26 @@ class Fomo25Loss(nn.Module):
             self.register_buffer(name, torch.zeros(0), persistent=False)
         self.register_buffer("critic_classes", torch.zeros(0, dtype=torch.long), persistent=False)
         self.register_buffer("critic_accuracy", torch.tensor(float("nan")), persistent=False)
-        self.critic_calls = 0  # training calls since the run (or its resumption) began
+        self.critic_calls = 0  # training calls that wrote to the critic's ring buffer
         self.critic_written = 0  # rows written into the critic's ring buffer (critic_x, critic_y)
+
+    def running_state(self) -> dict[str, Any]:
+        """What the objective has estimated so far and a resumed run needs: its running buffers (anatomy and
+        contrast statistics, the critic's bank and its last fit) and the critic's counters; tensors and ints only, so
+        a checkpoint holding it loads with ``weights_only``."""
+        buffers = {k: v.detach().clone() for k, v in self._buffers.items() if k in self._non_persistent_buffers_set}
+        return {"buffers": buffers, "critic_calls": self.critic_calls, "critic_written": self.critic_written}
+
+    def load_running_state(self, state: dict[str, Any]) -> None:
+        """Restore :meth:`running_state`'s output, each buffer on the device its current value is on; unknown
+        names are refused (a checkpoint of another objective)."""
+        unknown = sorted(set(state["buffers"]) - self._non_persistent_buffers_set)
+        if unknown:
+            raise ConfigError(f"the checkpoint's objective state has buffers this objective lacks: {unknown}")
+        for k, v in state["buffers"].items():
+            setattr(self, k, v.to(getattr(self, k).device))
+        self.critic_calls = int(state["critic_calls"])
+        self.critic_written = int(state["critic_written"])
 
     def reconstruction(self, pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
         """Per-sample reconstruction loss ``(B,)``; ``mask`` (True = hidden) selects voxels for masked_mse."""

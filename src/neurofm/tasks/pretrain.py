@@ -64,6 +64,17 @@ class PretrainModule(L.LightningModule):
         self.last_terms = {"loss": loss.detach(), **terms}
         return loss
 
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # the objective's running estimates (fomo25: statistics, the critic's bank and fit) are not in the state
+        # dict; without them a resumed run would estimate them again and leave the uninterrupted run's path
+        if hasattr(self.objective, "running_state"):
+            checkpoint["objective_state"] = self.objective.running_state()
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        state = checkpoint.get("objective_state")
+        if state is not None and hasattr(self.objective, "load_running_state"):
+            self.objective.load_running_state(state)
+
     def configure_optimizers(self):
         opt = build_optimizer(self.model.parameters(), self.cfg.optim)
         spe = self.steps_per_epoch
