@@ -360,7 +360,7 @@ _RUNNING_STATE = [
 def test_a_resumed_run_trains_exactly_as_an_uninterrupted_one(tiny_store, tmp_path, preset, extra):
     """Crops, augmentation, masks and noise after a resume are the ones the run would have drawn, and the
     objective's running estimates are the ones it had: the weights at the end are the same tensors, whether the run
-    stopped at an epoch's end (8) or inside one (6)."""
+    stopped at an epoch's end (8) or inside one (6; the only stop with the running estimates)."""
     sets = ["trainer.max_steps=12", "trainer.checkpoint_every=2", "data.steps_per_epoch=4", "data.num_workers=0"]
     sets += ["trainer.keep_checkpoints=20", *extra]
     whole = tmp_path / "whole"

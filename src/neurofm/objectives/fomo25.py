@@ -494,8 +494,9 @@ class Fomo25Loss(nn.Module):
     def __init__(self, cfg: Fomo25Config):
         super().__init__()
         self.cfg = cfg
-        # The running estimates below are not part of the state dict (their shapes follow the first batch): a
-        # checkpoint carries them through running_state() / load_running_state(), so a resumed run goes on with them.
+        # The running estimates below stay out of the state dict (their shapes follow the first batch); a checkpoint
+        # carries them through running_state() / load_running_state(), so a resumed run goes on with them.
+
         # the running mean (align=centred) and per-channel variance (align=mse) of the anatomy latent
         self.register_buffer("anatomy_mean", torch.zeros(0), persistent=False)
         self.register_buffer("anatomy_var", torch.zeros(0), persistent=False)
