@@ -547,6 +547,52 @@ def test_whole_scan_critic_reads_scans_as_the_analysis_does_and_refits_on_the_cu
         Fomo25Config(adversary_fit="scans", adversary_pool="mean", adversary_scans=4)
 
 
+def test_scan_means_term_reads_whole_scans_as_the_analysis_does_and_training_shrinks_it():
+    from neurofm.objectives.fomo25 import scan_vectors
+
+    cfg = Fomo25Config(w_scan_means=1.0)
+    assert cfg.data_needs().whole_scan and not cfg.online_heads
+    with pytest.raises(ConfigError, match="w_scan_means"):
+        Fomo25Config(w_scan_means=-1.0)
+    torch.manual_seed(0)
+    model = DualLatentUNet(features=(4, 8, 16), latent=4, anatomy_code="categorical").eval()
+    g = torch.Generator().manual_seed(5)
+    ids = torch.tensor([0, 1, 2, -1])  # -1: unknown, never counted in a mean
+    shift = torch.tensor([0.0, 1.0, 2.0, 0.0]).view(4, 1, 1, 1, 1)  # each contrast a brighter scan
+    scans = torch.randn(4, 1, 24, 20, 16, generator=g) + shift
+    shapes = torch.tensor([(24, 20, 16), (20, 14, 12), (24, 20, 16), (18, 20, 16)])
+    # known answer on the first call: the running means are this batch's, the scale its per-channel variance
+    loss = Fomo25Loss(cfg).train()
+    value = loss.scan_means_term(model, scans, ids, 16, shapes)
+    with torch.no_grad():
+        v = scan_vectors(model, scans, 16, shapes).double()
+    d = v[:3] - v[:3].mean(0)
+    var = v.var(0)
+    want = (d**2 / (var + 1e-3 * var.mean())).sum() / (3 * v.shape[1])
+    assert float(value.detach()) == pytest.approx(float(want), rel=1e-4) and float(want) > 0
+    assert loss.scan_seen[:3].all() and not loss.scan_seen[3:].any()
+    assert loss.contrast_means.numel() == 0  # the crop term's estimates are its own
+    assert "scan_means" in loss.running_state()["buffers"]
+    # descending it brings the contrasts' whole-scan vectors together
+    model.train()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    values = []
+    for _ in range(25):
+        opt.zero_grad()
+        term = loss.scan_means_term(model, scans, ids, 16, shapes)
+        term.backward()
+        opt.step()
+        values.append(float(term))
+    assert values[-1] < 0.3 * values[0], values
+    # in the loss: the batch's whole scans of the pair's first contrast
+    objective = Fomo25Loss(cfg)
+    pair = _pair_batch()
+    pair["contrast_a"], pair["contrast_b"] = torch.tensor([0, 2]), torch.tensor([1, 3])
+    pair["scan_a"] = torch.randn(2, 1, 24, 20, 16, generator=g) + torch.tensor([0.0, 2.0]).view(2, 1, 1, 1, 1)
+    _, terms = _grads(model, objective, pair)
+    assert float(terms["scan_means"]) > 0 and objective.scan_seen.nonzero().view(-1).tolist() == [0, 2]
+
+
 def test_running_state_carries_the_estimates_into_a_fresh_objective_and_refuses_foreign_names():
     g = torch.Generator().manual_seed(3)
     anatomy = torch.randn(8, 4, 2, 2, 2, generator=g)

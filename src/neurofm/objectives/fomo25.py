@@ -46,6 +46,12 @@ Loss = w_rec (rec_a + rec_b) + w_swap (swap_ab + swap_ba) + w_kl(t) KL
   scales each channel by its running variance over crop means; ``"whitened"`` measures the spread in
   the metric of their running covariance (the Fisher ratio of a linear discriminant): a probe reads a
   small offset along a direction in which crop means hardly vary, which a per-channel scale underweights.
+* scan_means (``w_scan_means``): the same term on whole scans instead of crops: the loader adds each pair's first
+  scan whole (``scan_a``, as for ``adversary_fit="scans"``, below), read as the analysis reads it, and the per-contrast
+  running means, their scale and the gradient are those of these whole-scan vectors. Equal class means are what a
+  linear probe needs to do no better than a constant predictor (Belrose et al. 2023, LEACE), so this asks for the
+  probe's chance level directly, without a critic to fit and chase; it costs a whole scan's windows, with their
+  backward pass, per pair and step.
 * repel: cos(zc_a, zc_b) pushes the contrast latents of two contrasts apart.
 * contrast_nce (``w_contrast_nce``): InfoNCE on the contrast codes of every encoded crop — the two crops of
   one scan (the pair crop and the reference crop, at another place) are each other's positive, and every
@@ -169,6 +175,7 @@ class Fomo25Config:
     w_contrast_means: float = 0.0
     contrast_means_metric: str = "diagonal"  # diagonal | whitened
     contrast_means_ridge: float = 1e-3  # added to the variances (covariance), times their mean
+    w_scan_means: float = 0.0  # > 0: the contrast_means term on whole scans, read as the analysis reads them
     w_repel: float = 0.5
     w_contrast_nce: float = 0.0
     contrast_nce_temperature: float = 0.1
@@ -222,6 +229,7 @@ class Fomo25Config:
             "w_align",
             "w_align_mean",
             "w_contrast_means",
+            "w_scan_means",
             "w_repel",
             "w_contrast_nce",
             "w_adversary",
@@ -268,7 +276,7 @@ class Fomo25Config:
         return DataNeeds(
             reference_crop=self.w_swap > 0 and self.swap_contrast == "reference",
             volumes=self.w_anatomy > 0,
-            whole_scan=self.w_adversary > 0 and self.adversary_fit == "scans",
+            whole_scan=(self.w_adversary > 0 and self.adversary_fit == "scans") or self.w_scan_means > 0,
         )
 
     def model_kwargs(self, kwargs: dict[str, Any], data: DataConfig, extra: dict[str, Any]) -> dict[str, Any]:
@@ -506,6 +514,10 @@ class Fomo25Loss(nn.Module):
         self.register_buffer("contrast_seen", torch.zeros(0, dtype=torch.bool), persistent=False)
         # the running variance (diagonal) or covariance (whitened) of the crop means contrast_means reads
         self.register_buffer("contrast_means_scale", torch.zeros(0), persistent=False)
+        # w_scan_means: the same three for whole-scan anatomy vectors
+        self.register_buffer("scan_means", torch.zeros(0), persistent=False)
+        self.register_buffer("scan_seen", torch.zeros(0, dtype=torch.bool), persistent=False)
+        self.register_buffer("scan_means_scale", torch.zeros(0), persistent=False)
         # adversary_fit=refit: the last crops' mean anatomy vectors and contrasts (-1 unknown), and the critic last
         # fitted on them (standardisation, weights, the contrasts it knows and their frequencies, its accuracy)
         self.register_buffer("critic_x", torch.zeros(0), persistent=False)
@@ -624,42 +636,57 @@ class Fomo25Loss(nn.Module):
         (contrast ``ids`` ``(N,)``, -1 unknown) around their mean, in the metric of the crop means' running
         variance per channel (averaged over channels) or running covariance (``contrast_means_metric``); the
         contrasts of this batch carry the gradient (see module docstring): ``()``."""
-        m = mus.flatten(2).mean(2)  # (N, C)
+        return self._means_spread(mus.flatten(2).mean(2), ids, "contrast", momentum)
+
+    def scan_means_term(
+        self, model: nn.Module, scans: torch.Tensor, ids: torch.Tensor, patch: int, shapes: torch.Tensor | None
+    ) -> torch.Tensor:
+        """``w_scan_means`` (see module docstring): :meth:`contrast_means_term` on whole scans ``(B, 1, *canvas)`` of
+        contrasts ``ids`` ``(B,)``, each read as the analysis reads it (:func:`scan_vectors`, tiled by its own
+        ``shapes``), with the gradient through every window, and with running estimates of its own. A batch holds one
+        whole scan per pair, so each contrast's running mean moves by 0.05 (not 0.02) when the contrast is seen."""
+        return self._means_spread(scan_vectors(model, scans, patch, shapes), ids, "scan", 0.05)
+
+    def _means_spread(self, m: torch.Tensor, ids: torch.Tensor, kind: str, momentum: float) -> torch.Tensor:
+        """The spread term of vectors ``m`` ``(N, C)``, on the running buffers of ``kind`` (contrast: crops, scan:
+        whole scans)."""
+        means_name, seen_name, scale_name = (
+            ("contrast_means", "contrast_seen", "contrast_means_scale")
+            if kind == "contrast"
+            else ("scan_means", "scan_seen", "scan_means_scale")
+        )
         k, c = len(CONTRASTS), m.shape[1]
         whitened = self.cfg.contrast_means_metric == "whitened"
         if len(m) > 1:
-            self._running(
-                "contrast_means_scale", torch.cov(m.detach().T).reshape(c, c) if whitened else m.detach().var(0)
-            )
-        if self.contrast_means.shape != (k, c):
-            self.contrast_means = m.new_zeros(k, c)
-            self.contrast_seen = torch.zeros(k, dtype=torch.bool, device=m.device)
+            self._running(scale_name, torch.cov(m.detach().T).reshape(c, c) if whitened else m.detach().var(0))
+        if getattr(self, means_name).shape != (k, c):
+            setattr(self, means_name, m.new_zeros(k, c))
+            setattr(self, seen_name, torch.zeros(k, dtype=torch.bool, device=m.device))
         onehot = F.one_hot(ids.clamp_min(0), k).to(m.dtype) * (ids >= 0).to(m.dtype)[:, None]  # (N, K)
         count = onehot.sum(0)  # (K,)
         here = count > 0
         batch_mean = (onehot.T @ m) / count.clamp_min(1.0)[:, None]  # (K, C)
         with torch.no_grad():
             if self.training:
-                old = self.contrast_means
-                blend = torch.where(
-                    self.contrast_seen[:, None], (1 - momentum) * old + momentum * batch_mean, batch_mean
-                )
-                self.contrast_means = torch.where(here[:, None], blend, old)
-                self.contrast_seen = self.contrast_seen | here
-        if self.contrast_means_scale.numel() != (c * c if whitened else c):
-            return mus.sum() * 0.0
+                old, was_seen = getattr(self, means_name), getattr(self, seen_name)
+                blend = torch.where(was_seen[:, None], (1 - momentum) * old + momentum * batch_mean, batch_mean)
+                setattr(self, means_name, torch.where(here[:, None], blend, old))
+                setattr(self, seen_name, was_seen | here)
+        scale = getattr(self, scale_name)
+        if scale.numel() != (c * c if whitened else c):
+            return m.sum() * 0.0
         # the running means, with the gradient of this batch's means where a contrast is present; their
         # spread over the contrasts seen so far (0 while fewer than two were), without a host sync
-        means = self.contrast_means + torch.where(here[:, None], batch_mean - batch_mean.detach(), 0.0)
-        seen = self.contrast_seen.to(m.dtype)[:, None]  # (K, 1)
+        means = getattr(self, means_name) + torch.where(here[:, None], batch_mean - batch_mean.detach(), 0.0)
+        seen = getattr(self, seen_name).to(m.dtype)[:, None]  # (K, 1)
         n_seen = seen.sum().clamp_min(1.0)
         d = (means - (means * seen).sum(0, keepdim=True) / n_seen) * seen  # (K, C)
         if whitened:  # sum_k d_k^T S^-1 d_k in float64, S ridge-regularised (crop means can be singular)
-            cov = self.contrast_means_scale.view(c, c).double()
+            cov = scale.view(c, c).double()
             ridge = self.cfg.contrast_means_ridge * cov.diagonal().mean() + 1e-12
             cov = cov + ridge * torch.eye(c, dtype=cov.dtype, device=cov.device)
             return ((d.double() * torch.linalg.solve(cov, d.double().T).T).sum() / n_seen).to(m.dtype)
-        return (d**2 / _floored(self.contrast_means_scale, self.cfg.contrast_means_ridge)).sum() / (n_seen * c)
+        return (d**2 / _floored(scale, self.cfg.contrast_means_ridge)).sum() / (n_seen * c)
 
     def _remember(self, x: torch.Tensor, y: torch.Tensor, size: int, shapes: torch.Tensor | None = None) -> bool:
         """Write ``x`` ``(N, ...)`` (detached), its contrasts ``y`` ``(N,)`` and, for whole scans, each scan's own
@@ -906,6 +933,15 @@ class Fomo25Loss(nn.Module):
             ids = torch.cat([batch["contrast_a"].view(-1), ids_b]).long()
             terms["contrast_means"] = self.contrast_means_term(mu_s[: 2 * bsz], ids)
             total = total + cfg.w_contrast_means * terms["contrast_means"]
+        if cfg.w_scan_means > 0:
+            terms["scan_means"] = self.scan_means_term(
+                model,
+                batch["scan_a"],
+                batch["contrast_a"].view(-1).long(),
+                int(x_a.shape[-1]),
+                batch.get("scan_shape_a"),
+            )
+            total = total + cfg.w_scan_means * terms["scan_means"]
         if cfg.w_repel > 0:
             terms["repel"] = _wmean(cosine(muc_a, muc_b), valid)
             total = total + cfg.w_repel * terms["repel"]
