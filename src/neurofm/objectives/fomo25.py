@@ -648,13 +648,9 @@ class Fomo25Loss(nn.Module):
         return self._means_spread(scan_vectors(model, scans, patch, shapes), ids, "scan", 0.05)
 
     def _means_spread(self, m: torch.Tensor, ids: torch.Tensor, kind: str, momentum: float) -> torch.Tensor:
-        """The spread term of vectors ``m`` ``(N, C)``, on the running buffers of ``kind`` (contrast: crops, scan:
-        whole scans)."""
-        means_name, seen_name, scale_name = (
-            ("contrast_means", "contrast_seen", "contrast_means_scale")
-            if kind == "contrast"
-            else ("scan_means", "scan_seen", "scan_means_scale")
-        )
+        """The spread term of vectors ``m`` ``(N, C)``, on the running buffers ``{kind}_means``, ``{kind}_seen`` and
+        ``{kind}_means_scale`` (contrast: crops, scan: whole scans)."""
+        means_name, seen_name, scale_name = f"{kind}_means", f"{kind}_seen", f"{kind}_means_scale"
         k, c = len(CONTRASTS), m.shape[1]
         whitened = self.cfg.contrast_means_metric == "whitened"
         if len(m) > 1:
