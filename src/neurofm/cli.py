@@ -451,6 +451,35 @@ def embed(
         console.print(f"{len(df)} scans -> {save_embeddings(df, out)}")
 
 
+@app.command()
+def erase(
+    run: Annotated[Path, typer.Argument(help="A pretrained run or checkpoint folder; the eraser is written there.")],
+    data: Annotated[Path, typer.Option(help="Store to fit on: the pretraining pool, not the scans it is judged on.")],
+    max_sessions: Annotated[int, typer.Option(help="Sessions embedded, spread over the store's subjects.")] = 120,
+    progress: Annotated[bool, typer.Option(help="Progress bar.")] = True,
+) -> None:
+    """Fit a LEACE eraser of the contrast from the anatomy vector and write it beside the weights.
+
+    After it, every contrast's mean anatomy vector on the fitting scans is the same, so no linear probe reads the
+    contrast there; `embed` and `analyze` then read the erased vector (and keep the one before it). Fine-tuning is
+    not affected. Judge it with `neurofm analyze` on other subjects."""
+    from neurofm.analyze.eraser import erase_run
+
+    with _guarded(run, "writing the eraser"):
+        r = erase_run(run, data, max_sessions=max_sessions, progress=progress)
+    counts = ", ".join(f"{k} {v}" for k, v in r["contrasts"].items())
+    probe = (
+        f"; contrast probe on these scans before it {r['probe_before']:.3f} (chance {r['chance']:.3f})"
+        if r.get("probe_before") is not None
+        else ""
+    )
+    console.print(
+        f"fitted on {r['scans']} scans of {r['subjects']} subjects ({counts}); removed {r['rank']} of "
+        f"{r['channels']} directions{probe} -> {r['path']}",
+        highlight=False,
+    )
+
+
 def _pair(text: str) -> tuple[str, str]:
     name, _, value = text.partition("=")
     if not value:

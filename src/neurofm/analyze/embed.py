@@ -56,11 +56,22 @@ def scan_features(
 
 
 def embed_store(
-    run: str | Path, data: str | Path, *, keys: list[str] | None = None, device: str = "cpu", progress: bool = False
+    run: str | Path,
+    data: str | Path,
+    *,
+    keys: list[str] | None = None,
+    device: str = "cpu",
+    progress: bool = False,
+    erase: bool = True,
 ) -> pd.DataFrame:
     """One row per scan: key, subject, session, contrast, site, labels, ``subject_latent``, ``contrast_latent`` and
-    ``anatomy_mode`` (empty unless the anatomy code is soft categorical)."""
+    ``anatomy_mode`` (empty unless the anatomy code is soft categorical). When the checkpoint has an eraser
+    (:mod:`neurofm.analyze.eraser`) and ``erase`` holds, ``subject_latent`` is the vector after it and
+    ``subject_latent_raw`` the vector before."""
+    from neurofm.analyze.eraser import load_eraser
+
     model, info = model_from_checkpoint(run)
+    eraser = load_eraser(info["folder"]) if erase else None
     model = model.to(device).eval()
     run_data = info["run"].get("data", {})
     patch = int(run_data.get("patch", 64))
@@ -94,11 +105,17 @@ def embed_store(
                     "anatomy_mode": m.astype(np.float32),
                 }
             )
-    return pd.DataFrame(rows)
+    df = pd.DataFrame(rows)
+    if eraser is not None and len(df):
+        raw = np.stack(df["subject_latent"].to_numpy())
+        df["subject_latent_raw"] = list(raw)
+        df["subject_latent"] = list(eraser(raw).astype(np.float32))
+    return df
 
 
-#: the vector columns of an embedding table and the prefix of their columns in a CSV (s0, s1, ..., c0, ..., m0, ...)
-VECTOR_COLUMNS = {"subject_latent": "s", "contrast_latent": "c", "anatomy_mode": "m"}
+#: the vector columns of an embedding table and the prefix of their columns in a CSV (s0, s1, ..., c0, ..., m0, ...;
+#: r0, ... the anatomy vector before an eraser, where the checkpoint has one)
+VECTOR_COLUMNS = {"subject_latent": "s", "contrast_latent": "c", "anatomy_mode": "m", "subject_latent_raw": "r"}
 
 
 def save_embeddings(df: pd.DataFrame, out: str | Path) -> Path:

@@ -70,13 +70,20 @@ def latent_figure(result: dict, png: str | Path) -> Path | None:
     ax = axes[1]
     names, acc, chance = [], [], []
     colors = []
-    labels = {"intensity": "intensity histogram\n(reference)", "anatomy_mode": "anatomy latent,\nmost likely class"}
+    labels = {
+        "intensity": "intensity histogram\n(reference)",
+        "anatomy_mode": "anatomy latent,\nmost likely class",
+        "anatomy_raw": "anatomy latent,\nbefore the eraser",
+    }
     bars = (
         ("anatomy", "tab:blue"),
+        ("anatomy_raw", "cornflowerblue"),
         ("anatomy_mode", "lightsteelblue"),
         ("contrast", "tab:orange"),
         ("intensity", "tab:gray"),
     )
+    if result.get("anatomy_raw"):  # the checkpoint has an eraser: the anatomy bar reads the vector after it
+        labels["anatomy"] = "anatomy latent,\nafter the eraser"
     for latent, color in bars:
         p = result.get(latent, {}).get("contrast_probe")
         if p:
@@ -88,6 +95,7 @@ def latent_figure(result: dict, png: str | Path) -> Path | None:
     for k, c in enumerate(chance):
         ax.hlines(c, k - 0.4, k + 0.4, colors="k", linestyles="--", label="chance" if k == 0 else None)
     ax.set(ylim=(0, 1.05), ylabel="accuracy", title="which contrast? linear probe (grouped CV)")
+    ax.tick_params(axis="x", labelsize=7 if len(names) > 3 else 9)
     ax.legend(fontsize=7)
     return save_figure(fig, png)
 

@@ -207,6 +207,8 @@ def latent_analysis(df: pd.DataFrame, seed: int = 0, reference: pd.DataFrame | N
     columns = [("anatomy", "subject_latent"), ("contrast", "contrast_latent")]
     if "anatomy_mode" in df:  # a soft categorical anatomy code, read by its most likely class (analyze.embed)
         columns.insert(1, ("anatomy_mode", "anatomy_mode"))
+    if "subject_latent_raw" in df:  # the checkpoint has an eraser: the anatomy vector before it (analyze.eraser)
+        columns.insert(1, ("anatomy_raw", "subject_latent_raw"))
     for name, col in columns:
         sim = latent_similarity(df, col, seed=seed)
         probe = contrast_probe(df, col, seed=seed)
@@ -231,19 +233,22 @@ INTENSITY_ROW = "(reference) intensity histogram"
 INTERVAL_COLUMN = "probe accuracy, 95 % interval"
 #: the row of a soft categorical anatomy code read by its most likely class at each position
 MODE_ROW = "anatomy, most likely class"
+#: the row of the anatomy vector before the checkpoint's eraser (neurofm.analyze.eraser), where it has one
+RAW_ROW = "anatomy, before the eraser"
+ROW_NAMES = {"intensity": INTENSITY_ROW, "anatomy_mode": MODE_ROW, "anatomy_raw": RAW_ROW}
 
 
 def summary_table(result: dict[str, Any]) -> list[dict[str, Any]]:
     """Rows for a report: latent, within/across similarity, probe accuracy vs chance."""
     rows = []
-    for name in ("anatomy", "anatomy_mode", "contrast", "intensity"):
+    for name in ("anatomy", "anatomy_raw", "anatomy_mode", "contrast", "intensity"):
         r = result.get(name)
         if not r:
             continue
         sim, probe, gap = r.get("similarity", {}), r.get("contrast_probe", {}), r.get("contrast_gap", {})
         rows.append(
             {
-                "latent": {"intensity": INTENSITY_ROW, "anatomy_mode": MODE_ROW}.get(name, name),
+                "latent": ROW_NAMES.get(name, name),
                 "cosine within subject": sim.get("within"),
                 "cosine across subjects": sim.get("across"),
                 "contrast probe accuracy": probe.get("accuracy"),

@@ -21,6 +21,7 @@ from rich.console import Console
 from neurofm.analyze import experiments, figures
 from neurofm.analyze.embed import embed_store
 from neurofm.analyze.latent import (
+    RAW_ROW,
     code_usage,
     intensity_histograms,
     latent_analysis,
@@ -139,6 +140,23 @@ def usage_text(usage: dict[str, Any]) -> str:
     )
 
 
+def eraser_text(run: str | Path, lat: dict[str, Any]) -> str:
+    """A sentence on the checkpoint's eraser (:mod:`neurofm.analyze.eraser`), where it has one."""
+    from neurofm.analyze.eraser import load_eraser
+    from neurofm.io.checkpoint import resolve_checkpoint
+
+    eraser = load_eraser(resolve_checkpoint(run))
+    if eraser is None or "anatomy_raw" not in lat:
+        return ""
+    info = eraser.info
+    where = f" of {info['store']}" if info.get("store") else ""
+    return (
+        f" The checkpoint has an eraser of the contrast from the anatomy vector (LEACE, fitted on {info.get('scans')} "
+        f"scans{where}): the anatomy rows read the vector after it, and the row '{RAW_ROW}' the vector as the "
+        "network gives it."
+    )
+
+
 def analyze(
     run: str | Path, data: str | Path, out: str | Path, cfg: AnalyzeConfig | None = None, progress: bool = True
 ) -> dict[str, Any]:
@@ -161,7 +179,9 @@ def analyze(
     lat = latent_analysis(df, reference=intensity_histograms(store, keys))
     model, info = model_from_checkpoint(run)
     if getattr(model, "hard_anatomy", False) and "anatomy" in lat:  # a one-hot code's latent is its class shares
-        lat["anatomy"]["code_usage"] = code_usage(df, "subject_latent")
+        # read before any eraser: the erased vector is no longer the class shares
+        shares = "subject_latent_raw" if "subject_latent_raw" in df else "subject_latent"
+        lat["anatomy"]["code_usage"] = code_usage(df, shares)
     result["latent"] = drop_values(lat)
     png = figures.latent_figure(lat, out / "latent.png")
     sections.append(
@@ -176,6 +196,7 @@ def analyze(
                 "class (its mode), which leaves out how sure the code is. The same probe on each scan's intensity "
                 "histogram is the reference: contrasts it cannot tell apart differ in few voxels."
                 + usage_text(usage_of(lat))
+                + eraser_text(run, lat)
             ),
             images=[png.name] if png else [],
             tables=[summary_table(lat)],
