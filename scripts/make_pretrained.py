@@ -11,8 +11,13 @@ One command (about two hours on a 2-core CPU at the default 30,000 steps)::
 4. copies the weights and descriptions (no optimizer state, no machine paths) to
    ``src/neurofm/pretrained/<name>/`` and writes its ``MODEL_CARD.md``.
 
+``--erase`` also fits ``neurofm erase`` on the pool (120 sessions) before step 3, so the analysis reads the anatomy
+vector after the eraser (and before it), and packages ``eraser.safetensors`` with the weights.
+
 ``--refresh-analysis --name NAME`` trains nothing: it measures a packaged model again with the current
-``neurofm analyze`` and rewrites its ``analysis.json`` and its card's analysis table.
+``neurofm analyze`` and rewrites its ``analysis.json`` and its card's analysis table; with ``--erase`` it first fits
+the eraser on the pool (made in ``--work`` if missing) on a copy of the packaged checkpoint and puts it beside the
+packaged weights.
 
 Every stage reuses what is already in ``--work``, so an interrupted run resumes.
 """
@@ -34,6 +39,7 @@ DEFAULT_NAME = "fomo25-tiny-synth"  # the recipe's plain form (the demo fine-tun
 DEFAULT_PRESET = "fomo25-tiny"
 ANALYSIS_HEADING = "## What `neurofm analyze` measured"
 CARRY = ("model.safetensors", "model.json", "transfer.json", "preprocessing.json", "run.json", "meta.json")
+ERASE_SESSIONS = 120  # pool sessions `neurofm erase` fits on (--erase)
 
 
 def sh(*args: object) -> None:
@@ -118,6 +124,14 @@ def analysis_table(analysis: dict) -> str:
                 + " / ".join(f"{v:.2f}" for v in usage["largest_shares"][:3]),
             ),
         )
+    if lat.get("anatomy_raw"):  # the model has an eraser (neurofm erase): the anatomy rows read the vector after it
+        checks = [(k.replace("anatomy latent,", "anatomy latent after the eraser,"), v) for k, v in checks]
+        checks = [(k.replace("the anatomy latent (", "the anatomy latent after the eraser ("), v) for k, v in checks]
+        raw_gap = latent("anatomy_raw", "similarity", "difference")
+        checks += [
+            ("anatomy latent before the eraser, within minus across", raw_gap),
+            ("contrast probe from the anatomy latent before the eraser (chance)", probe("anatomy_raw")),
+        ]
     places = analysis.get("places")
     if places:
         checks.append(
@@ -153,6 +167,8 @@ def model_card(name: str, args: argparse.Namespace, run_cfg: dict, meta: dict, a
     command = f"--work WORK{named} --steps {args.steps} --pool-subjects {args.pool_subjects}{sets}"
     if args.package_step is not None:
         command += f" --package-step {args.package_step}"
+    if args.erase:
+        command += " --erase"
     of = (
         f" (the checkpoint at step {meta['step']} of a {args.steps}-step schedule)"
         if meta["step"] != args.steps
@@ -213,6 +229,11 @@ def parser() -> argparse.ArgumentParser:
         "--set", nargs="+", action="extend", default=[], dest="extra", help="more recipe overrides (repeatable)"
     )
     ap.add_argument(
+        "--erase",
+        action="store_true",
+        help=f"fit neurofm erase on {ERASE_SESSIONS} pool sessions before the analysis and package the eraser",
+    )
+    ap.add_argument(
         "--refresh-analysis",
         action="store_true",
         help="train nothing: analyze the packaged model --name again and rewrite its analysis.json and its card's "
@@ -250,6 +271,17 @@ def refresh_analysis(work: Path, args: argparse.Namespace) -> None:
     text = card.read_text()
     if ANALYSIS_HEADING not in text:
         raise SystemExit(f"{card.relative_to(ROOT)} has no section {ANALYSIS_HEADING!r} to rewrite")
+    if args.erase:
+        pool = synth_and_prepare(work, "pool", args.pool_subjects, args.pool_seed, args.workers)
+        ck = checkpoint_to_package(dest, None)
+        copy = work / f"erase-{args.name}" / ck.name
+        shutil.rmtree(copy.parent, ignore_errors=True)
+        shutil.copytree(ck, copy)
+        sh("erase", copy, "--data", pool, "--max-sessions", ERASE_SESSIONS, "--no-progress")
+        from neurofm.analyze.eraser import ERASER
+        from neurofm.utils import atomic_write_bytes
+
+        atomic_write_bytes(ck / ERASER, (copy / ERASER).read_bytes())
     analysis = analyze(work, dest, work / f"analysis-{args.name}", args)
     from neurofm.utils import atomic_write_text, write_json
 
@@ -323,6 +355,8 @@ def main() -> None:
     args.threads = f"OMP_NUM_THREADS={threads}" if threads else f"{os.cpu_count()} cores"
     ck = checkpoint_to_package(run, args.package_step)
     tag = "" if args.package_step is None else f"-step{args.package_step}"
+    if args.erase:
+        sh("erase", ck, "--data", pool, "--max-sessions", ERASE_SESSIONS, "--no-progress")
     analysis = analyze(work, ck, work / f"analysis{tag}", args)
     dest = ROOT / "src" / "neurofm" / "pretrained" / args.name
     # built beside the model's folder and swapped in whole: a killed packaging leaves the old model intact
@@ -338,6 +372,10 @@ def main() -> None:
             )
         else:
             shutil.copy(src, stage / "checkpoints" / ck.name / f)
+    if args.erase:
+        from neurofm.analyze.eraser import ERASER
+
+        shutil.copy(ck / ERASER, stage / "checkpoints" / ck.name / ERASER)
     (stage / "checkpoints" / "last").write_text(ck.name + "\n")
     (stage / "run.json").write_text(json.dumps(run_cfg, indent=2) + "\n")
     meta = json.loads((ck / "meta.json").read_text())

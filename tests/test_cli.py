@@ -63,6 +63,7 @@ BAD_INPUT = {
     "predict": (["predict", "{tmp}/nowhere", "T1w={tmp}/t1.nii.gz", "--out", "{tmp}/p"], "neither a run folder"),
     "embed": (["embed", "{tmp}/nowhere", "--data", "{tmp}", "--out", "{tmp}/e.csv"], "neither a run folder"),
     "analyze": (["analyze", "{tmp}/nowhere", "--data", "{tmp}", "--out", "{tmp}/a"], "neither a run folder"),
+    "erase": (["erase", "{tmp}/nowhere", "--data", "{tmp}"], "neither a run folder"),
     "bench": (["bench", "--only", "nope"], "unknown benchmark"),
     "import": (["import", "nnssl", "{tmp}/missing.pth", "--out", "{tmp}/i"], "no such file"),
     "export": (["export", "{tmp}/nowhere", "--out", "{tmp}/x.pth"], "neither a run folder"),

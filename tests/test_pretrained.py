@@ -297,3 +297,25 @@ def test_a_model_cards_command_remakes_its_recipe(name):
         for part in key.split("."):
             node = node[part]
         assert str(node).lower() == value.lower(), f"{name}: {key}={node}, the card says {value}"
+
+
+def test_a_card_of_a_model_with_an_eraser_reads_the_anatomy_after_it_and_before_it():
+    script = _make_pretrained()
+
+    def part(acc: float, gap: float) -> dict:
+        probe = {"accuracy": acc, "accuracy_low": acc - 0.05, "accuracy_high": acc + 0.05, "chance": 0.2}
+        return {"similarity": {"within": gap, "across": 0.0, "difference": gap}, "contrast_probe": probe}
+
+    lat = {"anatomy": part(0.25, 0.18), "contrast": part(0.98, 0.0)}
+    plain = script.analysis_table({"latent": lat})
+    assert "| contrast probe from the anatomy latent (chance) | 0.250 [0.200, 0.300] (0.200) |" in plain
+    assert "eraser" not in plain
+    erased = script.analysis_table({"latent": {**lat, "anatomy_raw": part(0.51, 0.17)}})
+    after = "contrast probe from the anatomy latent after the eraser (chance)"
+    assert f"| {after} | 0.250 [0.200, 0.300] (0.200) |" in erased
+    assert "| anatomy latent after the eraser, within minus across | 0.180 |" in erased
+    before = "contrast probe from the anatomy latent before the eraser (chance)"
+    assert f"| {before} | 0.510 [0.460, 0.560] (0.200) |" in erased
+    assert "| anatomy latent before the eraser, within minus across | 0.170 |" in erased
+    args = script.parser().parse_args(["--work", "w", "--erase"])
+    assert args.erase and not script.parser().parse_args(["--work", "w"]).erase
