@@ -112,6 +112,9 @@ def test_erase_through_the_cli_then_embed_reads_the_erased_vector(store_4mm, pre
     code, _, err = run_cli("erase", run, "--data", store_4mm, "--max-sessions", "12", "--no-progress")
     assert code == 0, err
     assert "removed" in err and ERASER in err
+    code, out, _ = run_cli("inspect", run)
+    assert code == 0 and "eraser (neurofm erase): leace of the contrast from the anatomy vector" in out
+    assert "fitted on" in out and store_4mm.name in out
     code, _, err = run_cli("embed", run, "--data", store_4mm, "--out", tmp_path / "e.parquet", "--no-progress")
     assert code == 0, err
     df = load_embeddings(tmp_path / "e.parquet")
