@@ -443,7 +443,10 @@ def embed(
     out: Annotated[Path, typer.Option("--out", "-o", help="Output .parquet (vectors as lists) or .csv (columns).")],
     progress: Annotated[bool, typer.Option(help="Progress bar.")] = True,
 ) -> None:
-    """Per-scan features: the subject (anatomy) and contrast latents of a pretrained model."""
+    """Per-scan features: the subject (anatomy) and contrast latents of a pretrained model.
+
+    A run with an eraser (`neurofm erase`) gives the anatomy vector after it, and the one before it as
+    subject_latent_raw (r0, r1, ... in a CSV)."""
     from neurofm.analyze.embed import embed_store, save_embeddings
 
     with _guarded(out.parent, "writing the embeddings"):
