@@ -417,7 +417,7 @@ def _pretrain_pool(out: Path, cfg: DemoConfig, console: Console) -> Path:
 
 
 def _latent_text(rows: list[dict[str, Any]], swap: dict[str, Any]) -> str:
-    from neurofm.analyze.latent import CONFUSED_COLUMN, GAP_COLUMN, INTENSITY_ROW, MODE_ROW, swap_verdict
+    from neurofm.analyze.latent import CONFUSED_COLUMN, GAP_COLUMN, INTENSITY_ROW, MODE_ROW, RAW_ROW, swap_verdict
 
     def f(x: Any) -> str:
         return "n/a" if x is None else f"{x:.2f}"
@@ -425,8 +425,14 @@ def _latent_text(rows: list[dict[str, Any]], swap: dict[str, Any]) -> str:
     def confused(r: dict[str, Any]) -> str:
         return f", most confused {r[CONFUSED_COLUMN]}" if r.get(CONFUSED_COLUMN) else ""
 
+    erased = any(r["latent"] == RAW_ROW for r in rows)  # the model has an eraser (neurofm erase)
+    names = {
+        MODE_ROW: "anatomy latent read by its most likely class",
+        RAW_ROW: "anatomy latent before the eraser",
+        "anatomy": "anatomy latent after the eraser" if erased else "anatomy latent",
+    }
     lines = [
-        f"  {'anatomy latent read by its most likely class' if r['latent'] == MODE_ROW else r['latent'] + ' latent'}: "
+        f"  {names.get(r['latent'], r['latent'] + ' latent')}: "
         f"cosine same subject {f(r['cosine within subject'])} vs other subjects "
         f"{f(r['cosine across subjects'])}; contrast probe {f(r['contrast probe accuracy'])} "
         f"(chance {f(r['chance'])}{confused(r)}); contrast gap {f(r.get(GAP_COLUMN))} (0 same, 2 unrelated)"

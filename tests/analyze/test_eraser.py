@@ -125,3 +125,18 @@ def test_erase_through_the_cli_then_embed_reads_the_erased_vector(store_4mm, pre
     # fitted on these very scans: every contrast's mean anatomy vector is the same
     means = np.stack([erased[df["contrast"].to_numpy() == c].mean(0) for c in sorted(set(df["contrast"]))])
     assert (np.ptp(means, axis=0) / np.stack(before["subject_latent"]).std(0).clip(1e-12)).max() < 1e-3
+
+
+def test_the_demo_names_the_anatomy_rows_after_and_before_the_eraser(data):
+    from neurofm.demo import _latent_text
+
+    pool, other = data
+    eraser = fit_eraser(np.stack(pool["v"]), pool["contrast"].to_numpy())
+    raw = np.stack(other["v"])
+    df = other.assign(subject_latent=list(eraser(raw)), contrast_latent=[np.zeros(0)] * len(other))
+    plain = _latent_text(summary_table(latent_analysis(df)), {})
+    assert plain.lstrip().startswith("anatomy latent: ") and "eraser" not in plain
+    text = _latent_text(summary_table(latent_analysis(df.assign(subject_latent_raw=list(raw)))), {})
+    lines = [line.strip() for line in text.splitlines()]
+    assert lines[0].startswith("anatomy latent after the eraser: ")
+    assert lines[1].startswith("anatomy latent before the eraser: ")
