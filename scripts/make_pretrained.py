@@ -132,6 +132,15 @@ def analysis_table(analysis: dict) -> str:
             ("anatomy latent before the eraser, within minus across", raw_gap),
             ("contrast probe from the anatomy latent before the eraser (chance)", probe("anatomy_raw")),
         ]
+        e = analysis.get("eraser") or {}
+        if e:
+            checks.append(
+                (
+                    "eraser (`neurofm erase`, fitted on the pretraining pool)",
+                    f"{e.get('method', '?').upper()}, {e.get('rank', '?')} of {e.get('channels', '?')} directions, "
+                    f"{e.get('scans', '?')} scans of {e.get('subjects', '?')} subjects",
+                )
+            )
     places = analysis.get("places")
     if places:
         checks.append(

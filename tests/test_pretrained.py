@@ -317,5 +317,10 @@ def test_a_card_of_a_model_with_an_eraser_reads_the_anatomy_after_it_and_before_
     before = "contrast probe from the anatomy latent before the eraser (chance)"
     assert f"| {before} | 0.510 [0.460, 0.560] (0.200) |" in erased
     assert "| anatomy latent before the eraser, within minus across | 0.170 |" in erased
+    assert "eraser (`neurofm erase`" not in erased  # an analysis that does not say what the eraser was
+    info = {"method": "leace", "rank": 4, "channels": 32, "scans": 575, "subjects": 120}
+    described = script.analysis_table({"latent": {**lat, "anatomy_raw": part(0.51, 0.17)}, "eraser": info})
+    row = "| eraser (`neurofm erase`, fitted on the pretraining pool) | LEACE, 4 of 32 directions, 575 scans of 120"
+    assert row in described
     args = script.parser().parse_args(["--work", "w", "--erase"])
     assert args.erase and not script.parser().parse_args(["--work", "w"]).erase

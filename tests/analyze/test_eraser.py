@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 
 import numpy as np
@@ -115,6 +116,12 @@ def test_erase_through_the_cli_then_embed_reads_the_erased_vector(store_4mm, pre
     code, out, _ = run_cli("inspect", run)
     assert code == 0 and "eraser (neurofm erase): leace of the contrast from the anatomy vector" in out
     assert "fitted on" in out and store_4mm.name in out
+    code, out, err = run_cli("analyze", run, "--data", store_4mm, "--out", tmp_path / "an", "--max-sessions", "6")
+    assert code == 0, err
+    result = json.loads((tmp_path / "an" / "analysis.json").read_text())
+    assert {"anatomy", "anatomy_raw", "contrast"} <= set(result["latent"])
+    assert result["eraser"]["rank"] >= 1 and result["eraser"]["store"] == store_4mm.name
+    assert RAW_ROW in out and "The checkpoint has an eraser" in (tmp_path / "an" / "report.html").read_text()
     code, _, err = run_cli("embed", run, "--data", store_4mm, "--out", tmp_path / "e.parquet", "--no-progress")
     assert code == 0, err
     df = load_embeddings(tmp_path / "e.parquet")

@@ -183,6 +183,11 @@ def analyze(
         shares = "subject_latent_raw" if "subject_latent_raw" in df else "subject_latent"
         lat["anatomy"]["code_usage"] = code_usage(df, shares)
     result["latent"] = drop_values(lat)
+    from neurofm.analyze.eraser import load_eraser
+
+    eraser = load_eraser(resolve_checkpoint(run))
+    if eraser is not None:  # what the anatomy rows read through (neurofm.analyze.eraser)
+        result["eraser"] = eraser.info
     png = figures.latent_figure(lat, out / "latent.png")
     sections.append(
         Section(
