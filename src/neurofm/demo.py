@@ -222,7 +222,14 @@ def run_demo(out: str | Path = "neurofm-demo", cfg: DemoConfig | None = None) ->
                 tables=[summary_table(a["latent"]), [a["swap"]] if a["swap"] else []],
                 note="swap check: one scan's anatomy decoded with the contrast code of another crop of another "
                 "contrast; mse_to_a is the error to that anatomy in that contrast, which disentangled latents make "
-                "the smallest.",
+                "the smallest."
+                + (
+                    " The model carries an eraser of the contrast from the anatomy vector (neurofm erase: LEACE, "
+                    "fitted on its pretraining pool): the anatomy row reads the vector after it, the row "
+                    "'anatomy, before the eraser' the network's own."
+                    if "anatomy_raw" in a["latent"]
+                    else ""
+                ),
             )
             for m, a in analyses.items()
         ),
