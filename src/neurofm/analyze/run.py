@@ -20,6 +20,7 @@ from rich.console import Console
 
 from neurofm.analyze import experiments, figures
 from neurofm.analyze.embed import embed_store
+from neurofm.analyze.eraser import load_eraser
 from neurofm.analyze.latent import (
     RAW_ROW,
     code_usage,
@@ -140,15 +141,11 @@ def usage_text(usage: dict[str, Any]) -> str:
     )
 
 
-def eraser_text(run: str | Path, lat: dict[str, Any]) -> str:
-    """A sentence on the checkpoint's eraser (:mod:`neurofm.analyze.eraser`), where it has one."""
-    from neurofm.analyze.eraser import load_eraser
-    from neurofm.io.checkpoint import resolve_checkpoint
-
-    eraser = load_eraser(resolve_checkpoint(run))
-    if eraser is None or "anatomy_raw" not in lat:
+def eraser_text(info: dict[str, Any] | None, lat: dict[str, Any]) -> str:
+    """A sentence on the checkpoint's eraser (:mod:`neurofm.analyze.eraser`; ``info``: what it was fitted on), where
+    it has one."""
+    if not info or "anatomy_raw" not in lat:
         return ""
-    info = eraser.info
     where = f" of {info['store']}" if info.get("store") else ""
     return (
         f" The checkpoint has an eraser of the contrast from the anatomy vector (LEACE, fitted on {info.get('scans')} "
@@ -183,8 +180,6 @@ def analyze(
         shares = "subject_latent_raw" if "subject_latent_raw" in df else "subject_latent"
         lat["anatomy"]["code_usage"] = code_usage(df, shares)
     result["latent"] = drop_values(lat)
-    from neurofm.analyze.eraser import load_eraser
-
     eraser = load_eraser(resolve_checkpoint(run))
     if eraser is not None:  # what the anatomy rows read through (neurofm.analyze.eraser)
         result["eraser"] = eraser.info
@@ -201,7 +196,7 @@ def analyze(
                 "class (its mode), which leaves out how sure the code is. The same probe on each scan's intensity "
                 "histogram is the reference: contrasts it cannot tell apart differ in few voxels."
                 + usage_text(usage_of(lat))
-                + eraser_text(run, lat)
+                + eraser_text(result.get("eraser"), lat)
             ),
             images=[png.name] if png else [],
             tables=[summary_table(lat)],
