@@ -112,7 +112,7 @@ def run_demo(out: str | Path = "neurofm-demo", cfg: DemoConfig | None = None) ->
     from neurofm.analyze import figures
     from neurofm.analyze.embed import embed_store
     from neurofm.analyze.latent import intensity_histograms, latent_analysis, summary_table, swap_check
-    from neurofm.analyze.run import drop_values, score_table, spread_sessions
+    from neurofm.analyze.run import drop_values, eraser_text, score_table, spread_sessions
     from neurofm.evaluate.report import Section, write_report
     from neurofm.inspect import describe_run, describe_store
     from neurofm.io.checkpoint import resolve_run
@@ -176,7 +176,8 @@ def run_demo(out: str | Path = "neurofm-demo", cfg: DemoConfig | None = None) ->
     reference = intensity_histograms(Store(store), keys)
     analyses: dict[str, dict[str, Any]] = {}
     for i, model in enumerate(distinct):
-        lat = latent_analysis(embed_store(model, store, keys=keys, progress=True), reference=reference)
+        df = embed_store(model, store, keys=keys, progress=True)
+        lat = latent_analysis(df, reference=reference)
         png = "latent.png" if i == 0 else f"latent-{i + 1}.png"
         figures.latent_figure(lat, fig_dir / png)
         net, info = model_from_checkpoint(model)
@@ -184,7 +185,7 @@ def run_demo(out: str | Path = "neurofm-demo", cfg: DemoConfig | None = None) ->
         if len(distinct) > 1:
             console.print(f"  {_model_label(model, models)}:")
         console.print(_latent_text(summary_table(lat), swap))
-        analyses[model] = {"latent": lat, "swap": swap, "figure": f"figures/{png}"}
+        analyses[model] = {"latent": lat, "swap": swap, "figure": f"figures/{png}", "eraser": df.attrs.get("eraser")}
     times["analyze"] = time.time() - t
 
     t = stage("6/6 report", "HTML with figures and tables")
@@ -222,14 +223,7 @@ def run_demo(out: str | Path = "neurofm-demo", cfg: DemoConfig | None = None) ->
                 tables=[summary_table(a["latent"]), [a["swap"]] if a["swap"] else []],
                 note="swap check: one scan's anatomy decoded with the contrast code of another crop of another "
                 "contrast; mse_to_a is the error to that anatomy in that contrast, which disentangled latents make "
-                "the smallest."
-                + (
-                    " The model carries an eraser of the contrast from the anatomy vector (neurofm erase: LEACE, "
-                    "fitted on its pretraining pool): the anatomy row reads the vector after it, the row "
-                    "'anatomy, before the eraser' the network's own."
-                    if "anatomy_raw" in a["latent"]
-                    else ""
-                ),
+                "the smallest." + eraser_text(a["eraser"], a["latent"]),
             )
             for m, a in analyses.items()
         ),

@@ -121,7 +121,7 @@ def test_erase_through_the_cli_then_embed_reads_the_erased_vector(store_4mm, pre
     result = json.loads((tmp_path / "an" / "analysis.json").read_text())
     assert {"anatomy", "anatomy_raw", "contrast"} <= set(result["latent"])
     assert result["eraser"]["rank"] >= 1 and result["eraser"]["store"] == store_4mm.name
-    assert RAW_ROW in out and "The checkpoint has an eraser" in (tmp_path / "an" / "report.html").read_text()
+    assert RAW_ROW in out and "The model carries an eraser" in (tmp_path / "an" / "report.html").read_text()
     code, _, err = run_cli("embed", run, "--data", store_4mm, "--out", tmp_path / "e.parquet", "--no-progress")
     assert code == 0, err
     df = load_embeddings(tmp_path / "e.parquet")

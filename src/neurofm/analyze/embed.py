@@ -66,8 +66,8 @@ def embed_store(
 ) -> pd.DataFrame:
     """One row per scan: key, subject, session, contrast, site, labels, ``subject_latent``, ``contrast_latent`` and
     ``anatomy_mode`` (empty unless the anatomy code is soft categorical). When the checkpoint has an eraser
-    (:mod:`neurofm.analyze.eraser`) and ``erase`` holds, ``subject_latent`` is the vector after it and
-    ``subject_latent_raw`` the vector before."""
+    (:mod:`neurofm.analyze.eraser`) and ``erase`` holds, ``subject_latent`` is the vector after it,
+    ``subject_latent_raw`` the vector before, and ``attrs["eraser"]`` says what the eraser was fitted on."""
     from neurofm.analyze.eraser import load_eraser
 
     model, info = model_from_checkpoint(run)
@@ -110,6 +110,7 @@ def embed_store(
         raw = np.stack(df["subject_latent"].to_numpy())
         df["subject_latent_raw"] = list(raw)
         df["subject_latent"] = list(eraser(raw).astype(np.float32))
+        df.attrs["eraser"] = eraser.info
     return df
 
 

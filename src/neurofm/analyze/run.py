@@ -20,7 +20,6 @@ from rich.console import Console
 
 from neurofm.analyze import experiments, figures
 from neurofm.analyze.embed import embed_store
-from neurofm.analyze.eraser import load_eraser
 from neurofm.analyze.latent import (
     RAW_ROW,
     code_usage,
@@ -142,13 +141,13 @@ def usage_text(usage: dict[str, Any]) -> str:
 
 
 def eraser_text(info: dict[str, Any] | None, lat: dict[str, Any]) -> str:
-    """A sentence on the checkpoint's eraser (:mod:`neurofm.analyze.eraser`; ``info``: what it was fitted on), where
-    it has one."""
+    """A sentence on the model's eraser (:mod:`neurofm.analyze.eraser`; ``info``: what it was fitted on, as
+    :func:`embed_store` records it), where it has one; the analysis report and the demo's say it."""
     if not info or "anatomy_raw" not in lat:
         return ""
     where = f" of {info['store']}" if info.get("store") else ""
     return (
-        f" The checkpoint has an eraser of the contrast from the anatomy vector (LEACE, fitted on {info.get('scans')} "
+        f" The model carries an eraser of the contrast from the anatomy vector (LEACE, fitted on {info.get('scans')} "
         f"scans{where}): the anatomy rows read the vector after it, and the row '{RAW_ROW}' the vector as the "
         "network gives it."
     )
@@ -180,9 +179,8 @@ def analyze(
         shares = "subject_latent_raw" if "subject_latent_raw" in df else "subject_latent"
         lat["anatomy"]["code_usage"] = code_usage(df, shares)
     result["latent"] = drop_values(lat)
-    eraser = load_eraser(resolve_checkpoint(run))
-    if eraser is not None:  # what the anatomy rows read through (neurofm.analyze.eraser)
-        result["eraser"] = eraser.info
+    if df.attrs.get("eraser"):  # what the anatomy rows read through (neurofm.analyze.eraser)
+        result["eraser"] = df.attrs["eraser"]
     png = figures.latent_figure(lat, out / "latent.png")
     sections.append(
         Section(
