@@ -138,7 +138,8 @@ def analysis_table(analysis: dict) -> str:
                 (
                     "eraser (`neurofm erase`, fitted on the pretraining pool)",
                     f"{e.get('method', '?').upper()}, {e.get('rank', '?')} of {e.get('channels', '?')} directions, "
-                    f"{e.get('scans', '?')} scans of {e.get('subjects', '?')} subjects",
+                    f"{e.get('scans', '?')} scans of {e.get('subjects', '?')} subjects"
+                    + "".join(f"; {k} {', '.join(e[k])}" for k in ("contrasts", "sites") if isinstance(e.get(k), dict)),
                 )
             )
     places = analysis.get("places")

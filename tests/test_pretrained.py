@@ -321,6 +321,9 @@ def test_a_card_of_a_model_with_an_eraser_reads_the_anatomy_after_it_and_before_
     info = {"method": "leace", "rank": 4, "channels": 32, "scans": 575, "subjects": 120}
     described = script.analysis_table({"latent": {**lat, "anatomy_raw": part(0.51, 0.17)}, "eraser": info})
     row = "| eraser (`neurofm erase`, fitted on the pretraining pool) | LEACE, 4 of 32 directions, 575 scans of 120"
-    assert row in described
+    assert row in described and "; contrasts" not in described  # an eraser that did not record them
+    info |= {"contrasts": {"T1w": 300, "T2w": 275}, "sites": {"site-0": 60, "site-1": 60}}
+    described = script.analysis_table({"latent": {**lat, "anatomy_raw": part(0.51, 0.17)}, "eraser": info})
+    assert row + " subjects; contrasts T1w, T2w; sites site-0, site-1 |" in described
     args = script.parser().parse_args(["--work", "w", "--erase"])
     assert args.erase and not script.parser().parse_args(["--work", "w"]).erase

@@ -106,5 +106,8 @@ def describe_run(run: str | Path) -> str:
                 f"eraser (neurofm erase): {i.get('method', '?')} of the contrast from the anatomy vector, "
                 f"{i.get('rank', '?')} of {i.get('channels', '?')} directions, fitted on {i.get('scans', '?')} scans "
                 f"of {i.get('subjects', '?')} subjects of {i.get('store', '?')}"
+                + "".join(
+                    f"; {name} {', '.join(i[name])}" for name in ("contrasts", "sites") if isinstance(i.get(name), dict)
+                )
             )
     return "\n".join(lines)

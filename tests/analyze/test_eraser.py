@@ -9,7 +9,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from neurofm.analyze.eraser import ERASER, Eraser, fit_eraser, load_eraser, save_eraser
+from neurofm.analyze.eraser import ERASER, Eraser, fit_eraser, load_eraser, save_eraser, unseen, unseen_text
 from neurofm.analyze.latent import RAW_ROW, contrast_probe, latent_analysis, latent_similarity, summary_table
 from neurofm.errors import ConfigError
 
@@ -100,9 +100,29 @@ def test_the_analysis_reads_the_vector_after_the_eraser_and_the_one_before(data)
     assert rows[RAW_ROW]["contrast probe accuracy"] == lat["anatomy_raw"]["contrast_probe"]["accuracy"]
 
 
+def test_unseen_names_the_contrasts_and_sites_an_eraser_was_not_fitted_on():
+    info = {"contrasts": {"T1w": 10, "T2w": 10}, "sites": {"site-0": 12, "site-1": 8}}
+    df = pd.DataFrame(
+        {"contrast": ["T1w", "FLAIR", "T2w", "FLAIR", "PDw"], "site": ["site-0", "site-2", None, "a", "a"]}
+    )
+    assert unseen(info, df) == {"contrasts": ["FLAIR", "PDw"], "sites": ["a", "site-2"]}
+    text = unseen_text(unseen(info, df))
+    assert "contrasts FLAIR, PDw" in text and "sites a, site-2" in text
+    assert unseen(info, df[df["contrast"].isin(["T1w", "T2w"]) & df["site"].isin(["site-0"])]) == {}
+    assert unseen({"contrasts": info["contrasts"]}, df) == {"contrasts": ["FLAIR", "PDw"]}  # no sites recorded
+    assert unseen(info, df.drop(columns="site")) == {"contrasts": ["FLAIR", "PDw"]}  # a store without site labels
+    assert unseen(None, df) == {} and unseen_text({}) == ""
+    from neurofm.analyze.run import eraser_text
+
+    said = eraser_text({"scans": 40, "store": "pool", "unseen": unseen(info, df)}, {"anatomy_raw": {}})
+    assert "fitted on 40 scans of pool" in said and "Warning: the eraser was not fitted on contrasts FLAIR" in said
+    assert "Warning" not in eraser_text({"scans": 40}, {"anatomy_raw": {}})
+
+
 @pytest.mark.slow
 def test_erase_through_the_cli_then_embed_reads_the_erased_vector(store_4mm, pretrained_4mm, tmp_path, run_cli):
     from neurofm.analyze.embed import embed_store, load_embeddings
+    from neurofm.io.checkpoint import resolve_checkpoint
 
     run = tmp_path / "run"
     shutil.copytree(pretrained_4mm, run)  # the session's run is shared: erase a copy
@@ -115,15 +135,24 @@ def test_erase_through_the_cli_then_embed_reads_the_erased_vector(store_4mm, pre
     assert "removed" in err and ERASER in err
     code, out, _ = run_cli("inspect", run)
     assert code == 0 and "eraser (neurofm erase): leace of the contrast from the anatomy vector" in out
-    assert "fitted on" in out and store_4mm.name in out
+    assert "fitted on" in out and store_4mm.name in out and "; contrasts " in out and "; sites " in out
     code, out, err = run_cli("analyze", run, "--data", store_4mm, "--out", tmp_path / "an", "--max-sessions", "6")
     assert code == 0, err
     result = json.loads((tmp_path / "an" / "analysis.json").read_text())
     assert {"anatomy", "anatomy_raw", "contrast"} <= set(result["latent"])
     assert result["eraser"]["rank"] >= 1 and result["eraser"]["store"] == store_4mm.name
     assert RAW_ROW in out and "The model carries an eraser" in (tmp_path / "an" / "report.html").read_text()
+    assert "not fitted on" not in err and "unseen" not in result["eraser"]  # judged on the scans it saw
+    # an eraser fitted on fewer contrasts and sites than the scans it reads: embed says which it never saw
+    folder = resolve_checkpoint(run)
+    eraser = load_eraser(folder)
+    seen = sorted(eraser.info["contrasts"])
+    assert eraser.info["sites"] and sum(eraser.info["sites"].values()) == eraser.info["sessions"]
+    narrower = {**eraser.info, "contrasts": {seen[0]: 1}, "sites": {"site-elsewhere": 1}}
+    save_eraser(Eraser(eraser.centre, eraser.matrix, narrower), folder)
     code, _, err = run_cli("embed", run, "--data", store_4mm, "--out", tmp_path / "e.parquet", "--no-progress")
     assert code == 0, err
+    assert "warning:" in err and f"not fitted on contrasts {', '.join(seen[1:])} and sites " in err
     df = load_embeddings(tmp_path / "e.parquet")
     before = embed_store(pretrained_4mm, store_4mm)  # the same weights without an eraser
     assert np.allclose(np.stack(df["subject_latent_raw"]), np.stack(before["subject_latent"]), atol=1e-5)

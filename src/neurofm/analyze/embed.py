@@ -15,6 +15,7 @@ which class it names; the mode carries only the latter.
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -67,8 +68,9 @@ def embed_store(
     """One row per scan: key, subject, session, contrast, site, labels, ``subject_latent``, ``contrast_latent`` and
     ``anatomy_mode`` (empty unless the anatomy code is soft categorical). When the checkpoint has an eraser
     (:mod:`neurofm.analyze.eraser`) and ``erase`` holds, ``subject_latent`` is the vector after it,
-    ``subject_latent_raw`` the vector before, and ``attrs["eraser"]`` says what the eraser was fitted on."""
-    from neurofm.analyze.eraser import load_eraser
+    ``subject_latent_raw`` the vector before, and ``attrs["eraser"]`` says what the eraser was fitted on (with
+    ``unseen``: the contrasts and sites of these scans it was not fitted on, which are also warned about)."""
+    from neurofm.analyze.eraser import load_eraser, unseen, unseen_text
 
     model, info = model_from_checkpoint(run)
     eraser = load_eraser(info["folder"]) if erase else None
@@ -110,7 +112,10 @@ def embed_store(
         raw = np.stack(df["subject_latent"].to_numpy())
         df["subject_latent_raw"] = list(raw)
         df["subject_latent"] = list(eraser(raw).astype(np.float32))
-        df.attrs["eraser"] = eraser.info
+        found = unseen(eraser.info, df)
+        df.attrs["eraser"] = {**eraser.info, "unseen": found} if found else eraser.info
+        if found:
+            print(f"warning: {info['folder']}: {unseen_text(found)}", file=sys.stderr)
     return df
 
 

@@ -14,6 +14,10 @@ code's class shares vary by 1e-7 to 1e-4). The result is stored as one affine ma
 on in the file's metadata. :func:`neurofm.analyze.embed.embed_store` applies it to the ``subject_latent`` of every
 scan (what ``neurofm embed`` writes and ``neurofm analyze`` reads) and keeps the vector before it as
 ``subject_latent_raw``. Fine-tuning does not read it: a downstream model's features are the network's own.
+
+An eraser holds only for the kind of scans it was fitted on. Its metadata names the contrasts (and, where the
+store's records carry a ``site`` label, the sites) it saw; :func:`unseen` names those of another table it did not,
+and ``embed``/``analyze`` warn about them.
 """
 
 from __future__ import annotations
@@ -81,6 +85,32 @@ def fit_eraser(x: np.ndarray, labels: list[str] | np.ndarray, svd_tol: float = 0
     return Eraser(mean + scale * bias, matrix, info)
 
 
+def unseen(info: dict[str, Any] | None, df: Any) -> dict[str, list[str]]:
+    """The contrasts (``contrasts``) and sites (``sites``, where the eraser recorded them) of an embedding table
+    ``df`` that an eraser described by ``info`` was not fitted on; empty when it saw them all. Its equal class means
+    say nothing about a contrast it never saw, and a site's scanner can move the anatomy vector in ways the pool's
+    sites did not."""
+    found: dict[str, list[str]] = {}
+    for column, key in (("contrast", "contrasts"), ("site", "sites")):
+        fitted = (info or {}).get(key)
+        if fitted and column in df:
+            new = sorted(set(df[column].dropna().astype(str)) - {str(v) for v in fitted})
+            if new:
+                found[key] = new
+    return found
+
+
+def unseen_text(found: dict[str, list[str]]) -> str:
+    """A warning sentence for :func:`unseen`'s result, or "" when there is nothing to warn about."""
+    parts = [f"{'contrasts' if k == 'contrasts' else 'sites'} {', '.join(v)}" for k, v in found.items() if v]
+    if not parts:
+        return ""
+    return (
+        f"the eraser was not fitted on {' and '.join(parts)} of these scans: the anatomy rows do not show that it "
+        "removes the contrast there (fit it on a pool that holds them: neurofm erase RUN --data POOL)"
+    )
+
+
 def save_eraser(eraser: Eraser, folder: str | Path) -> Path:
     """Write ``eraser`` into a checkpoint ``folder`` as :data:`ERASER`, atomically."""
     from safetensors.torch import save_file
@@ -138,6 +168,9 @@ def erase_run(run: str | Path, data: str | Path, max_sessions: int = 120, progre
     x = np.stack(df["subject_latent"].to_numpy())
     eraser = fit_eraser(x, df["contrast"].to_numpy())
     eraser.info.update(store=Path(data).name, sessions=int(df["key"].nunique()), subjects=int(df["subject"].nunique()))
+    if "site" in df and df["site"].notna().any():  # which scanners it saw, so that others can be warned about
+        sites = df.drop_duplicates("key")["site"].dropna().astype(str)
+        eraser.info["sites"] = {k: int(v) for k, v in sorted(sites.value_counts().items())}
     before = contrast_probe(df, "subject_latent")
     path = save_eraser(eraser, folder)
     return {"path": str(path), **eraser.info, "probe_before": before.get("accuracy"), "chance": before.get("chance")}

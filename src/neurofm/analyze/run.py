@@ -20,6 +20,7 @@ from rich.console import Console
 
 from neurofm.analyze import experiments, figures
 from neurofm.analyze.embed import embed_store
+from neurofm.analyze.eraser import unseen_text
 from neurofm.analyze.latent import (
     RAW_ROW,
     code_usage,
@@ -149,7 +150,7 @@ def eraser_text(info: dict[str, Any] | None, lat: dict[str, Any]) -> str:
     return (
         f" The model carries an eraser of the contrast from the anatomy vector (LEACE, fitted on {info.get('scans')} "
         f"scans{where}): the anatomy rows read the vector after it, and the row '{RAW_ROW}' the vector as the "
-        "network gives it."
+        "network gives it." + (f" Warning: {unseen_text(info['unseen'])}." if info.get("unseen") else "")
     )
 
 
