@@ -530,6 +530,7 @@ def analyze(
     patch: Annotated[int | None, typer.Option(help="Fine-tuning crop (default: the pretraining patch).")] = None,
     contrasts: Annotated[str | None, typer.Option(help="Fine-tuning contrasts.")] = None,
     max_sessions: Annotated[int, typer.Option(help="Sessions embedded for the latent analysis.")] = 60,
+    progress: Annotated[bool, typer.Option(help="Progress bars.")] = True,
 ) -> None:
     """The paper's analyses: latent similarity, contrast probes, swap check (and, for a categorical anatomy code, its
     class usage and the place check); optionally ablation, label efficiency, FOMO25 — each fine-tuning table paired
@@ -553,7 +554,7 @@ def analyze(
         finetune=ft,
     )
     with _guarded(out, "writing the analysis"):
-        result = run_analyze(run, data, out, cfg)
+        result = run_analyze(run, data, out, cfg, progress=progress)
     from neurofm.analyze.latent import places_text, summary_table
     from neurofm.analyze.run import usage_of, usage_text
 

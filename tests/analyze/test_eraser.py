@@ -136,7 +136,9 @@ def test_erase_through_the_cli_then_embed_reads_the_erased_vector(store_4mm, pre
     code, out, _ = run_cli("inspect", run)
     assert code == 0 and "eraser (neurofm erase): leace of the contrast from the anatomy vector" in out
     assert "fitted on" in out and store_4mm.name in out and "; contrasts " in out and "; sites " in out
-    code, out, err = run_cli("analyze", run, "--data", store_4mm, "--out", tmp_path / "an", "--max-sessions", "6")
+    code, out, err = run_cli(
+        "analyze", run, "--data", store_4mm, "--out", tmp_path / "an", "--max-sessions", "6", "--no-progress"
+    )
     assert code == 0, err
     result = json.loads((tmp_path / "an" / "analysis.json").read_text())
     assert {"anatomy", "anatomy_raw", "contrast"} <= set(result["latent"])
