@@ -132,6 +132,11 @@ Loss = w_rec (rec_a + rec_b) + w_swap (swap_ab + swap_ba) + w_kl(t) KL
   multiple of the model's ``downsampling``. (The unmasked encoding that ``contrast_input="clean"`` adds is neither
   mirrored nor shifted.)
 * A session with one scan contributes only its reconstruction and KL (unless remapped).
+* Under DDP the running estimates (the anatomy statistics, the per-contrast means of contrast_means and scan_means
+  and their scale) move by the statistics of the whole global batch, summed over the ranks, so every rank holds the
+  same estimates and a checkpoint written by rank 0 holds what every rank used; the gradient is still each rank's
+  own batch's. The anatomy statistics of ``align`` are the ranks' average of their batch statistics. The critic's
+  bank (``w_adversary``) stays per rank: each rank fits its critic on its own scans.
 
 The paper's form is ``align="cosine", swap_anatomy="mean", swap_contrast="same"`` with a
 spatial contrast latent; the defaults were chosen by measurement (docs/pretraining.md).
@@ -496,6 +501,50 @@ def scan_vectors(model: nn.Module, scans: torch.Tensor, patch: int, shapes: torc
     return a.new_zeros(len(scans), a.shape[1]).index_add(0, owner, a) / count[:, None]
 
 
+def _world_size() -> int:
+    """The number of DDP ranks when ``torch.distributed`` is set up, else 1."""
+    import torch.distributed as dist
+
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def _rank_mean(value: torch.Tensor) -> torch.Tensor:
+    """``value`` (detached) averaged over the DDP ranks; itself outside DDP."""
+    ranks = _world_size()
+    if ranks == 1:
+        return value
+    import torch.distributed as dist
+
+    out = value.detach().float().clone()
+    dist.all_reduce(out)
+    return (out / ranks).to(value.dtype)
+
+
+def _global_batch_stats(
+    m: torch.Tensor, onehot: torch.Tensor, whitened: bool
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Over every rank's rows of ``m`` ``(N, C)`` with contrasts ``onehot`` ``(N, K)``, in one all_reduce: which
+    contrasts are present ``(K,)``, their mean vectors ``(K, C)``, and the rows' unbiased covariance ``(C, C)``
+    (``whitened``) or variance ``(C,)`` -- what one process would compute from the concatenated batch."""
+    import torch.distributed as dist
+
+    k, c = onehot.shape[1], m.shape[1]
+    m64, oh = m.double(), onehot.double()
+    second = (m64.T @ m64).reshape(-1) if whitened else (m64**2).sum(0)
+    parts = [oh.T @ m64, oh.sum(0), m64.sum(0), second, m64.new_tensor([float(len(m))])]
+    flat = torch.cat([t.reshape(-1) for t in parts])
+    dist.all_reduce(flat)
+    sums, flat = flat[: k * c].view(k, c), flat[k * c :]
+    count, flat = flat[:k], flat[k:]
+    total, flat = flat[:c], flat[c:]
+    second, n = flat[:-1], flat[-1]
+    mean = total / n.clamp_min(1.0)
+    outer = torch.outer(mean, mean).reshape(-1) if whitened else mean**2
+    spread = (second - n * outer) / (n - 1.0).clamp_min(1.0)
+    means = sums / count.clamp_min(1.0)[:, None]
+    return count > 0, means.to(m.dtype), (spread.view(c, c) if whitened else spread).to(m.dtype)
+
+
 class Fomo25Loss(nn.Module):
     """Scores a dual-latent model (``forward_features`` with mu/logvar latents, and ``decode``) on scan pairs."""
 
@@ -622,9 +671,11 @@ class Fomo25Loss(nn.Module):
         return _wmean(((m_a - m_b) ** 2 / _floored(self.anatomy_mean_var)).mean(1), valid)
 
     def _running(self, name: str, value: torch.Tensor, momentum: float = 0.01) -> torch.Tensor:
-        """The buffer ``name`` as a running mean of ``value``: set by the first value (or one of another
-        size), then moved by ``momentum`` at each training call; returned."""
+        """The buffer ``name`` as a running mean of ``value`` (under DDP, of the ranks' average of it): set by the
+        first value (or one of another size), then moved by ``momentum`` at each training call; returned."""
         buf = getattr(self, name)
+        if self.training:  # every rank is in a training step: the ranks can meet (never outside one)
+            value = _rank_mean(value)
         if buf.numel() != value.numel():
             setattr(self, name, value.clone())
         elif self.training:
@@ -653,21 +704,32 @@ class Fomo25Loss(nn.Module):
         means_name, seen_name, scale_name = f"{kind}_means", f"{kind}_seen", f"{kind}_means_scale"
         k, c = len(CONTRASTS), m.shape[1]
         whitened = self.cfg.contrast_means_metric == "whitened"
-        if len(m) > 1:
-            self._running(scale_name, torch.cov(m.detach().T).reshape(c, c) if whitened else m.detach().var(0))
-        if getattr(self, means_name).shape != (k, c):
-            setattr(self, means_name, m.new_zeros(k, c))
-            setattr(self, seen_name, torch.zeros(k, dtype=torch.bool, device=m.device))
         onehot = F.one_hot(ids.clamp_min(0), k).to(m.dtype) * (ids >= 0).to(m.dtype)[:, None]  # (N, K)
         count = onehot.sum(0)  # (K,)
         here = count > 0
         batch_mean = (onehot.T @ m) / count.clamp_min(1.0)[:, None]  # (K, C)
+        ranks = _world_size() if self.training else 1  # the ranks meet only in a training step, which all run
+        if ranks == 1:  # the running estimates move by this batch's statistics
+            all_here, all_mean = here, batch_mean.detach()
+            if len(m) > 1:
+                self._running(scale_name, torch.cov(m.detach().T).reshape(c, c) if whitened else m.detach().var(0))
+        else:  # by the global batch's: every rank holds the same estimates (see module docstring)
+            all_here, all_mean, spread = _global_batch_stats(m.detach(), onehot, whitened)
+            if len(m) * ranks > 1:
+                buf = getattr(self, scale_name)
+                if buf.numel() != spread.numel():
+                    setattr(self, scale_name, spread.clone())
+                else:
+                    buf.mul_(1 - 0.01).add_(0.01 * spread)
+        if getattr(self, means_name).shape != (k, c):
+            setattr(self, means_name, m.new_zeros(k, c))
+            setattr(self, seen_name, torch.zeros(k, dtype=torch.bool, device=m.device))
         with torch.no_grad():
             if self.training:
                 old, was_seen = getattr(self, means_name), getattr(self, seen_name)
-                blend = torch.where(was_seen[:, None], (1 - momentum) * old + momentum * batch_mean, batch_mean)
-                setattr(self, means_name, torch.where(here[:, None], blend, old))
-                setattr(self, seen_name, was_seen | here)
+                blend = torch.where(was_seen[:, None], (1 - momentum) * old + momentum * all_mean, all_mean)
+                setattr(self, means_name, torch.where(all_here[:, None], blend, old))
+                setattr(self, seen_name, was_seen | all_here)
         scale = getattr(self, scale_name)
         if scale.numel() != (c * c if whitened else c):
             return m.sum() * 0.0
