@@ -74,6 +74,12 @@ CARD = {
         "pair_shift",
         "lesion Dice",
     ),
+    "fomo25-tiny-cswap": (
+        "scripts/make_pretrained.py --work WORK --name fomo25-tiny-cswap",
+        "swap check",
+        "w_swap",
+        "rule_cswap_10k",
+    ),
     "neurofm-brain-extract": ("scripts/make_brain_extractor.py", "Dice against the generator's brain mask"),
 }
 
