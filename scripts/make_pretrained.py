@@ -68,6 +68,7 @@ def scrub(run_cfg: dict, pool_command: str) -> dict:
 
 def analysis_table(analysis: dict) -> str:
     """The card's table of what ``neurofm analyze`` measured (its ``analysis.json``)."""
+    from neurofm.analyze.eraser import fitted_on
     from neurofm.analyze.latent import probe_interval, swap_verdict
     from neurofm.analyze.run import usage_of
 
@@ -138,8 +139,7 @@ def analysis_table(analysis: dict) -> str:
                 (
                     "eraser (`neurofm erase`, fitted on the pretraining pool)",
                     f"{e.get('method', '?').upper()}, {e.get('rank', '?')} of {e.get('channels', '?')} directions, "
-                    f"{e.get('scans', '?')} scans of {e.get('subjects', '?')} subjects"
-                    + "".join(f"; {k} {', '.join(e[k])}" for k in ("contrasts", "sites") if isinstance(e.get(k), dict)),
+                    f"{e.get('scans', '?')} scans of {e.get('subjects', '?')} subjects{fitted_on(e)}",
                 )
             )
     places = analysis.get("places")

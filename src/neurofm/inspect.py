@@ -97,7 +97,7 @@ def describe_run(run: str | Path) -> str:
         lines.append(f"latest checkpoint: {ck.name} (step {meta['step']}, epoch {meta['epoch']}{when})")
         if meta.get("losses"):
             lines.append("losses: " + ", ".join(f"{k} {v:.4g}" for k, v in meta["losses"].items()))
-        from neurofm.analyze.eraser import load_eraser
+        from neurofm.analyze.eraser import fitted_on, load_eraser
 
         eraser = load_eraser(ck)
         if eraser is not None:
@@ -105,9 +105,6 @@ def describe_run(run: str | Path) -> str:
             lines.append(
                 f"eraser (neurofm erase): {i.get('method', '?')} of the contrast from the anatomy vector, "
                 f"{i.get('rank', '?')} of {i.get('channels', '?')} directions, fitted on {i.get('scans', '?')} scans "
-                f"of {i.get('subjects', '?')} subjects of {i.get('store', '?')}"
-                + "".join(
-                    f"; {name} {', '.join(i[name])}" for name in ("contrasts", "sites") if isinstance(i.get(name), dict)
-                )
+                f"of {i.get('subjects', '?')} subjects of {i.get('store', '?')}{fitted_on(i)}"
             )
     return "\n".join(lines)

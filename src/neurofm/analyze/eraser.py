@@ -102,13 +102,18 @@ def unseen(info: dict[str, Any] | None, df: Any) -> dict[str, list[str]]:
 
 def unseen_text(found: dict[str, list[str]]) -> str:
     """A warning sentence for :func:`unseen`'s result, or "" when there is nothing to warn about."""
-    parts = [f"{'contrasts' if k == 'contrasts' else 'sites'} {', '.join(v)}" for k, v in found.items() if v]
+    parts = [f"{k} {', '.join(v)}" for k, v in found.items() if v]
     if not parts:
         return ""
     return (
         f"the eraser was not fitted on {' and '.join(parts)} of these scans: the anatomy rows do not show that it "
         "removes the contrast there (fit it on a pool that holds them: neurofm erase RUN --data POOL)"
     )
+
+
+def fitted_on(info: dict[str, Any]) -> str:
+    """The contrasts and sites an eraser's ``info`` records, as "; contrasts A, B; sites x, y" ("" when none)."""
+    return "".join(f"; {k} {', '.join(info[k])}" for k in ("contrasts", "sites") if isinstance(info.get(k), dict))
 
 
 def save_eraser(eraser: Eraser, folder: str | Path) -> Path:

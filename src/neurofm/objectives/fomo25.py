@@ -534,10 +534,8 @@ def _global_batch_stats(
     parts = [oh.T @ m64, oh.sum(0), m64.sum(0), second, m64.new_tensor([float(len(m))])]
     flat = torch.cat([t.reshape(-1) for t in parts])
     dist.all_reduce(flat)
-    sums, flat = flat[: k * c].view(k, c), flat[k * c :]
-    count, flat = flat[:k], flat[k:]
-    total, flat = flat[:c], flat[c:]
-    second, n = flat[:-1], flat[-1]
+    sums, count, total, second, n = flat.split([t.numel() for t in parts])
+    sums, n = sums.view(k, c), n[0]
     mean = total / n.clamp_min(1.0)
     outer = torch.outer(mean, mean).reshape(-1) if whitened else mean**2
     spread = (second - n * outer) / (n - 1.0).clamp_min(1.0)
@@ -670,11 +668,12 @@ class Fomo25Loss(nn.Module):
             return mus_a.sum() * 0.0
         return _wmean(((m_a - m_b) ** 2 / _floored(self.anatomy_mean_var)).mean(1), valid)
 
-    def _running(self, name: str, value: torch.Tensor, momentum: float = 0.01) -> torch.Tensor:
-        """The buffer ``name`` as a running mean of ``value`` (under DDP, of the ranks' average of it): set by the
-        first value (or one of another size), then moved by ``momentum`` at each training call; returned."""
+    def _running(self, name: str, value: torch.Tensor, momentum: float = 0.01, global_: bool = False) -> torch.Tensor:
+        """The buffer ``name`` as a running mean of ``value`` (under DDP, of the ranks' average of it, unless
+        ``global_`` says it is already the global batch's): set by the first value (or one of another size), then
+        moved by ``momentum`` at each training call; returned."""
         buf = getattr(self, name)
-        if self.training:  # every rank is in a training step: the ranks can meet (never outside one)
+        if self.training and not global_:  # every rank is in a training step: the ranks can meet (never outside one)
             value = _rank_mean(value)
         if buf.numel() != value.numel():
             setattr(self, name, value.clone())
@@ -716,11 +715,7 @@ class Fomo25Loss(nn.Module):
         else:  # by the global batch's: every rank holds the same estimates (see module docstring)
             all_here, all_mean, spread = _global_batch_stats(m.detach(), onehot, whitened)
             if len(m) * ranks > 1:
-                buf = getattr(self, scale_name)
-                if buf.numel() != spread.numel():
-                    setattr(self, scale_name, spread.clone())
-                else:
-                    buf.mul_(1 - 0.01).add_(0.01 * spread)
+                self._running(scale_name, spread, global_=True)
         if getattr(self, means_name).shape != (k, c):
             setattr(self, means_name, m.new_zeros(k, c))
             setattr(self, seen_name, torch.zeros(k, dtype=torch.bool, device=m.device))
