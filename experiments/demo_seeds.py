@@ -12,6 +12,7 @@ it reuses the demo's finished runs (their settings are compared first) and adds 
     python experiments/demo_seeds.py --data STORE --out DIR --tasks seg --augment nnunet --seeds 10
     python experiments/demo_seeds.py --data STORE --out DIR --tasks cls reg --lr cls=0.001,reg=0.001 --seeds 10
     python experiments/demo_seeds.py --data STORE --out DIR --tasks cls --shots cls=64 --steps cls=400 --seeds 10
+    python experiments/demo_seeds.py --data STORE --out DIR --tasks cls reg --head-init zero --seeds 10
 
 Writes ``DIR/results-<tasks>-<seeds>[-shots-<shots>].json``: one row per task and arm (value, interval,
 paired difference from scratch, per-seed values) and the command.
@@ -52,6 +53,7 @@ def main() -> None:
     ap.add_argument("--augment", help="training augmentation of the trained arms, flips or nnunet (default: demo's)")
     ap.add_argument("--shots", help="labelled subjects per task as the demo takes them, e.g. seg=2 (default: demo's)")
     ap.add_argument("--steps", help="fine-tuning steps per task of the trained arms, e.g. cls=200 (default: demo's)")
+    ap.add_argument("--head-init", choices=["default", "zero"], help="cls/reg heads: how the output layer starts")
     args = ap.parse_args()
     tasks = [(t, target) for t, target in DemoConfig().tasks if t in args.tasks]
     demo = DemoConfig(seeds=args.seeds, tasks=tasks, seed=args.first_seed)
@@ -65,6 +67,8 @@ def main() -> None:
         demo.finetune_steps = parse_per_task(args.steps, dict(demo.finetune_steps), int, "--steps")  # type: ignore[arg-type]
     if args.lr:
         demo.finetune_lr = parse_per_task(args.lr, dict(demo.finetune_lr), float, "--lr")  # type: ignore[arg-type]
+    if args.head_init:
+        demo.head_init = args.head_init
     demo.floors = not args.no_floors
     rows = finetune_rows(demo, models_by_task(demo), args.data, args.out, progress=False)
     print(score_text(rows))
@@ -73,6 +77,7 @@ def main() -> None:
     aug = f"-{args.augment}" if args.augment else ""
     aug += f"-lr-{args.lr.replace('=', '').replace(',', '-')}" if args.lr else ""
     aug += f"-steps-{args.steps.replace('=', '').replace(',', '-')}" if args.steps else ""
+    aug += f"-head-{args.head_init}" if args.head_init else ""
     name = f"results-{'-'.join(args.tasks)}-{args.seeds}{first}{shots}{aug}.json"
     write_json(args.out / name, {"command": " ".join(["python", *sys.argv]), "rows": to_jsonable(rows)})
 

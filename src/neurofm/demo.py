@@ -66,6 +66,9 @@ class DemoConfig:
     # set (docs/finetuning.md): cls/reg read the frozen encoder with a linear probe fitted in closed form
     modes: dict[str, list[str]] = field(default_factory=lambda: {"seg": ["full"], "cls": ["linear"], "reg": ["linear"]})
     head_warmup: float = 0.25
+    # cls/reg arms trained by steps: how the head's output layer starts, PyTorch's default or zero (the constant
+    # predictor; docs/finetuning.md)
+    head_init: str = "default"
     seeds: int = 3
     floors: bool = True
     contrasts: list[str] = field(default_factory=lambda: ["T1w", "FLAIR"])
@@ -304,6 +307,7 @@ def finetune_config(cfg: DemoConfig, run: str | Path, task: str, target: str) ->
         steps=_steps(cfg, task),
         lr=_lr(cfg, task),
         head_warmup=cfg.head_warmup,
+        head_init=cfg.head_init if task != "seg" else "default",
         patch=cfg.patch,
         fg_p=cfg.seg_fg_p,
         seg_fg_weight=cfg.seg_fg_weight if task == "seg" else 1.0,

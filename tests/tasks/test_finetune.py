@@ -107,6 +107,27 @@ def test_learned_pooling_reads_the_anatomy_latent_and_can_take_the_maximum():
         FinetuneConfig(task="cls", target="x", head_pool="median")
 
 
+def test_zero_output_makes_the_untrained_head_the_constant_predictor_and_training_moves_it():
+    torch.manual_seed(0)
+    bb = {"name": "dual_latent_unet", "kwargs": {"features": [4, 8, 16], "latent": 6}}
+    x = torch.randn(3, 1, 16, 16, 16)
+    for task, n_out, mode in [("reg", 1, "full"), ("cls", 3, "frozen"), ("cls", 2, "linear")]:
+        model = DownstreamModel(bb, task, n_out, ["T1w"], mode=mode)
+        assert model(x).abs().amax() > 0  # PyTorch's default init: the untrained head already varies with the scan
+        model.zero_output()
+        assert torch.equal(model(x), torch.zeros(3, n_out))  # the training mean / equal classes, for every scan
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        loss = (model(x) - torch.randn(3, n_out)).pow(2).mean()
+        loss.backward()
+        opt.step()
+        out = model(x)
+        assert out.abs().amax() > 0 and out.std(0).amax() > 0  # the gradient reaches the zeroed layer
+    with pytest.raises(ConfigError, match="cls/reg"):
+        DownstreamModel(bb, "seg", 2, ["T1w"]).zero_output()
+    with pytest.raises(ConfigError, match="head_init"):
+        FinetuneConfig(task="reg", target="x", head_init="small")
+
+
 def test_stem_adapts_to_other_contrasts_and_is_recorded():
     pre = create_model("vit_autoenc", size="tiny", img_size=16, patch_size=4, in_channels=4)
     stem = pre.state_dict()["net.patch_embedding.patch_embeddings.weight"]
@@ -382,6 +403,25 @@ def test_regression_head_learns_a_target_that_is_a_function_of_the_image(blob_he
     # measured: 0.2-0.36 x the constant's MAE over seeds 0-2; 0.95 x, predictions spread 0.02 x, without the norm
     assert mae < 0.5 * constant_mae, (mae, constant_mae)
     assert rows["prediction"].std() > 0.6 * rows["target"].std()  # predictions spread like the target
+
+
+@pytest.mark.slow
+def test_zero_head_init_starts_a_trained_head_at_the_constant_predictor(blob_heads, tmp_path, run_cli):
+    """--set head_init=zero: after one step at a negligible rate the trained head still predicts the training
+    targets' mean for every test scan (with PyTorch's default init it would vary by scan from the start)."""
+    out = tmp_path / "ft"
+    code, _, err = run_cli(
+        "finetune", "--data", blob_heads, "--task", "reg", "--target", "size", "--from", "scratch", "--arch",
+        "fomo25-tiny", "--shots", "16", "--steps", "1", "--lr", "1e-9", "--out", out, "--workers", "0", "--no-tta",
+        "--no-progress", "--bootstrap", "20", "--set", "head_init=zero",
+    )  # fmt: skip
+    assert code == 0, err
+    sizes = {c.subject: c.target for c in build_cases(Store(blob_heads), "reg", "size").cases}
+    rows, mae, constant_mae = _mae_and_constant(out, sizes)
+    train_mean = np.mean([t for s, t in sizes.items() if s not in set(rows["subject"])])
+    assert np.allclose(rows["prediction"], train_mean, atol=1e-3), rows["prediction"].tolist()
+    assert mae == pytest.approx(constant_mae, abs=1e-3)
+    assert json.loads((out / "run.json").read_text())["head_init"] == "zero"
 
 
 @pytest.mark.slow

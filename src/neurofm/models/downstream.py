@@ -131,6 +131,17 @@ class DownstreamModel(nn.Module):
                 if any(name.startswith(pfx) for pfx in bb.encoder_prefixes):
                     p.requires_grad_(False)
 
+    @torch.no_grad()
+    def zero_output(self) -> None:
+        """Set the cls/reg head's output layer to zero, so that the untrained head predicts the training targets'
+        mean (regression targets are standardised) or equal class probabilities, the constant predictor; training
+        moves it from there. MAE's fine-tuning starts its head near zero the same way (std 2e-5)."""
+        if self.task == "seg":
+            raise ConfigError("zero_output is for the cls/reg head; segmentation has none")
+        last = self.head if isinstance(self.head, nn.Linear) else self.head[-1]
+        last.weight.zero_()
+        last.bias.zero_()
+
     # transfer contract (a fine-tuned model can itself be inspected and adapted)
     @property
     def stem_keys(self) -> tuple[str, ...]:

@@ -272,6 +272,8 @@ def train_fold(
     )  # fmt: skip
     if cs.task != "seg":
         model.fit_feature_norm(_norm_batches(ds, cfg.batch_size))
+        if cfg.head_init == "zero":
+            model.zero_output()
     module = FinetuneModule(model, cfg, class_weights, stats)
     tc = replace(cfg.trainer, seed=seed)
     saver = RunCheckpoint(fold_dir, run_cfg, tc.checkpoint_every, tc.keep_checkpoints)

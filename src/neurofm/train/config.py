@@ -20,6 +20,9 @@ from neurofm.data.pretrain import DataNeeds
 from neurofm.errors import ConfigError
 from neurofm.objectives import ObjectiveConfig, objective_config
 
+#: how the cls/reg head's output layer starts (FinetuneConfig.head_init)
+HEAD_INITS = ("default", "zero")
+
 
 @dataclass
 class ModelSpec:
@@ -169,6 +172,9 @@ class FinetuneConfig(Config):
     linear_penalty: str = "1se"  # closed form: the cross-validated penalty, by the one-standard-error rule or the best
     head_pool: str = "mean"  # cls/reg: the learned pooling's reduction over space, mean or meanmax (docs/finetuning.md)
     head_pool_latent: bool = False  # cls/reg: the learned pooling also reads the anatomy latent map
+    # cls/reg trained by steps: the head's output layer starts at PyTorch's default init (default) or at zero, so that
+    # the untrained head is the constant predictor (zero; docs/finetuning.md)
+    head_init: str = "default"
     contrast_dropout: float = 0.0  # leave out each present contrast of a training crop with this probability
     augment: str = "flips"  # training augmentation: flips, nnunet (nnU-Net's default pipeline) or none
     whole_scan: bool = False  # cls/reg trained by steps: on whole scans (padded to one size), not on crops
@@ -206,6 +212,8 @@ class FinetuneConfig(Config):
 
         if self.head_pool not in POOLS:
             raise ConfigError(f"--head-pool should be one of {POOLS}, got {self.head_pool!r}")
+        if self.head_init not in HEAD_INITS:
+            raise ConfigError(f"head_init should be one of {HEAD_INITS}, got {self.head_init!r}")
         if self.linear_fit not in ("closed", "sgd") or self.linear_penalty not in ("1se", "best"):
             raise ConfigError(
                 f"linear_fit should be closed or sgd and linear_penalty 1se or best, got {self.linear_fit!r}, "
