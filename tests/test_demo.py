@@ -98,8 +98,8 @@ def test_demo_pretrained_per_task_and_bad_models_refused(tmp_path, run_cli):
 
 @pytest.mark.slow
 def test_demo_fine_tunes_each_task_from_its_own_model(tmp_path, run_cli):
-    # the default: segmentation from one shipped model, the other tasks from another; every row says which it
-    # came from and each model's latents are analysed
+    # the default: each task from its own shipped model; every row says which it came from and each model's
+    # latents are analysed
     from neurofm.demo import DEFAULT_MODELS
 
     out = tmp_path / "demo"
@@ -108,19 +108,19 @@ def test_demo_fine_tunes_each_task_from_its_own_model(tmp_path, run_cli):
     code, _, said = run_cli(*args)
     assert code == 0, said
     summary = json.loads((out / "demo.json").read_text())
-    assert summary["pretrained"] == DEFAULT_MODELS and DEFAULT_MODELS["seg"] != DEFAULT_MODELS["cls"]
+    assert summary["pretrained"] == DEFAULT_MODELS and len(set(DEFAULT_MODELS.values())) == 3
     assert {(r["task"], r["model"]) for r in summary["scores"]} == set(DEFAULT_MODELS.items())
     assert set(summary["latent"]) == set(DEFAULT_MODELS.values())
     assert all(v["latent"] and v["swap"] for v in summary["latent"].values())
     for model in set(DEFAULT_MODELS.values()):  # the printed pretrained rows name their model
         assert any(f"({model})" in line and "pretrained" in line for line in said.splitlines()), model
-    assert "the model of seg:" in said and "the model of cls, reg:" in said
+    assert all(f"the model of {task}:" in said for task in ("seg", "cls", "reg"))
     html = (out / "report.html").read_text()
-    for label in ("the model of seg", "the model of cls, reg"):
+    for label in ("the model of seg", "the model of cls", "the model of reg"):
         assert f"Latent analysis — {label}" in html and f"{label}: <code>" in html
     assert "Labelled subjects seg 2, cls 3, reg 3;" in html and "{'seg'" not in html  # settings read as text
     # the shipped models carry their erasers: both anatomy vectors are read, and the report says which is which
     assert "anatomy latent after the eraser: cosine" in said and "anatomy latent before the eraser: cosine" in said
     assert "The model carries an eraser of the contrast from the anatomy vector" in html
-    for png in ("latent.png", "latent-2.png"):
+    for png in ("latent.png", "latent-2.png", "latent-3.png"):
         assert (out / "figures" / png).stat().st_size > 2000, png

@@ -46,7 +46,7 @@ def test_the_demos_model_ships_and_its_recipe_is_a_preset(run_cli):
     said = " ".join(out.replace("│", " ").split())  # rich's box, wrapped
     from neurofm.demo import DEFAULT_MODELS
 
-    assert f"default: seg {DEFAULT_MODELS['seg']}, cls {DEMO_MODEL}, reg {DEMO_MODEL}." in said, said
+    assert f"default: seg {DEFAULT_MODELS['seg']}, cls {DEMO_MODEL}, reg {DEFAULT_MODELS['reg']}." in said, said
     assert set(DEFAULT_MODELS.values()) <= set(SHIPPED)
 
 

@@ -30,9 +30,10 @@ if TYPE_CHECKING:
     from neurofm.train.config import FinetuneConfig
 
 SHIPPED = "fomo25-tiny-cmeans"  # chosen over fomo25-tiny-synth on the demo's 10 seeds (docs/finetuning.md)
-# the model each task fine-tunes by default: segmentation from fomo25-tiny-cshift, ahead of scratch and of
-# fomo25-tiny-cmeans on subjects the choice was not made on (experiments/rule_per_task_default.md)
-DEFAULT_MODELS = {"seg": "fomo25-tiny-cshift", "cls": SHIPPED, "reg": SHIPPED}
+# the model each task fine-tunes by default, each chosen on subjects the choice was not made on: segmentation from
+# fomo25-tiny-cshift, ahead of scratch and of fomo25-tiny-cmeans (experiments/rule_per_task_default.md); brain age
+# from fomo25-tiny-cswap, whose probe reads it better than fomo25-tiny-cmeans's (experiments/rule_age_model.md)
+DEFAULT_MODELS = {"seg": "fomo25-tiny-cshift", "cls": SHIPPED, "reg": "fomo25-tiny-cswap"}
 RECIPE = "fomo25-cmeans-tiny"  # fomo25-tiny-cmeans's recipe (SHIPPED): what pretrain_steps > 0 trains from nothing
 
 
