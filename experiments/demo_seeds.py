@@ -33,6 +33,7 @@ from neurofm.demo import (
     parse_shots,
     score_text,
 )
+from neurofm.train.config import HEAD_INITS
 from neurofm.utils import to_jsonable, write_json
 
 
@@ -53,7 +54,7 @@ def main() -> None:
     ap.add_argument("--augment", help="training augmentation of the trained arms, flips or nnunet (default: demo's)")
     ap.add_argument("--shots", help="labelled subjects per task as the demo takes them, e.g. seg=2 (default: demo's)")
     ap.add_argument("--steps", help="fine-tuning steps per task of the trained arms, e.g. cls=200 (default: demo's)")
-    ap.add_argument("--head-init", choices=["default", "zero"], help="cls/reg heads: how the output layer starts")
+    ap.add_argument("--head-init", choices=HEAD_INITS, help="cls/reg heads: how the output layer starts")
     args = ap.parse_args()
     tasks = [(t, target) for t, target in DemoConfig().tasks if t in args.tasks]
     demo = DemoConfig(seeds=args.seeds, tasks=tasks, seed=args.first_seed)
