@@ -13,6 +13,8 @@ it reuses the demo's finished runs (their settings are compared first) and adds 
     python experiments/demo_seeds.py --data STORE --out DIR --tasks cls reg --lr cls=0.001,reg=0.001 --seeds 10
     python experiments/demo_seeds.py --data STORE --out DIR --tasks cls --shots cls=64 --steps cls=400 --seeds 10
     python experiments/demo_seeds.py --data STORE --out DIR --tasks cls reg --head-init zero --seeds 10
+    python experiments/demo_seeds.py --data STORE --out DIR --tasks reg --batch reg=8 --steps reg=300 --seeds 10
+    python experiments/demo_seeds.py --data STORE --out DIR --tasks reg --modes reg=linear+full --seeds 10
 
 Writes ``DIR/results-<tasks>-<seeds>[-shots-<shots>].json``: one row per task and arm (value, interval,
 paired difference from scratch, per-seed values) and the command.
@@ -33,6 +35,7 @@ from neurofm.demo import (
     parse_shots,
     score_text,
 )
+from neurofm.models.downstream import MODES
 from neurofm.train.config import HEAD_INITS
 from neurofm.utils import to_jsonable, write_json
 
@@ -54,6 +57,8 @@ def main() -> None:
     ap.add_argument("--augment", help="training augmentation of the trained arms, flips or nnunet (default: demo's)")
     ap.add_argument("--shots", help="labelled subjects per task as the demo takes them, e.g. seg=2 (default: demo's)")
     ap.add_argument("--steps", help="fine-tuning steps per task of the trained arms, e.g. cls=200 (default: demo's)")
+    ap.add_argument("--batch", help="crops per step per task of the trained arms, e.g. reg=8 (default: demo's)")
+    ap.add_argument("--modes", help="how the pretrained model is read per task, e.g. reg=linear+full (default: demo's)")
     ap.add_argument("--head-init", choices=HEAD_INITS, help="cls/reg heads: how the output layer starts")
     args = ap.parse_args()
     tasks = [(t, target) for t, target in DemoConfig().tasks if t in args.tasks]
@@ -68,6 +73,13 @@ def main() -> None:
         demo.finetune_steps = parse_per_task(args.steps, dict(demo.finetune_steps), int, "--steps")  # type: ignore[arg-type]
     if args.lr:
         demo.finetune_lr = parse_per_task(args.lr, dict(demo.finetune_lr), float, "--lr")  # type: ignore[arg-type]
+    if args.batch:
+        demo.finetune_batch = parse_per_task(args.batch, dict(demo.finetune_batch), int, "--batch")  # type: ignore[arg-type]
+    if args.modes:
+        demo.modes = parse_per_task(args.modes, dict(demo.modes), lambda v: v.split("+"), "--modes")
+        bad = sorted({m for ms in demo.modes.values() for m in ms} - set(MODES))
+        if bad:
+            raise SystemExit(f"--modes: unknown mode(s) {bad}; choose from {MODES}")
     if args.head_init:
         demo.head_init = args.head_init
     demo.floors = not args.no_floors
@@ -78,6 +90,8 @@ def main() -> None:
     aug = f"-{args.augment}" if args.augment else ""
     aug += f"-lr-{args.lr.replace('=', '').replace(',', '-')}" if args.lr else ""
     aug += f"-steps-{args.steps.replace('=', '').replace(',', '-')}" if args.steps else ""
+    aug += f"-batch-{args.batch.replace('=', '').replace(',', '-')}" if args.batch else ""
+    aug += f"-modes-{args.modes.replace('=', '').replace(',', '-').replace('+', '-')}" if args.modes else ""
     aug += f"-head-{args.head_init}" if args.head_init else ""
     name = f"results-{'-'.join(args.tasks)}-{args.seeds}{first}{shots}{aug}.json"
     write_json(args.out / name, {"command": " ".join(["python", *sys.argv]), "rows": to_jsonable(rows)})

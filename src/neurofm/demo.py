@@ -59,6 +59,8 @@ class DemoConfig:
     # segmentation's cross-entropy weight of the lesion class: at 1, 200 steps from 4 labelled subjects left some
     # runs of either arm on the empty-prediction plateau; chosen on another store (docs/finetuning.md)
     seg_fg_weight: float = 10.0
+    # crops per fine-tuning step per task (or one number for all) of every arm trained by gradient steps
+    finetune_batch: int | dict[str, int] = field(default_factory=lambda: {"seg": 2, "cls": 2, "reg": 2})
     # training augmentation per task (or one for all) of the arms trained by gradient steps: flips or nnunet
     finetune_augment: str | dict[str, str] = "flips"
     seg_fg_p: float = 0.5  # the share of segmentation crops centred on a lesion voxel (nnU-Net's is 0.33)
@@ -306,6 +308,7 @@ def finetune_config(cfg: DemoConfig, run: str | Path, task: str, target: str) ->
         contrasts=cfg.contrasts,
         shots=cfg.shots.get(task, 8),
         steps=_steps(cfg, task),
+        batch_size=_batch(cfg, task),
         lr=_lr(cfg, task),
         head_warmup=cfg.head_warmup,
         head_init=cfg.head_init if task != "seg" else "default",
@@ -369,6 +372,10 @@ def parse_per_task(text: str, default: dict[str, Any], cast: Any = int, flag: st
 
 def _steps(cfg: DemoConfig, task: str) -> int:
     return int(_per_task(cfg.finetune_steps, task, 200))
+
+
+def _batch(cfg: DemoConfig, task: str) -> int:
+    return int(_per_task(cfg.finetune_batch, task, 2))
 
 
 def _lr(cfg: DemoConfig, task: str) -> float:

@@ -507,6 +507,17 @@ def test_the_few_shot_preset_is_the_demos_segmentation_protocol():
         "few-shot-seg", None, ["seg_fg_weight=5"], values={"task": "seg", "target": "x", "lr": 3e-3}
     )
     assert (flagged.lr, flagged.seg_fg_weight, flagged.steps) == (3e-3, 5.0, 200)  # flags and --set win over the preset
+    assert cfg.batch_size == demo.batch_size
+
+
+def test_demo_batch_size_is_per_task():
+    """The demo's crops per step reach each task's fine-tuning settings: one number for all, or per task."""
+    from neurofm.demo import DemoConfig, finetune_config
+
+    per_task = DemoConfig(finetune_batch={"seg": 2, "cls": 4, "reg": 8})
+    sizes = {t: finetune_config(per_task, "fomo25-tiny-synth", t, "x").batch_size for t in ("seg", "cls", "reg")}
+    assert sizes == {"seg": 2, "cls": 4, "reg": 8}
+    assert finetune_config(DemoConfig(finetune_batch=3), "fomo25-tiny-synth", "cls", "x").batch_size == 3
 
 
 def test_encoder_schedule_holds_then_warms_into_the_head_cosine():
