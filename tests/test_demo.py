@@ -119,6 +119,7 @@ def test_demo_fine_tunes_each_task_from_its_own_model(tmp_path, run_cli):
     for label in ("the model of seg", "the model of cls", "the model of reg"):
         assert f"Latent analysis — {label}" in html and f"{label}: <code>" in html
     assert "Labelled subjects seg 2, cls 3, reg 3;" in html and "{'seg'" not in html  # settings read as text
+    assert "steps seg 2, cls 2, reg 2 of seg 2, cls 2, reg 8 crops" in html  # and the crops per step
     # the shipped models carry their erasers: both anatomy vectors are read, and the report says which is which
     assert "anatomy latent after the eraser: cosine" in said and "anatomy latent before the eraser: cosine" in said
     assert "The model carries an eraser of the contrast from the anatomy vector" in html

@@ -678,7 +678,11 @@ def demo(
     ] = 0,
     pool_subjects: Annotated[int, typer.Option(help="Subjects of that pool (two sessions each).")] = 100,
     finetune_steps: Annotated[
-        int | None, typer.Option(help="Fine-tuning steps per model (default: seg 200, cls 100, reg 100).")
+        int | None,
+        typer.Option(
+            help="Fine-tuning steps per model (default: seg 200, cls 100, reg 100; 8 crops a step for reg, 2 for "
+            "the others)."
+        ),
     ] = None,
     seeds: Annotated[
         int, typer.Option(help="Seeds (few-shot draw x initialisation) per task, paired across arms.")
