@@ -6,6 +6,8 @@ demo_seeds.py for the paired study).
     python experiments/scratch_arm.py STORE DIR 0,1,2 head_init=zero batch_size=8 steps=300 source=fomo25-tiny-cswap
 
 Overrides are FinetuneConfig fields (``source=MODEL`` fine-tunes that pretrained model instead, in full mode).
+The other settings are the demo's regression arm's, so 8 crops a step since 2026-12-05 (rule_scratch_batch.md);
+``batch_size=2`` gives the arm the rule's exploration started from.
 """
 
 from __future__ import annotations
