@@ -64,6 +64,23 @@ def test_a_soft_categorical_code_is_also_read_by_its_most_likely_class(tmp_path)
         assert scan_features(other, vol, patch=16)[2].shape == (0,)
 
 
+def test_scan_windows_in_batches_give_the_vectors_of_one_window_at_a_time():
+    import torch
+
+    from neurofm.analyze.embed import scan_features
+    from neurofm.models.dual_latent import DualLatentUNet
+
+    torch.manual_seed(0)
+    model = DualLatentUNet(features=(4, 8, 16), latent=5, anatomy_code="categorical", contrast_code="global").eval()
+    vol = _volume((40, 20, 36))  # padded to 40 x 20 x 36 -> 3 x 2 x 3 = 18 windows of 16^3 at no overlap
+    one = scan_features(model, vol, patch=16, batch=1)
+    for batch in (4, 18, 64):  # a last batch shorter than the rest, all at once, more than there are
+        for want, got in zip(one, scan_features(model, vol, patch=16, batch=batch), strict=True):
+            assert got.shape == want.shape and np.allclose(got, want, atol=1e-6)
+    with pytest.raises(ValueError, match="at least one window"):
+        scan_features(model, vol, patch=16, batch=0)
+
+
 def test_embeddings_round_trip_with_the_mode_and_old_files_still_load(tmp_path):
     import pandas as pd
 

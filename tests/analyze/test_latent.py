@@ -5,6 +5,7 @@ from types import SimpleNamespace
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 
 from neurofm.analyze.latent import (
     INTENSITY_ROW,
@@ -250,13 +251,15 @@ class _TwoContrastStore:
 
 
 class _Oracle:
-    """Reads the contrast of the reference crop and renders the other crop's anatomy in it: disentangled."""
+    """Reads the contrast of each reference crop and renders the other crop's anatomy in it: disentangled. Batches
+    of crops, each crop read on its own (``recombine``'s contract)."""
 
     disentangles = True
 
     @staticmethod
     def _contrast(x):
-        return _TwoContrastStore.MAPS["A" if float(x.mean()) < 2.5 else "B"]
+        maps = [_TwoContrastStore.MAPS["A" if float(crop.mean()) < 2.5 else "B"] for crop in x]
+        return (torch.tensor(m, dtype=x.dtype).view(-1, *[1] * (x.ndim - 1)) for m in zip(*maps, strict=True))
 
     def recombine(self, x_anatomy, x_contrast):
         (s_in, o_in), (s_out, o_out) = self._contrast(x_anatomy), self._contrast(x_contrast)
@@ -285,6 +288,38 @@ def test_swap_check_known_answers_with_an_interval_over_subjects():
     assert bad["mse_to_b"] == pytest.approx(0.0, abs=1e-10)
     with pytest.raises(ValueError, match="at least one draw"):
         swap_check(_Oracle(), store, keys, patch=8, draws=0)
+
+
+class _OneAtATime:
+    """A model whose recombination is run one crop at a time."""
+
+    disentangles = True
+
+    def __init__(self, model):
+        self.model = model
+
+    def recombine(self, x_anatomy, x_contrast):
+        return torch.cat(
+            [self.model.recombine(x_anatomy[i : i + 1], x_contrast[i : i + 1]) for i in range(len(x_anatomy))]
+        )
+
+
+def test_swap_check_batches_a_sessions_draws_without_changing_the_answer():
+    from neurofm.analyze.latent import swap_check
+    from neurofm.models.dual_latent import DualLatentUNet
+
+    torch.manual_seed(0)
+    model = DualLatentUNet(features=(4, 8, 16), latent=4, contrast_code="global").eval()
+    store = _TwoContrastStore(subjects=3, shape=(24, 24, 24))
+    keys = sorted(store.anatomy)
+    batched = swap_check(model, store, keys, patch=16, draws=3, reps=200)
+    single = swap_check(_OneAtATime(model), store, keys, patch=16, draws=3, reps=200)
+    assert batched["trials"] == single["trials"] == 18
+    for k in ("mse_to_a", "mse_to_b", "mse_to_a_ref", "mse_copy_to_a"):
+        assert batched[k] == pytest.approx(single[k], rel=1e-5)
+    assert {k: batched[k] for k in ("a_nearest", "a_nearest_low", "a_nearest_high", "verdict")} == {
+        k: single[k] for k in ("a_nearest", "a_nearest_low", "a_nearest_high", "verdict")
+    }
 
 
 def test_the_swap_shares_interval_resamples_subjects_not_trials():

@@ -33,17 +33,27 @@ from neurofm.utils import atomic_write
 
 @torch.no_grad()
 def scan_features(
-    model: torch.nn.Module, volume: np.ndarray, patch: int, overlap: float = 0.0, device: str | torch.device = "cpu"
+    model: torch.nn.Module,
+    volume: np.ndarray,
+    patch: int,
+    overlap: float = 0.0,
+    device: str | torch.device = "cpu",
+    batch: int = 8,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(anatomy, contrast, anatomy mode) feature vectors of one 1-channel scan ``(X, Y, Z)`` (or a ``(C, ...)``
-    stack). The mode is empty unless the model's anatomy code is soft categorical (module docstring)."""
+    stack). The mode is empty unless the model's anatomy code is soft categorical (module docstring). The windows
+    go through the model ``batch`` at a time (the same vectors as one at a time, to float rounding; on two CPU
+    threads a batch of 8 tiny-model windows took a third of the time of 8 single ones)."""
+    if batch < 1:
+        raise ValueError(f"scan_features needs a batch of at least one window, got {batch}")
     arr = volume[None] if volume.ndim == 3 else volume
     arr = np.stack([pad_to(a, patch, float(a.min())) for a in arr])
     x = torch.from_numpy(arr)[None].float().to(device)
     soft_classes = getattr(model, "categorical_anatomy", False) and not getattr(model, "hard_anatomy", False)
     anat, con, mode = [], [], []
-    for w in window_slices(tuple(x.shape[2:]), patch, overlap):
-        f = model.forward_features(x[(slice(None), slice(None), *w)])
+    wins = window_slices(tuple(x.shape[2:]), patch, overlap)  # every window is patch^3: the scan is padded to it
+    for i in range(0, len(wins), batch):
+        f = model.forward_features(torch.cat([x[(slice(None), slice(None), *w)] for w in wins[i : i + batch]]))
         anat.append(f.anatomy if f.anatomy is not None else f.pooled)
         if f.contrast is not None:
             con.append(f.contrast)
