@@ -44,9 +44,13 @@ def test_the_demos_model_ships_and_its_recipe_is_a_preset(run_cli):
     code, out, err = run_cli("demo", "--help")
     assert code == 0, err
     said = " ".join(out.replace("│", " ").split())  # rich's box, wrapped
-    from neurofm.demo import DEFAULT_MODELS
+    from neurofm.demo import DEFAULT_MODELS, DemoConfig
 
     assert f"default: seg {DEFAULT_MODELS['seg']}, cls {DEMO_MODEL}, reg {DEFAULT_MODELS['reg']}." in said, said
+    # the fine-tuning budget the help states is the one the demo runs
+    cfg = DemoConfig()
+    steps, crops = (", ".join(f"{t} {n}" for t, n in d.items()) for d in (cfg.finetune_steps, cfg.finetune_batch))
+    assert f"(default: {steps}; crops a step: {crops})." in said, said
     assert set(DEFAULT_MODELS.values()) <= set(SHIPPED)
 
 

@@ -680,8 +680,11 @@ def demo(
     finetune_steps: Annotated[
         int | None,
         typer.Option(
-            help="Fine-tuning steps per model (default: seg 200, cls 100, reg 100; 8 crops a step for reg, 2 for "
-            "the others)."
+            help="Fine-tuning steps per model (default: "
+            + ", ".join(f"{t} {n}" for t, n in DemoConfig().finetune_steps.items())  # type: ignore[union-attr]
+            + "; crops a step: "
+            + ", ".join(f"{t} {n}" for t, n in DemoConfig().finetune_batch.items())  # type: ignore[union-attr]
+            + ")."
         ),
     ] = None,
     seeds: Annotated[
