@@ -51,8 +51,8 @@ class DemoConfig:
     patch: int = 32
     # fine-tuning steps per model and task (or one number for all) of every arm trained by gradient steps (for
     # cls/reg that is scratch: the linear probes are fitted in closed form). Scratch's age kept falling from 100 to
-    # 300 steps of 8 crops; 250 is what the demo's 15 minutes pay for (experiments/rule_scratch_steps.md)
-    finetune_steps: int | dict[str, int] = field(default_factory=lambda: {"seg": 200, "cls": 100, "reg": 250})
+    # 300 steps of 8 crops; 200 is what the demo's 14 minutes pay for (experiments/rule_scratch_steps.md: 250 took 14.1)
+    finetune_steps: int | dict[str, int] = field(default_factory=lambda: {"seg": 200, "cls": 100, "reg": 200})
     # learning rate per task (or one number for all): at 3e-3, 200 segmentation steps left one few-shot run
     # in five on the empty-prediction plateau in either arm; 1e-2 did not. Scratch cls/reg (the only arms trained
     # by steps there) did better at 1e-3 than at 3e-3 over 10 seeds, by a rule written first (docs/finetuning.md)
