@@ -27,6 +27,7 @@ CPU = {
     "flops": ["--crop", "64"],
     "export": [],
     "raw": ["--resolution", "2"],
+    "embed": [],
 }
 GPU = {
     **CPU,
@@ -110,6 +111,15 @@ def summary_md(results: dict[str, dict]) -> str:
             f"MONAI {r['monai_sliding_window_s']:.2f} s, neurofm {r['neurofm_s']:.2f} s "
             f"({r['neurofm_over_monai']:.2f}x), with 8-flip TTA {r['neurofm_tta8_s']:.2f} s",
         )
+    if "embed" in results:
+        r = results["embed"]
+        for b in r["rows"][1:]:
+            row(
+                "embed",
+                f"{r['model']}, {'x'.join(map(str, r['shape']))} scan, {r['windows']} windows, batch {b['batch']}",
+                f"{b['time_vs_one_at_a_time']:.2f}x the time of one window at a time "
+                f"(vectors differ by at most {b['max_abs_vector_difference']:.1e})",
+            )
     if "flops" in results:
         r = results["flops"]
         row(

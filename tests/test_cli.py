@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import re
+from pathlib import Path
 
 import pytest
 
@@ -105,3 +106,17 @@ def test_predict_options_that_do_not_go_together_are_refused(tmp_path, run_cli):
     assert code == 2 and len(lines) == 1 and "neither an exported model" in lines[0]
     code, _, err = run_cli(*args[:-1], "tensorrt")
     assert code == 2 and "--engine should be one of" in err and "Traceback" not in err
+
+
+def test_bench_knows_every_benchmark_of_run_all():
+    """`neurofm bench --only` accepts exactly the benchmarks run_all.py runs, and each has its script."""
+    import importlib.util
+
+    from neurofm.cli import BENCHMARKS
+
+    bench = Path(__file__).resolve().parents[1] / "benchmarks"
+    spec = importlib.util.spec_from_file_location("run_all", bench / "run_all.py")
+    run_all = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(run_all)
+    assert set(BENCHMARKS) == set(run_all.CPU) == set(run_all.GPU)
+    assert all((bench / f"bench_{name}.py").is_file() for name in BENCHMARKS)

@@ -565,12 +565,13 @@ def analyze(
             results.print(line.strip())
 
 
+BENCHMARKS = ("store", "prepare", "synth", "loader", "train", "infer", "flops", "export", "raw", "embed")  # run_all.py
+
+
 @app.command()
 def bench(
     gpu: Annotated[bool, typer.Option(help="GPU sizes: 128^3 crops, paper-size models, bf16.")] = False,
-    only: Annotated[
-        str | None, typer.Option(help="Comma list of benchmarks (store,prepare,synth,loader,train,infer,flops,export).")
-    ] = None,
+    only: Annotated[str | None, typer.Option(help=f"Comma list of benchmarks ({','.join(BENCHMARKS)}).")] = None,
 ) -> None:
     """Run the benchmark suite of a source checkout (benchmarks/run_all.py) and print its table."""
     import subprocess
@@ -581,10 +582,9 @@ def bench(
     script = Path(neurofm.__file__).resolve().parents[2] / "benchmarks" / "run_all.py"
     if not script.is_file():
         raise NeurofmError("the benchmarks live in the source checkout (benchmarks/run_all.py); run from a clone")
-    known = ("store", "prepare", "synth", "loader", "train", "infer", "flops", "export", "raw")  # run_all.py
-    unknown = [b for b in _csv(only) or [] if b not in known]
+    unknown = [b for b in _csv(only) or [] if b not in BENCHMARKS]
     if unknown:
-        raise NeurofmError(f"unknown benchmark(s) {', '.join(unknown)}; choose from {', '.join(known)}")
+        raise NeurofmError(f"unknown benchmark(s) {', '.join(unknown)}; choose from {', '.join(BENCHMARKS)}")
     args = [sys.executable, str(script)] + (["--gpu"] if gpu else []) + (["--only", *_csv(only)] if only else [])
     raise typer.Exit(subprocess.run(args).returncode)
 
