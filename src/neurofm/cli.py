@@ -13,6 +13,11 @@ from neurofm.demo import DemoConfig, models_by_task, models_text
 from neurofm.errors import NeurofmError
 
 DEMO_MODELS = models_text(models_by_task(DemoConfig()))  # the demo's default pretrained model(s), for --help
+# the demo's default fine-tuning steps and crops per step, per task, for --help
+DEMO_BUDGET = "; crops a step: ".join(
+    ", ".join(f"{task} {n}" for task, n in per_task.items())  # type: ignore[union-attr]
+    for per_task in (DemoConfig().finetune_steps, DemoConfig().finetune_batch)
+)
 
 app = typer.Typer(
     name="neurofm",
@@ -679,13 +684,7 @@ def demo(
     pool_subjects: Annotated[int, typer.Option(help="Subjects of that pool (two sessions each).")] = 100,
     finetune_steps: Annotated[
         int | None,
-        typer.Option(
-            help="Fine-tuning steps per model (default: "
-            + ", ".join(f"{t} {n}" for t, n in DemoConfig().finetune_steps.items())  # type: ignore[union-attr]
-            + "; crops a step: "
-            + ", ".join(f"{t} {n}" for t, n in DemoConfig().finetune_batch.items())  # type: ignore[union-attr]
-            + ")."
-        ),
+        typer.Option(help=f"Fine-tuning steps per model (default: {DEMO_BUDGET})."),
     ] = None,
     seeds: Annotated[
         int, typer.Option(help="Seeds (few-shot draw x initialisation) per task, paired across arms.")
