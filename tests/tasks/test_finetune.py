@@ -425,6 +425,41 @@ def test_zero_head_init_starts_a_trained_head_at_the_constant_predictor(blob_hea
 
 
 @pytest.mark.slow
+def test_probe_head_init_starts_training_from_the_closed_form_probe_lp_ft(blob_heads, tmp_path, run_cli):
+    """--set head_init=probe (LP-FT): a linear layer beside the MLP head is fitted in closed form on the windows
+    the predictor reads and the MLP's output layer starts at zero, so that after one step at a negligible rate the
+    model predicts what the probe does: the size read at well under the constant's error (a head started at
+    PyTorch's default init, or at zero, predicts no size at all). The run reloads with its probe."""
+    from neurofm.infer.predictor import Predictor
+
+    out = tmp_path / "lpft"
+    code, _, err = run_cli(
+        "finetune", "--data", blob_heads, "--task", "reg", "--target", "size", "--from", "scratch", "--arch",
+        "fomo25-tiny", "--shots", "16", "--steps", "1", "--lr", "1e-9", "--out", out, "--workers", "0", "--no-tta",
+        "--no-progress", "--bootstrap", "20", "--set", "head_init=probe",
+    )  # fmt: skip
+    assert code == 0, err
+    sizes = {c.subject: c.target for c in build_cases(Store(blob_heads), "reg", "size").cases}
+    rows, mae, constant_mae = _mae_and_constant(out, sizes)
+    assert mae < 0.5 * constant_mae, (mae, constant_mae)
+    assert rows["prediction"].std() > 0.5 * rows["target"].std()
+    probe = json.loads((out / "summary.json").read_text())["splits"][0]["probe"]
+    assert probe["linear_fit"] == "closed" and probe["windows"] == 16 and probe["subjects"] == 16
+    predictor = Predictor.from_run(out, tta=False)
+    model = predictor.model
+    assert model.probe is not None and model.probe.weight.abs().sum() > 0
+    assert model.head[-1].weight.abs().max() < 1e-6  # the MLP's output layer still at zero: the start is the probe
+    assert "whole_scan" not in predictor.info  # the probe was fitted on the crops' windows, as the model reads them
+    key = rows["key"].iloc[0]
+    again = predictor.predict({"T1w": np.asarray(Store(blob_heads).read(key, "T1w"), np.float32)}).value
+    assert again == pytest.approx(rows["prediction"].iloc[0], rel=1e-5)
+    with pytest.raises(ConfigError, match="LP-FT"):
+        FinetuneConfig(task="reg", target="x", source="random", mode="linear", head_init="probe")
+    with pytest.raises(ConfigError, match="LP-FT"):
+        FinetuneConfig(task="seg", target="x", head_init="probe")
+
+
+@pytest.mark.slow
 def test_closed_form_probe_stays_at_the_constant_on_an_unrelated_target_and_reloads(blob_heads, tmp_path, run_cli):
     """Where the features say nothing about the target, the cross-validated penalty (one-standard-error rule)
     keeps the probe at the training mean instead of fitting 16 subjects' noise; the probe is a checkpoint that

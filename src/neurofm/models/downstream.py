@@ -56,6 +56,9 @@ class DownstreamModel(nn.Module):
             (the mean and the maximum: also whether a small focus, such as a lesion, is anywhere in it).
         pool_latent: the learned pooling also reads the anatomy latent map of a disentangling backbone (its
             spatial mean, a linear map of InstanceNorm-ed features, hardly differs between scans).
+        probe_head: (frozen / full cls/reg) a linear layer beside the MLP head, reading the standardised fused
+            features as the linear probe does; the two outputs add. Fine-tuning fits it in closed form first and
+            starts the MLP's output layer at zero (``head_init=probe``, LP-FT).
 
     ``freeze_encoder`` (set by the fine-tuning schedule) holds the encoder still for a while in
     ``full`` mode: no gradient is computed for it, as in ``frozen``.
@@ -72,6 +75,7 @@ class DownstreamModel(nn.Module):
         pool_channels: int = 16,
         pool: str = "mean",
         pool_latent: bool = False,
+        probe_head: bool = False,
     ):
         super().__init__()
         check_task(task)
@@ -83,6 +87,8 @@ class DownstreamModel(nn.Module):
             raise ConfigError("at least one input contrast is needed")
         if pool not in POOLS:
             raise ConfigError(f"pool should be one of {POOLS}, got {pool!r}")
+        if probe_head and (task == "seg" or mode == "linear"):
+            raise ConfigError("a probe beside the head is for cls/reg heads trained by steps (mode frozen or full)")
         self.config = {
             "backbone": backbone,
             "task": task,
@@ -93,6 +99,7 @@ class DownstreamModel(nn.Module):
             "pool_channels": pool_channels,
             "pool": pool,
             "pool_latent": pool_latent,
+            "probe_head": probe_head,
         }
         self.task, self.n_out, self.contrasts, self.mode, self.pool_kind = task, n_out, list(contrasts), mode, pool
         n_c = len(contrasts)
@@ -104,10 +111,11 @@ class DownstreamModel(nn.Module):
         bb.reset_head(task, n_out)
         self.freeze_encoder = False
         self.latent_pool = False
+        self.probe: nn.Linear | None = None
         if task == "seg":
             self.fusion = None if self.stack else nn.Parameter(torch.zeros(n_c))
         else:
-            dim = self._feature_dim()
+            dim = fixed_dim = self._feature_dim()
             # per-feature standardisation (set from the training crops): the pooled features of different
             # scans differ by little around large shared offsets, which a head cannot learn from as they are
             self.register_buffer("feature_mean", torch.zeros(dim))
@@ -126,6 +134,8 @@ class DownstreamModel(nn.Module):
                     nn.Linear(dim, head_hidden), nn.GELU(), nn.Dropout(0.1), nn.Linear(head_hidden, n_out)
                 )
             )
+            if probe_head:
+                self.probe = nn.Linear(fixed_dim, n_out)
         if mode in ("linear", "frozen"):
             for name, p in bb.named_parameters():
                 if any(name.startswith(pfx) for pfx in bb.encoder_prefixes):
@@ -243,9 +253,15 @@ class DownstreamModel(nn.Module):
 
     def normalised_features(self, x: torch.Tensor, present: torch.Tensor, every: bool = False) -> torch.Tensor:
         """Standardised fused features (:meth:`standardise`) and the learned pooling of the maps."""
+        return self._head_inputs(x, present, every)[0]
+
+    def _head_inputs(
+        self, x: torch.Tensor, present: torch.Tensor, every: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(what the head reads, the standardised fused features alone: what a linear probe reads)."""
         fixed, maps = self._fused(x, present, every=every)
         fixed = self.standardise(fixed)
-        return torch.cat([fixed, maps], dim=1) if maps is not None else fixed
+        return (torch.cat([fixed, maps], dim=1) if maps is not None else fixed), fixed
 
     # ------------------------------------------------------------------- forward
     def _segment(self, x: torch.Tensor) -> torch.Tensor:
@@ -267,7 +283,9 @@ class DownstreamModel(nn.Module):
         if not tracing and not present.any(dim=1).all():
             raise ValueError("every case needs at least one present contrast")
         if self.task != "seg":
-            return self.head(self.normalised_features(x, present, every=every))
+            feats, fixed = self._head_inputs(x, present, every)
+            out = self.head(feats)
+            return out + self.probe(fixed) if self.probe is not None else out
         if self.stack:
             return self._segment(x * present[:, :, None, None, None].to(x.dtype))
         b, c = present.shape

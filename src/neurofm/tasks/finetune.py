@@ -237,7 +237,14 @@ def train_fold(
     L.seed_everything(seed, workers=True, verbose=False)
     stats, class_weights = _target_stats(cs, train)
     model = DownstreamModel(
-        backbone, cs.task, cs.n_out, cs.contrasts, cfg.mode, pool=cfg.head_pool, pool_latent=cfg.head_pool_latent
+        backbone,
+        cs.task,
+        cs.n_out,
+        cs.contrasts,
+        cfg.mode,
+        pool=cfg.head_pool,
+        pool_latent=cfg.head_pool_latent,
+        probe_head=cfg.head_init == "probe",
     )
     transfer = load_pretrained(model, weights, src.get("pretrained_contrasts")) if weights is not None else None
     info = _task_info(cs, cfg, patch, stats)
@@ -270,7 +277,15 @@ def train_fold(
         data, cs, train, patch, length=cfg.steps * cfg.batch_size, seed=seed, fg_p=cfg.fg_p,
         augment=cfg.augment, contrast_dropout=cfg.contrast_dropout, whole=whole,
     )  # fmt: skip
-    if cs.task != "seg":
+    lp = None
+    if cs.task != "seg" and cfg.head_init == "probe":
+        # LP-FT: the linear layer beside the head fitted in closed form on the frozen start, read on the windows the
+        # predictor reads (which also sets the feature standardisation); the MLP's output at zero, so that training
+        # starts from the probe's predictions
+        lp = fit_linear_probe(model, Store(data), cs, train, info, cfg.linear_penalty, cfg.tta, head=model.probe)
+        model.zero_output()
+        model.train()  # the probe's features were read in eval mode; Lightning trains the modules in the mode it finds
+    elif cs.task != "seg":
         model.fit_feature_norm(_norm_batches(ds, cfg.batch_size))
         if cfg.head_init == "zero":
             model.zero_output()
@@ -303,6 +318,8 @@ def train_fold(
             preempt.signum or 15,
         )
     done = _fold_facts(model, train, test, transfer)
+    if lp is not None:
+        done["probe"] = lp
     if not trainer.is_global_zero:
         return None, done
     return Predictor(model, info, device=module.device, tta=cfg.tta, overlap=cfg.overlap, lcc=cfg.lcc), done

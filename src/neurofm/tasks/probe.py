@@ -64,11 +64,19 @@ def window_features(
 
 
 def fit_linear_probe(
-    model: Any, store: Store, cs: CaseSet, train: list, info: dict[str, Any], rule: str = "1se", tta: bool = True
+    model: Any,
+    store: Store,
+    cs: CaseSet,
+    train: list,
+    info: dict[str, Any],
+    rule: str = "1se",
+    tta: bool = True,
+    head: torch.nn.Linear | None = None,
 ) -> dict[str, Any]:
-    """Fit ``model.head`` (an ``nn.Linear``) in closed form on the frozen features of ``train``, read as the
-    predictor will read them (``info``, the task description: ``patch``, ``whole_scan``, ``target_mean`` and
-    ``target_std``); returns what was chosen (penalty, cross-validated score, windows)."""
+    """Fit ``head`` (an ``nn.Linear`` reading the standardised fused features; default ``model.head``) in closed
+    form on the frozen features of ``train``, read as the predictor will read them (``info``, the task
+    description: ``patch``, ``whole_scan``, ``target_mean`` and ``target_std``); returns what was chosen (penalty,
+    cross-validated score, windows). ``head=model.probe`` is LP-FT's start (``head_init=probe``)."""
     from sklearn.linear_model import LogisticRegression, Ridge
     from sklearn.metrics import log_loss, make_scorer
     from sklearn.model_selection import GridSearchCV, GroupKFold, StratifiedGroupKFold
@@ -121,7 +129,7 @@ def fit_linear_probe(
         full_coef, full_bias = np.zeros((cs.n_out, x.shape[1])), np.full(cs.n_out, -30.0)
         full_coef[seen], full_bias[seen] = coef, bias
         coef, bias = full_coef, full_bias
-    head = model.head
+    head = model.head if head is None else head
     with torch.no_grad():
         head.weight.copy_(torch.as_tensor(coef, dtype=head.weight.dtype))
         head.bias.copy_(torch.as_tensor(bias, dtype=head.bias.dtype))

@@ -20,8 +20,9 @@ from neurofm.data.pretrain import DataNeeds
 from neurofm.errors import ConfigError
 from neurofm.objectives import ObjectiveConfig, objective_config
 
-#: how the cls/reg head's output layer starts (FinetuneConfig.head_init)
-HEAD_INITS = ("default", "zero")
+#: how the cls/reg head's output layer starts (FinetuneConfig.head_init); ``probe``: LP-FT, a closed-form linear probe
+#: beside the head and the head's output layer at zero (docs/finetuning.md)
+HEAD_INITS = ("default", "zero", "probe")
 
 
 @dataclass
@@ -173,7 +174,8 @@ class FinetuneConfig(Config):
     head_pool: str = "mean"  # cls/reg: the learned pooling's reduction over space, mean or meanmax (docs/finetuning.md)
     head_pool_latent: bool = False  # cls/reg: the learned pooling also reads the anatomy latent map
     # cls/reg trained by steps: the head's output layer starts at PyTorch's default init (default) or at zero, so that
-    # the untrained head is the constant predictor (zero; docs/finetuning.md)
+    # the untrained head is the constant predictor (zero), or at zero beside a linear layer fitted first in closed
+    # form on the frozen start, so that training starts from the linear probe (probe, LP-FT; docs/finetuning.md)
     head_init: str = "default"
     contrast_dropout: float = 0.0  # leave out each present contrast of a training crop with this probability
     augment: str = "flips"  # training augmentation: flips, nnunet (nnU-Net's default pipeline) or none
@@ -214,6 +216,11 @@ class FinetuneConfig(Config):
             raise ConfigError(f"--head-pool should be one of {POOLS}, got {self.head_pool!r}")
         if self.head_init not in HEAD_INITS:
             raise ConfigError(f"head_init should be one of {HEAD_INITS}, got {self.head_init!r}")
+        if self.head_init == "probe" and (self.task == "seg" or self.mode == "linear"):
+            raise ConfigError(
+                "head_init=probe (LP-FT) starts a cls/reg head trained by steps (--mode frozen or full) from a "
+                f"closed-form probe; got task {self.task!r}, mode {self.mode!r} (--mode linear is the probe alone)"
+            )
         if self.linear_fit not in ("closed", "sgd") or self.linear_penalty not in ("1se", "best"):
             raise ConfigError(
                 f"linear_fit should be closed or sgd and linear_penalty 1se or best, got {self.linear_fit!r}, "
