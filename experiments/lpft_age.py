@@ -1,14 +1,16 @@
 """LP-FT (``head_init=probe``) against the runs of a finished ``demo_seeds.py`` study, paired seed by seed.
 
 ``experiments/rule_lpft.md`` asks whether fine-tuning from the closed-form probe keeps the age gain against a scratch
-arm given 600 steps. The reference folder holds a ``demo_seeds.py`` study (``--modes reg=linear+full``: its scratch,
-its full fine-tune and its closed-form probe). For each seed this runs the pretrained model fine-tuned in full with
-the reference full fine-tune's settings (read from its ``run.json``) and ``head_init=probe``, in ``--out``, checks
+arm given 600 steps. The reference folder holds a ``demo_seeds.py`` study: its scratch, its closed-form probe and, with
+``--modes reg=linear+full``, its full fine-tune. For each seed this runs the pretrained model fine-tuned in full with
+the reference full fine-tune's settings (read from its ``run.json``; without one, scratch's with the probe's pretrained
+model as the source) and ``head_init=probe``, in ``--out``, checks
 that it drew the same training subjects, and pairs it with each reference arm on the same held-out cases (the
 demo's interval: a bootstrap over seeds and cases). The reference runs are read as they are, whatever code made
-them (their settings are compared and must differ only in ``head_init``).
+them (their settings are compared and must differ only in ``head_init``, and from scratch's also in ``source``).
 
     python experiments/lpft_age.py --reference E3 --data FIFTH_STORE --out LPFT --seeds 10
+    python experiments/lpft_age.py --reference E1 --data DEMO_STORE --out LPFT_DEMO --seeds 10   # no full fine-tune
 """
 
 from __future__ import annotations
@@ -40,16 +42,26 @@ def main() -> None:
     lpft, refs = [], {k: [] for k in REFERENCE_ARMS}
     for seed in range(args.first_seed, args.first_seed + args.seeds):
         full = args.reference / f"{args.label}-pretrained-full-seed{seed}"
+        scratch = not full.is_dir()
+        if scratch:
+            refs.pop("full fine-tune", None)
+            full = args.reference / f"{args.label}-scratch-seed{seed}"
+            probe = json.loads((args.reference / f"{args.label}-pretrained-linear-seed{seed}/run.json").read_text())
         done = json.loads((full / "run.json").read_text())
         cfg = FinetuneConfig(**{k: v for k, v in done.items() if k in names and k != "trainer"})
         cfg = dataclasses.replace(cfg, head_init="probe", bootstrap=50)
+        if scratch:
+            cfg = dataclasses.replace(cfg, source=probe["source"])
+        expected = {"head_init", "source"} if scratch else {"head_init"}
         differ = set(stale_settings(full, cfg)) - {"code", "threads"}
-        if differ != {"head_init"}:
-            raise SystemExit(f"{full}: settings differ from LP-FT's in {sorted(differ)}, not only head_init")
+        if differ != expected:
+            raise SystemExit(f"{full}: settings differ from LP-FT's in {sorted(differ)}, not only {sorted(expected)}")
         folder = args.out / f"{args.label}-pretrained-lpft-seed{seed}"
         lpft.append(arm_rows(args.data, folder, cfg))
         drawn = json.loads((folder / "run.json").read_text())["split"]
         for arm, tag in REFERENCE_ARMS.items():
+            if arm not in refs:
+                continue
             ref = args.reference / f"{args.label}-{tag}-seed{seed}"
             if json.loads((ref / "run.json").read_text())["split"] != drawn:
                 raise SystemExit(f"{ref} drew other subjects than {folder}")
@@ -57,7 +69,8 @@ def main() -> None:
         print(f"seed {seed}: LP-FT {sum(abs(r['prediction'] - r['target']) for r in lpft[-1]) / len(lpft[-1]):.2f}")
     task = cfg.task
     rows = {"LP-FT": {k: paired_seeds(task, lpft, ref) for k, ref in refs.items()}}
-    rows.update({arm: paired_seeds(task, refs[arm], refs["scratch"]) for arm in ("full fine-tune", "probe")})
+    others = [arm for arm in ("full fine-tune", "probe") if arm in refs]
+    rows.update({arm: paired_seeds(task, refs[arm], refs["scratch"]) for arm in others})
     rows["scratch"] = paired_seeds(task, refs["scratch"], None)
     for arm, r in rows.items():
         if arm == "LP-FT":
