@@ -11,6 +11,7 @@ them (their settings are compared and must differ only in ``head_init``, and fro
 
     python experiments/lpft_age.py --reference E3 --data FIFTH_STORE --out LPFT --seeds 10
     python experiments/lpft_age.py --reference E1 --data DEMO_STORE --out LPFT_DEMO --seeds 10   # no full fine-tune
+    python experiments/lpft_age.py --reference CLS --data DEMO_STORE --out LPFT_CLS --label cls-healthy --seeds 10
 """
 
 from __future__ import annotations
@@ -66,7 +67,7 @@ def main() -> None:
             if json.loads((ref / "run.json").read_text())["split"] != drawn:
                 raise SystemExit(f"{ref} drew other subjects than {folder}")
             refs[arm].append(read_predictions(ref / "predictions.csv"))
-        print(f"seed {seed}: LP-FT {sum(abs(r['prediction'] - r['target']) for r in lpft[-1]) / len(lpft[-1]):.2f}")
+        print(f"seed {seed}: LP-FT {paired_seeds(cfg.task, [lpft[-1]], None, reps=10)['value']:.3f}", flush=True)
     task = cfg.task
     rows = {"LP-FT": {k: paired_seeds(task, lpft, ref) for k, ref in refs.items()}}
     others = [arm for arm in ("full fine-tune", "probe") if arm in refs]
