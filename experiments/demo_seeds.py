@@ -59,7 +59,11 @@ def main() -> None:
     ap.add_argument("--steps", help="fine-tuning steps per task of the trained arms, e.g. cls=200 (default: demo's)")
     ap.add_argument("--batch", help="crops per step per task of the trained arms, e.g. reg=8 (default: demo's)")
     ap.add_argument("--modes", help="how the pretrained model is read per task, e.g. reg=linear+full (default: demo's)")
-    ap.add_argument("--head-init", choices=HEAD_INITS, help="cls/reg heads: how the output layer starts")
+    ap.add_argument(
+        "--head-init",
+        choices=[h for h in HEAD_INITS if h != "probe"],  # every arm takes it, and a linear probe cannot start LP-FT
+        help="cls/reg heads: how the output layer starts (LP-FT, head_init=probe: experiments/lpft_age.py)",
+    )
     args = ap.parse_args()
     tasks = [(t, target) for t, target in DemoConfig().tasks if t in args.tasks]
     demo = DemoConfig(seeds=args.seeds, tasks=tasks, seed=args.first_seed)
