@@ -405,19 +405,25 @@ def test_regression_head_learns_a_target_that_is_a_function_of_the_image(blob_he
     assert rows["prediction"].std() > 0.6 * rows["target"].std()  # predictions spread like the target
 
 
+def _one_step_size_head(run_cli, blob_heads, out, head_init):
+    """``neurofm finetune`` of a scratch size regressor for one step at a negligible rate with ``head_init``: the
+    held-out rows, their MAE, the constant predictor's and every subject's size."""
+    code, _, err = run_cli(
+        "finetune", "--data", blob_heads, "--task", "reg", "--target", "size", "--from", "scratch", "--arch",
+        "fomo25-tiny", "--shots", "16", "--steps", "1", "--lr", "1e-9", "--out", out, "--workers", "0", "--no-tta",
+        "--no-progress", "--bootstrap", "20", "--set", f"head_init={head_init}",
+    )  # fmt: skip
+    assert code == 0, err
+    sizes = {c.subject: c.target for c in build_cases(Store(blob_heads), "reg", "size").cases}
+    return (*_mae_and_constant(out, sizes), sizes)
+
+
 @pytest.mark.slow
 def test_zero_head_init_starts_a_trained_head_at_the_constant_predictor(blob_heads, tmp_path, run_cli):
     """--set head_init=zero: after one step at a negligible rate the trained head still predicts the training
     targets' mean for every test scan (with PyTorch's default init it would vary by scan from the start)."""
     out = tmp_path / "ft"
-    code, _, err = run_cli(
-        "finetune", "--data", blob_heads, "--task", "reg", "--target", "size", "--from", "scratch", "--arch",
-        "fomo25-tiny", "--shots", "16", "--steps", "1", "--lr", "1e-9", "--out", out, "--workers", "0", "--no-tta",
-        "--no-progress", "--bootstrap", "20", "--set", "head_init=zero",
-    )  # fmt: skip
-    assert code == 0, err
-    sizes = {c.subject: c.target for c in build_cases(Store(blob_heads), "reg", "size").cases}
-    rows, mae, constant_mae = _mae_and_constant(out, sizes)
+    rows, mae, constant_mae, sizes = _one_step_size_head(run_cli, blob_heads, out, "zero")
     train_mean = np.mean([t for s, t in sizes.items() if s not in set(rows["subject"])])
     assert np.allclose(rows["prediction"], train_mean, atol=1e-3), rows["prediction"].tolist()
     assert mae == pytest.approx(constant_mae, abs=1e-3)
@@ -428,19 +434,12 @@ def test_zero_head_init_starts_a_trained_head_at_the_constant_predictor(blob_hea
 def test_probe_head_init_starts_training_from_the_closed_form_probe_lp_ft(blob_heads, tmp_path, run_cli):
     """--set head_init=probe (LP-FT): a linear layer beside the MLP head is fitted in closed form on the windows
     the predictor reads and the MLP's output layer starts at zero, so that after one step at a negligible rate the
-    model predicts what the probe does: the size read at well under the constant's error (a head started at
-    PyTorch's default init, or at zero, predicts no size at all). The run reloads with its probe."""
+    model predicts what the probe does: the size read at well under the constant's error (started at zero alone, the
+    head predicts the training mean: the test above). The run reloads with its probe."""
     from neurofm.infer.predictor import Predictor
 
     out = tmp_path / "lpft"
-    code, _, err = run_cli(
-        "finetune", "--data", blob_heads, "--task", "reg", "--target", "size", "--from", "scratch", "--arch",
-        "fomo25-tiny", "--shots", "16", "--steps", "1", "--lr", "1e-9", "--out", out, "--workers", "0", "--no-tta",
-        "--no-progress", "--bootstrap", "20", "--set", "head_init=probe",
-    )  # fmt: skip
-    assert code == 0, err
-    sizes = {c.subject: c.target for c in build_cases(Store(blob_heads), "reg", "size").cases}
-    rows, mae, constant_mae = _mae_and_constant(out, sizes)
+    rows, mae, constant_mae, _ = _one_step_size_head(run_cli, blob_heads, out, "probe")
     assert mae < 0.5 * constant_mae, (mae, constant_mae)
     assert rows["prediction"].std() > 0.5 * rows["target"].std()
     probe = json.loads((out / "summary.json").read_text())["splits"][0]["probe"]
