@@ -13,14 +13,12 @@ cases) and on how many seeds the arm is below. The runs are read as they are, wh
 from __future__ import annotations
 
 import argparse
-import dataclasses
-import json
 from pathlib import Path
 
+from neurofm.analyze.experiments import run_config
 from neurofm.evaluate.metrics import paired_seeds
 from neurofm.evaluate.scoring import constant_rows, read_predictions
 from neurofm.store import Store
-from neurofm.train.config import FinetuneConfig
 from neurofm.utils import write_json
 
 
@@ -39,15 +37,13 @@ def main() -> None:
     ap.add_argument("--first-seed", type=int, default=0)
     ap.add_argument("--out", type=Path, help="write the rows here as JSON")
     args = ap.parse_args()
-    names = {f.name for f in dataclasses.fields(FinetuneConfig)}
     store = Store(args.data)
     rows = {}
     for name, pattern in args.arm:
         arm, const, task = [], [], None
         for seed in range(args.first_seed, args.first_seed + args.seeds):
             folder = Path(pattern.format(seed=seed))
-            done = json.loads((folder / "run.json").read_text())
-            cfg = FinetuneConfig(**{k: v for k, v in done.items() if k in names and k != "trainer"})
+            cfg = run_config(folder)
             preds, floor = read_predictions(folder / "predictions.csv"), constant_rows(store, cfg)
             if [r["key"] for r in preds] != [r["key"] for r in floor]:
                 raise SystemExit(f"{folder}: its held-out cases are not the split its settings draw")

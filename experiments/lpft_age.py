@@ -21,10 +21,9 @@ import dataclasses
 import json
 from pathlib import Path
 
-from neurofm.analyze.experiments import arm_rows, stale_settings
+from neurofm.analyze.experiments import arm_rows, run_config, stale_settings
 from neurofm.evaluate.metrics import paired_seeds
 from neurofm.evaluate.scoring import read_predictions
-from neurofm.train.config import FinetuneConfig
 from neurofm.utils import write_json
 
 REFERENCE_ARMS = {"scratch": "scratch", "full fine-tune": "pretrained-full", "probe": "pretrained-linear"}
@@ -39,7 +38,6 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, default=10)
     ap.add_argument("--first-seed", type=int, default=0)
     args = ap.parse_args()
-    names = {f.name for f in dataclasses.fields(FinetuneConfig)}
     lpft, refs = [], {k: [] for k in REFERENCE_ARMS}
     for seed in range(args.first_seed, args.first_seed + args.seeds):
         full = args.reference / f"{args.label}-pretrained-full-seed{seed}"
@@ -48,8 +46,7 @@ def main() -> None:
             refs.pop("full fine-tune", None)
             full = args.reference / f"{args.label}-scratch-seed{seed}"
             probe = json.loads((args.reference / f"{args.label}-pretrained-linear-seed{seed}/run.json").read_text())
-        done = json.loads((full / "run.json").read_text())
-        cfg = FinetuneConfig(**{k: v for k, v in done.items() if k in names and k != "trainer"})
+        cfg = run_config(full)
         cfg = dataclasses.replace(cfg, head_init="probe", bootstrap=50)
         if scratch:
             cfg = dataclasses.replace(cfg, source=probe["source"])

@@ -76,7 +76,7 @@ def test_session_budget_spans_subjects_before_repeating_one(tiny_store):
 
 def test_a_finished_arm_is_reused_only_with_the_settings_it_was_made_with(tmp_path):
 
-    from neurofm.analyze.experiments import arm_rows, stale_settings
+    from neurofm.analyze.experiments import arm_rows, run_config, stale_settings
     from neurofm.errors import ConfigError
     from neurofm.train.config import FinetuneConfig
     from neurofm.utils import code_fingerprint
@@ -89,6 +89,7 @@ def test_a_finished_arm_is_reused_only_with_the_settings_it_was_made_with(tmp_pa
     record = cfg.save(folder / "run.json", split=drawn, code=code_fingerprint(), threads=torch.get_num_threads())
     (folder / "summary.json").write_text("{}")
     assert stale_settings(folder, cfg) == []
+    assert stale_settings(folder, run_config(folder)) == [] and run_config(folder).lr == 1e-2  # read back
     # the drawn subjects are not the setting that fixes them: a run asked for exactly those is another run
     assert stale_settings(folder, replace(cfg, train_subjects=["sub-007", "sub-002"])) == ["train_subjects"]
     with pytest.raises(ValueError, match="train_subjects: a setting"):

@@ -77,6 +77,14 @@ def _finished_run(folder: Path) -> dict[str, Any]:
     return json.loads(path.read_text())
 
 
+def run_config(folder: Path) -> FinetuneConfig:
+    """The settings the finished run in ``folder`` was made with, read from its ``run.json`` (the trainer's at
+    their defaults): a run to pair with, or to vary one setting of."""
+    done = _finished_run(folder)
+    names = {f.name for f in dataclasses.fields(FinetuneConfig)} - {"trainer"}
+    return FinetuneConfig(**{k: v for k, v in done.items() if k in names})
+
+
 def stale_settings(folder: Path, cfg: FinetuneConfig) -> list[str]:
     """The settings in which the finished run in ``folder`` differs from ``cfg`` (empty: it is this run).
 
