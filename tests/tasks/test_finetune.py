@@ -107,6 +107,44 @@ def test_learned_pooling_reads_the_anatomy_latent_and_can_take_the_maximum():
         FinetuneConfig(task="cls", target="x", head_pool="median")
 
 
+def test_learned_pooling_is_its_1x1x1_convolution_in_either_memory_layout():
+    torch.manual_seed(0)
+    bb = {"name": "dual_latent_unet", "kwargs": {"features": [4, 8, 16], "latent": 6}}
+    model = DownstreamModel(bb, "reg", 1, ["T1w"], mode="full", pool_channels=5, pool="meanmax")
+    x = torch.randn(3, 1, 16, 16, 16)
+    with torch.no_grad():
+        f = model.backbone.forward_features(x)
+        # the modules as written, Conv3d then GELU, reduced over space: per map its mean, then its maximum
+        by_conv = torch.cat(
+            [t for p, m in zip(model.pool, f.maps, strict=True) for t in (p(m).mean((2, 3, 4)), p(m).amax((2, 3, 4)))],
+            dim=1,
+        )
+        assert torch.allclose(model._learned_pool(f), by_conv, atol=1e-6)
+        model.to(memory_format=torch.channels_last_3d)
+        conv = next(m for m in model.modules() if isinstance(m, torch.nn.Conv3d) and m.in_channels > 1)
+        assert not conv.weight.is_contiguous() and conv.weight.is_contiguous(memory_format=torch.channels_last_3d)
+        f_cl = model.backbone.forward_features(x)
+        assert torch.allclose(model._learned_pool(f_cl), by_conv, atol=1e-5)
+
+
+def test_auto_memory_format_is_channels_last_only_for_narrow_cnns_on_a_cpu():
+    from neurofm.models.registry import create_model
+    from neurofm.train.config import TrainerConfig
+    from neurofm.train.trainer import memory_format
+
+    cpu, gpu = torch.device("cpu"), torch.device("cuda")
+    narrow = create_model("dual_latent_unet", features=[8, 16], latent=4)
+    wide = create_model("dual_latent_unet", features=[32, 64], latent=4)
+    auto = TrainerConfig()
+    assert memory_format(auto, narrow, cpu) == torch.channels_last_3d
+    assert memory_format(auto, wide, cpu) == torch.contiguous_format
+    assert memory_format(auto, narrow, gpu) == torch.contiguous_format  # not measured on GPUs: left as it was
+    assert memory_format(TrainerConfig(memory_format="channels_last"), wide, gpu) == torch.channels_last_3d
+    assert memory_format(TrainerConfig(memory_format="contiguous"), narrow, cpu) == torch.contiguous_format
+    with pytest.raises(ConfigError, match="memory_format"):
+        TrainerConfig(memory_format="nhwc")
+
+
 def test_zero_output_makes_the_untrained_head_the_constant_predictor_and_training_moves_it():
     torch.manual_seed(0)
     bb = {"name": "dual_latent_unet", "kwargs": {"features": [4, 8, 16], "latent": 6}}

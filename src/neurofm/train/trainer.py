@@ -27,6 +27,20 @@ def resolve_precision(tc: TrainerConfig) -> str:
     return "32-true"
 
 
+def memory_format(tc: TrainerConfig, model: torch.nn.Module, device: torch.device) -> torch.memory_format:
+    """The layout a network trains in (``tc.memory_format``). ``auto``: ``channels_last_3d`` on a CPU when the
+    network's first 3D convolution has fewer than 32 output channels, contiguous otherwise. oneDNN's 3D
+    convolutions with few channels run 1.2-1.6x faster per training step in channels-last on the CPUs measured (the
+    tiny models), and equal or slower with 32 (fomo25 at paper size, ResEnc-L); GPUs were not measured
+    (``benchmarks/bench_memory_format.py``)."""
+    if tc.memory_format == "channels_last":
+        return torch.channels_last_3d
+    if tc.memory_format == "contiguous" or device.type != "cpu":
+        return torch.contiguous_format
+    first = next((m for m in model.modules() if isinstance(m, torch.nn.Conv3d)), None)
+    return torch.channels_last_3d if first is not None and first.out_channels < 32 else torch.contiguous_format
+
+
 def quiet_lightning() -> None:
     """Keep Lightning's warnings, drop its banners and tips (neurofm prints its own summary)."""
     import logging
