@@ -323,7 +323,9 @@ def finetune_config(cfg: DemoConfig, run: str | Path, task: str, target: str) ->
         seg_fg_weight=cfg.seg_fg_weight if task == "seg" else 1.0,
         augment=str(_per_task(cfg.finetune_augment, task, "flips")),
         positive_only=True,
-        num_workers=1,
+        # crops are read in this process: a batch of 8 takes about 10 ms, less than a worker process costs to start
+        # and to run beside the two threads that train (the same crops either way: each is drawn from its index)
+        num_workers=0,
         tta=False,
         seed=cfg.seed,
     )
