@@ -15,6 +15,8 @@ it reuses the demo's finished runs (their settings are compared first) and adds 
     python experiments/demo_seeds.py --data STORE --out DIR --tasks cls reg --head-init zero --seeds 10
     python experiments/demo_seeds.py --data STORE --out DIR --tasks reg --batch reg=8 --steps reg=300 --seeds 10
     python experiments/demo_seeds.py --data STORE --out DIR --tasks reg --modes reg=linear+full --seeds 10
+    python experiments/demo_seeds.py --data STORE --out DIR --tasks reg --modes reg=linear+full \
+        --pretrained-head-init reg=probe --seeds 10   # the pretrained model fine-tuned in full from its probe
 
 Writes ``DIR/results-<tasks>-<seeds>[-shots-<shots>].json``: one row per task and arm (value, interval,
 paired difference from scratch, per-seed values) and the command.
@@ -64,6 +66,10 @@ def main() -> None:
         choices=[h for h in HEAD_INITS if h != "probe"],  # every arm takes it, and a linear probe cannot start LP-FT
         help="cls/reg heads: how the output layer starts (LP-FT, head_init=probe: experiments/lpft_age.py)",
     )
+    ap.add_argument(
+        "--pretrained-head-init",
+        help="per task, how the head of the pretrained model fine-tuned in full starts, e.g. reg=probe (LP-FT)",
+    )
     args = ap.parse_args()
     tasks = [(t, target) for t, target in DemoConfig().tasks if t in args.tasks]
     demo = DemoConfig(seeds=args.seeds, tasks=tasks, seed=args.first_seed)
@@ -86,6 +92,10 @@ def main() -> None:
             raise SystemExit(f"--modes: unknown mode(s) {bad}; choose from {MODES}")
     if args.head_init:
         demo.head_init = args.head_init
+    if args.pretrained_head_init:
+        demo.pretrained_head_init = parse_per_task(
+            args.pretrained_head_init, {"cls": "", "reg": ""}, str, "--pretrained-head-init"
+        )
     demo.floors = not args.no_floors
     rows = finetune_rows(demo, models_by_task(demo), args.data, args.out, progress=False)
     print(score_text(rows))
@@ -97,6 +107,7 @@ def main() -> None:
     aug += f"-batch-{args.batch.replace('=', '').replace(',', '-')}" if args.batch else ""
     aug += f"-modes-{args.modes.replace('=', '').replace(',', '-').replace('+', '-')}" if args.modes else ""
     aug += f"-head-{args.head_init}" if args.head_init else ""
+    aug += f"-pretrained-head-{args.pretrained_head_init.replace('=', '')}" if args.pretrained_head_init else ""
     name = f"results-{'-'.join(args.tasks)}-{args.seeds}{first}{shots}{aug}.json"
     write_json(args.out / name, {"command": " ".join(["python", *sys.argv]), "rows": to_jsonable(rows)})
 

@@ -125,3 +125,18 @@ def test_demo_fine_tunes_each_task_from_its_own_model(tmp_path, run_cli):
     assert "The model carries an eraser of the contrast from the anatomy vector" in html
     for png in ("latent.png", "latent-2.png", "latent-3.png"):
         assert (out / "figures" / png).stat().st_size > 2000, png
+
+
+def test_demo_arms_start_the_pretrained_full_fine_tune_from_its_probe_only_where_asked():
+    from neurofm.demo import DemoConfig, demo_arms
+
+    cfg = DemoConfig(modes={"seg": ["full"], "reg": ["linear", "full"]})
+    plain = demo_arms(cfg, "MODEL", "reg")
+    assert [a.name for a in plain] == ["pretrained linear", "pretrained full", "scratch", "random linear", "constant"]
+    assert all(not a.settings for a in plain)
+    cfg.pretrained_head_init = {"reg": "probe", "seg": "probe"}
+    arms = {a.name: a for a in demo_arms(cfg, "MODEL", "reg")}
+    assert list(arms) == ["pretrained linear", "pretrained lp-ft", "scratch", "random linear", "constant"]
+    assert arms["pretrained lp-ft"].settings == {"head_init": "probe"} and arms["pretrained lp-ft"].mode == "full"
+    assert all(not a.settings for n, a in arms.items() if n != "pretrained lp-ft")  # scratch keeps its own start
+    assert [a.name for a in demo_arms(cfg, "MODEL", "seg")][0] == "pretrained full"  # segmentation has no head

@@ -20,13 +20,14 @@ from __future__ import annotations
 
 import shutil
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from rich.console import Console
 
 if TYPE_CHECKING:
+    from neurofm.analyze.experiments import Arm
     from neurofm.train.config import FinetuneConfig
 
 SHIPPED = "fomo25-tiny-cmeans"  # chosen over fomo25-tiny-synth on the demo's 10 seeds (docs/finetuning.md)
@@ -76,6 +77,10 @@ class DemoConfig:
     # cls/reg arms trained by steps: how the head's output layer starts, PyTorch's default or zero (the constant
     # predictor; docs/finetuning.md)
     head_init: str = "default"
+    # per task (cls/reg), how the head of the pretrained model fine-tuned in full starts, where it differs from
+    # head_init: "probe" is LP-FT, training from the closed-form linear probe (docs/finetuning.md); that arm is
+    # then called "pretrained lp-ft"
+    pretrained_head_init: dict[str, str] = field(default_factory=dict)
     seeds: int = 3
     floors: bool = True
     contrasts: list[str] = field(default_factory=lambda: ["T1w", "FLAIR"])
@@ -331,6 +336,24 @@ def finetune_config(cfg: DemoConfig, run: str | Path, task: str, target: str) ->
     )
 
 
+def demo_arms(cfg: DemoConfig, model: str, task: str) -> list[Arm]:
+    """The arms of one task: ``model`` read as ``cfg.modes`` says, scratch and (``cfg.floors``) the two floors; with
+    ``cfg.pretrained_head_init`` for the task, the pretrained model fine-tuned in full starts its head that way
+    (``probe``: the arm "pretrained lp-ft")."""
+    from neurofm.analyze import experiments
+
+    arms = experiments.standard_arms(model, task, cfg.modes.get(task, ["full"]), cfg.floors)
+    start = cfg.pretrained_head_init.get(task)
+    if not start or task == "seg":
+        return arms
+    name = f"pretrained {'lp-ft' if start == 'probe' else 'full'}"
+    lpft = {"head_init": start}
+    return [
+        replace(a, name=name, settings={**a.settings, **lpft}) if (a.source, a.mode) == (model, "full") else a
+        for a in arms
+    ]
+
+
 def finetune_rows(
     cfg: DemoConfig,
     run: str | Path | dict[str, str],
@@ -347,7 +370,7 @@ def finetune_rows(
     rows = []
     for task, target in cfg.tasks:
         model = run[task] if isinstance(run, dict) else run
-        arms = experiments.standard_arms(str(model), task, cfg.modes.get(task, ["full"]), cfg.floors)
+        arms = demo_arms(cfg, str(model), task)
         task_cfg = finetune_config(cfg, model, task, target)
         task_rows = experiments.paired_study(
             store, out, task_cfg, arms, cfg.seeds, f"{task}-{target}", progress=progress, redo_stale=True
