@@ -89,7 +89,7 @@ def measure(make, fmt, steps: int, warmup: int) -> tuple[float, float]:
         loss = loss_fn()
         loss.backward()
         opt.step()
-        first.append(float(loss))
+        first.append(float(loss.detach()))
 
     step()  # the first step's loss comes from the same weights and inputs in both layouts
     for _ in range(warmup - 1):

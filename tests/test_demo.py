@@ -140,3 +140,17 @@ def test_demo_arms_start_the_pretrained_full_fine_tune_from_its_probe_only_where
     assert arms["pretrained lp-ft"].settings == {"head_init": "probe"} and arms["pretrained lp-ft"].mode == "full"
     assert all(not a.settings for n, a in arms.items() if n != "pretrained lp-ft")  # scratch keeps its own start
     assert [a.name for a in demo_arms(cfg, "MODEL", "seg")][0] == "pretrained full"  # segmentation has no head
+
+
+def test_demo_lp_ft_option_adds_the_arm_and_refuses_segmentation(tmp_path, run_cli):
+    from neurofm.demo import DemoConfig, demo_arms, set_lp_ft
+
+    cfg = DemoConfig()
+    set_lp_ft(cfg, ["reg"])
+    assert cfg.modes["reg"] == ["linear", "full"] and cfg.modes["cls"] == ["linear"]  # cls left as it was
+    assert [a.name for a in demo_arms(cfg, "M", "reg")][:2] == ["pretrained linear", "pretrained lp-ft"]
+    set_lp_ft(cfg, ["reg"])  # twice is once
+    assert cfg.modes["reg"] == ["linear", "full"]
+    code, _, err = run_cli("demo", "--out", tmp_path / "d", "--lp-ft", "seg")
+    assert code == 2 and "--lp-ft takes cls and reg" in err and "Traceback" not in err
+    assert not (tmp_path / "d").exists()

@@ -694,10 +694,18 @@ def demo(
         typer.Option(help="Labelled subjects: one number for every task, or per task, e.g. seg=2,cls=8,reg=8."),
     ] = None,
     spacing: Annotated[float, typer.Option(help="Voxel size of the store in mm.")] = 4.0,
+    lp_ft: Annotated[
+        str | None,
+        typer.Option(
+            "--lp-ft",
+            help="Tasks (cls, reg; comma-separated) whose pretrained model is also fine-tuned in full from its "
+            "closed-form probe (LP-FT), a row beside the probe's; each adds a run per seed (reg: about a minute).",
+        ),
+    ] = None,
 ) -> None:
     """The embedded default end to end, offline, on a CPU (7-15 min on 2 cores): synth -> prepare -> the shipped
     pretrained models -> fine-tune (pretrained, scratch, two floors; paired over seeds) -> analyze -> HTML report."""
-    from neurofm.demo import parse_per_task, parse_shots, run_demo
+    from neurofm.demo import parse_per_task, parse_shots, run_demo, set_lp_ft
 
     cfg = DemoConfig(
         subjects=subjects,
@@ -714,6 +722,8 @@ def demo(
         cfg.pretrained = parse_per_task(pretrained, models_by_task(cfg), str, "--pretrained")
     if finetune_steps is not None:
         cfg.finetune_steps = finetune_steps
+    if lp_ft is not None:
+        set_lp_ft(cfg, [t.strip() for t in lp_ft.split(",") if t.strip()])
     with _guarded(out, "running the demo", "free space and run the demo again: finished stages are kept"):
         run_demo(out, cfg)  # its last line says where the report is
 

@@ -336,6 +336,20 @@ def finetune_config(cfg: DemoConfig, run: str | Path, task: str, target: str) ->
     )
 
 
+def set_lp_ft(cfg: DemoConfig, tasks: list[str]) -> None:
+    """Read each of ``tasks`` (cls, reg) also by the pretrained model fine-tuned in full from its closed-form probe
+    (LP-FT): the arm "pretrained lp-ft" beside the task's other modes."""
+    from neurofm.errors import ConfigError
+
+    bad = sorted(set(tasks) - {"cls", "reg"})
+    if bad:
+        raise ConfigError(f"--lp-ft takes cls and reg (a head to start from a probe), got {', '.join(bad)}")
+    for task in tasks:
+        modes = list(cfg.modes.get(task, ["linear"]))
+        cfg.modes = {**cfg.modes, task: modes + ["full"] if "full" not in modes else modes}
+        cfg.pretrained_head_init = {**cfg.pretrained_head_init, task: "probe"}
+
+
 def demo_arms(cfg: DemoConfig, model: str, task: str) -> list[Arm]:
     """The arms of one task: ``model`` read as ``cfg.modes`` says, scratch and (``cfg.floors``) the two floors; with
     ``cfg.pretrained_head_init`` for the task, the pretrained model fine-tuned in full starts its head that way
