@@ -2,7 +2,7 @@
 
 ``trainer.memory_format=auto`` trains a network in channels_last_3d on a CPU when its first 3D convolution has
 fewer than 32 output channels (:func:`neurofm.train.trainer.memory_format`). This measures what that rule rests on:
-the same step, from the same weights and inputs, in each layout:
+the same step, from the same weights and inputs, in each layout, on the CPU:
 
 * the demo's fine-tuning steps (fomo25-tiny's backbone with the demo's heads: age regression 8 crops, lesion
   segmentation and health classification 2 crops, each of two contrasts, 32^3);

@@ -28,6 +28,7 @@ CPU = {
     "export": [],
     "raw": ["--resolution", "2"],
     "embed": [],
+    "memory_format": [],
 }
 GPU = {
     **CPU,
@@ -119,6 +120,13 @@ def summary_md(results: dict[str, dict]) -> str:
                 f"{r['model']}, {'x'.join(map(str, r['shape']))} scan, {r['windows']} windows, batch {b['batch']}",
                 f"{b['time_vs_one_at_a_time']:.2f}x the time of one window at a time "
                 f"(vectors differ by at most {b['max_abs_vector_difference']:.1e})",
+            )
+    if "memory_format" in results:
+        for r in results["memory_format"]["rows"]:
+            row(
+                "memory layout",
+                r["case"],
+                f"contiguous / channels-last {r['contiguous_over_channels_last']:.2f}x (auto: {r['auto']})",
             )
     if "flops" in results:
         r = results["flops"]

@@ -570,7 +570,9 @@ def analyze(
             results.print(line.strip())
 
 
-BENCHMARKS = ("store", "prepare", "synth", "loader", "train", "infer", "flops", "export", "raw", "embed")  # run_all.py
+# run_all.py's, in its order
+BENCHMARKS = ("store", "prepare", "synth", "loader", "train", "infer", "flops", "export", "raw", "embed")
+BENCHMARKS += ("memory_format",)
 
 
 @app.command()
@@ -699,7 +701,8 @@ def demo(
         typer.Option(
             "--lp-ft",
             help="Tasks (cls, reg; comma-separated) whose pretrained model is also fine-tuned in full from its "
-            "closed-form probe (LP-FT), a row beside the probe's; each adds a run per seed (reg: about a minute).",
+            "closed-form probe (LP-FT), a row beside the probe's; default reg, none for no task. Each adds a run per "
+            "seed (reg: about a minute on 2 cores).",
         ),
     ] = None,
 ) -> None:
@@ -723,7 +726,7 @@ def demo(
     if finetune_steps is not None:
         cfg.finetune_steps = finetune_steps
     if lp_ft is not None:
-        set_lp_ft(cfg, [t.strip() for t in lp_ft.split(",") if t.strip()])
+        set_lp_ft(cfg, [t.strip() for t in lp_ft.split(",") if t.strip() and t.strip() != "none"])
     with _guarded(out, "running the demo", "free space and run the demo again: finished stages are kept"):
         run_demo(out, cfg)  # its last line says where the report is
 
