@@ -44,6 +44,7 @@ def test_demo_end_to_end_tiny(tmp_path, run_cli):
         ("seg", "pretrained full"),
         ("cls", "pretrained linear"),
         ("reg", "pretrained linear"),
+        ("reg", "pretrained lp-ft"),  # age also fine-tuned in full from the probe
         ("seg", "random frozen"),
         ("cls", "random linear"),
         ("reg", "random linear"),
@@ -130,7 +131,7 @@ def test_demo_fine_tunes_each_task_from_its_own_model(tmp_path, run_cli):
 def test_demo_arms_start_the_pretrained_full_fine_tune_from_its_probe_only_where_asked():
     from neurofm.demo import DemoConfig, demo_arms
 
-    cfg = DemoConfig(modes={"seg": ["full"], "reg": ["linear", "full"]})
+    cfg = DemoConfig(modes={"seg": ["full"], "reg": ["linear", "full"]}, pretrained_head_init={})
     plain = demo_arms(cfg, "MODEL", "reg")
     assert [a.name for a in plain] == ["pretrained linear", "pretrained full", "scratch", "random linear", "constant"]
     assert all(not a.settings for a in plain)
@@ -142,15 +143,20 @@ def test_demo_arms_start_the_pretrained_full_fine_tune_from_its_probe_only_where
     assert [a.name for a in demo_arms(cfg, "MODEL", "seg")][0] == "pretrained full"  # segmentation has no head
 
 
-def test_demo_lp_ft_option_adds_the_arm_and_refuses_segmentation(tmp_path, run_cli):
+def test_demo_lp_ft_is_age_by_default_and_the_option_sets_exactly_its_tasks(tmp_path, run_cli):
     from neurofm.demo import DemoConfig, demo_arms, set_lp_ft
 
-    cfg = DemoConfig()
-    set_lp_ft(cfg, ["reg"])
-    assert cfg.modes["reg"] == ["linear", "full"] and cfg.modes["cls"] == ["linear"]  # cls left as it was
+    cfg = DemoConfig()  # the default since experiments/rule_demo_lpft_arm.md: age also by LP-FT, health by its probe
     assert [a.name for a in demo_arms(cfg, "M", "reg")][:2] == ["pretrained linear", "pretrained lp-ft"]
-    set_lp_ft(cfg, ["reg"])  # twice is once
-    assert cfg.modes["reg"] == ["linear", "full"]
+    assert [a.name for a in demo_arms(cfg, "M", "cls")][:2] == ["pretrained linear", "scratch"]
+    set_lp_ft(cfg, ["cls"])
+    assert cfg.modes["cls"] == ["linear", "full"] and cfg.modes["reg"] == ["linear"]
+    assert cfg.pretrained_head_init == {"cls": "probe"}
+    set_lp_ft(cfg, ["cls", "reg"])
+    set_lp_ft(cfg, ["cls", "reg"])  # twice is once
+    assert cfg.modes["cls"] == ["linear", "full"] == cfg.modes["reg"]
+    set_lp_ft(cfg, [])  # --lp-ft none
+    assert cfg.modes["cls"] == ["linear"] == cfg.modes["reg"] and not cfg.pretrained_head_init
     code, _, err = run_cli("demo", "--out", tmp_path / "d", "--lp-ft", "seg")
     assert code == 2 and "--lp-ft takes cls and reg" in err and "Traceback" not in err
     assert not (tmp_path / "d").exists()

@@ -72,7 +72,11 @@ class DemoConfig:
     shots: dict[str, int] = field(default_factory=lambda: {"seg": 4, "cls": 16, "reg": 24})  # labelled subjects
     # the pretrained protocol per task, fixed before the demo's data is seen on the shipped model's evaluation
     # set (docs/finetuning.md): cls/reg read the frozen encoder with a linear probe fitted in closed form
-    modes: dict[str, list[str]] = field(default_factory=lambda: {"seg": ["full"], "cls": ["linear"], "reg": ["linear"]})
+    # (since 2026-12-06, by experiments/rule_demo_lpft_arm.md: age is also read by the model fine-tuned in full from
+    # its probe, LP-FT, pretrained_head_init below)
+    modes: dict[str, list[str]] = field(
+        default_factory=lambda: {"seg": ["full"], "cls": ["linear"], "reg": ["linear", "full"]}
+    )
     head_warmup: float = 0.25
     # cls/reg arms trained by steps: how the head's output layer starts, PyTorch's default or zero (the constant
     # predictor; docs/finetuning.md)
@@ -80,7 +84,7 @@ class DemoConfig:
     # per task (cls/reg), how the head of the pretrained model fine-tuned in full starts, where it differs from
     # head_init: "probe" is LP-FT, training from the closed-form linear probe (docs/finetuning.md); that arm is
     # then called "pretrained lp-ft"
-    pretrained_head_init: dict[str, str] = field(default_factory=dict)
+    pretrained_head_init: dict[str, str] = field(default_factory=lambda: {"reg": "probe"})
     seeds: int = 3
     floors: bool = True
     contrasts: list[str] = field(default_factory=lambda: ["T1w", "FLAIR"])
@@ -337,17 +341,21 @@ def finetune_config(cfg: DemoConfig, run: str | Path, task: str, target: str) ->
 
 
 def set_lp_ft(cfg: DemoConfig, tasks: list[str]) -> None:
-    """Read each of ``tasks`` (cls, reg) also by the pretrained model fine-tuned in full from its closed-form probe
-    (LP-FT): the arm "pretrained lp-ft" beside the task's other modes."""
+    """Read exactly ``tasks`` (of cls, reg) also by the pretrained model fine-tuned in full from its closed-form
+    probe (LP-FT): the arm "pretrained lp-ft" beside the task's other modes; the other tasks lose that arm."""
     from neurofm.errors import ConfigError
 
     bad = sorted(set(tasks) - {"cls", "reg"})
     if bad:
-        raise ConfigError(f"--lp-ft takes cls and reg (a head to start from a probe), got {', '.join(bad)}")
-    for task in tasks:
-        modes = list(cfg.modes.get(task, ["linear"]))
-        cfg.modes = {**cfg.modes, task: modes + ["full"] if "full" not in modes else modes}
-        cfg.pretrained_head_init = {**cfg.pretrained_head_init, task: "probe"}
+        raise ConfigError(f"--lp-ft takes cls and reg (a head to start from a probe) or none, got {', '.join(bad)}")
+    modes, starts = dict(cfg.modes), dict(cfg.pretrained_head_init)
+    for task in ("cls", "reg"):
+        had = starts.pop(task, None) == "probe"
+        task_modes = [m for m in modes.get(task, ["linear"]) if not (had and m == "full")]
+        if task in tasks:
+            task_modes, starts[task] = [*task_modes, "full"], "probe"
+        modes[task] = task_modes
+    cfg.modes, cfg.pretrained_head_init = modes, starts
 
 
 def demo_arms(cfg: DemoConfig, model: str, task: str) -> list[Arm]:
