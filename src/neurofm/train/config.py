@@ -75,7 +75,7 @@ class TrainerConfig:
     compile: bool = False
     # the layout of the network's weights and activations while it trains: contiguous, channels_last
     # (channels_last_3d) or auto (channels_last on a CPU when the first 3D convolution has fewer than 32 output
-    # channels, where it measured 1.2-1.6x faster per step; contiguous otherwise: benchmarks/bench_memory_format.py)
+    # channels, where it measured 1.2-1.5x faster per step; contiguous otherwise: benchmarks/bench_memory_format.py)
     memory_format: str = "auto"
 
     def __post_init__(self) -> None:

@@ -29,10 +29,10 @@ def resolve_precision(tc: TrainerConfig) -> str:
 
 def memory_format(tc: TrainerConfig, model: torch.nn.Module, device: torch.device) -> torch.memory_format:
     """The layout a network trains in (``tc.memory_format``). ``auto``: ``channels_last_3d`` on a CPU when the
-    network's first 3D convolution has fewer than 32 output channels, contiguous otherwise. oneDNN's 3D
-    convolutions with few channels run 1.2-1.6x faster per training step in channels-last on the CPUs measured (the
-    tiny models), and equal or slower with 32 (fomo25 at paper size, ResEnc-L); GPUs were not measured
-    (``benchmarks/bench_memory_format.py``)."""
+    network's first 3D convolution has fewer than 32 output channels, contiguous otherwise. A training step of the
+    tiny models (8 channels) ran 1.20-1.46x faster in channels-last on the CPU measured; with 32, fomo25 at paper size
+    ran 1.07x and the ResEnc-L peer 0.82x (slower), so auto leaves them contiguous. GPUs were not measured
+    (``benchmarks/bench_memory_format.py``, docs/benchmarks.md)."""
     if tc.memory_format == "channels_last":
         return torch.channels_last_3d
     if tc.memory_format == "contiguous" or device.type != "cpu":
