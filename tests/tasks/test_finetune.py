@@ -276,6 +276,7 @@ def test_finetune_modes_and_scratch_via_cli(store_4mm, pretrained_4mm, tmp_path,
     run = json.loads((tmp_path / "scr" / "run.json").read_text())
     assert run["augment"] == "nnunet"
     assert run["threads"] == torch.get_num_threads()  # part of what made the numbers
+    assert run["layout"] == ("contiguous" if torch.cuda.is_available() else "channels_last")  # and so is this (auto)
     assert run["machine"]["cpu"] and run["machine"]["cpu_capability"] == torch.backends.cpu.get_cpu_capability()
     info, train, store = run["task_info"], set(run["split"]["train_subjects"]), Store(store_4mm)
     fits = np.max([store.record(k)["shape"] for k in store.keys if store.record(k)["subject"] in train], axis=0)

@@ -43,7 +43,7 @@ from neurofm.train.callbacks import ExactResume, Preemption, RunCheckpoint
 from neurofm.train.config import FinetuneConfig
 from neurofm.train.memory import is_oom, oom_error, probe
 from neurofm.train.presets import PRESETS, get_preset
-from neurofm.train.trainer import build_trainer, memory_format
+from neurofm.train.trainer import build_trainer, layout_name, memory_format
 from neurofm.utils import code_fingerprint, machine, to_jsonable, write_json
 
 __all__ = ["FinetuneConfig", "FinetuneModule", "backbone_from", "finetune"]
@@ -277,6 +277,7 @@ def train_fold(
         code=code_fingerprint(),
         threads=torch.get_num_threads(),  # CPU float sums differ with the thread count: part of what made the numbers
         machine=machine(),  # and with the processor (recorded, not checked: the run folder stays where it was made)
+        layout=layout_name(cfg.trainer, model),  # and with the memory layout it trains in (trainer.memory_format)
     )
     if closed:
         return _closed_probe(data, fold_dir, cfg, cs, train, test, model, info, run_cfg, transfer)

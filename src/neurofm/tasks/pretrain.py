@@ -25,7 +25,7 @@ from neurofm.train.callbacks import ExactResume, Preemption, RunCheckpoint
 from neurofm.train.config import Recipe
 from neurofm.train.memory import is_oom, oom_error, probe
 from neurofm.train.optim import build_optimizer, lr_factor
-from neurofm.train.trainer import build_trainer, memory_format
+from neurofm.train.trainer import build_trainer, layout_name, memory_format
 from neurofm.utils import code_fingerprint, machine, read_json
 
 
@@ -135,6 +135,7 @@ def pretrain(
         before = saved.pop("code", None)
         before_threads = saved.pop("threads", None)
         before_machine = saved.pop("machine", None)
+        saved.pop("layout", None)  # derived again from the settings below when the run is saved
         code_history = list(saved.pop("code_history", []))
         cfg = Recipe.resolve(overrides=overrides, base=saved)
         data = data or saved["extra"]["store"]
@@ -164,15 +165,16 @@ def pretrain(
         lock.acquire()
     try:
         history = {"code_history": code_history} if code_history else {}
+        module = PretrainModule(cfg)
         run_dict = cfg.save(
             run / "run.json",
             neurofm_version=__version__,
             code=code_fingerprint(),
             threads=torch.get_num_threads(),
             machine=machine(),
+            layout=layout_name(cfg.trainer, module.model),
             **history,
         )
-        module = PretrainModule(cfg)
         saver = RunCheckpoint(run, run_dict, cfg.trainer.checkpoint_every, cfg.trainer.keep_checkpoints)
         preempt = Preemption(saver)
         loader = pretrain_loader(data, index, cfg.data, cfg.data_needs(), cfg.trainer.seed, report_dir=run)

@@ -41,6 +41,15 @@ def memory_format(tc: TrainerConfig, model: torch.nn.Module, device: torch.devic
     return torch.channels_last_3d if first is not None and first.out_channels < 32 else torch.contiguous_format
 
 
+def layout_name(tc: TrainerConfig, model: torch.nn.Module) -> str:
+    """The layout :func:`memory_format` gives ``model`` on the device that :func:`build_trainer` picks for ``tc``
+    (``channels_last`` or ``contiguous``): what a run's ``run.json`` records beside its thread count, as both move the
+    numbers at float rounding."""
+    gpu = tc.accelerator in ("auto", "gpu", "cuda") and torch.cuda.is_available()
+    fmt = memory_format(tc, model, torch.device("cuda" if gpu else "cpu"))
+    return "channels_last" if fmt == torch.channels_last_3d else "contiguous"
+
+
 def quiet_lightning() -> None:
     """Keep Lightning's warnings, drop its banners and tips (neurofm prints its own summary)."""
     import logging
