@@ -75,8 +75,8 @@ LARGE = {
 }
 
 
-def measure(make, fmt, steps: int, warmup: int) -> tuple[float, float]:
-    """(median seconds per step, the first step's loss) of a fresh copy of the case laid out in ``fmt``."""
+def measure(make, fmt, steps: int, warmup: int) -> tuple[float, float, object]:
+    """(median seconds per step, the first step's loss, the model) of a fresh copy of the case laid out in ``fmt``."""
     import torch
 
     torch.manual_seed(0)
@@ -94,7 +94,7 @@ def measure(make, fmt, steps: int, warmup: int) -> tuple[float, float]:
     step()  # the first step's loss comes from the same weights and inputs in both layouts
     for _ in range(warmup - 1):
         step()
-    return statistics.median(step_times(step, steps)), first[0]
+    return statistics.median(step_times(step, steps)), first[0], model
 
 
 def main() -> None:
@@ -113,9 +113,9 @@ def main() -> None:
     rows = []
     for name, make in cases.items():
         steps = args.steps if "64^3" not in name else max(2, args.steps // 4)
-        t_c, loss_c = measure(make, torch.contiguous_format, steps, args.warmup)
-        t_l, loss_l = measure(make, torch.channels_last_3d, steps, args.warmup)
-        auto = memory_format(TrainerConfig(), make()[0], torch.device("cpu"))
+        t_c, loss_c, model = measure(make, torch.contiguous_format, steps, args.warmup)
+        t_l, loss_l, _ = measure(make, torch.channels_last_3d, steps, args.warmup)
+        auto = memory_format(TrainerConfig(), model, torch.device("cpu"))
         row = {
             "case": name,
             "steps": steps,

@@ -145,6 +145,26 @@ def test_auto_memory_format_is_channels_last_only_for_narrow_cnns_on_a_cpu():
         TrainerConfig(memory_format="nhwc")
 
 
+def test_every_trainer_trains_in_that_layout_and_ends_contiguous(tmp_path):
+    from types import SimpleNamespace
+
+    from neurofm.models.registry import create_model
+    from neurofm.train.config import TrainerConfig
+    from neurofm.train.trainer import MemoryLayout, build_trainer
+
+    trainer = build_trainer(TrainerConfig(accelerator="cpu"), tmp_path, 1, loggers=False, progress=False)
+    layout = next(c for c in trainer.callbacks if isinstance(c, MemoryLayout))
+    net = create_model("dual_latent_unet", features=[8, 16], latent=4)
+    weight = next(m for m in net.modules() if isinstance(m, torch.nn.Conv3d) and m.in_channels > 1).weight
+    opt = torch.optim.SGD(net.parameters(), lr=0.1)  # built before: it must still hold the network's parameters
+    cpu = SimpleNamespace(strategy=SimpleNamespace(root_device=torch.device("cpu")))
+    layout.setup(cpu, net, "fit")
+    assert weight.is_contiguous(memory_format=torch.channels_last_3d) and not weight.is_contiguous()
+    assert any(p is weight for p in opt.param_groups[0]["params"])  # the same parameter, laid out anew
+    layout.on_fit_end(cpu, net)
+    assert weight.is_contiguous()
+
+
 def test_zero_output_makes_the_untrained_head_the_constant_predictor_and_training_moves_it():
     torch.manual_seed(0)
     bb = {"name": "dual_latent_unet", "kwargs": {"features": [4, 8, 16], "latent": 6}}

@@ -43,7 +43,7 @@ from neurofm.train.callbacks import ExactResume, Preemption, RunCheckpoint
 from neurofm.train.config import FinetuneConfig
 from neurofm.train.memory import is_oom, oom_error, probe
 from neurofm.train.presets import PRESETS, get_preset
-from neurofm.train.trainer import build_trainer, layout_name, memory_format
+from neurofm.train.trainer import build_trainer, layout_name
 from neurofm.utils import code_fingerprint, machine, to_jsonable, write_json
 
 __all__ = ["FinetuneConfig", "FinetuneModule", "backbone_from", "finetune"]
@@ -103,13 +103,6 @@ class FinetuneModule(L.LightningModule):
             self.seg_loss = DiceLoss(**dice) if weighted else DiceCELoss(**dice)
             w = torch.tensor([1.0] + [float(cfg.seg_fg_weight)] * (model.n_out - 1)) if weighted else None
             self.register_buffer("seg_ce_weight", w)
-
-    def configure_model(self) -> None:
-        fmt = memory_format(self.cfg.trainer, self.model, self.trainer.strategy.root_device)
-        self.model.to(memory_format=fmt)  # in place: the parameters stay the ones the optimiser will hold
-
-    def on_fit_end(self) -> None:
-        self.model.to(memory_format=torch.contiguous_format)  # evaluation, saved weights and export as before
 
     def loss(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         if self.cfg.task == "seg":

@@ -17,7 +17,7 @@ import torch
 from neurofm.data.pretrain import SessionIndex, build_index, pretrain_loader
 from neurofm.errors import ConfigError, NeurofmError, NonFiniteLossError, Preempted
 from neurofm.faults import FolderLock, OutOfMemory, process_rank
-from neurofm.io.checkpoint import STATE, checkpoint_step, latest_checkpoint, unwrap
+from neurofm.io.checkpoint import STATE, checkpoint_step, latest_checkpoint
 from neurofm.models.registry import create_model
 from neurofm.objectives import build_objective
 from neurofm.store import Store
@@ -25,7 +25,7 @@ from neurofm.train.callbacks import ExactResume, Preemption, RunCheckpoint
 from neurofm.train.config import Recipe
 from neurofm.train.memory import is_oom, oom_error, probe
 from neurofm.train.optim import build_optimizer, lr_factor
-from neurofm.train.trainer import build_trainer, layout_name, memory_format
+from neurofm.train.trainer import build_trainer, layout_name
 from neurofm.utils import code_fingerprint, machine, read_json
 
 
@@ -40,13 +40,8 @@ class PretrainModule(L.LightningModule):
         self.last_terms: dict[str, torch.Tensor] = {}
 
     def configure_model(self) -> None:
-        fmt = memory_format(self.cfg.trainer, self.model, self.trainer.strategy.root_device)
-        self.model.to(memory_format=fmt)  # in place: the parameters stay the ones the optimiser will hold
         if self.cfg.trainer.compile and not hasattr(self.model, "_orig_mod"):
             self.model = torch.compile(self.model)
-
-    def on_fit_end(self) -> None:
-        unwrap(self.model).to(memory_format=torch.contiguous_format)  # what inference and export expect
 
     @property
     def steps_per_epoch(self) -> int:

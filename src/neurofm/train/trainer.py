@@ -22,7 +22,7 @@ def resolve_precision(tc: TrainerConfig) -> str:
     """``auto``: bf16 mixed precision on GPUs that support it, fp32 elsewhere (bf16 is slow on CPUs)."""
     if tc.precision != "auto":
         return tc.precision
-    if tc.accelerator in ("auto", "gpu", "cuda") and torch.cuda.is_available() and torch.cuda.is_bf16_supported():
+    if uses_gpu(tc) and torch.cuda.is_bf16_supported():
         return "bf16-mixed"
     return "32-true"
 
@@ -41,13 +41,32 @@ def memory_format(tc: TrainerConfig, model: torch.nn.Module, device: torch.devic
     return torch.channels_last_3d if first is not None and first.out_channels < 32 else torch.contiguous_format
 
 
+def uses_gpu(tc: TrainerConfig) -> bool:
+    """Whether :func:`build_trainer` puts a run made with ``tc`` on a GPU."""
+    return tc.accelerator in ("auto", "gpu", "cuda") and torch.cuda.is_available()
+
+
 def layout_name(tc: TrainerConfig, model: torch.nn.Module) -> str:
-    """The layout :func:`memory_format` gives ``model`` on the device that :func:`build_trainer` picks for ``tc``
-    (``channels_last`` or ``contiguous``): what a run's ``run.json`` records beside its thread count, as both move the
-    numbers at float rounding."""
-    gpu = tc.accelerator in ("auto", "gpu", "cuda") and torch.cuda.is_available()
-    fmt = memory_format(tc, model, torch.device("cuda" if gpu else "cpu"))
+    """The layout :func:`memory_format` gives ``model`` on the device of ``tc`` (``channels_last`` or ``contiguous``):
+    what a run's ``run.json`` records beside its thread count, as both move the numbers at float rounding."""
+    fmt = memory_format(tc, model, torch.device("cuda" if uses_gpu(tc) else "cpu"))
     return "channels_last" if fmt == torch.channels_last_3d else "contiguous"
+
+
+class MemoryLayout(L.Callback):
+    """Trains the module in the layout :func:`memory_format` picks and returns it to contiguous when fit ends, so
+    that evaluation, saved weights and export see the usual layout. The layout is set at ``setup``, before the
+    optimiser, DDP's wrapper and a resumed checkpoint's weights meet the parameters."""
+
+    def __init__(self, tc: TrainerConfig) -> None:
+        self.tc = tc
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if stage == "fit":
+            pl_module.to(memory_format=memory_format(self.tc, pl_module, trainer.strategy.root_device))
+
+    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        pl_module.to(memory_format=torch.contiguous_format)
 
 
 def quiet_lightning() -> None:
@@ -126,7 +145,7 @@ def build_trainer(
     if devices == "auto" and torch.cuda.device_count() > 1:
         multi = True
     strategy = "ddp" if multi else "auto"
-    cbs = list(callbacks or [])
+    cbs = [MemoryLayout(tc), *(callbacks or [])]
     bar = progress and sys.stderr.isatty()
     if bar:
         cbs.append(RichProgressBar())
