@@ -15,6 +15,8 @@ it reuses the demo's finished runs (their settings are compared first) and adds 
     python experiments/demo_seeds.py --data STORE --out DIR --tasks cls reg --head-init zero --seeds 10
     python experiments/demo_seeds.py --data STORE --out DIR --tasks reg --batch reg=8 --steps reg=300 --seeds 10
     python experiments/demo_seeds.py --data STORE --out DIR --tasks reg --modes reg=linear+full --seeds 10
+    python experiments/demo_seeds.py --data STORE --out DIR --tasks reg --steps reg=100 --scratch-steps reg=300 \
+        --seeds 10   # scratch given three times the pretrained model's steps
     python experiments/demo_seeds.py --data STORE --out DIR --tasks reg --modes reg=linear+full \
         --pretrained-head-init reg=probe --seeds 10   # the pretrained model fine-tuned in full from its probe
 
@@ -36,6 +38,7 @@ from neurofm.demo import (
     parse_per_task,
     parse_shots,
     score_text,
+    set_scratch_steps,
 )
 from neurofm.models.downstream import MODES
 from neurofm.train.config import HEAD_INITS
@@ -59,6 +62,9 @@ def main() -> None:
     ap.add_argument("--augment", help="training augmentation of the trained arms, flips or nnunet (default: demo's)")
     ap.add_argument("--shots", help="labelled subjects per task as the demo takes them, e.g. seg=2 (default: demo's)")
     ap.add_argument("--steps", help="fine-tuning steps per task of the trained arms, e.g. cls=200 (default: demo's)")
+    ap.add_argument(
+        "--scratch-steps", help="steps of the scratch arm per task where they differ, e.g. reg=300 (default: demo's)"
+    )
     ap.add_argument("--batch", help="crops per step per task of the trained arms, e.g. reg=8 (default: demo's)")
     ap.add_argument("--modes", help="how the pretrained model is read per task, e.g. reg=linear+full (default: demo's)")
     ap.add_argument(
@@ -81,6 +87,9 @@ def main() -> None:
         demo.finetune_augment = args.augment
     if args.steps:
         demo.finetune_steps = parse_per_task(args.steps, dict(demo.finetune_steps), int, "--steps")  # type: ignore[arg-type]
+        demo.scratch_steps = {}  # scratch's too, unless --scratch-steps says otherwise
+    if args.scratch_steps:
+        set_scratch_steps(demo, args.scratch_steps)
     if args.lr:
         demo.finetune_lr = parse_per_task(args.lr, dict(demo.finetune_lr), float, "--lr")  # type: ignore[arg-type]
     if args.batch:
@@ -104,6 +113,7 @@ def main() -> None:
     aug = f"-{args.augment}" if args.augment else ""
     aug += f"-lr-{args.lr.replace('=', '').replace(',', '-')}" if args.lr else ""
     aug += f"-steps-{args.steps.replace('=', '').replace(',', '-')}" if args.steps else ""
+    aug += f"-scratch-steps-{args.scratch_steps.replace('=', '').replace(',', '-')}" if args.scratch_steps else ""
     aug += f"-batch-{args.batch.replace('=', '').replace(',', '-')}" if args.batch else ""
     aug += f"-modes-{args.modes.replace('=', '').replace(',', '-').replace('+', '-')}" if args.modes else ""
     aug += f"-head-{args.head_init}" if args.head_init else ""

@@ -105,9 +105,12 @@ def test_demo_fine_tunes_each_task_from_its_own_model(tmp_path, run_cli):
 
     out = tmp_path / "demo"
     args = ["demo", "--out", out, "--subjects", "6", "--sessions", "1", "--finetune-steps", "2", "--seeds", "2"]
-    args += ["--shots", "seg=2,cls=3,reg=3"]
+    args += ["--shots", "seg=2,cls=3,reg=3", "--scratch-steps", "reg=3"]
     code, _, said = run_cli(*args)
     assert code == 0, said
+    for arm, steps in (("scratch", 3), ("pretrained-lp-ft", 2), ("pretrained-linear", 2)):  # scratch's own budget
+        assert json.loads((out / "finetune" / f"reg-age-{arm}-seed1" / "run.json").read_text())["steps"] == steps
+    assert json.loads((out / "finetune" / "cls-healthy-scratch-seed1" / "run.json").read_text())["steps"] == 2
     summary = json.loads((out / "demo.json").read_text())
     assert summary["pretrained"] == DEFAULT_MODELS and len(set(DEFAULT_MODELS.values())) == 3
     assert {(r["task"], r["model"]) for r in summary["scores"]} == set(DEFAULT_MODELS.items())
@@ -120,7 +123,7 @@ def test_demo_fine_tunes_each_task_from_its_own_model(tmp_path, run_cli):
     for label in ("the model of seg", "the model of cls", "the model of reg"):
         assert f"Latent analysis — {label}" in html and f"{label}: <code>" in html
     assert "Labelled subjects seg 2, cls 3, reg 3;" in html and "{'seg'" not in html  # settings read as text
-    assert "steps seg 2, cls 2, reg 2 of seg 2, cls 2, reg 8 crops" in html  # and the crops per step
+    assert "steps seg 2, cls 2, reg 2 (scratch 3) of seg 2, cls 2, reg 8 crops" in html  # and the crops per step
     # the shipped models carry their erasers: both anatomy vectors are read, and the report says which is which
     assert "anatomy latent after the eraser: cosine" in said and "anatomy latent before the eraser: cosine" in said
     assert "The model carries an eraser of the contrast from the anatomy vector" in html
@@ -141,6 +144,27 @@ def test_demo_arms_start_the_pretrained_full_fine_tune_from_its_probe_only_where
     assert arms["pretrained lp-ft"].settings == {"head_init": "probe"} and arms["pretrained lp-ft"].mode == "full"
     assert all(not a.settings for n, a in arms.items() if n != "pretrained lp-ft")  # scratch keeps its own start
     assert [a.name for a in demo_arms(cfg, "MODEL", "seg")][0] == "pretrained full"  # segmentation has no head
+
+
+def test_scratch_steps_give_the_scratch_arm_alone_its_own_budget(tmp_path, run_cli):
+    from neurofm.demo import DemoConfig, demo_arms, set_scratch_steps, steps_text
+
+    cfg = DemoConfig(finetune_steps={"seg": 200, "cls": 100, "reg": 100}, scratch_steps={})
+    set_scratch_steps(cfg, "reg=300,cls=100")  # cls at its other arms' steps keeps none of its own
+    assert cfg.scratch_steps == {"reg": 300}
+    arms = {a.name: a for a in demo_arms(cfg, "M", "reg")}
+    assert arms["scratch"].settings == {"steps": 300}
+    assert all("steps" not in a.settings for n, a in arms.items() if n != "scratch")  # the floors and LP-FT too
+    assert all("steps" not in a.settings for a in demo_arms(cfg, "M", "cls"))
+    assert steps_text(cfg) == "seg 200, cls 100, reg 100 (scratch 300)"
+    set_scratch_steps(cfg, "none")
+    assert cfg.scratch_steps == {} and steps_text(cfg) == "seg 200, cls 100, reg 100"
+    for bad, said in (("reg=0", "1 or more"), ("age=300", "unknown tasks"), ("reg=many", "TASK=VALUE")):
+        with pytest.raises(ConfigError, match=said):
+            set_scratch_steps(cfg, bad)
+    code, _, err = run_cli("demo", "--out", tmp_path / "d", "--scratch-steps", "reg=0")
+    assert code == 2 and "--scratch-steps takes steps of 1 or more" in err and "Traceback" not in err
+    assert not (tmp_path / "d").exists()
 
 
 def test_demo_lp_ft_is_age_by_default_and_the_option_sets_exactly_its_tasks(tmp_path, run_cli):

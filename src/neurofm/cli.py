@@ -18,6 +18,8 @@ DEMO_BUDGET = "; crops a step: ".join(
     ", ".join(f"{task} {n}" for task, n in per_task.items())  # type: ignore[union-attr]
     for per_task in (DemoConfig().finetune_steps, DemoConfig().finetune_batch)
 )
+# the scratch arm's steps where they differ from the other arms', for --help
+DEMO_SCRATCH = ", ".join(f"{t} {n}" for t, n in DemoConfig().scratch_steps.items()) or "none"
 
 app = typer.Typer(
     name="neurofm",
@@ -686,7 +688,16 @@ def demo(
     pool_subjects: Annotated[int, typer.Option(help="Subjects of that pool (two sessions each).")] = 100,
     finetune_steps: Annotated[
         int | None,
-        typer.Option(help=f"Fine-tuning steps per model (default: {DEMO_BUDGET})."),
+        typer.Option(
+            help=f"Fine-tuning steps of every arm trained by steps, scratch's included (default: {DEMO_BUDGET})."
+        ),
+    ] = None,
+    scratch_steps: Annotated[
+        str | None,
+        typer.Option(
+            help="Steps of the scratch arm per task where they differ from the other arms', e.g. reg=300, or none "
+            f"(default: {DEMO_SCRATCH})."
+        ),
     ] = None,
     seeds: Annotated[
         int, typer.Option(help="Seeds (few-shot draw x initialisation) per task, paired across arms.")
@@ -708,7 +719,7 @@ def demo(
 ) -> None:
     """The embedded default end to end, offline, on a CPU (7-15 min on 2 cores): synth -> prepare -> the shipped
     pretrained models -> fine-tune (pretrained, scratch, two floors; paired over seeds) -> analyze -> HTML report."""
-    from neurofm.demo import parse_per_task, parse_shots, run_demo, set_lp_ft
+    from neurofm.demo import parse_per_task, parse_shots, run_demo, set_lp_ft, set_scratch_steps
 
     cfg = DemoConfig(
         subjects=subjects,
@@ -724,7 +735,9 @@ def demo(
     if pretrained is not None:
         cfg.pretrained = parse_per_task(pretrained, models_by_task(cfg), str, "--pretrained")
     if finetune_steps is not None:
-        cfg.finetune_steps = finetune_steps
+        cfg.finetune_steps, cfg.scratch_steps = finetune_steps, {}
+    if scratch_steps is not None:
+        set_scratch_steps(cfg, scratch_steps)
     if lp_ft is not None:
         set_lp_ft(cfg, [t.strip() for t in lp_ft.split(",") if t.strip() and t.strip() != "none"])
     with _guarded(out, "running the demo", "free space and run the demo again: finished stages are kept"):

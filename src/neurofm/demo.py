@@ -54,6 +54,9 @@ class DemoConfig:
     # cls/reg that is scratch: the linear probes are fitted in closed form). Scratch's age kept falling from 100 to
     # 300 steps of 8 crops; 200 is what the demo's 14 minutes pay for (experiments/rule_scratch_steps.md: 250 took 14.1)
     finetune_steps: int | dict[str, int] = field(default_factory=lambda: {"seg": 200, "cls": 100, "reg": 200})
+    # per task, the steps of the scratch arm where they differ from finetune_steps: a baseline given more steps
+    # than the pretrained model it is compared with
+    scratch_steps: dict[str, int] = field(default_factory=dict)
     # learning rate per task (or one number for all): at 3e-3, 200 segmentation steps left one few-shot run
     # in five on the empty-prediction plateau in either arm; 1e-2 did not. Scratch cls/reg (the only arms trained
     # by steps there) did better at 1e-3 than at 3e-3 over 10 seeds, by a rule written first (docs/finetuning.md)
@@ -249,7 +252,7 @@ def run_demo(out: str | Path = "neurofm-demo", cfg: DemoConfig | None = None) ->
         Section(
             "Fine-tuning: does pretraining help with few labels?",
             text=f"Labelled subjects {shots}; inputs {', '.join(cfg.contrasts)}; steps "
-            + ", ".join(f"{t} {_steps(cfg, t)}" for t, _ in cfg.tasks)
+            + steps_text(cfg)
             + " of "
             + ", ".join(f"{t} {_batch(cfg, t)}" for t, _ in cfg.tasks)
             + " crops at learning rates "
@@ -358,13 +361,31 @@ def set_lp_ft(cfg: DemoConfig, tasks: list[str]) -> None:
     cfg.modes, cfg.pretrained_head_init = modes, starts
 
 
+def set_scratch_steps(cfg: DemoConfig, text: str) -> None:
+    """``--scratch-steps``: ``"reg=300"`` gives the scratch arm of those tasks that many steps (a task at its other
+    arms' steps keeps none of its own), ``"none"`` every task's the other arms' steps."""
+    from neurofm.errors import ConfigError
+
+    if text.strip() == "none":
+        cfg.scratch_steps = {}
+        return
+    tasks = {t: _steps(cfg, t) for t, _ in cfg.tasks}
+    given = parse_per_task(text, tasks, int, "--scratch-steps")
+    if min(given.values()) < 1:
+        raise ConfigError(f"--scratch-steps takes steps of 1 or more, got {text!r}")
+    cfg.scratch_steps = {t: n for t, n in given.items() if n != tasks[t]}
+
+
 def demo_arms(cfg: DemoConfig, model: str, task: str) -> list[Arm]:
-    """The arms of one task: ``model`` read as ``cfg.modes`` says, scratch and (``cfg.floors``) the two floors; with
-    ``cfg.pretrained_head_init`` for the task, the pretrained model fine-tuned in full starts its head that way
-    (``probe``: the arm "pretrained lp-ft")."""
+    """The arms of one task: ``model`` read as ``cfg.modes`` says, scratch (for ``cfg.scratch_steps[task]`` steps
+    where given) and (``cfg.floors``) the two floors; with ``cfg.pretrained_head_init`` for the task, the pretrained
+    model fine-tuned in full starts its head that way (``probe``: the arm "pretrained lp-ft")."""
     from neurofm.analyze import experiments
 
     arms = experiments.standard_arms(model, task, cfg.modes.get(task, ["full"]), cfg.floors)
+    if task in cfg.scratch_steps:
+        steps = {"steps": int(cfg.scratch_steps[task])}
+        arms = [replace(a, settings={**a.settings, **steps}) if a.source == "scratch" else a for a in arms]
     start = cfg.pretrained_head_init.get(task)
     if not start or task == "seg":
         return arms
@@ -425,6 +446,14 @@ def parse_per_task(text: str, default: dict[str, Any], cast: Any = int, flag: st
 
 def _steps(cfg: DemoConfig, task: str) -> int:
     return int(_per_task(cfg.finetune_steps, task, 200))
+
+
+def steps_text(cfg: DemoConfig) -> str:
+    """The fine-tuning steps per task, scratch's where they differ: ``"seg 200, cls 100, reg 100 (scratch 300)"``."""
+    return ", ".join(
+        f"{t} {_steps(cfg, t)}" + (f" (scratch {cfg.scratch_steps[t]})" if t in cfg.scratch_steps else "")
+        for t, _ in cfg.tasks
+    )
 
 
 def _batch(cfg: DemoConfig, task: str) -> int:
