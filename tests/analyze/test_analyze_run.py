@@ -110,6 +110,12 @@ def test_a_finished_arm_is_reused_only_with_the_settings_it_was_made_with(tmp_pa
         assert stale_settings(folder, cfg) == ["code"]
     with pytest.raises(ConfigError, match="made by other neurofm code"):
         arm_rows(tmp_path, folder, cfg)
+    # ... nor in another memory layout (it rounds otherwise)
+    for fmt in ("contiguous", "channels_last"):
+        trainer = {**record["trainer"], "memory_format": fmt}
+        (folder / "run.json").write_text(json.dumps({**record, "trainer": trainer}))
+        assert stale_settings(folder, cfg) == ["trainer.memory_format"]
+        assert stale_settings(folder, replace(cfg, trainer=replace(cfg.trainer, memory_format=fmt))) == []
     # ... nor on another number of CPU threads (sums round otherwise): the message says how to reuse it
     other = torch.get_num_threads() + 1
     (folder / "run.json").write_text(json.dumps({**record, "threads": other}))

@@ -94,7 +94,7 @@ def stale_settings(folder: Path, cfg: FinetuneConfig) -> list[str]:
     same numbers under other code. So is one trained with another number of CPU threads (``threads``; set
     ``OMP_NUM_THREADS``): sums split over other threads round differently, and on a few labelled subjects
     that can change the result, not only its last digits (2 subjects, seed 4: Dice 0.085 on 1 thread,
-    0.000 on 2)."""
+    0.000 on 2); and one trained with another ``trainer.memory_format`` (the layout rounds otherwise)."""
     done = _finished_run(folder)
     stale = []
     for f in dataclasses.fields(cfg):
@@ -110,6 +110,10 @@ def stale_settings(folder: Path, cfg: FinetuneConfig) -> list[str]:
         stale.append("code")
     if done.get("threads") != torch.get_num_threads():
         stale.append("threads")
+    # the memory layout moves the numbers at float rounding too (trainer.memory_format; the other trainer settings
+    # do not change what a run computes)
+    if (done.get("trainer") or {}).get("memory_format", "auto") != cfg.trainer.memory_format:
+        stale.append("trainer.memory_format")
     return stale
 
 
