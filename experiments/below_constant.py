@@ -7,7 +7,8 @@ that they name the same cases, and reports arm − constant with the demo's inte
 cases) and on how many seeds the arm is below. The runs are read as they are, whatever code made them.
 
     python experiments/below_constant.py --data DEMO_STORE --seeds 10 \\
-        --arm scratch=E4/reg-age-scratch-seed{seed} --arm LP-FT=LPFT600/reg-age-pretrained-lpft-seed{seed}
+        --arm scratch=E4/reg-age-scratch-seed{seed} --arm LP-FT=LPFT600/reg-age-pretrained-lpft-seed{seed} \
+        --pair LP-FT,scratch   # also LP-FT minus scratch, paired
 """
 
 from __future__ import annotations
@@ -35,10 +36,13 @@ def main() -> None:
     ap.add_argument("--arm", type=_arm, action="append", required=True, help="NAME=FOLDER pattern with {seed}")
     ap.add_argument("--seeds", type=int, default=10)
     ap.add_argument("--first-seed", type=int, default=0)
+    ap.add_argument(
+        "--pair", action="append", default=[], help="A,B: also arm A minus arm B, paired on the same seeds and cases"
+    )
     ap.add_argument("--out", type=Path, help="write the rows here as JSON")
     args = ap.parse_args()
     store = Store(args.data)
-    rows = {}
+    rows, preds_of = {}, {}
     for name, pattern in args.arm:
         arm, const, task = [], [], None
         for seed in range(args.first_seed, args.first_seed + args.seeds):
@@ -50,6 +54,7 @@ def main() -> None:
             arm.append(preds)
             const.append(floor)
             task = cfg.task
+        preds_of[name] = (task, arm)
         r = paired_seeds(task, arm, const)
         below = sum(d < 0 for d in r["difference_per_seed"])
         rows[name] = {**r, "constant": paired_seeds(task, const)["value"], "below_on": below}
@@ -57,10 +62,21 @@ def main() -> None:
             f"{name}: {r['value']:.2f} vs the constant {rows[name]['constant']:.2f}: {r['difference']:+.2f} "
             f"[{r['difference_low']:+.2f}, {r['difference_high']:+.2f}], below on {below} of {args.seeds} seeds"
         )
+    pairs = {}
+    for spec in args.pair:
+        a, b = (n.strip() for n in spec.split(","))
+        (task, arm), (_, ref) = preds_of[a], preds_of[b]
+        r = paired_seeds(task, arm, ref)
+        ahead = sum(d < 0 for d in r["difference_per_seed"])
+        pairs[f"{a} - {b}"] = {**r, "reference_value": paired_seeds(task, ref)["value"], "lower_on": ahead}
+        print(
+            f"{a} - {b}: {r['value']:.2f} - {pairs[f'{a} - {b}']['reference_value']:.2f} = {r['difference']:+.2f} "
+            f"[{r['difference_low']:+.2f}, {r['difference_high']:+.2f}], lower on {ahead} of {args.seeds} seeds"
+        )
     if args.out:
-        arms = " ".join(f"--arm {n}=..." for n, _ in args.arm)
+        arms = " ".join(f"--arm {n}=..." for n, _ in args.arm) + "".join(f" --pair {p}" for p in args.pair)
         command = f"python experiments/below_constant.py --data STORE --seeds {args.seeds} {arms}"
-        write_json(args.out, {"command": command, "rows": rows})
+        write_json(args.out, {"command": command, "rows": rows, "pairs": pairs})
 
 
 if __name__ == "__main__":

@@ -134,7 +134,7 @@ def test_demo_fine_tunes_each_task_from_its_own_model(tmp_path, run_cli):
 def test_demo_arms_start_the_pretrained_full_fine_tune_from_its_probe_only_where_asked():
     from neurofm.demo import DemoConfig, demo_arms
 
-    cfg = DemoConfig(modes={"seg": ["full"], "reg": ["linear", "full"]}, pretrained_head_init={})
+    cfg = DemoConfig(modes={"seg": ["full"], "reg": ["linear", "full"]}, pretrained_head_init={}, scratch_steps={})
     plain = demo_arms(cfg, "MODEL", "reg")
     assert [a.name for a in plain] == ["pretrained linear", "pretrained full", "scratch", "random linear", "constant"]
     assert all(not a.settings for a in plain)
@@ -168,10 +168,19 @@ def test_scratch_steps_give_the_scratch_arm_alone_its_own_budget(tmp_path, run_c
 
 
 def test_demo_lp_ft_is_age_by_default_and_the_option_sets_exactly_its_tasks(tmp_path, run_cli):
-    from neurofm.demo import DemoConfig, demo_arms, set_lp_ft
+    from neurofm.demo import DemoConfig, demo_arms, finetune_config, set_lp_ft
 
     cfg = DemoConfig()  # the default since experiments/rule_demo_lpft_arm.md: age also by LP-FT, health by its probe
     assert [a.name for a in demo_arms(cfg, "M", "reg")][:2] == ["pretrained linear", "pretrained lp-ft"]
+    # since experiments/rule_scratch_300.md age's scratch trains 300 steps, LP-FT 100
+    assert {a.name: a.settings.get("steps") for a in demo_arms(cfg, "M", "reg")} == {
+        "pretrained linear": None,
+        "pretrained lp-ft": None,
+        "scratch": 300,
+        "random linear": None,
+        "constant": None,
+    }
+    assert finetune_config(cfg, "M", "reg", "age").steps == 100
     assert [a.name for a in demo_arms(cfg, "M", "cls")][:2] == ["pretrained linear", "scratch"]
     set_lp_ft(cfg, ["cls"])
     assert cfg.modes["cls"] == ["linear", "full"] and cfg.modes["reg"] == ["linear"]
