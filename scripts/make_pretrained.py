@@ -184,6 +184,14 @@ def model_card(name: str, args: argparse.Namespace, run_cfg: dict, meta: dict, a
         if meta["step"] != args.steps
         else ""
     )
+    # the memory layout it trained in (run.json's layout, by trainer.memory_format): another rounds otherwise
+    layout = run_cfg.get("layout")
+    layout_text = (
+        f" It trained in the `{layout}` memory layout; a remake where `trainer.memory_format=auto` picks the other "
+        f"adds `--set trainer.memory_format={layout}` to follow it."
+        if layout
+        else ""
+    )
     return f"""# {name}
 
 fomo25-tiny ({model}), pretrained without labels on synthetic multi-contrast heads made by
@@ -204,7 +212,7 @@ The synthetic heads come from one template: the model has seen no real scan.
 
 Recipe `{args.preset}` ({d["patch"]}^3 crops, batch {d["batch_size"]}, AdamW lr {o["lr"]}, cosine), {meta["step"]}
 steps{of}; objective `{json.dumps(run_cfg["objective"])}`. Wall time {args.train_minutes:.0f} min on a CPU
-({args.threads}) for the whole schedule. Losses logged at that step: {losses}.
+({args.threads}) for the whole schedule. Losses logged at that step: {losses}.{layout_text}
 
 {ANALYSIS_HEADING} (evaluation set: {args.eval_subjects} other subjects x 2 sessions)
 {analysis_table(analysis)}

@@ -246,6 +246,10 @@ def test_make_pretrained_packages_a_kept_checkpoint_or_says_there_is_none(tmp_pa
     card = script.model_card("m", args, run_cfg, {"step": 2000, "losses": {}}, {}, "POOL")
     assert "--steps 4000 --pool-subjects 300 --package-step 2000" in card
     assert "2000\nsteps (the checkpoint at step 2000 of a 4000-step schedule)" in card
+    assert "memory layout" not in card  # a run from before runs recorded their layout
+    card = script.model_card("m", args, {**run_cfg, "layout": "channels_last"}, {"step": 2000, "losses": {}}, {}, "P")
+    assert "It trained in the `channels_last` memory layout" in card
+    assert "adds `--set trainer.memory_format=channels_last` to follow it." in card
 
 
 def test_a_cards_analysis_table_is_rewritten_and_nothing_else():
