@@ -67,10 +67,10 @@ def main() -> None:
         a, b = (n.strip() for n in spec.split(","))
         (task, arm), (_, ref) = preds_of[a], preds_of[b]
         r = paired_seeds(task, arm, ref)
-        ahead = sum(d < 0 for d in r["difference_per_seed"])
-        pairs[f"{a} - {b}"] = {**r, "reference_value": paired_seeds(task, ref)["value"], "lower_on": ahead}
+        ahead, ref_value = sum(d < 0 for d in r["difference_per_seed"]), paired_seeds(task, ref)["value"]
+        pairs[f"{a} - {b}"] = {**r, "reference_value": ref_value, "lower_on": ahead}
         print(
-            f"{a} - {b}: {r['value']:.2f} - {pairs[f'{a} - {b}']['reference_value']:.2f} = {r['difference']:+.2f} "
+            f"{a} - {b}: {r['value']:.2f} - {ref_value:.2f} = {r['difference']:+.2f} "
             f"[{r['difference_low']:+.2f}, {r['difference_high']:+.2f}], lower on {ahead} of {args.seeds} seeds"
         )
     if args.out:

@@ -63,7 +63,8 @@ def main() -> None:
     ap.add_argument("--shots", help="labelled subjects per task as the demo takes them, e.g. seg=2 (default: demo's)")
     ap.add_argument("--steps", help="fine-tuning steps per task of the trained arms, e.g. cls=200 (default: demo's)")
     ap.add_argument(
-        "--scratch-steps", help="steps of the scratch arm per task where they differ, e.g. reg=300 (default: demo's)"
+        "--scratch-steps",
+        help="steps of the scratch arm per task where they differ, e.g. reg=300, or none (default: demo's)",
     )
     ap.add_argument("--batch", help="crops per step per task of the trained arms, e.g. reg=8 (default: demo's)")
     ap.add_argument("--modes", help="how the pretrained model is read per task, e.g. reg=linear+full (default: demo's)")
@@ -86,8 +87,10 @@ def main() -> None:
     if args.augment:
         demo.finetune_augment = args.augment
     if args.steps:
-        demo.finetune_steps = parse_per_task(args.steps, dict(demo.finetune_steps), int, "--steps")  # type: ignore[arg-type]
-        demo.scratch_steps = {}  # scratch's too, unless --scratch-steps says otherwise
+        before = dict(demo.finetune_steps)  # type: ignore[arg-type]
+        demo.finetune_steps = parse_per_task(args.steps, before, int, "--steps")
+        # a task whose steps --steps changes gives them to scratch too, unless --scratch-steps says otherwise
+        demo.scratch_steps = {t: n for t, n in demo.scratch_steps.items() if demo.finetune_steps[t] == before[t]}
     if args.scratch_steps:
         set_scratch_steps(demo, args.scratch_steps)
     if args.lr:

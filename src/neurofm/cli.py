@@ -573,8 +573,10 @@ def analyze(
 
 
 # run_all.py's, in its order
-BENCHMARKS = ("store", "prepare", "synth", "loader", "train", "infer", "flops", "export", "raw", "embed")
-BENCHMARKS += ("memory_format",)
+BENCHMARKS = (
+    *("store", "prepare", "synth", "loader", "train", "infer", "flops", "export", "raw", "embed"),
+    "memory_format",
+)
 
 
 @app.command()
