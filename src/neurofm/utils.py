@@ -102,14 +102,39 @@ def machine() -> dict[str, Any]:
     return out
 
 
+def _code_of(source: bytes) -> bytes:
+    """What a module computes, without what only its readers see: the syntax tree with its docstrings left out,
+    without line numbers (so comments, blank lines, docstrings and line breaks do not count). A file that does not
+    parse counts by its bytes."""
+    import ast
+
+    try:
+        tree = ast.parse(source)
+    except (SyntaxError, ValueError):
+        return source
+    for node in ast.walk(tree):
+        body = getattr(node, "body", None)
+        if (
+            isinstance(node, ast.Module | ast.ClassDef | ast.FunctionDef | ast.AsyncFunctionDef)
+            and body
+            and isinstance(body[0], ast.Expr)
+            and isinstance(body[0].value, ast.Constant)
+            and isinstance(body[0].value.value, str)
+        ):
+            node.body = body[1:]
+    return ast.dump(tree, include_attributes=False).encode()
+
+
 @functools.lru_cache(maxsize=1)
 def code_fingerprint() -> str:
-    """A hash of neurofm's own Python source (every ``.py`` file of the package, by path and content).
+    """A hash of neurofm's own Python code (every ``.py`` file of the package, by path and syntax tree).
 
-    A fine-tuning run records it, and a finished run is reused only by the code that made it: a docstring
-    edit counts as a change, which costs a retraining, never a stale number."""
+    A fine-tuning or pretraining run records it, and a finished run is reused only by the code that made it. Any
+    change to what the code does counts (a renamed variable, a moved module, another default), which costs a
+    retraining, never a stale number; an edit to a comment, a docstring or the layout of the lines does not. The
+    tree's text can differ between Python versions, so another Python counts as other code too."""
     root = Path(__file__).resolve().parent
     h = hashlib.sha256()
     for path in sorted(root.rglob("*.py")):
-        h.update(path.relative_to(root).as_posix().encode() + b"\0" + path.read_bytes() + b"\0")
+        h.update(path.relative_to(root).as_posix().encode() + b"\0" + _code_of(path.read_bytes()) + b"\0")
     return h.hexdigest()[:16]

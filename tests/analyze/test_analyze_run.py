@@ -156,6 +156,39 @@ def test_the_code_fingerprint_follows_the_source(tmp_path, monkeypatch):
     utils.code_fingerprint.cache_clear()
 
 
+def test_the_code_fingerprint_ignores_what_only_readers_see(tmp_path, monkeypatch):
+    # comments, docstrings and line layout do not change what a run computes; every change to the code does
+    import neurofm.utils as utils
+
+    package = tmp_path / "neurofm"
+    package.mkdir()
+    monkeypatch.setattr(utils, "__file__", str(package / "utils.py"))
+    module = package / "utils.py"
+
+    def fingerprint(text: str) -> str:
+        module.write_text(text)
+        utils.code_fingerprint.cache_clear()
+        return utils.code_fingerprint()
+
+    code = '"""A module."""\n\n\ndef f(x, y=2):\n    """Add."""\n    return x + y\n\n\nclass C:\n    z = 1\n'
+    base = fingerprint(code)
+    same = (
+        '"""The module, described otherwise."""\n# a comment\n\ndef f(x,\n      y=2):  # why\n    return x + y\n'
+        '\nclass C:\n    """A class."""\n\n    z = 1\n'
+    )
+    assert fingerprint(same) == base
+    for old, new in (
+        ("y=2", "y=3"),  # a default
+        ("x + y", "y + x"),  # an order
+        ('    """Add."""\n    return x + y', '    return "Add."'),  # a string the code uses
+        ("z = 1", "z = 1.0"),  # a type
+    ):
+        assert fingerprint(code.replace(old, new)) != base, new
+    broken = "def f(:\n"  # a file that does not parse counts by its bytes
+    assert fingerprint(broken) == fingerprint(broken) != fingerprint(broken + "# more\n")
+    utils.code_fingerprint.cache_clear()
+
+
 def test_a_study_names_each_run_by_its_seed_and_a_later_first_seed_reuses_it(tmp_path):
     # a replication from seed 6 must find seed 6's finished run, and never take seed 0's folder for its own
     from neurofm.analyze.experiments import Arm, paired_study
