@@ -23,7 +23,8 @@ from neurofm.store import Store
 from neurofm.utils import write_json
 
 
-def _arm(spec: str) -> tuple[str, str]:
+def arm_spec(spec: str) -> tuple[str, str]:
+    """``--arm NAME=FOLDER``: the arm's name and its folder pattern, which must hold ``{seed}``."""
     name, sep, pattern = spec.partition("=")
     if not sep or "{seed}" not in pattern:
         raise argparse.ArgumentTypeError(f"--arm takes NAME=FOLDER_WITH_{{seed}}, not {spec!r}")
@@ -33,7 +34,7 @@ def _arm(spec: str) -> tuple[str, str]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data", type=Path, required=True, help="the store the runs were trained on")
-    ap.add_argument("--arm", type=_arm, action="append", required=True, help="NAME=FOLDER pattern with {seed}")
+    ap.add_argument("--arm", type=arm_spec, action="append", required=True, help="NAME=FOLDER pattern with {seed}")
     ap.add_argument("--seeds", type=int, default=10)
     ap.add_argument("--first-seed", type=int, default=0)
     ap.add_argument(

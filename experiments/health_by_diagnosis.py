@@ -19,6 +19,7 @@ import json
 from pathlib import Path
 
 import numpy as np
+from below_constant import arm_spec
 from sklearn.metrics import roc_auc_score
 
 from neurofm.store import Store
@@ -45,7 +46,7 @@ def scores(folder: Path, diagnosis: dict[str, str]) -> dict[str, float]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data", type=Path, required=True, help="the store the runs were trained on")
-    ap.add_argument("--arm", action="append", required=True, help="NAME=FOLDER pattern with {seed}")
+    ap.add_argument("--arm", type=arm_spec, action="append", required=True, help="NAME=FOLDER pattern with {seed}")
     ap.add_argument("--seeds", type=int, default=10)
     ap.add_argument("--first-seed", type=int, default=0)
     ap.add_argument("--out", type=Path, help="write the rows here as JSON")
@@ -60,17 +61,14 @@ def main() -> None:
             volumes[k] = {"sessions": len(v), "median_mm3": float(np.median(v)), "min_mm3": float(v.min())}
             print(f"{k}: {len(v)} sessions, lesion median {np.median(v):.0f} mm3, smallest {v.min():.0f} mm3")
     rows = {}
-    for spec in args.arm:
-        name, sep, pattern = spec.partition("=")
-        if not sep or "{seed}" not in pattern:
-            raise SystemExit(f"--arm takes NAME=FOLDER_WITH_{{seed}}, not {spec!r}")
+    for name, pattern in args.arm:
         seeds = range(args.first_seed, args.first_seed + args.seeds)
         per = [scores(Path(pattern.format(seed=s)), diagnosis) for s in seeds]
         rows[name] = {k: float(np.mean([p[k] for p in per if k in p])) for k in ("all", *KINDS)}
         rows[name]["per_seed"] = per
         print(f"{name}: " + "  ".join(f"{k} {rows[name][k]:.3f}" for k in ("all", *KINDS)))
     if args.out:
-        arms = " ".join(f"--arm {s.partition('=')[0]}=..." for s in args.arm)
+        arms = " ".join(f"--arm {name}=..." for name, _ in args.arm)
         command = f"python experiments/health_by_diagnosis.py --data STORE --seeds {args.seeds} {arms}"
         write_json(args.out, {"command": command, "lesion_volumes": volumes, "rows": rows})
 
