@@ -204,6 +204,32 @@ def test_ssl3d_ablation_switches():
     assert t["health"] == 0
 
 
+def test_ssl3d_heads_read_the_clean_crop_when_asked_and_the_reconstruction_stays_masked():
+    model = ResEncUNet(features=(4, 8, 16), blocks=(1, 1, 1), anatomy_outputs=6, health_classes=2).eval()
+    x = torch.randn(2, 1, 16, 16, 16)
+    batch = {
+        "x": x,
+        "volumes": torch.randn(2, 6),
+        "has_volumes": torch.tensor([True, True]),
+        "health": torch.tensor([0, 1]),
+    }
+    terms = {}
+    for heads in ("masked", "clean"):
+        torch.manual_seed(3)  # the same mask for both
+        _, terms[heads], _ = build_objective(SSL3DConfig(block=4, heads_input=heads))(model, batch)
+    with torch.no_grad():
+        clean = model.forward_pretext(x, reconstruct=False)
+    assert clean["reconstruction"] is None
+    # the known answer: the clean pass's cross-entropy and cosine, not the masked pass's
+    assert torch.allclose(terms["clean"]["health"], F.cross_entropy(clean["health"], batch["health"]), atol=1e-6)
+    cos = F.cosine_similarity(clean["anatomy"], batch["volumes"], dim=1, eps=1e-6)
+    assert torch.allclose(terms["clean"]["anatomy"], (1 - cos).mean(), atol=1e-6)
+    assert not torch.allclose(terms["masked"]["health"], terms["clean"]["health"])
+    assert torch.allclose(terms["masked"]["mae"], terms["clean"]["mae"])  # the reconstruction is untouched
+    with pytest.raises(ConfigError, match="heads_input"):
+        SSL3DConfig(heads_input="both")
+
+
 def test_objective_config_validation():
     with pytest.raises(ConfigError, match="unknown objective kind"):
         objective_config({"kind": "simclr"})

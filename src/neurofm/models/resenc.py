@@ -148,14 +148,15 @@ class ResEncUNet(Backbone):
             latents=parts,
         )
 
-    def forward_pretext(self, x: torch.Tensor) -> dict[str, torch.Tensor | None]:
-        """What the ssl3d objective scores: ``reconstruction`` ``(B, out, X, Y, Z)``, and where the heads
-        exist ``anatomy`` (projection, ``(B, regions)``), ``health`` (logits ``(B, classes)``) and ``dense``
-        (label-map logits on the bottleneck grid)."""
+    def forward_pretext(self, x: torch.Tensor, reconstruct: bool = True) -> dict[str, torch.Tensor | None]:
+        """What the ssl3d objective scores: ``reconstruction`` ``(B, out, X, Y, Z)`` (None when not
+        ``reconstruct``: the heads alone, without the decoder's cost), and where the heads exist ``anatomy``
+        (projection, ``(B, regions)``), ``health`` (logits ``(B, classes)``) and ``dense`` (label-map logits on
+        the bottleneck grid)."""
         f = self.forward_features(x)
         anat = f.latents["anatomy"]
         return {
-            "reconstruction": self.decoder(f.maps),
+            "reconstruction": self.decoder(f.maps) if reconstruct else None,
             "anatomy": self.anatomy_head(anat) if self.anatomy_head is not None else None,
             "health": self.health_head(f.latents["health"].mean(dim=(2, 3, 4)))
             if self.health_head is not None

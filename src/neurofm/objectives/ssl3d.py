@@ -9,6 +9,10 @@ Loss = w_mae MSE(masked voxels) + w_anatomy (1 - cos(projection, v)) + w_health 
   nearly parallel and the cosine carries no information); identical for every scan of a
   subject. Samples without volumes are skipped for this term.
 * The health classifier sees the mean of the health channels; unknown labels (-1) are ignored.
+* ``heads_input``: what the anatomy, health and dense heads read. ``masked`` (default): the bottleneck of the
+  masked crop, the one forward pass the reconstruction uses (SPEC 1b splits that bottleneck). ``clean``: a second
+  encoder pass on the unmasked crop, so a lesion the mask hides still reaches the health classifier; the
+  reconstruction is unchanged. It costs one more encoder pass per step.
 * Dense variant: a 1x1x1 head on the anatomy channels predicts the label map (upsampled
   to the patch), for every contrast.
 """
@@ -37,6 +41,7 @@ class SSL3DConfig:
     w_anatomy: float = 0.1
     w_health: float = 0.1
     w_dense: float = 0.0
+    heads_input: str = "masked"
 
     data_mode: ClassVar[str] = "scan"
 
@@ -44,6 +49,8 @@ class SSL3DConfig:
         for name in ("w_mae", "w_anatomy", "w_health", "w_dense"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"objective.{name} should be >= 0, got {getattr(self, name)}")
+        if self.heads_input not in ("masked", "clean"):
+            raise ConfigError(f"objective.heads_input should be 'masked' or 'clean', got {self.heads_input!r}")
 
     def data_needs(self) -> DataNeeds:
         return DataNeeds(volumes=self.w_anatomy > 0, dense=self.w_dense > 0)
@@ -85,6 +92,8 @@ class SSL3DLoss(nn.Module):
         x = batch["x"]
         mse, pred, mask = masked_reconstruction(model, x, cfg.block, cfg.mask_ratio)
         rec = pred["reconstruction"]
+        if cfg.heads_input == "clean" and (cfg.w_anatomy > 0 or cfg.w_health > 0 or cfg.w_dense > 0):
+            pred = {**model.forward_pretext(x, reconstruct=False), "reconstruction": rec}
         terms = {"mae": mse}
         total = cfg.w_mae * terms["mae"]
         if cfg.w_anatomy > 0 and pred["anatomy"] is not None:
