@@ -132,7 +132,10 @@ class PrimusBackbone(Backbone):
         maps = tokens.transpose(1, 2).reshape(b, c, *grid)
         return Features(maps=[maps], pooled=tokens.mean(dim=1), latents={"tokens": tokens})
 
-    def forward_pretext(self, x: torch.Tensor) -> dict[str, torch.Tensor | None]:
+    def forward_pretext(self, x: torch.Tensor, reconstruct: bool = True) -> dict[str, torch.Tensor | None]:
+        """The reconstruction (None when not ``reconstruct``); Primus has no pretext heads."""
+        if not reconstruct:
+            return {"reconstruction": None}
         return {"reconstruction": self.up_projection(self.forward_features(x).maps[0])}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
