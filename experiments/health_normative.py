@@ -46,12 +46,19 @@ def on_grid(store: Store, key: str, name: str) -> np.ndarray:
     return out
 
 
+def padded(volume: np.ndarray, stride: int) -> tuple[torch.Tensor, tuple[slice, ...]]:
+    """``volume`` as a (1, 1, X, Y, Z) tensor padded at the far end with its minimum to a multiple of ``stride``
+    (positions keep their grid index), and the slices that take the padding off again."""
+    pad = [(0, -(-n // stride) * stride - n) for n in volume.shape]
+    x = torch.from_numpy(np.pad(volume, pad, constant_values=float(volume.min())))[None, None]
+    return x, tuple(slice(0, n) for n in volume.shape)
+
+
 @torch.no_grad()
 def maps(model: torch.nn.Module | None, volume: np.ndarray, level: int, stride: int = 16) -> np.ndarray:
     """``(C, X', Y', Z')``: the encoder's map at ``level`` of the whole grid (padded to a multiple of ``stride``),
     or (``model`` None) the image itself average-pooled to that map's size."""
-    pad = [(0, -(-n // stride) * stride - n) for n in volume.shape]
-    x = torch.from_numpy(np.pad(volume, pad, constant_values=float(volume.min())))[None, None]
+    x, _ = padded(volume, stride)
     if model is None:
         return F.avg_pool3d(x, 2**level)[0].numpy() if level else x[0].numpy()
     return model.forward_features(x).maps[level][0].numpy()

@@ -33,7 +33,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from age_signal import fresh_copy
-from health_normative import on_grid
+from health_normative import on_grid, padded
 from sklearn.metrics import roc_auc_score
 
 from neurofm.data.finetune import build_cases, make_splits
@@ -41,32 +41,30 @@ from neurofm.models.registry import model_from_checkpoint
 from neurofm.store import Store
 
 
-def padded(volume: np.ndarray, stride: int) -> tuple[torch.Tensor, tuple[slice, ...]]:
-    """``volume`` as a (1, 1, X, Y, Z) tensor padded with its minimum to a multiple of ``stride``, and the slices
-    that take the padding off again."""
-    pad = [(0, -(-n // stride) * stride - n) for n in volume.shape]
-    x = torch.from_numpy(np.pad(volume, pad, constant_values=float(volume.min())))[None, None]
-    return x, tuple(slice(0, n) for n in volume.shape)
-
-
 @torch.no_grad()
-def residuals(model: torch.nn.Module, vols: dict[str, np.ndarray], stride: int) -> dict[str, dict[str, np.ndarray]]:
-    """Per reader (``self``, ``cross``, ``blur``, ``image``) and contrast: the squared residual on the grid."""
-    xs, cut = {}, None
-    for k, v in vols.items():
-        xs[k], cut = padded(v, stride)
+def residuals(model: torch.nn.Module, xs: dict[str, torch.Tensor], cut: tuple[slice, ...]) -> dict[str, np.ndarray]:
+    """Per reader (``self``, ``cross``): the squared residual of each contrast, stacked in ``xs``' order on the
+    grid (``xs``: each contrast padded by :func:`health_normative.padded`; ``cut`` takes the padding off)."""
     lat = {k: model.forward_features(x).latents for k, x in xs.items()}
-    out: dict[str, dict[str, np.ndarray]] = {"self": {}, "cross": {}, "blur": {}, "image": {}}
+    own, cross = [], []
     for b, x in xs.items():
         target = x[0, 0][cut].numpy()
-        own = model.decode(lat[b]["mu_s"], lat[b]["mu_c"])[0, 0][cut].numpy()
+        own.append((target - model.decode(lat[b]["mu_s"], lat[b]["mu_c"])[0, 0][cut].numpy()) ** 2)
         others = [model.decode(lat[a]["mu_s"], lat[b]["mu_c"])[0, 0][cut].numpy() for a in xs if a != b]
+        cross.append((target - np.mean(others, 0)) ** 2)
+    return {"self": np.stack(own), "cross": np.stack(cross)}
+
+
+def controls(xs: dict[str, torch.Tensor], cut: tuple[slice, ...], stride: int) -> dict[str, np.ndarray]:
+    """The readers with no weights: ``blur`` (the residual against the image averaged over the bottleneck's cell)
+    and ``image`` (the image itself, squared)."""
+    blur, image = [], []
+    for x in xs.values():
+        target = x[0, 0][cut].numpy()
         coarse = F.interpolate(F.avg_pool3d(x, stride), size=x.shape[2:], mode="trilinear")[0, 0][cut].numpy()
-        out["self"][b] = (target - own) ** 2
-        out["cross"][b] = (target - np.mean(others, 0)) ** 2
-        out["blur"][b] = (target - coarse) ** 2
-        out["image"][b] = target**2
-    return out
+        blur.append((target - coarse) ** 2)
+        image.append(target**2)
+    return {"blur": np.stack(blur), "image": np.stack(image)}
 
 
 def top_mean(values: np.ndarray, share: float) -> float:
@@ -94,14 +92,15 @@ def main() -> None:
     for c in cs.cases:
         if not all(k in store.record(c.key)["images"] for k in contrasts):
             continue  # a session missing a contrast is left out of every reader alike
-        vols = {k: on_grid(store, c.key, k) for k in contrasts}
+        xs = {}
+        for k in contrasts:
+            xs[k], cut = padded(on_grid(store, c.key, k), stride)
         brain[c.key] = on_grid(store, c.key, "brain") > 0
+        found = dict(controls(xs, cut, stride))
         for name, m in models.items():
-            for reader, per in residuals(m, vols, stride).items():
-                if name == "fresh" and reader in ("blur", "image"):
-                    continue  # no weights involved: the pretrained pass already has them
-                label = reader if reader in ("blur", "image") else f"{name}-{reader}"
-                res.setdefault(label, {})[c.key] = np.stack([per[k] for k in contrasts])
+            found.update({f"{name}-{r}": v for r, v in residuals(m, xs, cut).items()})
+        for label, v in found.items():
+            res.setdefault(label, {})[c.key] = v
     readers = sorted(res)
     rows: dict[str, dict[str, list[float]]] = {
         f"{r}/{w}": {"per_seed": []} for r in readers for w in ("raw", "normative")

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from health_residual import padded
+from health_normative import padded
 from sklearn.metrics import roc_auc_score
 
 from neurofm.data.finetune import build_cases
