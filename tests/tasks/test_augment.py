@@ -165,3 +165,36 @@ def test_segmentation_learns_under_nnunet_augmentation(store_4mm, tmp_path):
     loss = logs["loss"].dropna().to_numpy()
     assert len(loss) == 40
     assert loss[-10:].mean() < 0.9 * loss[:10].mean()  # it learns through the augmentation (0.85x measured)
+
+
+class _Recording:
+    """A store that remembers which session each sample reads (its first call is ``record(key)``)."""
+
+    def __init__(self, store):
+        self.store, self.keys = store, []
+
+    def record(self, key):
+        self.keys.append(key)
+        return self.store.record(key)
+
+    def read(self, *args, **kwargs):
+        return self.store.read(*args, **kwargs)
+
+
+def test_a_fine_tune_reads_every_case_or_a_random_draw_of_them(tiny_store):
+    store = Store(tiny_store)
+    cs = build_cases(store, "cls", "healthy", None)
+    n = len(cs.cases)
+
+    def read(length):
+        ds = FinetuneDataset(tiny_store, cs, cs.cases, 16, length=length, seed=4)
+        ds._store = _Recording(store)
+        for i in range(length):
+            ds[i]
+        return ds._store.keys
+
+    keys = [c.key for c in cs.cases]
+    enough = read(2 * n)  # a budget of two samples per case: each case twice
+    assert sorted(enough) == sorted(keys * 2)
+    short = read(n // 2)  # a budget under the cases: a draw without repeats, not the first cases in key order
+    assert len(set(short)) == n // 2 and set(short) != set(keys[: n // 2])

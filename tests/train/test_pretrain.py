@@ -400,6 +400,43 @@ def test_the_epoch_sampler_numbers_samples_across_epochs_and_resumes_inside_one(
     assert list(s) == second  # a position in another epoch does not apply
 
 
+def test_sample_item_reads_every_item_once_per_cycle_in_an_order_of_its_seed():
+    from neurofm.data.loader import sample_item
+
+    n = 7
+    run = [sample_item(3, i, n) for i in range(3 * n)]
+    cycles = [run[k * n : (k + 1) * n] for k in range(3)]
+    assert all(sorted(c) == list(range(n)) for c in cycles)  # each item once per n samples
+    assert cycles[0] != cycles[1] and cycles[0] != list(range(n))  # a new order each cycle, not the key order
+    assert [sample_item(3, i, n) for i in (20, 4, 11)] == [run[20], run[4], run[11]]  # the index alone decides
+    assert [sample_item(4, i, n) for i in range(n)] != cycles[0]  # another seed, another order
+    with pytest.raises(ValueError, match="no items"):
+        sample_item(0, 0, 0)
+
+
+@pytest.mark.parametrize("preset", ["fomo25-tiny", "ssl3d-tiny"])
+def test_an_epoch_shorter_than_the_pool_still_reads_the_whole_pool(tiny_store, preset):
+    """Until 2026-12-06 a sample read the item at its position within the epoch: with ``steps_per_epoch`` x
+    ``batch_size`` under the pool's sessions (ssl3d-tiny's 20 scans), every epoch read the same first items."""
+    from neurofm.data.loader import EpochSampler
+
+    cfg, index = prepare_data(get_preset(preset), tiny_store)
+    length = 4
+    ds = PretrainDataset(tiny_store, index, cfg.data, length=length, seed=5, needs=cfg.data_needs())
+    n = len(ds.items)
+    assert n > 2 * length  # the tiny store has 12 sessions (pairs), more scans (ssl3d)
+    read: list[int] = []
+    ds._sample = lambda item: read.append(item)  # which item each sample reads, not its crop
+    sampler = EpochSampler(length, seed=5)
+    for epoch in range(n // length):
+        sampler.set_epoch(epoch)
+        read_before = len(read)
+        for i in sampler:
+            ds[i]
+        assert len(read) - read_before == length
+    assert sorted(read) == list(range(n))  # n samples: every session (scan) once
+
+
 class _ParentPid(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return 2
@@ -430,7 +467,7 @@ def test_a_sample_depends_on_its_index_and_the_seed_only(tiny_store):
     forward = [a[i]["x_a"] for i in (3, 12, 27)]
     backward = [b[i]["x_a"] for i in (27, 12, 3)][::-1]  # another order, as another worker would draw them
     assert all(torch.equal(x, y) for x, y in zip(forward, backward, strict=True))
-    assert not torch.equal(a[11]["x_a"], forward[0])  # the same session (11 = 3 + 8) an epoch later: a new draw
+    assert not torch.equal(a[11]["x_a"], forward[0])  # another sample index: a new draw
     assert not torch.equal(data(1)[3]["x_a"], forward[0])
 
 

@@ -16,7 +16,7 @@ import torch
 from torch.utils.data import Dataset
 
 from neurofm.data.augment import AUGMENTS, NnUNetAugment, resample, widen
-from neurofm.data.loader import sample_rng
+from neurofm.data.loader import sample_item, sample_rng
 from neurofm.data.sampling import box_around, random_box, stack_contrasts
 from neurofm.errors import ConfigError, StoreError
 from neurofm.preprocess.transforms import pad_to, pad_to_shape
@@ -302,7 +302,10 @@ class FinetuneDataset(Dataset):
         self._setup()
         self._rng = sample_rng(self.seed, i)
         assert self._store is not None
-        case = self.cases[(i % self.length) % len(self.cases)]
+        n = len(self.cases)
+        # a budget of at least one sample per case: each case in turn, an equal share each (as before 2026-12-06);
+        # a shorter one: a random draw of the cases (sample_item), not the first in key order
+        case = self.cases[(i % self.length) % n if self.length >= n else sample_item(self.seed, i, n)]
         shape = tuple(self._store.record(case.key)["shape"])
         box = self._box(case, shape)
         size = self.whole or [self.patch] * 3

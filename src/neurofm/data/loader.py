@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import multiprocessing as mp
 from collections.abc import Iterator
 
@@ -32,6 +33,25 @@ def sample_rng(seed: int, index: int) -> np.random.Generator:
     contrast choice depend on these two numbers only, not on the worker, the process or whether the run was
     resumed."""
     return np.random.default_rng([int(seed) % 2**32, int(index)])
+
+
+@functools.lru_cache(maxsize=4)
+def _cycle(seed: int, cycle: int, n: int) -> np.ndarray:
+    return np.random.default_rng([int(seed) % 2**32, int(cycle), int(n), 1]).permutation(n)
+
+
+def sample_item(seed: int, index: int, n: int) -> int:
+    """Which of ``n`` items (sessions, scans, labelled cases) sample ``index`` of a run seeded ``seed`` reads.
+
+    Every ``n`` consecutive sample indices (a cycle) read each item once, in an order drawn from ``(seed, cycle)``.
+    So a run reads the whole pool once per ``n`` samples, however its epoch's length compares with ``n``, and the
+    choice depends on the two numbers only, as :func:`sample_rng`'s draws do (a resumed run reads the same items).
+    An epoch of :class:`EpochSampler` is a block of consecutive indices, so it reads a random subset of the items
+    when it is shorter than the pool. (Until 2026-12-06 the item was the sample's position within its epoch,
+    modulo ``n``: an epoch shorter than the pool read only its first items, the same ones every epoch.)"""
+    if n < 1:
+        raise ValueError("no items to sample from")
+    return int(_cycle(seed, index // n, n)[index % n])
 
 
 class EpochSampler(Sampler[int]):

@@ -10,9 +10,11 @@
 * ``stack`` (lamim): the contrasts of a session as channels, missing ones zero-filled and
   flagged in ``present``.
 
-Only the chunks a crop touches are read. A sample's random draws (crop, contrasts, augmentation)
-come from a generator seeded by the run seed and the sample's index (:func:`sample_rng`), so a run
-draws the same samples with any number of workers and after a resume.
+Only the chunks a crop touches are read. Which session (``scan``: which scan) a sample reads, and its
+random draws (crop, contrasts, augmentation), come from the run seed and the sample's index
+(:func:`~neurofm.data.loader.sample_item`, :func:`~neurofm.data.loader.sample_rng`), so a run draws the same
+samples with any number of workers and after a resume, and reads every session of the pool once per as many
+samples as it has sessions, whatever ``steps_per_epoch`` is.
 What a recipe needs beyond the images (regional volumes, dense label maps) it says in a
 :class:`DataNeeds`; this module never asks which recipe it serves.
 """
@@ -33,7 +35,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
 from neurofm.data.config import DataConfig
-from neurofm.data.loader import sample_rng, training_loader
+from neurofm.data.loader import sample_item, sample_rng, training_loader
 from neurofm.data.sampling import random_box, stack_contrasts
 from neurofm.errors import StoreError
 from neurofm.io.manifest import CONTRASTS
@@ -334,7 +336,7 @@ class PretrainDataset(Dataset):
         self._rng = rng = sample_rng(self.seed, i)
         if self._augment is not None:
             self._augment.reseed(int(rng.integers(2**31 - 3)))
-        item = (i % self.length) % len(self.items)
+        item = sample_item(self.seed, i, len(self.items))
         for _ in range(len(self.items) + 10):
             s = self.items[item][0]
             if self.index.keys[s] not in self._damaged:
