@@ -382,7 +382,8 @@ def test_whole_scan_items_are_each_scan_padded_evenly_to_one_size(tiny_store, tm
     shape = whole_shape(store, cs.cases, 16)
     biggest = np.max([store.record(c.key)["shape"] for c in cs.cases], axis=0)
     assert all(n % 16 == 0 and n - 16 < b <= n for n, b in zip(shape, biggest, strict=True))
-    ds = FinetuneDataset(tiny_store, cs, cs.cases, 16, length=4, seed=0, augment=False, whole=shape)
+    # a budget of one sample per case: sample i reads case i
+    ds = FinetuneDataset(tiny_store, cs, cs.cases, 16, length=len(cs.cases), seed=0, augment=False, whole=shape)
     for i in range(4):
         item, case = ds[i], cs.cases[i]
         scan = np.asarray(store.read(case.key, "T1w"), np.float32)
