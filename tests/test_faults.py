@@ -259,6 +259,30 @@ def test_a_second_writer_is_refused_and_a_stale_lock_taken_over(tmp_path):
     FolderLock(lock, "prepare", stale_after=60).acquire().release()
 
 
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="process start times are read from /proc")
+def test_a_lock_whose_pid_was_handed_to_a_newer_process_is_stale(tmp_path):
+    """After a restart the dead writer's pid can name another live process: one started after the lock was taken."""
+    import socket
+
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        lock = tmp_path / "run" / ".lock"
+        lock.parent.mkdir()
+        info = {"host": socket.gethostname(), "pid": other.pid, "command": "neurofm pretrain", "started": "then"}
+        lock.write_text(json.dumps({**info, "since": time.time() - 3600}))  # taken an hour before `other` started
+        taken = FolderLock(lock, "pretrain").acquire()
+        assert taken.took_over["pid"] == other.pid
+        assert json.loads(lock.read_text())["pid"] == os.getpid()
+        taken.release()
+        time.sleep(2.5)
+        lock.write_text(json.dumps({**info, "since": time.time()}))  # taken after `other` started: its own
+        with pytest.raises(LockedError, match=f"pid {other.pid}"):
+            FolderLock(lock, "pretrain").acquire()
+    finally:
+        other.kill()
+        other.wait()
+
+
 def test_prepare_refuses_a_second_writer_of_the_same_shard(small_bids, tmp_path, run_cli):
     holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     try:

@@ -115,6 +115,18 @@ def disk_guard(
 
 
 # ------------------------------------------------------------------------------ locks
+def _process_started(pid: int) -> float | None:
+    """When process ``pid`` started (seconds since the epoch), from /proc; None where that cannot be read."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        ticks = int(stat.rsplit(")", 1)[1].split()[19])  # field 22, starttime, in clock ticks after boot
+        lines = Path("/proc/stat").read_text().splitlines()
+        boot = next(float(line.split()[1]) for line in lines if line.startswith("btime"))
+        return boot + ticks / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError, StopIteration):
+        return None
+
+
 def _alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -146,7 +158,8 @@ class FolderLock:
 
     A second process that finds it held raises :class:`LockedError` with the holder's host, pid,
     command and start time. A lock is stale (and taken over, with a note) when its process is gone
-    (same host) or its heartbeat is older than ``stale_after`` seconds (any host).
+    (same host), when its pid now names a process that started after the lock was taken (same host, after a
+    restart), or when its heartbeat is older than ``stale_after`` seconds (any host).
     """
 
     def __init__(self, path: str | Path, what: str, stale_after: float = 300.0, heartbeat: float = 30.0):
@@ -170,7 +183,11 @@ class FolderLock:
         except FileNotFoundError:
             return True
         if holder.get("host") == socket.gethostname() and isinstance(holder.get("pid"), int):
-            return not _alive(holder["pid"])
+            if not _alive(holder["pid"]):
+                return True
+            since, started = holder.get("since"), _process_started(holder["pid"])
+            # a machine restarted after a kill hands the old pid to another process
+            return isinstance(since, (int, float)) and started is not None and started > since + 2.0
         return age > self.stale_after
 
     def acquire(self) -> FolderLock:
@@ -180,6 +197,7 @@ class FolderLock:
             "pid": os.getpid(),
             "command": " ".join(["neurofm", *sys.argv[1:]])[:300],
             "started": time.strftime("%Y-%m-%dT%H:%M:%S"),
+            "since": time.time(),
             "what": self.what,
         }
         for _ in range(3):
