@@ -268,14 +268,15 @@ def test_a_lock_whose_pid_was_handed_to_a_newer_process_is_stale(tmp_path):
     try:
         lock = tmp_path / "run" / ".lock"
         lock.parent.mkdir()
-        info = {"host": socket.gethostname(), "pid": other.pid, "command": "neurofm pretrain", "started": "then"}
-        lock.write_text(json.dumps({**info, "since": time.time() - 3600}))  # taken an hour before `other` started
+        info = {"host": socket.gethostname(), "pid": other.pid, "command": "neurofm pretrain"}
+        hour_ago = time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(time.time() - 3600))
+        lock.write_text(json.dumps({**info, "started": hour_ago}))  # taken an hour before `other` started
         taken = FolderLock(lock, "pretrain").acquire()
         assert taken.took_over["pid"] == other.pid
         assert json.loads(lock.read_text())["pid"] == os.getpid()
         taken.release()
-        time.sleep(2.5)
-        lock.write_text(json.dumps({**info, "since": time.time()}))  # taken after `other` started: its own
+        now = time.strftime("%Y-%m-%dT%H:%M:%S")
+        lock.write_text(json.dumps({**info, "started": now}))  # taken after `other` started: its own
         with pytest.raises(LockedError, match=f"pid {other.pid}"):
             FolderLock(lock, "pretrain").acquire()
     finally:

@@ -185,9 +185,13 @@ class FolderLock:
         if holder.get("host") == socket.gethostname() and isinstance(holder.get("pid"), int):
             if not _alive(holder["pid"]):
                 return True
-            since, started = holder.get("since"), _process_started(holder["pid"])
+            try:  # when the lock was taken: this host's clock, to the second
+                since = time.mktime(time.strptime(holder["started"], "%Y-%m-%dT%H:%M:%S"))
+            except (KeyError, TypeError, ValueError):
+                return False
+            started = _process_started(holder["pid"])
             # a machine restarted after a kill hands the old pid to another process
-            return isinstance(since, (int, float)) and started is not None and started > since + 2.0
+            return started is not None and started > since + 2.0
         return age > self.stale_after
 
     def acquire(self) -> FolderLock:
@@ -197,7 +201,6 @@ class FolderLock:
             "pid": os.getpid(),
             "command": " ".join(["neurofm", *sys.argv[1:]])[:300],
             "started": time.strftime("%Y-%m-%dT%H:%M:%S"),
-            "since": time.time(),
             "what": self.what,
         }
         for _ in range(3):
