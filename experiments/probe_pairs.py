@@ -1,0 +1,109 @@
+"""Several pretrained models on one of the demo's rows, paired case by case with each other and with scratch.
+
+``demo_seeds.py`` pairs one model against scratch. To compare trainings of a recipe (other pretraining seeds, other
+pools) against each other, this runs each model's arms as the demo reads it (``neurofm.demo.demo_arms``) on the
+same seeds and few-shot draws, scratch and the two floors once (with the first model's architecture; every model
+given must share it), and reports every model against scratch and every pair of models against each other, each
+difference with the demo's hierarchical bootstrap over seeds and cases (``neurofm.evaluate.metrics.paired_seeds``).
+
+    python experiments/probe_pairs.py --task cls --data STORE --out DIR --seeds 10 \\
+        --models shipped=fomo25-tiny-cmeans third-s0=RUN0 third-s1=RUN1
+
+Writes ``DIR/probe-pairs-<task>-<seeds>.json``: one row per model and arm and per floor (value, interval,
+per-seed values, difference from scratch) and one per pair of models (difference, interval, seeds ahead).
+Runs already in DIR are reused when their settings match (an interrupted study resumes).
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import sys
+from pathlib import Path
+from typing import Any
+
+from neurofm.analyze.experiments import arm_rows
+from neurofm.demo import DemoConfig, demo_arms, finetune_config
+from neurofm.evaluate.metrics import paired_seeds
+from neurofm.utils import to_jsonable, write_json
+
+
+def _summary(res: dict[str, Any]) -> dict[str, Any]:
+    keep = ("value", "ci_low", "ci_high", "per_seed", "difference", "difference_low", "difference_high")
+    out = {k: res[k] for k in keep if k in res}
+    if "difference_per_seed" in res:
+        out["difference_per_seed"] = res["difference_per_seed"]
+        out["ahead_on"] = int(sum(d > 0 for d in res["difference_per_seed"]))
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--models", nargs="+", required=True, help="NAME=MODEL: a shipped model or a run folder")
+    ap.add_argument("--task", choices=["seg", "cls", "reg"], default="cls")
+    ap.add_argument("--data", type=Path, required=True, help="the demo's store (or another labelled store)")
+    ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--seeds", type=int, default=10)
+    ap.add_argument("--first-seed", type=int, default=0)
+    args = ap.parse_args()
+    models = dict(m.split("=", 1) for m in args.models)
+    if len(models) != len(args.models) or any(not k or not v for k, v in models.items()):
+        raise SystemExit("--models takes distinct NAME=MODEL pairs")
+    target = dict(DemoConfig().tasks)[args.task]
+    demo = DemoConfig(seeds=args.seeds, tasks=[(args.task, target)], seed=args.first_seed)
+    label = f"{args.task}-{target}"
+
+    def rows_of(folder: Path, base: Any, arm: Any) -> list[list[dict[str, Any]]]:
+        from dataclasses import replace
+
+        out = []
+        for s in range(args.seeds):
+            cfg = replace(base, **{**arm.settings, "source": arm.source, "mode": arm.mode or "full"})
+            cfg = replace(cfg, seed=base.seed + s, bootstrap=50)
+            out.append(arm_rows(args.data, folder / f"{label}-{arm.name.replace(' ', '-')}-seed{cfg.seed}", cfg))
+        return out
+
+    first = next(iter(models.values()))
+    floors_base = finetune_config(demo, first, args.task, target)
+    floor_arms = [a for a in demo_arms(demo, first, args.task) if a.source in ("scratch", "random", "constant")]
+    floor_rows = {a.name: rows_of(args.out / "floors", floors_base, a) for a in floor_arms}
+    scratch = floor_rows["scratch"]
+    model_rows: dict[tuple[str, str], list[list[dict[str, Any]]]] = {}
+    for name, model in models.items():
+        base = finetune_config(demo, model, args.task, target)
+        for arm in demo_arms(demo, model, args.task):
+            if arm.source == model:
+                model_rows[(name, arm.name)] = rows_of(args.out / name, base, arm)
+
+    rows = [
+        {"arm": a, **_summary(paired_seeds(args.task, r, None if a == "scratch" else scratch))}
+        for a, r in floor_rows.items()
+    ]
+    rows += [
+        {"model": n, "source": models[n], "arm": a, **_summary(paired_seeds(args.task, r, scratch))}
+        for (n, a), r in model_rows.items()
+    ]
+    pairs = []
+    for (ka, ra), (kb, rb) in itertools.combinations(model_rows.items(), 2):
+        if ka[1] == kb[1]:  # the same arm of two models
+            res = _summary(paired_seeds(args.task, ra, rb))
+            pairs.append({"pair": f"{ka[0]} - {kb[0]}", "arm": ka[1], **res})
+    for r in rows + pairs:
+        name = r.get("pair") or f"{r.get('model', '')} {r['arm']}".strip()
+        diff = (
+            f"  diff {r['difference']:+.3f} [{r['difference_low']:+.3f}, {r['difference_high']:+.3f}]"
+            if "difference" in r
+            else ""
+        )
+        ahead = f", ahead on {r['ahead_on']}/{args.seeds}" if "ahead_on" in r else ""
+        value = "" if "pair" in r else f"{r['value']:.3f}"
+        print(f"{name:40s} {value}{diff}{ahead}")
+    first_seed = f"-from-{args.first_seed}" if args.first_seed else ""
+    write_json(
+        args.out / f"probe-pairs-{args.task}-{args.seeds}{first_seed}.json",
+        {"command": " ".join(["python", *sys.argv]), "rows": to_jsonable(rows), "pairs": to_jsonable(pairs)},
+    )
+
+
+if __name__ == "__main__":
+    main()
