@@ -22,7 +22,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from neurofm.analyze.experiments import arm_rows
+from neurofm.analyze.experiments import arm_seed_rows
 from neurofm.demo import DemoConfig, demo_arms, finetune_config
 from neurofm.evaluate.metrics import paired_seeds
 from neurofm.utils import to_jsonable, write_json
@@ -54,14 +54,7 @@ def main() -> None:
     label = f"{args.task}-{target}"
 
     def rows_of(folder: Path, base: Any, arm: Any) -> list[list[dict[str, Any]]]:
-        from dataclasses import replace
-
-        out = []
-        for s in range(args.seeds):
-            cfg = replace(base, **{**arm.settings, "source": arm.source, "mode": arm.mode or "full"})
-            cfg = replace(cfg, seed=base.seed + s, bootstrap=50)
-            out.append(arm_rows(args.data, folder / f"{label}-{arm.name.replace(' ', '-')}-seed{cfg.seed}", cfg))
-        return out
+        return arm_seed_rows(args.data, folder, base, arm, args.seeds, label)
 
     first = next(iter(models.values()))
     floors_base = finetune_config(demo, first, args.task, target)

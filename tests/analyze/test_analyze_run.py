@@ -191,7 +191,7 @@ def test_the_code_fingerprint_ignores_what_only_readers_see(tmp_path, monkeypatc
 
 def test_a_study_names_each_run_by_its_seed_and_a_later_first_seed_reuses_it(tmp_path):
     # a replication from seed 6 must find seed 6's finished run, and never take seed 0's folder for its own
-    from neurofm.analyze.experiments import Arm, paired_study
+    from neurofm.analyze.experiments import Arm, arm_seed_rows, paired_study
     from neurofm.evaluate.scoring import write_predictions
     from neurofm.train.config import FinetuneConfig
     from neurofm.utils import code_fingerprint
@@ -214,6 +214,9 @@ def test_a_study_names_each_run_by_its_seed_and_a_later_first_seed_reuses_it(tmp
     assert rows[0]["per_seed"] == [2.0, 3.0]
     later = paired_study(tmp_path, tmp_path, replace(base, seed=6), arms, 1, "reg-age")
     assert later[0]["per_seed"] == [3.0]
+    # the per-seed runs of one arm, as probe_pairs.py reads them: the same folders, in seed order
+    runs = arm_seed_rows(tmp_path, tmp_path, base, arms[0], 2, "reg-age")  # seeds 5 and 6
+    assert [float(r[0]["prediction"]) - float(r[0]["target"]) for r in runs] == [2.0, 3.0]
 
 
 def _row(task: str, init: str, model: str, x: int | None = None) -> dict:

@@ -149,6 +149,30 @@ def arm_rows(
     return read_predictions(folder / "predictions.csv")
 
 
+def arm_seed_rows(
+    data: str | Path,
+    out: str | Path,
+    base: FinetuneConfig,
+    arm: Arm,
+    seeds: int,
+    label: str,
+    progress: bool = False,
+    redo_stale: bool = False,
+) -> list[list[dict[str, Any]]]:
+    """One arm on seeds ``base.seed .. base.seed + seeds - 1``: each seed's per-case rows (:func:`arm_rows`).
+
+    The arm's settings go over ``base``; each seed's run is ``out/<label>-<arm>-seed<S>``, named by the seed it runs
+    (not its place in the study), so a study from another first seed never mistakes another seed's run for its own.
+    """
+    runs = []
+    for seed in range(seeds):
+        cfg = replace(base, **{**arm.settings, "source": arm.source, "mode": arm.mode or "full"})
+        cfg = replace(cfg, seed=base.seed + seed, bootstrap=50)
+        folder = Path(out) / f"{label}-{arm.name.replace(' ', '-')}-seed{cfg.seed}"
+        runs.append(arm_rows(data, folder, cfg, progress, redo_stale))
+    return runs
+
+
 def paired_study(
     data: str | Path,
     out: str | Path,
@@ -167,15 +191,7 @@ def paired_study(
     folder there to compare the same network with and without pretraining. Finished runs in ``out`` are
     reused when their settings match (:func:`arm_rows`; ``redo_stale`` retrains those that do not).
     """
-    per_arm: dict[str, list[list[dict[str, Any]]]] = {}
-    for seed in range(seeds):
-        for arm in arms:
-            cfg = replace(base, **{**arm.settings, "source": arm.source, "mode": arm.mode or "full"})
-            cfg = replace(cfg, seed=base.seed + seed, bootstrap=50)
-            # named by the seed it runs (not its place in the study): a study from another first seed never
-            # mistakes another seed's run for its own
-            folder = Path(out) / f"{label}-{arm.name.replace(' ', '-')}-seed{cfg.seed}"
-            per_arm.setdefault(arm.name, []).append(arm_rows(data, folder, cfg, progress, redo_stale))
+    per_arm = {arm.name: arm_seed_rows(data, out, base, arm, seeds, label, progress, redo_stale) for arm in arms}
     ref = per_arm.get(reference)
     rows = []
     for arm in arms:
@@ -308,4 +324,13 @@ def fomo_protocol(
     return rows
 
 
-__all__ = ["HEADLINE", "Arm", "compare_inits", "fomo_protocol", "label_efficiency", "paired_study", "standard_arms"]
+__all__ = [
+    "HEADLINE",
+    "Arm",
+    "arm_seed_rows",
+    "compare_inits",
+    "fomo_protocol",
+    "label_efficiency",
+    "paired_study",
+    "standard_arms",
+]
