@@ -763,6 +763,35 @@ def test_fomo25_anatomy_anchor_learns_the_subjects_volumes_from_either_contrast(
         loss_fn(DualLatentUNet(features=(4, 8, 16), latent=8), batch)
 
 
+def test_fomo25_health_pretext_learns_the_pools_labels_from_clean_scans_and_is_dropped_downstream():
+    cfg = Fomo25Config(w_health=1.0, w_swap=0, w_kl=0, w_align=0, w_repel=0)
+    kwargs = cfg.model_kwargs({}, None, {})
+    assert kwargs == {"health_classes": 2} and "health_classes" not in Fomo25Config().model_kwargs({}, None, {})
+    torch.manual_seed(0)
+    model = DualLatentUNet(features=(4, 8, 16), latent=8, **kwargs)
+    batch = cfg.example_batch(4, 16, {})
+    # the patients (1) carry a bright block in both scans of the pair: a lesion, which the mask often hides
+    batch["health"] = torch.tensor([0, 1, 0, 1])
+    for name in ("x_a", "x_b"):
+        batch[name][1::2, :, 4:8, 4:8, 4:8] += 4.0
+    loss_fn = Fomo25Loss(cfg)
+    inputs = []
+    hook = model.encoder.register_forward_pre_hook(lambda _m, args: inputs.append(args[0].detach()))
+    loss_fn(model, batch)
+    hook.remove()
+    assert len(inputs) == 2 and torch.equal(inputs[1], torch.cat([batch["x_a"], batch["x_b"]]))  # clean scans
+    first, last = _train(model, loss_fn, batch, "health", steps=40)
+    assert first > 0.5 and last < 0.2 * first  # cross-entropy from about ln 2
+    unknown = {**batch, "health": torch.full((4,), -1)}  # sessions without a label add nothing
+    assert float(loss_fn(model, unknown)[1]["health"]) == 0.0
+    model.reset_head("cls", 2)  # a pretext head: dropped downstream, and never transferred
+    assert model.health_head is None and "health_head." in DualLatentUNet.pretext_prefixes
+    with pytest.raises(ConfigError, match="health_classes"):
+        loss_fn(DualLatentUNet(features=(4, 8, 16), latent=8), batch)
+    with pytest.raises(ConfigError, match="w_health"):
+        Fomo25Config(w_health=-1.0)
+
+
 def test_categorical_anatomy_code_is_a_distribution_sampled_in_training_without_kl():
     torch.manual_seed(0)
     model = DualLatentUNet(features=(4, 8, 16), latent=5, anatomy_code="categorical", anatomy_temperature=0.5)

@@ -141,6 +141,8 @@ class DualLatentUNet(Backbone):
             paper) or ``film`` (a global code scales and shifts every decoder stage; see the module docstring).
         contrast_classes: > 0 builds the contrast classifier and the anatomy adversary (pretext heads).
         anatomy_outputs: > 0 builds the anatomy projector with one output per region (a pretext head).
+        health_classes: > 0 builds the health classifier (a pretext head, ``objective.w_health``): it reads the
+            encoder stages of a pair's two scans, each averaged over the crop, side by side.
         anatomy_code: ``gaussian`` (a posterior mean and log-variance, as the paper), ``categorical``
             (a softmax over ``latent`` classes per position; see the module docstring) or ``onehot`` (its most
             likely class, the softmax's gradient passed straight through).
@@ -153,7 +155,7 @@ class DualLatentUNet(Backbone):
 
     stem_keys = ("encoder.stages.0.0.convs.0.conv.weight", "encoder.stages.0.0.convs.0.all_modules.0.weight")
     encoder_prefixes = ("encoder.", "subject_head.", "contrast_head.")
-    pretext_prefixes = ("decoder.", "adversary.", "contrast_classifier.", "anatomy_projector.")
+    pretext_prefixes = ("decoder.", "adversary.", "contrast_classifier.", "anatomy_projector.", "health_head.")
     disentangles = True
 
     def __init__(
@@ -170,6 +172,7 @@ class DualLatentUNet(Backbone):
         anatomy_code: str = "gaussian",
         anatomy_temperature: float = 0.5,
         anatomy_logit_norm: bool = False,
+        health_classes: int = 0,
     ):
         super().__init__()
         features = tuple(int(f) for f in features)
@@ -192,9 +195,10 @@ class DualLatentUNet(Backbone):
             raise ConfigError(f"features should list >= 2 positive filter counts, got {features}")
         if latent < 1:
             raise ConfigError(f"latent should be >= 1, got {latent}")
-        if contrast_classes < 0 or anatomy_outputs < 0:
+        if contrast_classes < 0 or anatomy_outputs < 0 or health_classes < 0:
             raise ConfigError(
-                f"contrast_classes and anatomy_outputs should be >= 0, got {contrast_classes}, {anatomy_outputs}"
+                "contrast_classes, anatomy_outputs and health_classes should be >= 0, got "
+                f"{contrast_classes}, {anatomy_outputs}, {health_classes}"
             )
         self.config: dict[str, Any] = {
             "in_channels": in_channels,
@@ -208,6 +212,8 @@ class DualLatentUNet(Backbone):
             self.config["contrast_classes"] = contrast_classes
         if anatomy_outputs:
             self.config["anatomy_outputs"] = anatomy_outputs
+        if health_classes:
+            self.config["health_classes"] = health_classes
         if contrast_injection != "concat":
             self.config["contrast_injection"] = contrast_injection
         if anatomy_code != "gaussian":
@@ -270,6 +276,14 @@ class DualLatentUNet(Backbone):
         self.anatomy_projector: nn.Module | None = None
         if anatomy_outputs:
             self.anatomy_projector = AnatomyProjector(latent, anatomy_outputs, hidden=2 * latent)
+        self.health_head: nn.Module | None = None
+        if health_classes:  # reads the pooled encoder stages of both scans of a pair, side by side
+            self.health_head = nn.Sequential(
+                nn.LayerNorm(2 * pooled),
+                nn.Linear(2 * pooled, 2 * latent),
+                nn.GELU(),
+                nn.Linear(2 * latent, health_classes),
+            )
         he_init(self)
         # Start the posteriors narrow (sigma ~ 0.08): with unit variance the sampled latents are mostly
         # noise and the decoder learns nothing for hundreds of steps; the KL term widens them as needed.
@@ -350,7 +364,7 @@ class DualLatentUNet(Backbone):
     def reset_head(self, task: str, classes: int) -> None:
         check_task(task)
         self.decoder = None  # the reconstruction decoder (no skips)
-        self.adversary = self.contrast_classifier = self.anatomy_projector = None
+        self.adversary = self.contrast_classifier = self.anatomy_projector = self.health_head = None
         if task == "seg":
             self.subject_head = self.contrast_head = None
             self.seg_decoder = UNetDecoder(self.encoder, classes, 1, deep_supervision=False)

@@ -53,6 +53,12 @@ Loss = w_rec (rec_a + rec_b) + w_swap (swap_ab + swap_ba) + w_kl(t) KL
   probe's chance level directly, without a critic to fit and chase; it costs a whole scan's windows, with their
   backward pass, per pair and step.
 * repel: cos(zc_a, zc_b) pushes the contrast latents of two contrasts apart.
+* health (``w_health``): a classifier (``model.health_head``, a pretext head that no downstream model keeps) reads
+  the pair's two scans unmasked, each encoder stage averaged over the crop, side by side, and is trained on the
+  pool's health labels (``data.health_label``; unknown labels left out), as the SSL3D recipe's health pretext is.
+  It is weak supervision by the pool's metadata, not a label-free objective: an encoder fine-tuned on 240 of the
+  pool's labelled subjects reads health on new subjects of the same generator at AUROC 0.98, where no label-free
+  objective put health into the features (experiments/rule_health_supervised_ceiling.md).
 * contrast_nce (``w_contrast_nce``): InfoNCE on the contrast codes of every encoded crop — the two crops of
   one scan (the pair crop and the reference crop, at another place) are each other's positive, and every
   other crop of the batch is a negative, the same session's other contrast at the same place first among
@@ -198,6 +204,7 @@ class Fomo25Config:
     w_contrast_id: float = 0.0
     w_anatomy: float = 0.0  # > 0: the anatomy latent predicts the subject's regional volumes (1 - cosine)
     w_anatomy_usage: float = 0.0  # > 0: a categorical anatomy code spreads the batch over its classes
+    w_health: float = 0.0  # > 0: a health classifier reads each pair's clean encodings (the pool's health labels)
     contrast_input: str = "masked"  # masked: the contrast terms read the masked encodings | clean
     swap_anatomy: str = "mean"  # mean (paper) | other
     swap_contrast: str = "same"  # same (paper) | reference
@@ -241,6 +248,7 @@ class Fomo25Config:
             "w_contrast_id",
             "w_anatomy",
             "w_anatomy_usage",
+            "w_health",
         ):
             if getattr(self, name) < 0:
                 raise ConfigError(f"objective.{name} should be >= 0, got {getattr(self, name)}")
@@ -290,6 +298,8 @@ class Fomo25Config:
             out["contrast_classes"] = len(CONTRASTS)
         if self.w_anatomy > 0:
             out["anatomy_outputs"] = len(extra["regions"])
+        if self.w_health > 0:
+            out["health_classes"] = 2
         return out
 
     def example_batch(self, batch: int, patch: int, extra: dict[str, Any], device: Any = "cpu") -> dict[str, Any]:
@@ -299,6 +309,8 @@ class Fomo25Config:
         out["pair_valid"] = torch.ones(batch, dtype=torch.bool, device=device)
         out["contrast_a"] = torch.zeros(batch, dtype=torch.long, device=device)
         out["contrast_b"] = torch.ones(batch, dtype=torch.long, device=device)
+        if self.w_health > 0:
+            out["health"] = torch.arange(batch, device=device) % 2
         if self.w_anatomy > 0:
             out["volumes"] = torch.randn(batch, len(extra.get("regions", ())), device=device)
             out["has_volumes"] = torch.ones(batch, dtype=torch.bool, device=device)
@@ -976,9 +988,14 @@ class Fomo25Loss(nn.Module):
         contrast_terms = (
             cfg.w_contrast_means > 0 or cfg.w_adversary > 0 or cfg.w_contrast_id > 0 or cfg.w_contrast_nce > 0
         )
-        if contrast_terms and cfg.contrast_input == "clean":  # what a downstream model sees: the scans unmasked
-            clean = model.forward_features(x).latents
-            mu_s, mu_c = clean["mu_s"], clean["mu_c"]
+        clean = None
+        if (contrast_terms and cfg.contrast_input == "clean") or cfg.w_health > 0:
+            clean = model.forward_features(x)  # what a downstream model sees: the scans unmasked
+        if contrast_terms and cfg.contrast_input == "clean":
+            mu_s, mu_c = clean.latents["mu_s"], clean.latents["mu_c"]
+        if cfg.w_health > 0:
+            terms["health"] = self.health_term(model, clean.pooled[: 2 * bsz], batch["health"].view(-1))
+            total = total + cfg.w_health * terms["health"]
         if cfg.w_contrast_means > 0:
             ids_b = torch.where(
                 valid.bool(), batch["contrast_b"].view(-1), torch.full_like(batch["contrast_b"].view(-1), -1)
@@ -1014,6 +1031,19 @@ class Fomo25Loss(nn.Module):
         if cfg.w_adversary > 0 or cfg.w_contrast_id > 0:
             total = total + self.contrast_terms(model, mu_s, mu_c, batch, bsz, use_ref, terms)
         return total, {k: v.detach() for k, v in terms.items()}, out
+
+    @staticmethod
+    def health_term(model: nn.Module, pooled: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """Cross-entropy of the health classifier on a pair's two clean encodings, each averaged over its crop
+        (``pooled`` ``(2B, C)``: the first scans, then the second); unknown labels (-1) are left out."""
+        if getattr(model, "health_head", None) is None:
+            raise ConfigError("objective.w_health needs the model's health head (model.kwargs.health_classes=2)")
+        half = pooled.shape[0] // 2
+        logits = model.health_head(torch.cat([pooled[:half], pooled[half:]], dim=1))
+        target = target.long()
+        if not (target >= 0).any():
+            return logits.sum() * 0.0  # keeps the head in the graph
+        return F.cross_entropy(logits, target, ignore_index=-1)
 
     @staticmethod
     def anatomy_term(model: nn.Module, mus_a, mus_b, batch: dict[str, Any], valid: torch.Tensor) -> torch.Tensor:

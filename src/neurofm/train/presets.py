@@ -67,6 +67,12 @@ BASE: dict[str, dict[str, Any]] = {
             "contrast_input": "clean",
         },
     },
+    "fomo25-cmeans-health": {
+        "base": "fomo25-cmeans",
+        "help": "fomo25-cmeans with a health pretext: a classifier on each pair's clean encodings, trained on the "
+        "pool's health labels (weak supervision by the pool's metadata, as SSL3D's health pretext)",
+        "objective": {"w_health": 1.0},
+    },
     "mae": {
         "base": "fomo25",
         "help": "plain masked autoencoder on the fomo25 backbone (ablation)",
