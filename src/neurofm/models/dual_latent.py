@@ -141,8 +141,9 @@ class DualLatentUNet(Backbone):
             paper) or ``film`` (a global code scales and shifts every decoder stage; see the module docstring).
         contrast_classes: > 0 builds the contrast classifier and the anatomy adversary (pretext heads).
         anatomy_outputs: > 0 builds the anatomy projector with one output per region (a pretext head).
-        health_classes: > 0 builds the health classifier (a pretext head, ``objective.w_health``): it reads the
-            encoder stages of a pair's two scans, each averaged over the crop, side by side.
+        health_classes: > 0 builds the health classifier (a pretext head, ``objective.w_health``): a linear layer
+            on the encoder stages of a pair's two scans, each averaged over the crop, side by side, which is the
+            vector the downstream linear probe reads, so that what the pretext learns is readable by that probe.
         anatomy_code: ``gaussian`` (a posterior mean and log-variance, as the paper), ``categorical``
             (a softmax over ``latent`` classes per position; see the module docstring) or ``onehot`` (its most
             likely class, the softmax's gradient passed straight through).
@@ -277,13 +278,8 @@ class DualLatentUNet(Backbone):
         if anatomy_outputs:
             self.anatomy_projector = AnatomyProjector(latent, anatomy_outputs, hidden=2 * latent)
         self.health_head: nn.Module | None = None
-        if health_classes:  # reads the pooled encoder stages of both scans of a pair, side by side
-            self.health_head = nn.Sequential(
-                nn.LayerNorm(2 * pooled),
-                nn.Linear(2 * pooled, 2 * latent),
-                nn.GELU(),
-                nn.Linear(2 * latent, health_classes),
-            )
+        if health_classes:  # linear, on the pooled encoder stages of both scans of a pair side by side
+            self.health_head = nn.Linear(2 * pooled, health_classes)
         he_init(self)
         # Start the posteriors narrow (sigma ~ 0.08): with unit variance the sampled latents are mostly
         # noise and the decoder learns nothing for hundreds of steps; the KL term widens them as needed.
