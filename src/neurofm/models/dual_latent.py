@@ -142,8 +142,9 @@ class DualLatentUNet(Backbone):
         contrast_classes: > 0 builds the contrast classifier and the anatomy adversary (pretext heads).
         anatomy_outputs: > 0 builds the anatomy projector with one output per region (a pretext head).
         health_classes: > 0 builds the health classifier (a pretext head, ``objective.w_health``): a linear layer
-            on the encoder stages of a pair's two scans, each averaged over the crop, side by side, which is the
-            vector the downstream linear probe reads, so that what the pretext learns is readable by that probe.
+            on the encoder stages of a pair's two scans, each averaged over the crop, side by side: the stage means
+            that the downstream linear probe reads (beside the latents), so that what the pretext learns is in a form
+            that probe can read.
         anatomy_code: ``gaussian`` (a posterior mean and log-variance, as the paper), ``categorical``
             (a softmax over ``latent`` classes per position; see the module docstring) or ``onehot`` (its most
             likely class, the softmax's gradient passed straight through).

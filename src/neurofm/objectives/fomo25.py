@@ -54,10 +54,12 @@ Loss = w_rec (rec_a + rec_b) + w_swap (swap_ab + swap_ba) + w_kl(t) KL
   backward pass, per pair and step.
 * repel: cos(zc_a, zc_b) pushes the contrast latents of two contrasts apart.
 * health (``w_health``): a linear classifier (``model.health_head``, a pretext head that no downstream model keeps)
-  reads the pair's two scans unmasked, each encoder stage averaged over the crop, side by side (the vector the
-  downstream linear probe reads), and is trained on the pool's health labels (``data.health_label``; unknown labels
-  left out), as the SSL3D recipe's health pretext is. It is weak supervision by the pool's metadata, not a
-  label-free objective (experiments/rule_health_supervised_ceiling.md: an encoder trained on the pool's labels).
+  reads the pair's two scans unmasked, each encoder stage averaged over the crop, side by side (the stage means
+  the downstream linear probe reads, beside the latents), and is trained on the pool's health labels
+  (``data.health_label``; unknown labels left out), as the SSL3D recipe's health pretext is. It is weak supervision
+  by the pool's metadata, not a label-free objective (experiments/rule_health_supervised_ceiling.md: an encoder
+  trained on the pool's labels; experiments/rule_health_pretext_explore.md: this pretext did not learn the labels
+  in 3,000 steps of 2 pairs).
 * contrast_nce (``w_contrast_nce``): InfoNCE on the contrast codes of every encoded crop — the two crops of
   one scan (the pair crop and the reference crop, at another place) are each other's positive, and every
   other crop of the batch is a negative, the same session's other contrast at the same place first among
