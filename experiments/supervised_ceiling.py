@@ -7,7 +7,7 @@ health arm on other stores, as the ceiling of what any health pretext could give
 freshly built model of the same recipe (the pretext parts, which no downstream arm reads, keep their fresh weights,
 seeded), and writes a run folder as an importer does (``neurofm.io.checkpoint.write_run_folder``):
 
-    python experiments/supervised_ceiling.py export SUP/checkpoints/last SUP_PRE
+    python experiments/supervised_ceiling.py export SUP SUP_PRE   (a fine-tuned run folder: its latest checkpoint)
 
 ``experiments/probe_pairs.py --models sup=SUP_PRE`` then reads it like any pretrained run.
 """

@@ -1040,11 +1040,7 @@ class Fomo25Loss(nn.Module):
         if getattr(model, "health_head", None) is None:
             raise ConfigError("objective.w_health needs the model's health head (model.kwargs.health_classes=2)")
         half = pooled.shape[0] // 2
-        logits = model.health_head(torch.cat([pooled[:half], pooled[half:]], dim=1))
-        target = target.long()
-        if not (target >= 0).any():
-            return logits.sum() * 0.0  # keeps the head in the graph
-        return F.cross_entropy(logits, target, ignore_index=-1)
+        return _known_ce(model.health_head(torch.cat([pooled[:half], pooled[half:]], dim=1)), target.long())
 
     @staticmethod
     def anatomy_term(model: nn.Module, mus_a, mus_b, batch: dict[str, Any], valid: torch.Tensor) -> torch.Tensor:
