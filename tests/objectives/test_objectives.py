@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from neurofm.errors import ConfigError
-from neurofm.models.dual_latent import DualLatentUNet
+from neurofm.models.dual_latent import DualLatentUNet, RunningStandardise
 from neurofm.models.resenc import ResEncUNet
 from neurofm.objectives import build_objective, objective_config
 from neurofm.objectives.fomo25 import (
@@ -763,12 +763,15 @@ def test_fomo25_anatomy_anchor_learns_the_subjects_volumes_from_either_contrast(
         loss_fn(DualLatentUNet(features=(4, 8, 16), latent=8), batch)
 
 
-def test_fomo25_health_pretext_learns_the_pools_labels_from_clean_scans_and_is_dropped_downstream():
+@pytest.mark.parametrize("health_norm", [False, True])
+def test_fomo25_health_pretext_learns_the_pools_labels_from_clean_scans_and_is_dropped_downstream(health_norm):
     cfg = Fomo25Config(w_health=1.0, w_swap=0, w_kl=0, w_align=0, w_repel=0)
     kwargs = cfg.model_kwargs({}, None, {})
     assert kwargs == {"health_classes": 2} and "health_classes" not in Fomo25Config().model_kwargs({}, None, {})
     torch.manual_seed(0)
-    model = DualLatentUNet(features=(4, 8, 16), latent=8, **kwargs)
+    model = DualLatentUNet(features=(4, 8, 16), latent=8, health_norm=health_norm, **kwargs)
+    assert model.config.get("health_norm", False) is health_norm
+    assert isinstance(model.health_head, nn.Sequential) is health_norm
     batch = cfg.example_batch(4, 16, {})
     # the patients (1) carry a bright block in both scans of the pair: a lesion, which the mask often hides
     batch["health"] = torch.tensor([0, 1, 0, 1])
@@ -790,6 +793,52 @@ def test_fomo25_health_pretext_learns_the_pools_labels_from_clean_scans_and_is_d
         loss_fn(DualLatentUNet(features=(4, 8, 16), latent=8), batch)
     with pytest.raises(ConfigError, match="w_health"):
         Fomo25Config(w_health=-1.0)
+    with pytest.raises(ConfigError, match="health_norm"):
+        DualLatentUNet(features=(4, 8, 16), latent=8, health_norm=True)
+
+
+def test_running_standardise_uses_cumulative_then_exponential_statistics_and_passes_the_gradient():
+    torch.manual_seed(0)
+    norm = RunningStandardise(3, momentum=0.25)
+    batches = [torch.randn(4, 3) * 0.5 + torch.tensor([10.0, -3.0, 0.0]) for _ in range(6)]
+    norm(batches[0])  # the first batch sets the statistics outright
+    assert torch.allclose(norm.mean, batches[0].mean(0)) and torch.allclose(norm.var, batches[0].var(0, unbiased=False))
+    norm(batches[1])  # then a cumulative average (rate 1/2 > momentum)
+    assert torch.allclose(norm.mean, (batches[0].mean(0) + batches[1].mean(0)) / 2)
+    for b in batches[2:]:
+        norm(b)
+    assert int(norm.seen) == 6  # rates 1/3, then the momentum 1/4 from the fourth batch on
+    norm.eval()
+    frozen = norm.mean.clone()
+    x = torch.tensor([[10.0, -3.0, 0.0]], requires_grad=True)
+    y = norm(x)
+    assert torch.equal(norm.mean, frozen)  # evaluation leaves the statistics as they stand
+    assert torch.allclose(y, (x - norm.mean) / norm.var.sqrt())
+    y.sum().backward()
+    assert torch.allclose(x.grad, norm.var.rsqrt().unsqueeze(0))  # no gradient into the statistics
+    assert float(norm(torch.full((1, 3), 1e6)).max()) == 6.0  # clipped
+
+
+def test_a_standardised_health_head_learns_a_small_signal_on_a_large_offset_where_a_plain_one_does_not():
+    """Why ``health_norm``: crop-averaged encoder stages differ between scans by little around large shared
+    offsets; AdamW's steps on a plain linear layer move its logits by the offsets, not by the signal."""
+    final = {}
+    for norm in (False, True):
+        torch.manual_seed(0)
+        head = nn.Sequential(RunningStandardise(32), nn.Linear(32, 2)) if norm else nn.Linear(32, 2)
+        opt = torch.optim.AdamW(head.parameters(), lr=2e-3)
+        offset, direction = 5 + 10 * torch.rand(32), torch.randn(32)
+        losses = []
+        for _ in range(400):
+            y = torch.randint(0, 2, (4,))
+            x = offset + 0.02 * torch.randn(4, 32) + 0.02 * (2 * y[:, None] - 1) * direction
+            loss = F.cross_entropy(head(x), y)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            losses.append(loss.item())
+        final[norm] = sum(losses[-100:]) / 100
+    assert final[True] < 0.1 and final[False] > 0.5  # ln 2 = 0.69: the plain layer stays near a coin
 
 
 def test_categorical_anatomy_code_is_a_distribution_sampled_in_training_without_kl():

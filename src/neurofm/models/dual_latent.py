@@ -122,6 +122,33 @@ class AnatomyProjector(nn.Module):
         return self.out(self.norm(self.act(self.proj(z)).mean(dim=(2, 3, 4))))
 
 
+class RunningStandardise(nn.Module):
+    """Each feature standardised by running statistics of the training batches, clipped to +-6.
+
+    A pretext batch holds a few scans, too few for a batch's own statistics (batch normalisation); the running
+    mean and variance are cumulative averages over the first ``1 / momentum`` training batches, then exponential
+    ones. The statistics take no gradient; the gradient passes through the scaling. Evaluation uses the running
+    statistics as they stand. This is the pretext's form of what the downstream probe does from the training
+    crops (``DownstreamModel.fit_feature_norm``): the pooled stages of different scans differ by little around
+    large shared offsets, which a linear layer cannot learn from as they are."""
+
+    def __init__(self, dim: int, momentum: float = 0.01):
+        super().__init__()
+        self.momentum = momentum
+        self.register_buffer("mean", torch.zeros(dim))
+        self.register_buffer("var", torch.ones(dim))
+        self.register_buffer("seen", torch.zeros((), dtype=torch.long))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.training:
+            with torch.no_grad():
+                rate = (1.0 / (self.seen + 1).to(x.dtype)).clamp_min(self.momentum)
+                self.mean.lerp_(x.mean(0), rate)
+                self.var.lerp_((x - self.mean).pow(2).mean(0), rate)
+                self.seen += 1
+        return ((x - self.mean) * torch.rsqrt(self.var.clamp_min(1e-12))).clamp(-6.0, 6.0)
+
+
 @register_model("dual_latent_unet")
 class DualLatentUNet(Backbone):
     """Dual-latent U-Net (see module docstring).
@@ -145,6 +172,9 @@ class DualLatentUNet(Backbone):
             on the encoder stages of a pair's two scans, each averaged over the crop, side by side: the stage means
             that the downstream linear probe reads (beside the latents), so that what the pretext learns is in a form
             that probe can read.
+        health_norm: standardise those stage means by running statistics before the health classifier's linear
+            layer (:class:`RunningStandardise`), as the downstream probe standardises them; off, the layer reads them
+            as they are (the form of experiments/rule_health_pretext_explore.md, which did not learn the labels).
         anatomy_code: ``gaussian`` (a posterior mean and log-variance, as the paper), ``categorical``
             (a softmax over ``latent`` classes per position; see the module docstring) or ``onehot`` (its most
             likely class, the softmax's gradient passed straight through).
@@ -175,6 +205,7 @@ class DualLatentUNet(Backbone):
         anatomy_temperature: float = 0.5,
         anatomy_logit_norm: bool = False,
         health_classes: int = 0,
+        health_norm: bool = False,
     ):
         super().__init__()
         features = tuple(int(f) for f in features)
@@ -216,6 +247,10 @@ class DualLatentUNet(Backbone):
             self.config["anatomy_outputs"] = anatomy_outputs
         if health_classes:
             self.config["health_classes"] = health_classes
+        if health_norm:
+            if not health_classes:
+                raise ConfigError("health_norm needs a health classifier (health_classes > 0)")
+            self.config["health_norm"] = True
         if contrast_injection != "concat":
             self.config["contrast_injection"] = contrast_injection
         if anatomy_code != "gaussian":
@@ -280,7 +315,8 @@ class DualLatentUNet(Backbone):
             self.anatomy_projector = AnatomyProjector(latent, anatomy_outputs, hidden=2 * latent)
         self.health_head: nn.Module | None = None
         if health_classes:  # linear, on the pooled encoder stages of both scans of a pair side by side
-            self.health_head = nn.Linear(2 * pooled, health_classes)
+            linear = nn.Linear(2 * pooled, health_classes)
+            self.health_head = nn.Sequential(RunningStandardise(2 * pooled), linear) if health_norm else linear
         he_init(self)
         # Start the posteriors narrow (sigma ~ 0.08): with unit variance the sampled latents are mostly
         # noise and the decoder learns nothing for hundreds of steps; the KL term widens them as needed.
