@@ -192,10 +192,17 @@ def model_card(name: str, args: argparse.Namespace, run_cfg: dict, meta: dict, a
         if layout
         else ""
     )
+    how = (
+        "pretrained on synthetic multi-contrast heads made by\n`neurofm synth` from the ICBM 2009c / CerebrA anatomy, "
+        "with one label: the pool's health labels, read by a\nhealth pretext beside the self-supervised terms "
+        "(`objective.w_health`; weak supervision by the pool's metadata, not a\nlabel-free objective)."
+        if float(run_cfg.get("objective", {}).get("w_health", 0) or 0) > 0
+        else "pretrained without labels on synthetic multi-contrast heads made by\n`neurofm synth` from the ICBM "
+        "2009c / CerebrA anatomy."
+    )
     return f"""# {name}
 
-fomo25-tiny ({model}), pretrained without labels on synthetic multi-contrast heads made by
-`neurofm synth` from the ICBM 2009c / CerebrA anatomy.
+fomo25-tiny ({model}), {how}
 
 ## Data
 {args.pool_subjects} synthetic subjects x 2 sessions (T1w, T1c, T2w, FLAIR, PDw; 3 site intensity models;

@@ -250,6 +250,10 @@ def test_make_pretrained_packages_a_kept_checkpoint_or_says_there_is_none(tmp_pa
     card = script.model_card("m", args, {**run_cfg, "layout": "channels_last"}, {"step": 2000, "losses": {}}, {}, "P")
     assert "It trained in the `channels_last` memory layout" in card
     assert "adds `--set trainer.memory_format=channels_last` to follow it." in card
+    assert "pretrained without labels" in card and "health labels" not in card
+    health = {**run_cfg, "objective": {"kind": "fomo25", "w_health": 1.0}}  # a health pretext is named as such
+    card = " ".join(script.model_card("m", args, health, {"step": 2000, "losses": {}}, {}, "P").split())
+    assert "without labels" not in card and "with one label: the pool's health labels" in card
 
 
 def test_a_cards_analysis_table_is_rewritten_and_nothing_else():
