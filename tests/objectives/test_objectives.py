@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from neurofm.errors import ConfigError
-from neurofm.models.dual_latent import DualLatentUNet, RunningStandardise
+from neurofm.models.dual_latent import DualLatentUNet, PooledHealthHead, RunningStandardise
 from neurofm.models.resenc import ResEncUNet
 from neurofm.objectives import build_objective, objective_config
 from neurofm.objectives.fomo25 import (
@@ -763,15 +763,18 @@ def test_fomo25_anatomy_anchor_learns_the_subjects_volumes_from_either_contrast(
         loss_fn(DualLatentUNet(features=(4, 8, 16), latent=8), batch)
 
 
-@pytest.mark.parametrize("health_norm", [False, True])
-def test_fomo25_health_pretext_learns_the_pools_labels_from_clean_scans_and_is_dropped_downstream(health_norm):
+@pytest.mark.parametrize(("health_norm", "health_pool"), [(False, 0), (True, 0), (True, 4)])
+def test_fomo25_health_pretext_learns_the_pools_labels_from_clean_scans_and_is_dropped_downstream(
+    health_norm, health_pool
+):
     cfg = Fomo25Config(w_health=1.0, w_swap=0, w_kl=0, w_align=0, w_repel=0)
     kwargs = cfg.model_kwargs({}, None, {})
     assert kwargs == {"health_classes": 2} and "health_classes" not in Fomo25Config().model_kwargs({}, None, {})
     torch.manual_seed(0)
-    model = DualLatentUNet(features=(4, 8, 16), latent=8, health_norm=health_norm, **kwargs)
-    assert model.config.get("health_norm", False) is health_norm
-    assert isinstance(model.health_head, nn.Sequential) is health_norm
+    model = DualLatentUNet(features=(4, 8, 16), latent=8, health_norm=health_norm, health_pool=health_pool, **kwargs)
+    assert model.config.get("health_norm", False) is health_norm and model.config.get("health_pool", 0) == health_pool
+    head = {(False, 0): nn.Linear, (True, 0): nn.Sequential, (True, 4): PooledHealthHead}[(health_norm, health_pool)]
+    assert type(model.health_head) is head
     batch = cfg.example_batch(4, 16, {})
     # the patients (1) carry a bright block in both scans of the pair: a lesion, which the mask often hides
     batch["health"] = torch.tensor([0, 1, 0, 1])
@@ -795,6 +798,19 @@ def test_fomo25_health_pretext_learns_the_pools_labels_from_clean_scans_and_is_d
         Fomo25Config(w_health=-1.0)
     with pytest.raises(ConfigError, match="health_norm"):
         DualLatentUNet(features=(4, 8, 16), latent=8, health_norm=True)
+    with pytest.raises(ConfigError, match="health_pool"):
+        DualLatentUNet(features=(4, 8, 16), latent=8, health_pool=4)
+
+
+def test_the_pooled_health_head_pools_each_stage_by_a_convolution_and_gelu_then_the_mean():
+    torch.manual_seed(0)
+    head = PooledHealthHead((3, 5), classes=2, channels=4).eval()
+    maps = [torch.randn(4, 3, 6, 6, 6), torch.randn(4, 5, 3, 3, 3)]  # two pairs: rows 0-1 first scans, 2-3 second
+    pooled = torch.cat([F.gelu(conv(m)).mean(dim=(2, 3, 4)) for conv, m in zip(head.pool, maps, strict=True)], dim=1)
+    want = head.out(torch.cat([pooled[:2], pooled[2:]], dim=1))
+    assert torch.allclose(head(maps), want, atol=1e-5)  # the channels-last linear form is the convolution
+    swapped = [torch.cat([m[2:], m[:2]]) for m in maps]  # the pair's two scans side by side, not summed
+    assert not torch.allclose(head(swapped), head(maps))
 
 
 def test_running_standardise_uses_cumulative_then_exponential_statistics_and_passes_the_gradient():

@@ -149,6 +149,33 @@ class RunningStandardise(nn.Module):
         return ((x - self.mean) * torch.rsqrt(self.var.clamp_min(1e-12))).clamp(-6.0, 6.0)
 
 
+class PooledHealthHead(nn.Module):
+    """The health pretext's classifier reading each encoder stage as the downstream heads learn to pool it: a 1x1x1
+    convolution and GELU at every position, then the mean over the crop (``DownstreamModel``'s learned pooling), for
+    a pair's two scans side by side; optionally standardised (:class:`RunningStandardise`); then linear. Unlike a
+    linear layer on the stage means, the GELU before the mean lets a few positions (a lesion) move the pooled value
+    without the rest of the crop diluting it."""
+
+    def __init__(self, stages: tuple[int, ...], classes: int, channels: int, norm: bool = False):
+        super().__init__()
+        self.pool = nn.ModuleList(nn.Conv3d(c, channels, 1) for c in stages)
+        dim = 2 * channels * len(stages)
+        self.norm = RunningStandardise(dim) if norm else nn.Identity()
+        self.out = nn.Linear(dim, classes)
+
+    def forward(self, maps: list[torch.Tensor]) -> torch.Tensor:
+        """``maps``: the encoder stages of ``2B`` scans (the pairs' first scans, then the second): ``(B, classes)``."""
+        parts = []
+        for conv, m in zip(self.pool, maps, strict=True):
+            # the 1x1x1 convolution as a linear map over the channels of a channels-last view (no oneDNN convolution,
+            # slow for a few channels over many voxels)
+            v = F.gelu(F.linear(m.movedim(1, -1), conv.weight.flatten(1), conv.bias))
+            parts.append(v.flatten(1, -2).mean(1))
+        v = torch.cat(parts, dim=1)
+        half = v.shape[0] // 2
+        return self.out(self.norm(torch.cat([v[:half], v[half:]], dim=1)))
+
+
 @register_model("dual_latent_unet")
 class DualLatentUNet(Backbone):
     """Dual-latent U-Net (see module docstring).
@@ -175,6 +202,8 @@ class DualLatentUNet(Backbone):
         health_norm: standardise those stage means by running statistics before the health classifier's linear
             layer (:class:`RunningStandardise`), as the downstream probe standardises them; off, the layer reads them
             as they are (the form of experiments/rule_health_pretext_explore.md, which did not learn the labels).
+        health_pool: > 0: the health classifier reads each encoder stage through a learned pooling of this many
+            channels (:class:`PooledHealthHead`, the downstream heads' form) instead of the stage means.
         anatomy_code: ``gaussian`` (a posterior mean and log-variance, as the paper), ``categorical``
             (a softmax over ``latent`` classes per position; see the module docstring) or ``onehot`` (its most
             likely class, the softmax's gradient passed straight through).
@@ -206,6 +235,7 @@ class DualLatentUNet(Backbone):
         anatomy_logit_norm: bool = False,
         health_classes: int = 0,
         health_norm: bool = False,
+        health_pool: int = 0,
     ):
         super().__init__()
         features = tuple(int(f) for f in features)
@@ -247,10 +277,13 @@ class DualLatentUNet(Backbone):
             self.config["anatomy_outputs"] = anatomy_outputs
         if health_classes:
             self.config["health_classes"] = health_classes
-        if health_norm:
-            if not health_classes:
-                raise ConfigError("health_norm needs a health classifier (health_classes > 0)")
-            self.config["health_norm"] = True
+        if health_pool < 0:
+            raise ConfigError(f"health_pool should be >= 0, got {health_pool}")
+        for name, on in (("health_norm", bool(health_norm)), ("health_pool", int(health_pool))):
+            if on:
+                if not health_classes:
+                    raise ConfigError(f"{name} needs a health classifier (health_classes > 0)")
+                self.config[name] = on
         if contrast_injection != "concat":
             self.config["contrast_injection"] = contrast_injection
         if anatomy_code != "gaussian":
@@ -315,8 +348,11 @@ class DualLatentUNet(Backbone):
             self.anatomy_projector = AnatomyProjector(latent, anatomy_outputs, hidden=2 * latent)
         self.health_head: nn.Module | None = None
         if health_classes:  # linear, on the pooled encoder stages of both scans of a pair side by side
-            linear = nn.Linear(2 * pooled, health_classes)
-            self.health_head = nn.Sequential(RunningStandardise(2 * pooled), linear) if health_norm else linear
+            if health_pool:
+                self.health_head = PooledHealthHead(features, health_classes, health_pool, bool(health_norm))
+            else:
+                linear = nn.Linear(2 * pooled, health_classes)
+                self.health_head = nn.Sequential(RunningStandardise(2 * pooled), linear) if health_norm else linear
         he_init(self)
         # Start the posteriors narrow (sigma ~ 0.08): with unit variance the sampled latents are mostly
         # noise and the decoder learns nothing for hundreds of steps; the KL term widens them as needed.
@@ -365,6 +401,16 @@ class DualLatentUNet(Backbone):
             feats.latents.update(mu_s=mu_s, logvar_s=logvar_s.clamp(*LOGVAR_RANGE))
         feats.anatomy, feats.contrast = mu_s.mean(dim=(2, 3, 4)), mu_c.mean(dim=(2, 3, 4))
         return feats
+
+    def health_logits(self, feats: Features, n: int) -> torch.Tensor:
+        """The health classifier's logits ``(n / 2, classes)`` for pairs whose first scans are ``feats``' rows
+        ``[: n / 2]`` and second scans rows ``[n / 2 : n]``."""
+        if self.health_head is None:
+            raise ConfigError("objective.w_health needs the model's health head (model.kwargs.health_classes=2)")
+        if isinstance(self.health_head, PooledHealthHead):
+            return self.health_head([m[:n] for m in feats.maps])
+        half = n // 2
+        return self.health_head(torch.cat([feats.pooled[:half], feats.pooled[half:n]], dim=1))
 
     def decode(self, z_s: torch.Tensor, z_c: torch.Tensor) -> torch.Tensor:
         """Reconstruct from a subject and a contrast latent: ``(B, out_channels, X, Y, Z)``.

@@ -995,7 +995,7 @@ class Fomo25Loss(nn.Module):
         if contrast_terms and cfg.contrast_input == "clean":
             mu_s, mu_c = clean.latents["mu_s"], clean.latents["mu_c"]
         if cfg.w_health > 0:
-            terms["health"] = self.health_term(model, clean.pooled[: 2 * bsz], batch["health"].view(-1))
+            terms["health"] = self.health_term(model, clean, 2 * bsz, batch["health"].view(-1))
             total = total + cfg.w_health * terms["health"]
         if cfg.w_contrast_means > 0:
             ids_b = torch.where(
@@ -1034,13 +1034,13 @@ class Fomo25Loss(nn.Module):
         return total, {k: v.detach() for k, v in terms.items()}, out
 
     @staticmethod
-    def health_term(model: nn.Module, pooled: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        """Cross-entropy of the health classifier on a pair's two clean encodings, each averaged over its crop
-        (``pooled`` ``(2B, C)``: the first scans, then the second); unknown labels (-1) are left out."""
+    def health_term(model: nn.Module, clean: Any, n: int, target: torch.Tensor) -> torch.Tensor:
+        """Cross-entropy of the health classifier on a pair's two clean encodings (``clean``'s first ``n`` rows: the
+        first scans, then the second), read as the model's head reads them (``health_logits``); unknown labels (-1)
+        are left out."""
         if getattr(model, "health_head", None) is None:
             raise ConfigError("objective.w_health needs the model's health head (model.kwargs.health_classes=2)")
-        half = pooled.shape[0] // 2
-        return _known_ce(model.health_head(torch.cat([pooled[:half], pooled[half:]], dim=1)), target.long())
+        return _known_ce(model.health_logits(clean, n), target.long())
 
     @staticmethod
     def anatomy_term(model: nn.Module, mus_a, mus_b, batch: dict[str, Any], valid: torch.Tensor) -> torch.Tensor:
