@@ -429,7 +429,7 @@ def random_remap(x: torch.Tensor, others: tuple[torch.Tensor, ...] = (), knots: 
     return tuple(((m - m_mean) / m_std * std + mean).view_as(t) for m, t in zip(mapped, (x, *others), strict=True))
 
 
-def _known_ce(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+def known_ce(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """Cross-entropy averaged over the targets that are known (>= 0); 0 when none is (no host sync)."""
     ce = F.cross_entropy(logits, target.clamp_min(0), reduction="none")
     known = (target >= 0).to(ce.dtype)
@@ -1040,7 +1040,7 @@ class Fomo25Loss(nn.Module):
         are left out."""
         if getattr(model, "health_head", None) is None:
             raise ConfigError("objective.w_health needs the model's health head (model.kwargs.health_classes=2)")
-        return _known_ce(model.health_logits(clean, n), target.long())
+        return known_ce(model.health_logits(clean, n), target.long())
 
     @staticmethod
     def anatomy_term(model: nn.Module, mus_a, mus_b, batch: dict[str, Any], valid: torch.Tensor) -> torch.Tensor:
@@ -1079,9 +1079,9 @@ class Fomo25Loss(nn.Module):
                 read = mu_s.mean(dim=tuple(range(2, mu_s.dim())), keepdim=True)
             logits = model.adversary(reverse_gradient(read))  # (N, classes, *grid)
             per_position = target.view(-1, *([1] * (read.dim() - 2))).expand(-1, *read.shape[2:])
-            terms["adversary"] = _known_ce(logits, per_position)
+            terms["adversary"] = known_ce(logits, per_position)
             total = total + cfg.w_adversary * terms["adversary"]
         if cfg.w_contrast_id > 0:
-            terms["contrast_id"] = _known_ce(model.contrast_classifier(mu_c.mean(dim=(2, 3, 4))), target)
+            terms["contrast_id"] = known_ce(model.contrast_classifier(mu_c.mean(dim=(2, 3, 4))), target)
             total = total + cfg.w_contrast_id * terms["contrast_id"]
         return total

@@ -29,6 +29,7 @@ from torch import nn
 from neurofm.data.config import DataConfig
 from neurofm.data.pretrain import DataNeeds
 from neurofm.errors import ConfigError
+from neurofm.objectives.fomo25 import known_ce
 from neurofm.objectives.masking import masked_reconstruction
 
 
@@ -103,12 +104,8 @@ class SSL3DLoss(nn.Module):
             terms["anatomy"] = ((1.0 - cos) * has).sum() / has.sum().clamp_min(1.0)
             total = total + cfg.w_anatomy * terms["anatomy"]
         if cfg.w_health > 0 and pred["health"] is not None:
-            logits = pred["health"]
-            target = batch["health"].long()
-            if (target >= 0).any():
-                terms["health"] = F.cross_entropy(logits, target, ignore_index=-1)
-            else:
-                terms["health"] = logits.sum() * 0.0  # keeps every parameter in the graph
+            # averaged over the known labels; 0, with every parameter kept in the graph, when none is (no host sync)
+            terms["health"] = known_ce(pred["health"], batch["health"].long())
             total = total + cfg.w_health * terms["health"]
         if cfg.w_dense > 0:
             if pred["dense"] is None:
