@@ -198,7 +198,7 @@ class DualLatentUNet(Backbone):
         health_classes: > 0 builds the health classifier (a pretext head, ``objective.w_health``): a linear layer
             on the encoder stages of a pair's two scans, each averaged over the crop, side by side: the stage means
             that the downstream linear probe reads (beside the latents), so that what the pretext learns is in a form
-            that probe can read.
+            that probe can read (``health_pool`` pools them otherwise).
         health_norm: standardise those stage means by running statistics before the health classifier's linear
             layer (:class:`RunningStandardise`), as the downstream probe standardises them; off, the layer reads them
             as they are (the form of experiments/rule_health_pretext_explore.md, which did not learn the labels).

@@ -59,7 +59,9 @@ Loss = w_rec (rec_a + rec_b) + w_swap (swap_ab + swap_ba) + w_kl(t) KL
   (``data.health_label``; unknown labels left out), as the SSL3D recipe's health pretext is. It is weak supervision
   by the pool's metadata, not a label-free objective (experiments/rule_health_supervised_ceiling.md: an encoder
   trained on the pool's labels; experiments/rule_health_pretext_explore.md: this pretext did not learn the labels
-  in 3,000 steps of 2 pairs).
+  in 3,000 steps of 2 pairs, nor with the stage means standardised first, ``model.kwargs.health_norm``,
+  experiments/rule_health_pretext_standardised.md). ``model.kwargs.health_pool`` reads the stages through a learned
+  pooling instead (the model's ``health_logits`` picks the form).
 * contrast_nce (``w_contrast_nce``): InfoNCE on the contrast codes of every encoded crop — the two crops of
   one scan (the pair crop and the reference crop, at another place) are each other's positive, and every
   other crop of the batch is a negative, the same session's other contrast at the same place first among
