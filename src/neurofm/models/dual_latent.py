@@ -153,8 +153,9 @@ class PooledHealthHead(nn.Module):
     """The health pretext's classifier reading each encoder stage as the downstream heads learn to pool it: a 1x1x1
     convolution and GELU at every position, then the mean over the crop (``DownstreamModel``'s learned pooling), for
     a pair's two scans side by side; optionally standardised (:class:`RunningStandardise`); then linear. Unlike a
-    linear layer on the stage means, the GELU before the mean lets a few positions (a lesion) move the pooled value
-    without the rest of the crop diluting it."""
+    linear layer on the stage means, it is not linear in the features before the mean: a channel that fires only at
+    a lesion's positions keeps its sign in the pooled value instead of being cancelled by opposite values elsewhere
+    in the crop."""
 
     def __init__(self, stages: tuple[int, ...], classes: int, channels: int, norm: bool = False):
         super().__init__()
@@ -347,7 +348,7 @@ class DualLatentUNet(Backbone):
         if anatomy_outputs:
             self.anatomy_projector = AnatomyProjector(latent, anatomy_outputs, hidden=2 * latent)
         self.health_head: nn.Module | None = None
-        if health_classes:  # linear, on the pooled encoder stages of both scans of a pair side by side
+        if health_classes:  # on the encoder stages of both scans of a pair side by side (health_logits)
             if health_pool:
                 self.health_head = PooledHealthHead(features, health_classes, health_pool, bool(health_norm))
             else:
