@@ -823,7 +823,11 @@ def test_running_standardise_uses_cumulative_then_exponential_statistics_and_pas
     assert torch.allclose(norm.mean, (batches[0].mean(0) + batches[1].mean(0)) / 2)
     for b in batches[2:]:
         norm(b)
-    assert int(norm.seen) == 6  # rates 1/3, then the momentum 1/4 from the fourth batch on
+    assert int(norm.seen) == 6
+    want = batches[0].mean(0)
+    for b, rate in zip(batches[1:], (1 / 2, 1 / 3, 1 / 4, 1 / 4, 1 / 4), strict=True):  # then the momentum, 1/4
+        want = want + rate * (b.mean(0) - want)
+    assert torch.allclose(norm.mean, want)
     norm.eval()
     frozen = norm.mean.clone()
     x = torch.tensor([[10.0, -3.0, 0.0]], requires_grad=True)

@@ -33,6 +33,7 @@ from torch import nn
 from neurofm.errors import CheckpointError, ConfigError
 from neurofm.io.checkpoint import load_state
 from neurofm.models.base import Features, check_task
+from neurofm.models.layers import pointwise_positions
 from neurofm.models.registry import create_model, model_class, register_model
 
 MODES = ("linear", "frozen", "full")
@@ -230,10 +231,7 @@ class DownstreamModel(nn.Module):
         maps = [*f.maps, f.latents["mu_s"]] if self.latent_pool else f.maps
         out = []
         for p, m in zip(self.pool, maps, strict=True):
-            # the 1x1x1 convolution as a linear map over the channels of a channels-last view: the same numbers
-            # to float rounding, and no oneDNN convolution, which is slow for a few channels over many voxels
-            conv, act = p[0], p[1]
-            v = act(nn.functional.linear(m.movedim(1, -1), conv.weight.flatten(1), conv.bias)).flatten(1, -2)
+            v = pointwise_positions(p[0], p[1], m)
             out += [v.mean(1), v.amax(1)] if self.pool_kind == "meanmax" else [v.mean(1)]
         return torch.cat(out, dim=1)
 

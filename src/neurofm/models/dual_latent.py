@@ -57,7 +57,7 @@ from torch import nn
 
 from neurofm.errors import ConfigError
 from neurofm.models.base import Backbone, FeatureDims, Features, check_task, global_pool
-from neurofm.models.layers import conv_kwargs, freeze_unused_seg_layers, he_init
+from neurofm.models.layers import conv_kwargs, freeze_unused_seg_layers, he_init, pointwise_positions
 from neurofm.models.registry import register_model
 
 LOGVAR_RANGE = (-10.0, 10.0)
@@ -168,10 +168,7 @@ class PooledHealthHead(nn.Module):
         """``maps``: the encoder stages of ``2B`` scans (the pairs' first scans, then the second): ``(B, classes)``."""
         parts = []
         for conv, m in zip(self.pool, maps, strict=True):
-            # the 1x1x1 convolution as a linear map over the channels of a channels-last view (no oneDNN convolution,
-            # slow for a few channels over many voxels)
-            v = F.gelu(F.linear(m.movedim(1, -1), conv.weight.flatten(1), conv.bias))
-            parts.append(v.flatten(1, -2).mean(1))
+            parts.append(pointwise_positions(conv, F.gelu, m).mean(1))
         v = torch.cat(parts, dim=1)
         half = v.shape[0] // 2
         return self.out(self.norm(torch.cat([v[:half], v[half:]], dim=1)))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
 from torch import nn
 
 
@@ -34,3 +35,11 @@ def freeze_unused_seg_layers(decoder: nn.Module) -> None:
     every trainable parameter gets a gradient and DDP needs no unused-parameter search."""
     for layer in list(decoder.seg_layers)[:-1]:
         layer.requires_grad_(False)
+
+
+def pointwise_positions(conv: nn.Conv3d, act: nn.Module | Any, m: torch.Tensor) -> torch.Tensor:
+    """``act(conv(m))`` for a 1x1x1 convolution, as ``(B, positions, out_channels)``: the convolution as a linear map
+    over the channels of a channels-last view (the same numbers to float rounding, and no oneDNN convolution, which
+    is slow for a few channels over many voxels). The learned pooling of the downstream heads and of the health
+    pretext's pooled head."""
+    return act(nn.functional.linear(m.movedim(1, -1), conv.weight.flatten(1), conv.bias)).flatten(1, -2)
