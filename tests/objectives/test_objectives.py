@@ -10,7 +10,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from neurofm.errors import ConfigError
-from neurofm.models.dual_latent import DualLatentUNet, PooledHealthHead, RunningStandardise
+from neurofm.models.dual_latent import (
+    HEALTH_SLOTS,
+    DualLatentUNet,
+    PooledHealthHead,
+    RunningStandardise,
+    pair_slots,
+)
 from neurofm.models.resenc import ResEncUNet
 from neurofm.objectives import build_objective, objective_config
 from neurofm.objectives.fomo25 import (
@@ -763,16 +769,27 @@ def test_fomo25_anatomy_anchor_learns_the_subjects_volumes_from_either_contrast(
         loss_fn(DualLatentUNet(features=(4, 8, 16), latent=8), batch)
 
 
-@pytest.mark.parametrize(("health_norm", "health_pool"), [(False, 0), (True, 0), (True, 4)])
+@pytest.mark.parametrize(
+    ("health_norm", "health_pool", "health_slots"),
+    [(False, 0, False), (True, 0, False), (True, 4, False), (True, 4, True)],
+)
 def test_fomo25_health_pretext_learns_the_pools_labels_from_clean_scans_and_is_dropped_downstream(
-    health_norm, health_pool
+    health_norm, health_pool, health_slots
 ):
     cfg = Fomo25Config(w_health=1.0, w_swap=0, w_kl=0, w_align=0, w_repel=0)
     kwargs = cfg.model_kwargs({}, None, {})
     assert kwargs == {"health_classes": 2} and "health_classes" not in Fomo25Config().model_kwargs({}, None, {})
     torch.manual_seed(0)
-    model = DualLatentUNet(features=(4, 8, 16), latent=8, health_norm=health_norm, health_pool=health_pool, **kwargs)
+    model = DualLatentUNet(
+        features=(4, 8, 16),
+        latent=8,
+        health_norm=health_norm,
+        health_pool=health_pool,
+        health_slots=health_slots,
+        **kwargs,
+    )
     assert model.config.get("health_norm", False) is health_norm and model.config.get("health_pool", 0) == health_pool
+    assert model.config.get("health_slots", False) is health_slots
     head = {(False, 0): nn.Linear, (True, 0): nn.Sequential, (True, 4): PooledHealthHead}[(health_norm, health_pool)]
     assert type(model.health_head) is head
     batch = cfg.example_batch(4, 16, {})
@@ -800,6 +817,8 @@ def test_fomo25_health_pretext_learns_the_pools_labels_from_clean_scans_and_is_d
         DualLatentUNet(features=(4, 8, 16), latent=8, health_norm=True)
     with pytest.raises(ConfigError, match="health_pool"):
         DualLatentUNet(features=(4, 8, 16), latent=8, health_pool=4)
+    with pytest.raises(ConfigError, match="health_slots"):
+        DualLatentUNet(features=(4, 8, 16), latent=8, health_slots=True)
 
 
 def test_the_pooled_health_head_pools_each_stage_by_a_convolution_and_gelu_then_the_mean():
@@ -811,6 +830,23 @@ def test_the_pooled_health_head_pools_each_stage_by_a_convolution_and_gelu_then_
     assert torch.allclose(head(maps), want, atol=1e-5)  # the channels-last linear form is the convolution
     swapped = [torch.cat([m[2:], m[:2]]) for m in maps]  # the pair's two scans side by side, not summed
     assert not torch.allclose(head(swapped), head(maps))
+
+
+def test_pair_slots_put_each_scan_in_its_contrasts_slot_so_the_pairs_order_does_not_matter():
+    v = torch.arange(10.0).view(5, 2)[:4]  # two pairs: rows 0-1 their first scans, rows 2-3 their second
+    ids = torch.tensor([0, 3, 3, 3])  # pair 0: T1w and FLAIR; pair 1: FLAIR twice (a session with one scan)
+    want = torch.tensor([[0.0, 1, 0, 0, 0, 0, 4, 5, 0, 0, 0, 0], [0, 0, 0, 0, 0, 0, 4, 5, 0, 0, 0, 0]])
+    assert torch.equal(pair_slots(v, ids, 6), want)
+    assert torch.equal(pair_slots(v, torch.tensor([-1, 3, 2, 3]), 6)[0, 10:], v[0])  # another name: the last slot
+    torch.manual_seed(0)
+    head = PooledHealthHead((3, 5), classes=2, channels=4, slots=HEALTH_SLOTS).eval()
+    maps = [torch.randn(4, 3, 6, 6, 6), torch.randn(4, 5, 3, 3, 3)]
+    ids = torch.tensor([0, 1, 3, 2])
+    swapped = [torch.cat([m[2:], m[:2]]) for m in maps]  # first and second scans exchanged, with their contrasts
+    assert torch.allclose(head(swapped, torch.cat([ids[2:], ids[:2]])), head(maps, ids), atol=1e-6)
+    assert not torch.allclose(head(maps, torch.tensor([3, 2, 0, 1])), head(maps, ids))  # the slot says the contrast
+    with pytest.raises(ConfigError, match="contrast"):
+        head(maps)
 
 
 def test_running_standardise_uses_cumulative_then_exponential_statistics_and_passes_the_gradient():

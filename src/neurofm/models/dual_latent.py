@@ -56,6 +56,7 @@ from dynamic_network_architectures.building_blocks.unet_decoder import UNetDecod
 from torch import nn
 
 from neurofm.errors import ConfigError
+from neurofm.io.manifest import CONTRASTS
 from neurofm.models.base import Backbone, FeatureDims, Features, check_task, global_pool
 from neurofm.models.layers import conv_kwargs, freeze_unused_seg_layers, he_init, pointwise_positions
 from neurofm.models.registry import register_model
@@ -149,6 +150,23 @@ class RunningStandardise(nn.Module):
         return ((x - self.mean) * torch.rsqrt(self.var.clamp_min(1e-12))).clamp(-6.0, 6.0)
 
 
+#: the health pretext's contrast slots: one per name of ``io.manifest.CONTRASTS``, and one for any other name
+HEALTH_SLOTS = len(CONTRASTS) + 1
+
+
+def pair_slots(v: torch.Tensor, ids: torch.Tensor, slots: int) -> torch.Tensor:
+    """``v``: ``(2B, D)``, a pair's first scans then its second; ``ids``: ``(2B,)`` each scan's contrast index (-1:
+    another name). Returns ``(B, slots * D)``: each scan's vector in its contrast's slot, zeros in the slots of
+    contrasts the pair lacks (the downstream models' per-contrast fusion), so that the head knows which contrast it
+    reads; a pair of one contrast twice (a session with one scan) gets their mean in that slot."""
+    half = v.shape[0] // 2
+    ids = torch.where(ids < 0, torch.full_like(ids, slots - 1), ids).long()
+    rows = torch.arange(half, device=v.device).repeat(2) * slots + ids
+    total = v.new_zeros(half * slots, v.shape[1]).index_add(0, rows, v)
+    count = v.new_zeros(half * slots).index_add(0, rows, torch.ones_like(rows, dtype=v.dtype))
+    return (total / count.clamp_min(1.0)[:, None]).view(half, slots * v.shape[1])
+
+
 class PooledHealthHead(nn.Module):
     """The health pretext's classifier reading each encoder stage as the downstream heads learn to pool it: a 1x1x1
     convolution and GELU at every position, then the mean over the crop (``DownstreamModel``'s learned pooling), for
@@ -157,21 +175,32 @@ class PooledHealthHead(nn.Module):
     a lesion's positions keeps its sign in the pooled value instead of being cancelled by opposite values elsewhere
     in the crop."""
 
-    def __init__(self, stages: tuple[int, ...], classes: int, channels: int, norm: bool = False):
+    def __init__(self, stages: tuple[int, ...], classes: int, channels: int, norm: bool = False, slots: int = 0):
         super().__init__()
+        self.slots = slots
         self.pool = nn.ModuleList(nn.Conv3d(c, channels, 1) for c in stages)
-        dim = 2 * channels * len(stages)
+        dim = (slots or 2) * channels * len(stages)
         self.norm = RunningStandardise(dim) if norm else nn.Identity()
         self.out = nn.Linear(dim, classes)
 
-    def forward(self, maps: list[torch.Tensor]) -> torch.Tensor:
-        """``maps``: the encoder stages of ``2B`` scans (the pairs' first scans, then the second): ``(B, classes)``."""
+    def forward(self, maps: list[torch.Tensor], ids: torch.Tensor | None = None) -> torch.Tensor:
+        """``maps``: the encoder stages of ``2B`` scans (the pairs' first scans, then the second); ``ids``: their
+        contrast indices, needed with ``slots`` (:func:`pair_slots`). Returns ``(B, classes)``."""
         parts = []
         for conv, m in zip(self.pool, maps, strict=True):
             parts.append(pointwise_positions(conv, F.gelu, m).mean(1))
         v = torch.cat(parts, dim=1)
-        half = v.shape[0] // 2
-        return self.out(self.norm(torch.cat([v[:half], v[half:]], dim=1)))
+        return self.out(self.norm(_side_by_side(v, ids, self.slots)))
+
+
+def _side_by_side(v: torch.Tensor, ids: torch.Tensor | None, slots: int) -> torch.Tensor:
+    """A pair's two scans' vectors as one: in their contrasts' slots (``slots`` > 0) or first then second."""
+    if slots:
+        if ids is None:
+            raise ConfigError("the health head's contrast slots need each scan's contrast (health_logits' ids)")
+        return pair_slots(v, ids, slots)
+    half = v.shape[0] // 2
+    return torch.cat([v[:half], v[half:]], dim=1)
 
 
 @register_model("dual_latent_unet")
@@ -202,6 +231,8 @@ class DualLatentUNet(Backbone):
             as they are (the form of experiments/rule_health_pretext_explore.md, which did not learn the labels).
         health_pool: > 0: the health classifier reads each encoder stage through a learned pooling of this many
             channels (:class:`PooledHealthHead`, the downstream heads' form) instead of the stage means.
+        health_slots: the health classifier reads each scan of a pair in its contrast's slot (:func:`pair_slots`,
+            zeros for the contrasts the pair lacks, as the downstream models fuse contrasts), not first and second.
         anatomy_code: ``gaussian`` (a posterior mean and log-variance, as the paper), ``categorical``
             (a softmax over ``latent`` classes per position; see the module docstring) or ``onehot`` (its most
             likely class, the softmax's gradient passed straight through).
@@ -234,6 +265,7 @@ class DualLatentUNet(Backbone):
         health_classes: int = 0,
         health_norm: bool = False,
         health_pool: int = 0,
+        health_slots: bool = False,
     ):
         super().__init__()
         features = tuple(int(f) for f in features)
@@ -277,7 +309,12 @@ class DualLatentUNet(Backbone):
             self.config["health_classes"] = health_classes
         if health_pool < 0:
             raise ConfigError(f"health_pool should be >= 0, got {health_pool}")
-        for name, on in (("health_norm", bool(health_norm)), ("health_pool", int(health_pool))):
+        switches = (
+            ("health_norm", bool(health_norm)),
+            ("health_pool", int(health_pool)),
+            ("health_slots", bool(health_slots)),
+        )
+        for name, on in switches:
             if on:
                 if not health_classes:
                     raise ConfigError(f"{name} needs a health classifier (health_classes > 0)")
@@ -345,12 +382,16 @@ class DualLatentUNet(Backbone):
         if anatomy_outputs:
             self.anatomy_projector = AnatomyProjector(latent, anatomy_outputs, hidden=2 * latent)
         self.health_head: nn.Module | None = None
+        self.health_slots = HEALTH_SLOTS if health_slots else 0
         if health_classes:  # on the encoder stages of both scans of a pair side by side (health_logits)
             if health_pool:
-                self.health_head = PooledHealthHead(features, health_classes, health_pool, bool(health_norm))
+                self.health_head = PooledHealthHead(
+                    features, health_classes, health_pool, bool(health_norm), self.health_slots
+                )
             else:
-                linear = nn.Linear(2 * pooled, health_classes)
-                self.health_head = nn.Sequential(RunningStandardise(2 * pooled), linear) if health_norm else linear
+                dim = (self.health_slots or 2) * pooled
+                linear = nn.Linear(dim, health_classes)
+                self.health_head = nn.Sequential(RunningStandardise(dim), linear) if health_norm else linear
         he_init(self)
         # Start the posteriors narrow (sigma ~ 0.08): with unit variance the sampled latents are mostly
         # noise and the decoder learns nothing for hundreds of steps; the KL term widens them as needed.
@@ -400,15 +441,15 @@ class DualLatentUNet(Backbone):
         feats.anatomy, feats.contrast = mu_s.mean(dim=(2, 3, 4)), mu_c.mean(dim=(2, 3, 4))
         return feats
 
-    def health_logits(self, feats: Features, n: int) -> torch.Tensor:
+    def health_logits(self, feats: Features, n: int, ids: torch.Tensor | None = None) -> torch.Tensor:
         """The health classifier's logits ``(n / 2, classes)`` for pairs whose first scans are ``feats``' rows
-        ``[: n / 2]`` and second scans rows ``[n / 2 : n]``."""
+        ``[: n / 2]`` and second scans rows ``[n / 2 : n]``; ``ids``: those ``n`` scans' contrast indices (needed by
+        ``health_slots``)."""
         if self.health_head is None:
             raise ConfigError("objective.w_health needs the model's health head (model.kwargs.health_classes=2)")
         if isinstance(self.health_head, PooledHealthHead):
-            return self.health_head([m[:n] for m in feats.maps])
-        half = n // 2
-        return self.health_head(torch.cat([feats.pooled[:half], feats.pooled[half:n]], dim=1))
+            return self.health_head([m[:n] for m in feats.maps], ids)
+        return self.health_head(_side_by_side(feats.pooled[:n], ids, self.health_slots))
 
     def decode(self, z_s: torch.Tensor, z_c: torch.Tensor) -> torch.Tensor:
         """Reconstruct from a subject and a contrast latent: ``(B, out_channels, X, Y, Z)``.

@@ -997,7 +997,8 @@ class Fomo25Loss(nn.Module):
         if contrast_terms and cfg.contrast_input == "clean":
             mu_s, mu_c = clean.latents["mu_s"], clean.latents["mu_c"]
         if cfg.w_health > 0:
-            terms["health"] = self.health_term(model, clean, 2 * bsz, batch["health"].view(-1))
+            ids = torch.cat([batch["contrast_a"].view(-1), batch["contrast_b"].view(-1)])
+            terms["health"] = self.health_term(model, clean, 2 * bsz, batch["health"].view(-1), ids)
             total = total + cfg.w_health * terms["health"]
         if cfg.w_contrast_means > 0:
             ids_b = torch.where(
@@ -1036,13 +1037,15 @@ class Fomo25Loss(nn.Module):
         return total, {k: v.detach() for k, v in terms.items()}, out
 
     @staticmethod
-    def health_term(model: nn.Module, clean: Any, n: int, target: torch.Tensor) -> torch.Tensor:
+    def health_term(
+        model: nn.Module, clean: Any, n: int, target: torch.Tensor, ids: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """Cross-entropy of the health classifier on a pair's two clean encodings (``clean``'s first ``n`` rows: the
-        first scans, then the second), read as the model's head reads them (``health_logits``); unknown labels (-1)
-        are left out."""
+        first scans, then the second; ``ids`` their contrasts), read as the model's head reads them
+        (``health_logits``); unknown labels (-1) are left out."""
         if getattr(model, "health_head", None) is None:
             raise ConfigError("objective.w_health needs the model's health head (model.kwargs.health_classes=2)")
-        return known_ce(model.health_logits(clean, n), target.long())
+        return known_ce(model.health_logits(clean, n, ids), target.long())
 
     @staticmethod
     def anatomy_term(model: nn.Module, mus_a, mus_b, batch: dict[str, Any], valid: torch.Tensor) -> torch.Tensor:
