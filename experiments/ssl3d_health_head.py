@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -31,16 +32,23 @@ def patient_probability(model: torch.nn.Module, x: torch.Tensor) -> float:
     return torch.softmax(model.forward_pretext(x, reconstruct=False)["health"], 1)[0, 1].item()
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--run", required=True, help="an ssl3d run's checkpoint (its pretext heads are kept)")
+def parse(doc: str, run_help: str, **more: dict) -> argparse.Namespace:
+    """The options of a pretext head's zero-shot reading (``more``: further options, name -> add_argument's kwargs)."""
+    ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--run", required=True, help=run_help)
     ap.add_argument("--store", type=Path, required=True)
+    for name, kwargs in more.items():
+        ap.add_argument(f"--{name}", **kwargs)
     ap.add_argument("--sessions", type=int, default=80, help="the store's first N labelled sessions")
     ap.add_argument("--crops", type=int, default=4)
     ap.add_argument("--patch", type=int, default=32)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", type=Path)
-    args = ap.parse_args()
+    return ap.parse_args()
+
+
+def main() -> None:
+    args = parse(__doc__, "an ssl3d run's checkpoint (its pretext heads are kept)")
     model = model_from_checkpoint(args.run)[0].eval()
     if getattr(model, "health_head", None) is None:
         raise SystemExit(f"{args.run} has no health head (an ssl3d run with objective.w_health > 0 has one)")
@@ -70,10 +78,17 @@ def main() -> None:
         "auroc_whole_scan": float(roc_auc_score(y, whole)),
         "auroc_crops": float(roc_auc_score(y[ok], np.asarray(crops)[ok])),
     }
+    report(row, args, f"--sessions {args.sessions}")
+
+
+def report(row: dict, args: argparse.Namespace, options: str) -> None:
+    """Print ``row``; with ``args.out``, write it beside the command that made it (placeholder paths): this script's
+    name (the caller's), ``options``, then the crops, patch and seed."""
     print(json.dumps(row))
     if args.out:
+        script = Path(sys.argv[0]).name
         command = (
-            f"python experiments/ssl3d_health_head.py --run RUN --store STORE --sessions {args.sessions} "
+            f"python experiments/{script} --run RUN --store STORE {options} "
             f"--crops {args.crops} --patch {args.patch} --seed {args.seed}"
         )
         args.out.write_text(json.dumps({"command": command, **row}, indent=2))
