@@ -13,6 +13,8 @@ trained on); the probability of "patient" (class 1) is averaged over the crops. 
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import torch
 from sklearn.metrics import roc_auc_score
@@ -22,6 +24,16 @@ from neurofm.data.finetune import build_cases
 from neurofm.data.pretrain import contrast_id
 from neurofm.models.registry import model_from_checkpoint
 from neurofm.store import Store
+
+
+def paired_crops(a: np.ndarray, b: np.ndarray, n: int, patch: int, rng: np.random.Generator) -> list[torch.Tensor]:
+    """``n`` random ``patch``³ crops of two co-registered scans, each at one place in both: ``(2, 1, P, P, P)``."""
+    out = []
+    for _ in range(n):
+        i, j, k = (int(rng.integers(0, size - patch + 1)) for size in a.shape)
+        box = (slice(i, i + patch), slice(j, j + patch), slice(k, k + patch))
+        out.append(torch.from_numpy(np.stack([a[box], b[box]]))[:, None])
+    return out
 
 
 @torch.no_grad()
@@ -51,12 +63,7 @@ def main() -> None:
         if a.shape != b.shape or min(a.shape) < args.patch:
             skipped += 1
             continue
-        p = []
-        for _ in range(args.crops):
-            i, j, l = (int(rng.integers(0, n - args.patch + 1)) for n in a.shape)
-            box = (slice(i, i + args.patch), slice(j, j + args.patch), slice(l, l + args.patch))
-            pair = torch.from_numpy(np.stack([a[box], b[box]]))[:, None]
-            p.append(patient_probability(model, pair, ids))
+        p = [patient_probability(model, pair, ids) for pair in paired_crops(a, b, args.crops, args.patch, rng)]
         patient.append(1 - c.target)  # the store's label: 1 is healthy
         score.append(float(np.mean(p)))
     y = np.array(patient)
@@ -66,7 +73,7 @@ def main() -> None:
         "patients": int(y.sum()),
         "auroc_crops": float(roc_auc_score(y, score)),
     }
-    report(row, args, f"--contrasts {args.contrasts} --sessions {args.sessions}")
+    report(row, args, Path(__file__).name, f"--contrasts {args.contrasts} --sessions {args.sessions}")
 
 
 if __name__ == "__main__":

@@ -26,13 +26,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from fomo25_health_head import paired_crops
 from scipy import stats
 from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import roc_auc_score
 
 from neurofm.data.finetune import build_cases
 from neurofm.models.dual_latent import PooledHealthHead
-from neurofm.models.layers import pointwise_positions
 from neurofm.models.registry import create_model, model_from_checkpoint
 from neurofm.store import Store
 
@@ -48,11 +48,7 @@ def session_features(model: torch.nn.Module, crops: list[torch.Tensor]) -> dict[
         feats = model.forward_features(pair)
         out["stage_means"].append(feats.pooled.reshape(-1).numpy())
         if isinstance(head, PooledHealthHead):
-            parts = [
-                pointwise_positions(c, torch.nn.functional.gelu, m).mean(1)
-                for c, m in zip(head.pool, feats.maps, strict=True)
-            ]
-            out["head_pooled"].append(torch.cat(parts, dim=1).reshape(-1).numpy())
+            out["head_pooled"].append(head.pooled(feats.maps).reshape(-1).numpy())
     return {k: np.mean(v, axis=0) for k, v in out.items() if v}
 
 
@@ -91,12 +87,7 @@ def main() -> None:
     crops_of = []
     for c in cases:
         a, b = (np.asarray(store.read(c.key, k), np.float32) for k in CONTRASTS)
-        boxes = []
-        for _ in range(args.crops):
-            i, j, k = (int(rng.integers(0, n - args.patch + 1)) for n in a.shape)
-            box = (slice(i, i + args.patch), slice(j, j + args.patch), slice(k, k + args.patch))
-            boxes.append(torch.from_numpy(np.stack([a[box], b[box]]))[:, None])
-        crops_of.append(boxes)
+        crops_of.append(paired_crops(a, b, args.crops, args.patch, rng))
     y = np.array([1 - int(c.target) for c in cases])  # 1: patient (the store's label: 1 is healthy)
     subjects = np.array([c.subject for c in cases])
     by_class = {k: sorted({s for s, t in zip(subjects, y, strict=True) if t == k}) for k in (0, 1)}

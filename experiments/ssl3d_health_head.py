@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -78,15 +77,14 @@ def main() -> None:
         "auroc_whole_scan": float(roc_auc_score(y, whole)),
         "auroc_crops": float(roc_auc_score(y[ok], np.asarray(crops)[ok])),
     }
-    report(row, args, f"--sessions {args.sessions}")
+    report(row, args, Path(__file__).name, f"--sessions {args.sessions}")
 
 
-def report(row: dict, args: argparse.Namespace, options: str) -> None:
-    """Print ``row``; with ``args.out``, write it beside the command that made it (placeholder paths): this script's
-    name (the caller's), ``options``, then the crops, patch and seed."""
+def report(row: dict, args: argparse.Namespace, script: str, options: str) -> None:
+    """Print ``row``; with ``args.out``, write it beside the command that made it (placeholder paths): ``script``
+    (experiments/'s file name), ``options``, then the crops, patch and seed."""
     print(json.dumps(row))
     if args.out:
-        script = Path(sys.argv[0]).name
         command = (
             f"python experiments/{script} --run RUN --store STORE {options} "
             f"--crops {args.crops} --patch {args.patch} --seed {args.seed}"

@@ -183,14 +183,14 @@ class PooledHealthHead(nn.Module):
         self.norm = RunningStandardise(dim) if norm else nn.Identity()
         self.out = nn.Linear(dim, classes)
 
+    def pooled(self, maps: list[torch.Tensor]) -> torch.Tensor:
+        """Each scan's pooled vector ``(N, channels * stages)`` from its encoder stages ``maps`` (``N`` scans)."""
+        return torch.cat([pointwise_positions(c, F.gelu, m).mean(1) for c, m in zip(self.pool, maps, strict=True)], 1)
+
     def forward(self, maps: list[torch.Tensor], ids: torch.Tensor | None = None) -> torch.Tensor:
         """``maps``: the encoder stages of ``2B`` scans (the pairs' first scans, then the second); ``ids``: their
         contrast indices, needed with ``slots`` (:func:`pair_slots`). Returns ``(B, classes)``."""
-        parts = []
-        for conv, m in zip(self.pool, maps, strict=True):
-            parts.append(pointwise_positions(conv, F.gelu, m).mean(1))
-        v = torch.cat(parts, dim=1)
-        return self.out(self.norm(_side_by_side(v, ids, self.slots)))
+        return self.out(self.norm(_side_by_side(self.pooled(maps), ids, self.slots)))
 
 
 def _side_by_side(v: torch.Tensor, ids: torch.Tensor | None, slots: int) -> torch.Tensor:
