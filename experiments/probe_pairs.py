@@ -9,8 +9,13 @@ difference with the demo's hierarchical bootstrap over seeds and cases (``neurof
     python experiments/probe_pairs.py --task cls --data STORE --out DIR --seeds 10 \\
         --models shipped=fomo25-tiny-cmeans third-s0=RUN0 third-s1=RUN1
 
-Writes ``DIR/probe-pairs-<task>-<seeds>.json``: one row per model and arm and per floor (value, interval,
-per-seed values, difference from scratch) and one per pair of models (difference, interval, seeds ahead).
+``--probe KEY=VALUE ...`` sets a closed-form probe's settings (``probe_windows``, ``probe_features``,
+``linear_penalty``) on every linear arm, the random encoder's included; their runs are named with those settings, so
+one DIR holds several read-outs beside one scratch.
+
+Writes ``DIR/probe-pairs-<task>-<seeds>.json`` (the probe's settings in the name where given): one row per model and
+arm and per floor (value, interval, per-seed values, difference from scratch; a model's also from the random encoder)
+and one per pair of models (difference, interval, seeds ahead).
 Runs already in DIR are reused when their settings match (an interrupted study resumes).
 """
 
@@ -19,13 +24,16 @@ from __future__ import annotations
 import argparse
 import itertools
 import sys
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from neurofm.analyze.experiments import arm_seed_rows
+from neurofm.analyze.experiments import Arm, arm_seed_rows
 from neurofm.demo import DemoConfig, demo_arms, finetune_config
 from neurofm.evaluate.metrics import paired_seeds
 from neurofm.utils import to_jsonable, write_json
+
+PROBE_KEYS = {"probe_windows", "probe_features", "linear_penalty"}
 
 
 def _summary(res: dict[str, Any]) -> dict[str, Any]:
@@ -45,7 +53,12 @@ def main() -> None:
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--seeds", type=int, default=10)
     ap.add_argument("--first-seed", type=int, default=0)
+    ap.add_argument("--probe", nargs="*", default=[], help="KEY=VALUE: a closed-form probe setting (linear arms)")
     args = ap.parse_args()
+    probe = dict(p.split("=", 1) for p in args.probe)
+    if set(probe) - PROBE_KEYS:
+        raise SystemExit(f"--probe takes {', '.join(sorted(PROBE_KEYS))}, got {', '.join(sorted(probe))}")
+    tag = "".join(f"-{v}" for _, v in sorted(probe.items()))
     models = dict(m.split("=", 1) for m in args.models)
     if len(models) != len(args.models) or any(not k or not v for k, v in models.items()):
         raise SystemExit("--models takes distinct NAME=MODEL pairs")
@@ -53,7 +66,10 @@ def main() -> None:
     demo = DemoConfig(seeds=args.seeds, tasks=[(args.task, target)], seed=args.first_seed)
     label = f"{args.task}-{target}"
 
-    def rows_of(folder: Path, base: Any, arm: Any) -> list[list[dict[str, Any]]]:
+    def rows_of(folder: Path, base: Any, arm: Arm) -> list[list[dict[str, Any]]]:
+        if arm.mode == "linear" and probe:  # the probe's read-out: its own runs, named by it
+            arm = replace(arm, settings={**arm.settings, **probe})
+            return arm_seed_rows(args.data, folder, base, arm, args.seeds, label + tag)
         return arm_seed_rows(args.data, folder, base, arm, args.seeds, label)
 
     first = next(iter(models.values()))
@@ -72,8 +88,20 @@ def main() -> None:
         {"arm": a, **_summary(paired_seeds(args.task, r, None if a == "scratch" else scratch))}
         for a, r in floor_rows.items()
     ]
+    random = next(r for a, r in floor_rows.items() if a.startswith("random"))
+
+    def against_random(r: list[list[dict[str, Any]]]) -> dict[str, Any]:  # the same read-out of fresh weights
+        res = paired_seeds(args.task, r, random)
+        return {k: res[k] for k in ("difference", "difference_low", "difference_high")}
+
     rows += [
-        {"model": n, "source": models[n], "arm": a, **_summary(paired_seeds(args.task, r, scratch))}
+        {
+            "model": n,
+            "source": models[n],
+            "arm": a,
+            **_summary(paired_seeds(args.task, r, scratch)),
+            "minus_random": against_random(r),
+        }
         for (n, a), r in model_rows.items()
     ]
     pairs = []
@@ -89,11 +117,14 @@ def main() -> None:
             else ""
         )
         ahead = f", ahead on {r['ahead_on']}/{args.seeds}" if "ahead_on" in r else ""
+        if "minus_random" in r:
+            d = r["minus_random"]
+            ahead += f"; - random {d['difference']:+.3f} [{d['difference_low']:+.3f}, {d['difference_high']:+.3f}]"
         value = "" if "pair" in r else f"{r['value']:.3f}"
         print(f"{name:40s} {value}{diff}{ahead}")
     first_seed = f"-from-{args.first_seed}" if args.first_seed else ""
     write_json(
-        args.out / f"probe-pairs-{args.task}-{args.seeds}{first_seed}.json",
+        args.out / f"probe-pairs-{args.task}{tag}-{args.seeds}{first_seed}.json",
         {"command": " ".join(["python", *sys.argv]), "rows": to_jsonable(rows), "pairs": to_jsonable(pairs)},
     )
 

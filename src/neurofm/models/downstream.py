@@ -179,6 +179,25 @@ class DownstreamModel(nn.Module):
         n_c = len(self.contrasts)
         return d.anatomy + n_c * (d.contrast + d.pooled + 1)
 
+    def feature_columns(self, kind: str = "all") -> torch.Tensor:
+        """Indices of the fused feature vector (:meth:`features`) that ``kind`` names: ``all``, or ``stages`` (the
+        encoder's stage means and the presence flags, without the anatomy and contrast latents)."""
+        n = self._feature_dim()
+        if kind == "all":
+            return torch.arange(n)
+        if kind != "stages":
+            raise ConfigError(f"feature columns are all or stages, got {kind!r}")
+        d = self.backbone.feature_dims()
+        if self.stack:
+            return torch.arange(n)  # a stack backbone's fused vector is its stage means
+        keep = torch.zeros(n, dtype=torch.bool)
+        per_scan = d.contrast + d.pooled
+        for i in range(len(self.contrasts)):
+            start = d.anatomy + i * per_scan + d.contrast
+            keep[start : start + d.pooled] = True
+        keep[n - len(self.contrasts) :] = True  # the presence flags
+        return keep.nonzero().squeeze(1)
+
     @property
     def encoder_frozen(self) -> bool:
         return self.mode in ("linear", "frozen") or self.freeze_encoder

@@ -253,7 +253,8 @@ def train_fold(
     if cfg.whole_scan and fixed is not None:
         raise ConfigError(f"{backbone['name']} takes a fixed {fixed}^3 cube, not whole scans")
     whole = None
-    if (closed or cfg.whole_scan) and fixed is None:
+    probe_whole = closed and cfg.probe_windows == "whole"
+    if (probe_whole or cfg.whole_scan) and fixed is None:
         info["whole_scan"] = int(model.downsampling)  # the closed-form probe or a whole-scan model reads scans whole
         if cfg.whole_scan and not closed:  # trained on whole scans: all at one size, as the predictor will pad them
             whole = info["whole_shape"] = whole_shape(Store(data), train, int(model.downsampling))
@@ -359,7 +360,9 @@ def _closed_probe(
     transfer: dict[str, Any] | None,
 ) -> tuple[Predictor | None, dict[str, Any]]:
     """The linear head fitted in closed form (:mod:`neurofm.tasks.probe`), saved as a step-0 checkpoint."""
-    probe = fit_linear_probe(model, Store(data), cs, train, info, cfg.linear_penalty, cfg.tta)
+    probe = fit_linear_probe(
+        model, Store(data), cs, train, info, cfg.linear_penalty, cfg.tta, features=cfg.probe_features
+    )
     done = {**_fold_facts(model, train, test, transfer), "probe": probe}
     if process_rank() != 0:
         return None, done

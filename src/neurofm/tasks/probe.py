@@ -72,16 +72,21 @@ def fit_linear_probe(
     rule: str = "1se",
     tta: bool = True,
     head: torch.nn.Linear | None = None,
+    features: str = "all",
 ) -> dict[str, Any]:
     """Fit ``head`` (an ``nn.Linear`` reading the standardised fused features; default ``model.head``) in closed
     form on the frozen features of ``train``, read as the predictor will read them (``info``, the task
     description: ``patch``, ``whole_scan``, ``target_mean`` and ``target_std``); returns what was chosen (penalty,
-    cross-validated score, windows). ``head=model.probe`` is LP-FT's start (``head_init=probe``)."""
+    cross-validated score, windows). ``head=model.probe`` is LP-FT's start (``head_init=probe``). ``features``: which
+    fused features it weighs (:meth:`~neurofm.models.downstream.DownstreamModel.feature_columns`); the others get
+    zero weight."""
     from sklearn.linear_model import LogisticRegression, Ridge
     from sklearn.metrics import log_loss, make_scorer
     from sklearn.model_selection import GridSearchCV, GroupKFold, StratifiedGroupKFold
 
     x, y, groups = window_features(model, store, cs, train, info["patch"], int(info.get("whole_scan", 0)), tta)
+    cols = model.feature_columns(features).numpy()
+    width, x = x.shape[1], x[:, cols]
     n_subjects = len(set(groups))
     folds = min(5, n_subjects)
     if cs.task == "reg":
@@ -98,6 +103,7 @@ def fit_linear_probe(
         scoring = make_scorer(log_loss, response_method="predict_proba", greater_is_better=False, labels=labels)
         folds = min(folds, min(len(set(groups[y == k].tolist())) for k in labels))  # subjects of the rarest class
     fit: dict[str, Any] = {"linear_fit": "closed", "rule": rule, "windows": len(y), "subjects": n_subjects}
+    fit.update(features=features, columns=len(cols))
     splitter = (
         GroupKFold(max(folds, 2))
         if cs.task == "reg"
@@ -122,11 +128,14 @@ def fit_linear_probe(
         est.fit(x, y)
         fit.update(penalty=float(PENALTIES[-1]), cv_score=None)
     coef, bias = np.atleast_2d(est.coef_), np.atleast_1d(est.intercept_)
+    full = np.zeros((coef.shape[0], width))  # the columns the probe does not weigh keep zero weight
+    full[:, cols] = coef
+    coef = full
     if cs.task == "cls":  # one row per class of the head; a class no training case has is never predicted
         seen = est.classes_
         if len(seen) == 2:  # scikit-learn's one row scores the second class against the first
             coef, bias = np.concatenate([-coef / 2, coef / 2]), np.array([-bias[0] / 2, bias[0] / 2])
-        full_coef, full_bias = np.zeros((cs.n_out, x.shape[1])), np.full(cs.n_out, -30.0)
+        full_coef, full_bias = np.zeros((cs.n_out, width)), np.full(cs.n_out, -30.0)
         full_coef[seen], full_bias[seen] = coef, bias
         coef, bias = full_coef, full_bias
     head = model.head if head is None else head

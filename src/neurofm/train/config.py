@@ -23,6 +23,8 @@ from neurofm.objectives import ObjectiveConfig, objective_config
 #: how the cls/reg head's output layer starts (FinetuneConfig.head_init); ``probe``: LP-FT, a closed-form linear probe
 #: beside the head and the head's output layer at zero (docs/finetuning.md)
 HEAD_INITS = ("default", "zero", "probe")
+PROBE_WINDOWS = ("whole", "tiles")  # what the closed-form probe reads of a scan
+PROBE_FEATURES = ("all", "stages")  # which fused features it weighs
 MEMORY_FORMATS = ("auto", "contiguous", "channels_last")
 
 
@@ -180,6 +182,12 @@ class FinetuneConfig(Config):
     seg_fg_weight: float = 1.0
     linear_fit: str = "closed"  # --mode linear: closed form (ridge / logistic, CV penalty) or sgd (docs/finetuning.md)
     linear_penalty: str = "1se"  # closed form: the cross-validated penalty, by the one-standard-error rule or the best
+    # closed form: what the probe reads of each scan, the scan whole (one window) or patch-size windows tiled without
+    # overlap (each window a row of the fit, the windows' outputs averaged at prediction; docs/finetuning.md)
+    probe_windows: str = "whole"
+    # closed form: which fused features the probe weighs, all (anatomy and contrast latents, stage means, presence
+    # flags) or stages (the encoder's stage means and the presence flags, no latents)
+    probe_features: str = "all"
     head_pool: str = "mean"  # cls/reg: the learned pooling's reduction over space, mean or meanmax (docs/finetuning.md)
     head_pool_latent: bool = False  # cls/reg: the learned pooling also reads the anatomy latent map
     # cls/reg trained by steps: the head's output layer starts at PyTorch's default init (default) or at zero, so that
@@ -234,6 +242,11 @@ class FinetuneConfig(Config):
             raise ConfigError(
                 f"linear_fit should be closed or sgd and linear_penalty 1se or best, got {self.linear_fit!r}, "
                 f"{self.linear_penalty!r}"
+            )
+        if self.probe_windows not in PROBE_WINDOWS or self.probe_features not in PROBE_FEATURES:
+            raise ConfigError(
+                f"probe_windows should be one of {PROBE_WINDOWS} and probe_features one of {PROBE_FEATURES}, got "
+                f"{self.probe_windows!r}, {self.probe_features!r}"
             )
         if not self.seg_fg_weight > 0:
             raise ConfigError(f"seg_fg_weight should be > 0, got {self.seg_fg_weight}")
