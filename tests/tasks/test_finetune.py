@@ -107,6 +107,29 @@ def test_learned_pooling_reads_the_anatomy_latent_and_can_take_the_maximum():
         FinetuneConfig(task="cls", target="x", head_pool="median")
 
 
+def test_probe_feature_columns_are_each_contrasts_stage_means_and_the_presence_flags():
+    """``probe_features=stages``: the columns of the fused vector that hold the encoder's stage means of each contrast
+    (in the model's contrast order) and the presence flags, not the anatomy or contrast latents."""
+    torch.manual_seed(0)
+    bb = {"name": "dual_latent_unet", "kwargs": {"features": [4, 8, 16], "latent": 6}}
+    model = DownstreamModel(bb, "cls", 2, ["T1w", "FLAIR"], mode="linear").eval()
+    x, present = torch.randn(3, 2, 16, 16, 16), torch.tensor([[1, 1], [1, 0], [1, 1]])
+    with torch.no_grad():
+        fused = model.features(x, present)
+        per_scan = [model.backbone.forward_features(x[:, i : i + 1]).pooled for i in range(2)]
+    want = torch.cat([per_scan[0], per_scan[1] * present[:, 1:], present.float()], dim=1)  # a missing scan: zeros
+    cols = model.feature_columns("stages")
+    assert torch.allclose(fused[:, cols], want, atol=1e-6)
+    assert len(cols) == 2 * model.backbone.feature_dims().pooled + 2 < fused.shape[1]  # the latents are left out
+    assert torch.equal(model.feature_columns("all"), torch.arange(fused.shape[1]))
+    with pytest.raises(ConfigError, match="stages"):
+        model.feature_columns("latents")
+    with pytest.raises(ConfigError, match="probe_windows"):
+        FinetuneConfig(task="cls", target="x", mode="linear", source="random", probe_windows="crops")
+    with pytest.raises(ConfigError, match="probe_features"):
+        FinetuneConfig(task="cls", target="x", mode="linear", source="random", probe_features="latents")
+
+
 def test_learned_pooling_is_its_1x1x1_convolution_in_either_memory_layout():
     torch.manual_seed(0)
     bb = {"name": "dual_latent_unet", "kwargs": {"features": [4, 8, 16], "latent": 6}}
@@ -516,6 +539,36 @@ def test_probe_head_init_starts_training_from_the_closed_form_probe_lp_ft(blob_h
         FinetuneConfig(task="reg", target="x", source="random", mode="linear", head_init="probe")
     with pytest.raises(ConfigError, match="LP-FT"):
         FinetuneConfig(task="seg", target="x", head_init="probe")
+
+
+@pytest.mark.slow
+def test_closed_form_probe_on_tiled_windows_weighs_only_the_stage_means_and_reloads(blob_heads, tmp_path, run_cli):
+    """``--set probe_windows=tiles probe_features=stages`` through the CLI: the probe is fitted on every scan's
+    patch-size windows (more rows than scans), gives the latents zero weight, still reads whether the head is large,
+    and the predictor reads the same windows (not the scan whole) and gives back the run's predictions."""
+    from neurofm.infer.predictor import Predictor
+
+    out = tmp_path / "tiles"
+    code, _, err = run_cli("finetune", "--data", blob_heads, "--task", "cls", "--target", "large", "--from", "random",
+                           "--arch", "fomo25-tiny", "--mode", "linear", "--shots", "16", "--patch", "16", "--out", out,
+                           "--no-tta", "--no-progress", "--set", "probe_windows=tiles",
+                           "--set", "probe_features=stages")  # fmt: skip
+    assert code == 0, err
+    probe = json.loads((out / "summary.json").read_text())["splits"][0]["probe"]
+    assert probe["subjects"] == 16 and probe["windows"] > 2 * 16, probe  # several windows a scan (one: whole scans)
+    predictor = Predictor.from_run(out, tta=False)
+    assert "whole_scan" not in predictor.info
+    model = predictor.model
+    stages = model.feature_columns("stages")
+    assert probe["features"] == "stages" and probe["columns"] == len(stages)
+    others = torch.ones(model.head.weight.shape[1], dtype=torch.bool)
+    others[stages] = False
+    assert others.any() and model.head.weight[:, others].abs().max() == 0  # the latents' columns weigh nothing
+    rows = pd.read_csv(out / "predictions.csv")
+    assert (rows["prediction"] == rows["target"]).mean() >= 0.75, rows[["target", "prediction"]]
+    key = rows["key"].iloc[0]
+    again = predictor.predict({"T1w": np.asarray(Store(blob_heads).read(key, "T1w"), np.float32)}).probs
+    assert again.tolist() == pytest.approx(json.loads(rows["prob"].iloc[0]), rel=1e-4)
 
 
 @pytest.mark.slow
