@@ -146,6 +146,15 @@ def test_demo_arms_start_the_pretrained_full_fine_tune_from_its_probe_only_where
     assert [a.name for a in demo_arms(cfg, "MODEL", "seg")][0] == "pretrained full"  # segmentation has no head
 
 
+def test_the_demos_probe_read_out_is_per_task_and_reaches_its_probes():
+    from neurofm.demo import DemoConfig, finetune_config
+
+    cfg = DemoConfig(probe={"cls": {"probe_windows": "tiles", "probe_features": "stages"}})
+    cls, reg = finetune_config(cfg, "M", "cls", "healthy"), finetune_config(cfg, "M", "reg", "age")
+    assert (cls.probe_windows, cls.probe_features) == ("tiles", "stages")
+    assert (reg.probe_windows, reg.probe_features) == ("whole", "all")  # a task left out keeps the probe's defaults
+
+
 def test_scratch_steps_give_the_scratch_arm_alone_its_own_budget(tmp_path, run_cli):
     from neurofm.demo import DemoConfig, demo_arms, set_scratch_steps, steps_text
 

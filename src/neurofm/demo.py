@@ -91,6 +91,10 @@ class DemoConfig:
     # head_init: "probe" is LP-FT, training from the closed-form linear probe (docs/finetuning.md); that arm is
     # then called "pretrained lp-ft"
     pretrained_head_init: dict[str, str] = field(default_factory=lambda: {"reg": "probe"})
+    # per task (cls/reg), the closed-form probe's read-out where it differs from the probe's defaults (the scan
+    # whole, every fused feature): probe_windows, probe_features (docs/finetuning.md); the random encoder is read
+    # the same way
+    probe: dict[str, dict[str, str]] = field(default_factory=dict)
     seeds: int = 3
     floors: bool = True
     contrasts: list[str] = field(default_factory=lambda: ["T1w", "FLAIR"])
@@ -343,6 +347,7 @@ def finetune_config(cfg: DemoConfig, run: str | Path, task: str, target: str) ->
         num_workers=0,
         tta=False,
         seed=cfg.seed,
+        **cfg.probe.get(task, {}),
     )
 
 

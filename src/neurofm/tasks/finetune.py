@@ -284,7 +284,17 @@ def train_fold(
         # LP-FT: the linear layer beside the head fitted in closed form on the frozen start, read on the windows the
         # predictor reads (which also sets the feature standardisation); the MLP's output at zero, so that training
         # starts from the probe's predictions
-        lp = fit_linear_probe(model, Store(data), cs, train, info, cfg.linear_penalty, cfg.tta, head=model.probe)
+        lp = fit_linear_probe(
+            model,
+            Store(data),
+            cs,
+            train,
+            info,
+            cfg.linear_penalty,
+            cfg.tta,
+            head=model.probe,
+            features=cfg.probe_features,
+        )
         model.zero_output()
         model.train()  # the probe's features were read in eval mode; Lightning trains the modules in the mode it finds
     elif cs.task != "seg":
