@@ -542,20 +542,25 @@ def test_probe_head_init_starts_training_from_the_closed_form_probe_lp_ft(blob_h
 
 
 @pytest.mark.slow
-def test_closed_form_probe_on_tiled_windows_weighs_only_the_stage_means_and_reloads(blob_heads, tmp_path, run_cli):
+@pytest.mark.parametrize("windows", ["tiles", "tiles-mean"])
+def test_closed_form_probe_on_tiled_windows_weighs_only_the_stage_means_and_reloads(
+    blob_heads, tmp_path, run_cli, windows
+):
     """``--set probe_windows=tiles probe_features=stages`` through the CLI: the probe is fitted on every scan's
-    patch-size windows (more rows than scans), gives the latents zero weight, still reads whether the head is large,
-    and the predictor reads the same windows (not the scan whole) and gives back the run's predictions."""
+    patch-size windows (more rows than scans; ``tiles-mean``: one row per scan, its windows' features averaged),
+    gives the latents zero weight, still reads whether the head is large, and the predictor reads the same windows
+    (not the scan whole) and gives back the run's predictions."""
     from neurofm.infer.predictor import Predictor
 
-    out = tmp_path / "tiles"
+    out = tmp_path / windows
     code, _, err = run_cli("finetune", "--data", blob_heads, "--task", "cls", "--target", "large", "--from", "random",
                            "--arch", "fomo25-tiny", "--mode", "linear", "--shots", "16", "--patch", "16", "--out", out,
-                           "--no-tta", "--no-progress", "--set", "probe_windows=tiles",
+                           "--no-tta", "--no-progress", "--set", f"probe_windows={windows}",
                            "--set", "probe_features=stages")  # fmt: skip
     assert code == 0, err
     probe = json.loads((out / "summary.json").read_text())["splits"][0]["probe"]
-    assert probe["subjects"] == 16 and probe["windows"] > 2 * 16, probe  # several windows a scan (one: whole scans)
+    rows_per_scan = (lambda n: n > 2 * 16) if windows == "tiles" else (lambda n: n == 16)  # the scans: 16, 1 session
+    assert probe["subjects"] == 16 and rows_per_scan(probe["windows"]), probe
     predictor = Predictor.from_run(out, tta=False)
     assert "whole_scan" not in predictor.info
     model = predictor.model

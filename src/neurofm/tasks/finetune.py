@@ -371,7 +371,15 @@ def _closed_probe(
 ) -> tuple[Predictor | None, dict[str, Any]]:
     """The linear head fitted in closed form (:mod:`neurofm.tasks.probe`), saved as a step-0 checkpoint."""
     probe = fit_linear_probe(
-        model, Store(data), cs, train, info, cfg.linear_penalty, cfg.tta, features=cfg.probe_features
+        model,
+        Store(data),
+        cs,
+        train,
+        info,
+        cfg.linear_penalty,
+        cfg.tta,
+        features=cfg.probe_features,
+        per_scan=cfg.probe_windows == "tiles-mean",
     )
     done = {**_fold_facts(model, train, test, transfer), "probe": probe}
     if process_rank() != 0:

@@ -35,7 +35,14 @@ PENALTIES = np.logspace(-2, 5, 15)
 
 @torch.no_grad()
 def window_features(
-    model: Any, store: Store, cs: CaseSet, cases: list, patch: int, whole: int = 0, flips: bool = False
+    model: Any,
+    store: Store,
+    cs: CaseSet,
+    cases: list,
+    patch: int,
+    whole: int = 0,
+    flips: bool = False,
+    per_scan: bool = False,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Standardised features ``(N, D)`` of every window of ``cases``, their targets and subjects.
 
@@ -60,6 +67,10 @@ def window_features(
     n_views, n_wins = len(per_case[0]), [len(batches[0][0]) for batches in per_case]
     per_view = torch.split(feats, [n_views * n for n in n_wins])
     mean = [f.view(n_views, n, -1).mean(0) for f, n in zip(per_view, n_wins, strict=True)]  # over the flips
+    if per_scan:  # one row per scan: its windows' features averaged (a linear head's outputs averaged alike)
+        mean = [m.mean(0, keepdim=True) for m in mean]
+        keep = np.cumsum([0, *n_wins[:-1]])
+        targets, subjects = [targets[i] for i in keep], [subjects[i] for i in keep]
     return torch.cat(mean).double().numpy(), np.asarray(targets), np.asarray(subjects)
 
 
@@ -73,6 +84,7 @@ def fit_linear_probe(
     tta: bool = True,
     head: torch.nn.Linear | None = None,
     features: str = "all",
+    per_scan: bool = False,
 ) -> dict[str, Any]:
     """Fit ``head`` (an ``nn.Linear`` reading the standardised fused features; default ``model.head``) in closed
     form on the frozen features of ``train``, read as the predictor will read them (``info``, the task
@@ -84,7 +96,9 @@ def fit_linear_probe(
     from sklearn.metrics import log_loss, make_scorer
     from sklearn.model_selection import GridSearchCV, GroupKFold, StratifiedGroupKFold
 
-    x, y, groups = window_features(model, store, cs, train, info["patch"], int(info.get("whole_scan", 0)), tta)
+    x, y, groups = window_features(
+        model, store, cs, train, info["patch"], int(info.get("whole_scan", 0)), tta, per_scan=per_scan
+    )
     cols = model.feature_columns(features).numpy()
     width, x = x.shape[1], x[:, cols]
     n_subjects = len(set(groups))

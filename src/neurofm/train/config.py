@@ -23,7 +23,7 @@ from neurofm.objectives import ObjectiveConfig, objective_config
 #: how the cls/reg head's output layer starts (FinetuneConfig.head_init); ``probe``: LP-FT, a closed-form linear probe
 #: beside the head and the head's output layer at zero (docs/finetuning.md)
 HEAD_INITS = ("default", "zero", "probe")
-PROBE_WINDOWS = ("whole", "tiles")  # what the closed-form probe reads of a scan
+PROBE_WINDOWS = ("whole", "tiles", "tiles-mean")  # what the closed-form probe reads of a scan
 PROBE_FEATURES = ("all", "stages")  # which fused features it weighs
 MEMORY_FORMATS = ("auto", "contiguous", "channels_last")
 
@@ -183,7 +183,8 @@ class FinetuneConfig(Config):
     linear_fit: str = "closed"  # --mode linear: closed form (ridge / logistic, CV penalty) or sgd (docs/finetuning.md)
     linear_penalty: str = "1se"  # closed form: the cross-validated penalty, by the one-standard-error rule or the best
     # closed form: what the probe reads of each scan, the scan whole (one window) or patch-size windows tiled without
-    # overlap (each window a row of the fit, the windows' outputs averaged at prediction; docs/finetuning.md)
+    # overlap, each window a row of the fit (tiles) or their features averaged into one row per scan (tiles-mean); the
+    # predictor averages the windows' outputs (docs/finetuning.md)
     probe_windows: str = "whole"
     # closed form: which fused features the probe weighs, all (anatomy and contrast latents, stage means, presence
     # flags) or stages (the encoder's stage means and the presence flags, no latents)
