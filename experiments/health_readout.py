@@ -10,7 +10,9 @@ does not read it. This asks which features a few-shot linear read-out should tak
 * ``head_pooled``: the pretext head's own pooled vector, its 1x1x1 convolution and GELU per position then the mean,
   T1w's then FLAIR's (models with a pooled health head only).
 
-For each seed, ``--shots`` labelled subjects (both classes) train a logistic regression on standardised features
+For each seed, ``--shots`` labelled subjects (``--draws balanced``: half of each class, drawn with seed 1000 + seed;
+``--draws demo``: the demo's stratified few-shot draw of that seed, as ``neurofm finetune --shots`` makes it) train a
+logistic regression on standardised features
 (``C`` fixed, the same for every read-out), and the other subjects' sessions are scored (AUROC). Every model and
 read-out sees the same draws, so read-outs are paired by seed; the floors are the constant (0.5) and the same
 architecture at fresh weights. A per-seed comparison with a t interval, not the demo's hierarchical bootstrap.
@@ -31,7 +33,7 @@ from scipy import stats
 from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import roc_auc_score
 
-from neurofm.data.finetune import build_cases
+from neurofm.data.finetune import build_cases, make_splits
 from neurofm.models.dual_latent import PooledHealthHead
 from neurofm.models.registry import create_model, model_from_checkpoint
 from neurofm.store import Store
@@ -80,6 +82,7 @@ def main() -> None:
     ap.add_argument("--crops", type=int, default=4)
     ap.add_argument("--patch", type=int, default=32)
     ap.add_argument("--c", type=float, default=0.1, help="logistic regression's inverse penalty")
+    ap.add_argument("--draws", choices=["balanced", "demo"], default="balanced", help="how the labelled are drawn")
     ap.add_argument("--out", type=Path)
     args = ap.parse_args()
     store, rng = Store(args.store), np.random.default_rng(0)
@@ -93,6 +96,11 @@ def main() -> None:
     by_class = {k: sorted({s for s, t in zip(subjects, y, strict=True) if t == k}) for k in (0, 1)}
     draws = []
     for seed in range(args.seeds):
+        if args.draws == "demo":  # the subjects the demo's health arm labels at this seed
+            cs = build_cases(store, "cls", "healthy", list(CONTRASTS))
+            train = make_splits(cs, seed=seed, shots=args.shots)[0][0]
+            draws.append(np.array(sorted({c.subject for c in train})))
+            continue
         r = np.random.default_rng(1000 + seed)
         n1 = args.shots // 2
         draws.append(
@@ -115,7 +123,7 @@ def main() -> None:
             for readout in feats[0]:
                 x = np.stack([f[readout] for f in feats])
                 rows[f"{label}: {readout}"] = auroc_per_seed(x, y, subjects, draws, args.c)
-    result = {"sessions": len(y), "patients": int(y.sum()), "shots": args.shots, "rows": {}}
+    result = {"sessions": len(y), "patients": int(y.sum()), "shots": args.shots, "draws": args.draws, "rows": {}}
     for k, v in rows.items():
         row = {"mean": float(np.mean(v)), "per_seed": v}
         label, readout = k.split(": ")
@@ -132,7 +140,7 @@ def main() -> None:
         models = " ".join(f"{s.split('=', 1)[0]}=RUN" for s in args.models)
         command = (
             f"python experiments/health_readout.py --store STORE --models {models} --shots {args.shots} "
-            f"--seeds {args.seeds} --crops {args.crops} --patch {args.patch} --c {args.c}"
+            f"--seeds {args.seeds} --crops {args.crops} --patch {args.patch} --c {args.c} --draws {args.draws}"
         )
         args.out.write_text(json.dumps({"command": command, **result}, indent=2))
 
