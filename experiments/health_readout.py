@@ -95,10 +95,10 @@ def main() -> None:
     subjects = np.array([c.subject for c in cases])
     by_class = {k: sorted({s for s, t in zip(subjects, y, strict=True) if t == k}) for k in (0, 1)}
     draws = []
+    demo_cases = build_cases(store, "cls", "healthy", list(CONTRASTS)) if args.draws == "demo" else None
     for seed in range(args.seeds):
-        if args.draws == "demo":  # the subjects the demo's health arm labels at this seed
-            cs = build_cases(store, "cls", "healthy", list(CONTRASTS))
-            train = make_splits(cs, seed=seed, shots=args.shots)[0][0]
+        if demo_cases is not None:  # the subjects the demo's health arm labels at this seed
+            train = make_splits(demo_cases, seed=seed, shots=args.shots)[0][0]
             draws.append(np.array(sorted({c.subject for c in train})))
             continue
         r = np.random.default_rng(1000 + seed)

@@ -284,17 +284,7 @@ def train_fold(
         # LP-FT: the linear layer beside the head fitted in closed form on the frozen start, read on the windows the
         # predictor reads (which also sets the feature standardisation); the MLP's output at zero, so that training
         # starts from the probe's predictions
-        lp = fit_linear_probe(
-            model,
-            Store(data),
-            cs,
-            train,
-            info,
-            cfg.linear_penalty,
-            cfg.tta,
-            head=model.probe,
-            features=cfg.probe_features,
-        )
+        lp = _fit_probe(model, data, cfg, cs, train, info, head=model.probe)
         model.zero_output()
         model.train()  # the probe's features were read in eval mode; Lightning trains the modules in the mode it finds
     elif cs.task != "seg":
@@ -357,6 +347,24 @@ def _fold_facts(model: DownstreamModel, train: list, test: list, transfer: dict[
     }
 
 
+def _fit_probe(
+    model: DownstreamModel,
+    data: str | Path,
+    cfg: FinetuneConfig,
+    cs: CaseSet,
+    train: list,
+    info: dict[str, Any],
+    head: torch.nn.Linear | None = None,
+) -> dict[str, Any]:
+    """:func:`~neurofm.tasks.probe.fit_linear_probe` with ``cfg``'s probe settings (the linear probe's, and LP-FT's
+    start on ``head``): the penalty rule, the flips, the features it weighs, and one row per scan for ``tiles-mean``.
+    The windows are ``info``'s (the scan whole or tiles, as the predictor reads them)."""
+    return fit_linear_probe(
+        model, Store(data), cs, train, info, cfg.linear_penalty, cfg.tta, head=head,
+        features=cfg.probe_features, per_scan=cfg.probe_windows == "tiles-mean",
+    )  # fmt: skip
+
+
 def _closed_probe(
     data: str | Path,
     fold_dir: Path,
@@ -370,17 +378,7 @@ def _closed_probe(
     transfer: dict[str, Any] | None,
 ) -> tuple[Predictor | None, dict[str, Any]]:
     """The linear head fitted in closed form (:mod:`neurofm.tasks.probe`), saved as a step-0 checkpoint."""
-    probe = fit_linear_probe(
-        model,
-        Store(data),
-        cs,
-        train,
-        info,
-        cfg.linear_penalty,
-        cfg.tta,
-        features=cfg.probe_features,
-        per_scan=cfg.probe_windows == "tiles-mean",
-    )
+    probe = _fit_probe(model, data, cfg, cs, train, info)
     done = {**_fold_facts(model, train, test, transfer), "probe": probe}
     if process_rank() != 0:
         return None, done
