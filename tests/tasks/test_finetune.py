@@ -130,6 +130,50 @@ def test_probe_feature_columns_are_each_contrasts_stage_means_and_the_presence_f
         FinetuneConfig(task="cls", target="x", mode="linear", source="random", probe_features="latents")
 
 
+HEALTH_KW = {"features": [4, 8, 16], "latent": 6, "health_classes": 2, "health_pool": 3, "health_norm": True,
+             "health_slots": True}  # fmt: skip
+
+
+def test_pretext_features_are_the_pretrained_health_heads_pooling_of_each_contrast():
+    """``probe_features=pretext``: the model keeps the pretrained health head's learned pooling (not its
+    standardisation or classifier) with its pretrained weights, and the fused vector holds each present scan's pooled
+    vector, in its contrast's place, beside the stage means; the pretext columns are those and the presence flags."""
+    torch.manual_seed(0)
+    pre = create_model("dual_latent_unet", **HEALTH_KW).eval()
+    bb = {"name": "dual_latent_unet", "kwargs": HEALTH_KW}
+    model = DownstreamModel(bb, "cls", 2, ["T1w", "FLAIR"], mode="linear", pretext_features=True)
+    report = load_pretrained(model, pre.state_dict(), None)
+    kept = sorted(k for k in model.state_dict() if "health_head" in k)
+    assert kept == sorted(f"backbone.health_head.pool.{i}.{p}" for i in range(3) for p in ("weight", "bias"))
+    assert report["initialised"] == []  # every kept tensor came from the pretrained run
+    model.eval()
+    x, present = torch.randn(3, 2, 16, 16, 16), torch.tensor([[1, 1], [1, 0], [1, 1]])
+    with torch.no_grad():
+        fused = model.features(x, present)
+        scans = [pre.forward_features(x[:, i : i + 1]) for i in range(2)]
+        pooled = [pre.health_head.pooled(f.maps) for f in scans]
+    cols, stages = model.feature_columns("pretext"), model.feature_columns("stages")
+    want = torch.cat([pooled[0], pooled[1] * present[:, 1:], present.float()], dim=1)  # a missing scan: zeros
+    assert torch.allclose(fused[:, cols], want, atol=1e-6)
+    want_stages = torch.cat([scans[0].pooled, scans[1].pooled * present[:, 1:], present.float()], dim=1)
+    assert torch.allclose(fused[:, stages], want_stages, atol=1e-6)
+    assert len(cols) == 2 * 3 * 3 + 2 and not set(cols[:-2].tolist()) & set(stages.tolist())
+    assert fused.shape[1] == len(model.feature_columns("all")) == model.head.in_features
+    # without the switch the model drops the head and has no pretext columns
+    plain = DownstreamModel(bb, "cls", 2, ["T1w", "FLAIR"], mode="linear")
+    assert not any("health_head" in k for k in plain.state_dict())
+    assert plain.head.in_features == fused.shape[1] - 2 * 3 * 3
+    with pytest.raises(ConfigError, match="pretext_features"):
+        plain.feature_columns("pretext")
+    for kwargs in ({"features": [4, 8, 16], "latent": 6}, {**HEALTH_KW, "health_pool": 0}):  # no pooled health head
+        with pytest.raises(ConfigError, match="health_pool"):
+            DownstreamModel({"name": "dual_latent_unet", "kwargs": kwargs}, "cls", 2, ["T1w"], pretext_features=True)
+    with pytest.raises(ConfigError, match="segmentation"):
+        DownstreamModel(bb, "seg", 2, ["T1w"], mode="frozen", pretext_features=True)
+    with pytest.raises(ConfigError, match="pretext"):
+        FinetuneConfig(task="seg", target="x", probe_features="pretext")
+
+
 def test_learned_pooling_is_its_1x1x1_convolution_in_either_memory_layout():
     torch.manual_seed(0)
     bb = {"name": "dual_latent_unet", "kwargs": {"features": [4, 8, 16], "latent": 6}}
@@ -569,6 +613,42 @@ def test_closed_form_probe_on_tiled_windows_weighs_only_the_stage_means_and_relo
     others = torch.ones(model.head.weight.shape[1], dtype=torch.bool)
     others[stages] = False
     assert others.any() and model.head.weight[:, others].abs().max() == 0  # the latents' columns weigh nothing
+    rows = pd.read_csv(out / "predictions.csv")
+    assert (rows["prediction"] == rows["target"]).mean() >= 0.75, rows[["target", "prediction"]]
+    key = rows["key"].iloc[0]
+    again = predictor.predict({"T1w": np.asarray(Store(blob_heads).read(key, "T1w"), np.float32)}).probs
+    assert again.tolist() == pytest.approx(json.loads(rows["prob"].iloc[0]), rel=1e-4)
+
+
+@pytest.mark.slow
+def test_closed_form_probe_on_the_pretext_heads_pooling_through_the_cli(blob_heads, tmp_path, run_cli):
+    """``--set probe_features=pretext`` from a run whose backbone has a pooled health head: the fine-tuned model holds
+    that pooling with the run's weights, the probe weighs only its columns and the flags, reads whether the head is
+    large, and the predictor reloads it and gives back the run's predictions."""
+    from neurofm.infer.predictor import Predictor
+    from neurofm.io.checkpoint import WEIGHTS, load_weights, resolve_checkpoint, write_run_folder
+
+    torch.manual_seed(0)
+    pre = create_model("dual_latent_unet", **HEALTH_KW)
+    run_cfg = {"model": {"name": "dual_latent_unet", "kwargs": HEALTH_KW}, "data": {"patch": 16}}
+    write_run_folder(tmp_path / "pre", pre, run_cfg, {"step": 0})
+    out = tmp_path / "ft"
+    code, _, err = run_cli("finetune", "--data", blob_heads, "--task", "cls", "--target", "large", "--from",
+                           tmp_path / "pre", "--mode", "linear", "--shots", "16", "--out", out, "--no-tta",
+                           "--no-progress", "--set", "probe_features=pretext")  # fmt: skip
+    assert code == 0, err
+    probe = json.loads((out / "summary.json").read_text())["splits"][0]["probe"]
+    predictor = Predictor.from_run(out, tta=False)
+    model = predictor.model
+    cols = model.feature_columns("pretext")
+    assert probe["features"] == "pretext" and probe["columns"] == len(cols) == 3 * 3 + 1
+    others = torch.ones(model.head.weight.shape[1], dtype=torch.bool)
+    others[cols] = False
+    assert model.head.weight[:, others].abs().max() == 0 and model.head.weight[:, cols].abs().max() > 0
+    saved = load_weights(resolve_checkpoint(out) / WEIGHTS)
+    for k, v in pre.state_dict().items():
+        if k.startswith("health_head.pool."):
+            assert torch.equal(saved[f"backbone.{k}"], v)  # the pretrained pooling, unchanged by the probe
     rows = pd.read_csv(out / "predictions.csv")
     assert (rows["prediction"] == rows["target"]).mean() >= 0.75, rows[["target", "prediction"]]
     key = rows["key"].iloc[0]

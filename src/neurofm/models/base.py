@@ -13,6 +13,8 @@ A backbone is an ``nn.Module`` subclass of :class:`Backbone` that answers:
 * ``reset_head(task, classes)`` — become a downstream trunk: pretext parts dropped and, for
   ``seg``, a decoder with ``classes`` outputs installed, run by ``forward_head(features)``;
 * ``transfer_prefixes(task)`` — the pretrained keys that trunk takes over;
+* ``keep_pretext_features()`` — (optional) keep a pretext head's learned pooling in the trunk, so that a probe can
+  read what the pretext head read (``Features.pretext``; called before ``reset_head``);
 * ``downstream_kwargs(kwargs, n_contrasts)`` — the constructor arguments of that trunk;
 * ``disentangles`` / ``recombine(anatomy_of, contrast_of)`` — a backbone with separate
   anatomy and contrast latents can render one scan's anatomy in another's contrast.
@@ -45,6 +47,8 @@ class Features:
         anatomy: ``(B, A)`` the subject (anatomy) part, where the backbone has one.
         contrast: ``(B, K)`` the contrast part, where it has one.
         latents: tensors a pretraining objective scores (e.g. ``mu_s``, ``logvar_s``); backbone-specific.
+        pretext: ``(B, P)`` a pretext head's learned pooling of the maps, in a trunk that keeps it
+            (:meth:`Backbone.keep_pretext_features`).
     """
 
     maps: list[torch.Tensor]
@@ -52,15 +56,17 @@ class Features:
     anatomy: torch.Tensor | None = None
     contrast: torch.Tensor | None = None
     latents: dict[str, torch.Tensor] = field(default_factory=dict)
+    pretext: torch.Tensor | None = None
 
 
 @dataclass(frozen=True)
 class FeatureDims:
-    """Widths of :class:`Features`: channels of each map, of the anatomy and contrast vectors (0: none)."""
+    """Widths of :class:`Features`: channels of each map, of the anatomy, contrast and pretext vectors (0: none)."""
 
     maps: tuple[int, ...]
     anatomy: int = 0
     contrast: int = 0
+    pretext: int = 0
 
     @property
     def pooled(self) -> int:
@@ -109,6 +115,12 @@ class Backbone(nn.Module):
     def transfer_prefixes(self, task: str) -> tuple[str, ...]:
         """Pretrained keys a downstream trunk for ``task`` takes over (default: the encoder)."""
         return self.encoder_prefixes
+
+    def keep_pretext_features(self) -> None:
+        """Keep the learned pooling of a pretext head through :meth:`reset_head` (a cls/reg trunk), so that
+        ``forward_features`` gives its output as ``Features.pretext`` and ``transfer_prefixes`` takes its pretrained
+        weights over. A backbone without such a head refuses."""
+        raise ConfigError(f"{type(self).__name__} has no pretext head whose pooled features a probe could read")
 
     @classmethod
     def downstream_kwargs(cls, kwargs: dict[str, Any], n_contrasts: int) -> dict[str, Any]:

@@ -60,6 +60,10 @@ class DownstreamModel(nn.Module):
         probe_head: (frozen / full cls/reg) a linear layer beside the MLP head, reading the standardised fused
             features as the linear probe does; the two outputs add. Fine-tuning fits it in closed form first and
             starts the MLP's output layer at zero (``head_init=probe``, LP-FT).
+        pretext_features: (cls/reg) the trunk keeps its pretext head's learned pooling
+            (:meth:`~neurofm.models.base.Backbone.keep_pretext_features`, with its pretrained weights) and the fused
+            vector holds each scan's pooled vector beside its stage means (``probe_features=pretext`` reads them
+            alone).
 
     ``freeze_encoder`` (set by the fine-tuning schedule) holds the encoder still for a while in
     ``full`` mode: no gradient is computed for it, as in ``frozen``.
@@ -77,6 +81,7 @@ class DownstreamModel(nn.Module):
         pool: str = "mean",
         pool_latent: bool = False,
         probe_head: bool = False,
+        pretext_features: bool = False,
     ):
         super().__init__()
         check_task(task)
@@ -90,6 +95,8 @@ class DownstreamModel(nn.Module):
             raise ConfigError(f"pool should be one of {POOLS}, got {pool!r}")
         if probe_head and (task == "seg" or mode == "linear"):
             raise ConfigError("a probe beside the head is for cls/reg heads trained by steps (mode frozen or full)")
+        if pretext_features and task == "seg":
+            raise ConfigError("pretext features are read by cls/reg heads, not by a segmentation decoder")
         self.config = {
             "backbone": backbone,
             "task": task,
@@ -101,6 +108,7 @@ class DownstreamModel(nn.Module):
             "pool": pool,
             "pool_latent": pool_latent,
             "probe_head": probe_head,
+            "pretext_features": pretext_features,
         }
         self.task, self.n_out, self.contrasts, self.mode, self.pool_kind = task, n_out, list(contrasts), mode, pool
         n_c = len(contrasts)
@@ -109,6 +117,8 @@ class DownstreamModel(nn.Module):
         self.stack = bb.input_mode == "stack"
         self.in_channels = n_c
         self.downsampling = bb.downsampling
+        if pretext_features:
+            bb.keep_pretext_features()
         bb.reset_head(task, n_out)
         self.freeze_encoder = False
         self.latent_pool = False
@@ -177,24 +187,31 @@ class DownstreamModel(nn.Module):
         if self.stack:
             return d.pooled
         n_c = len(self.contrasts)
-        return d.anatomy + n_c * (d.contrast + d.pooled + 1)
+        return d.anatomy + n_c * (d.contrast + d.pooled + d.pretext + 1)
 
     def feature_columns(self, kind: str = "all") -> torch.Tensor:
-        """Indices of the fused feature vector (:meth:`features`) that ``kind`` names: ``all``, or ``stages`` (the
-        encoder's stage means and the presence flags, without the anatomy and contrast latents)."""
+        """Indices of the fused feature vector (:meth:`features`) that ``kind`` names: ``all``; ``stages`` (the
+        encoder's stage means and the presence flags, without the anatomy and contrast latents); ``pretext`` (the
+        pretext head's pooled vectors and the presence flags, in a model built with ``pretext_features``).
+
+        The fused vector is the anatomy latent, then per contrast its contrast latent, stage means and pretext
+        vector, then the presence flags."""
         n = self._feature_dim()
         if kind == "all":
             return torch.arange(n)
-        if kind != "stages":
-            raise ConfigError(f"feature columns are all or stages, got {kind!r}")
+        if kind not in ("stages", "pretext"):
+            raise ConfigError(f"feature columns are all, stages or pretext, got {kind!r}")
         d = self.backbone.feature_dims()
+        if kind == "pretext" and not d.pretext:
+            raise ConfigError("pretext columns need a model built with pretext_features (probe_features=pretext)")
         if self.stack:
             return torch.arange(n)  # a stack backbone's fused vector is its stage means
         keep = torch.zeros(n, dtype=torch.bool)
-        per_scan = d.contrast + d.pooled
+        per_scan = d.contrast + d.pooled + d.pretext
+        offset, width = (d.contrast, d.pooled) if kind == "stages" else (d.contrast + d.pooled, d.pretext)
         for i in range(len(self.contrasts)):
-            start = d.anatomy + i * per_scan + d.contrast
-            keep[start : start + d.pooled] = True
+            start = d.anatomy + i * per_scan + offset
+            keep[start : start + width] = True
         keep[n - len(self.contrasts) :] = True  # the presence flags
         return keep.nonzero().squeeze(1)
 
@@ -242,6 +259,8 @@ class DownstreamModel(nn.Module):
         if f.anatomy is not None:  # the anatomy is the subject's: averaged over its contrasts
             parts.append((per_contrast(f.anatomy) * w[..., None]).sum(1) / w.sum(1, keepdim=True).clamp_min(1.0))
         per_scan = [f.contrast, f.pooled] if f.contrast is not None else [f.pooled]
+        if f.pretext is not None:
+            per_scan.append(f.pretext)
         parts.append(per_contrast(torch.cat(per_scan, dim=1)).flatten(1))
         fixed = torch.cat([*parts, w], dim=1)
         return fixed, (per_contrast(self._learned_pool(f)).flatten(1) if use_pool else None)

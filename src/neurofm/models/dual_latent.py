@@ -392,6 +392,7 @@ class DualLatentUNet(Backbone):
                 dim = (self.health_slots or 2) * pooled
                 linear = nn.Linear(dim, health_classes)
                 self.health_head = nn.Sequential(RunningStandardise(dim), linear) if health_norm else linear
+        self.pretext_features = False  # a cls/reg trunk that keeps the health head's pooling (keep_pretext_features)
         he_init(self)
         # Start the posteriors narrow (sigma ~ 0.08): with unit variance the sampled latents are mostly
         # noise and the decoder learns nothing for hundreds of steps; the KL term widens them as needed.
@@ -400,10 +401,12 @@ class DualLatentUNet(Backbone):
 
     def feature_dims(self) -> FeatureDims:
         has_latents = self.subject_head is not None
+        pool = self.health_head.pool if self.pretext_features else ()
         return FeatureDims(
             maps=tuple(self.config["features"]),
             anatomy=self.latent if has_latents else 0,
             contrast=self.latent if has_latents else 0,
+            pretext=sum(c.out_channels for c in pool),
         )
 
     def forward_features(self, x: torch.Tensor) -> Features:
@@ -418,6 +421,8 @@ class DualLatentUNet(Backbone):
         self.check_input(x)
         skips = self.encoder(x)
         feats = Features(maps=skips, pooled=global_pool(skips))
+        if self.pretext_features:  # the health head's pooled reading of each scan, without its classifier
+            feats.pretext = self.health_head.pooled(skips)
         if self.subject_head is None:  # a segmentation trunk: no latents
             return feats
         # every stage averaged down to the bottleneck grid: stage i is 2^(n-1-i) times larger (sizes are multiples
@@ -479,10 +484,27 @@ class DualLatentUNet(Backbone):
         return self.decode(s, c)
 
     # ------------------------------------------------------------------ downstream
+    def keep_pretext_features(self) -> None:
+        """Keep the health head's learned pooling (:class:`PooledHealthHead`: 1x1x1 convolution, GELU and mean per
+        stage; its standardisation and classifier are dropped) in the cls/reg trunk: ``Features.pretext`` is then
+        each scan's pooled vector, the one the pretext's classifier read in the scan's contrast slot."""
+        if not isinstance(self.health_head, PooledHealthHead):
+            raise ConfigError(
+                "pretext features need a health head with learned pooling (model.kwargs.health_pool > 0 in "
+                "pretraining); a health head on the stage means reads what probe_features=stages reads"
+            )
+        self.pretext_features = True
+
     def reset_head(self, task: str, classes: int) -> None:
         check_task(task)
         self.decoder = None  # the reconstruction decoder (no skips)
+        kept = self.health_head if self.pretext_features and task != "seg" else None
         self.adversary = self.contrast_classifier = self.anatomy_projector = self.health_head = None
+        if kept is not None:  # its pooling only: the pretext's standardisation and classifier are its own
+            kept.norm = kept.out = None
+            self.health_head = kept
+        elif self.pretext_features:
+            raise ConfigError("pretext features are for cls/reg trunks, not segmentation")
         if task == "seg":
             self.subject_head = self.contrast_head = None
             self.seg_decoder = UNetDecoder(self.encoder, classes, 1, deep_supervision=False)
@@ -492,4 +514,6 @@ class DualLatentUNet(Backbone):
         return self.seg_decoder(features.maps)
 
     def transfer_prefixes(self, task: str) -> tuple[str, ...]:
-        return ("encoder.",) if task == "seg" else self.encoder_prefixes
+        if task == "seg":
+            return ("encoder.",)
+        return (*self.encoder_prefixes, "health_head.pool.") if self.pretext_features else self.encoder_prefixes
