@@ -13,6 +13,11 @@ difference with the demo's hierarchical bootstrap over seeds and cases (``neurof
 ``linear_penalty``) on every linear arm, the random encoder's included; their runs are named with those settings, so
 one DIR holds several read-outs beside one scratch.
 
+``--scratch-arch MODEL`` trains scratch with another model's architecture (default: the first model's, as the random
+encoder). The same trunk built from another model's settings can draw other initial weights (a pretext head built
+and dropped moves the random stream), and scratch moves with them: a study that must pair with an earlier study's
+scratch gives that study's first model here.
+
 Writes ``DIR/probe-pairs-<task>-<seeds>.json`` (the probe's settings in the name where given): one row per model and
 arm and per floor (value, interval, per-seed values, difference from scratch; a model's also from the random encoder)
 and one per pair of models (difference, interval, seeds ahead).
@@ -54,6 +59,7 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, default=10)
     ap.add_argument("--first-seed", type=int, default=0)
     ap.add_argument("--probe", nargs="*", default=[], help="KEY=VALUE: a closed-form probe setting (linear arms)")
+    ap.add_argument("--scratch-arch", help="the model whose architecture scratch takes (default: the first model)")
     args = ap.parse_args()
     probe = dict(p.split("=", 1) for p in args.probe)
     if set(probe) - PROBE_KEYS:
@@ -75,7 +81,11 @@ def main() -> None:
     first = next(iter(models.values()))
     floors_base = finetune_config(demo, first, args.task, target)
     floor_arms = [a for a in demo_arms(demo, first, args.task) if a.source in ("scratch", "random", "constant")]
-    floor_rows = {a.name: rows_of(args.out / "floors", floors_base, a) for a in floor_arms}
+    scratch_base = finetune_config(demo, args.scratch_arch, args.task, target) if args.scratch_arch else floors_base
+    floor_rows = {
+        a.name: rows_of(args.out / "floors", scratch_base if a.source == "scratch" else floors_base, a)
+        for a in floor_arms
+    }
     scratch = floor_rows["scratch"]
     model_rows: dict[tuple[str, str], list[list[dict[str, Any]]]] = {}
     for name, model in models.items():
