@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from neurofm.data.finetune import Case, build_cases, few_shot, k_folds
+from neurofm.data.pretrain import contrast_id
 from neurofm.errors import ConfigError
 from neurofm.models.downstream import DownstreamModel, adapt_stem, load_pretrained
 from neurofm.models.registry import create_model, model_from_checkpoint
@@ -135,17 +136,26 @@ HEALTH_KW = {"features": [4, 8, 16], "latent": 6, "health_classes": 2, "health_p
 
 
 def test_pretext_features_are_the_pretrained_health_heads_pooling_of_each_contrast():
-    """``probe_features=pretext``: the model keeps the pretrained health head's learned pooling (not its
-    standardisation or classifier) with its pretrained weights, and the fused vector holds each present scan's pooled
-    vector, in its contrast's place, beside the stage means; the pretext columns are those and the presence flags."""
+    """``probe_features=pretext``: the model keeps the pretrained health head with its pretrained weights, and the
+    fused vector holds each present scan's pooled vector, in its contrast's place, beside the stage means, then the
+    head's classifier's logits of the case, as pretraining read a pair (a one-scan case as that scan twice); the
+    pretext columns are the pooled vectors and the flags, the pretext-logit columns the logits and the flags; reading
+    features in training mode leaves the head's standardisation as pretraining left it."""
     torch.manual_seed(0)
     pre = create_model("dual_latent_unet", **HEALTH_KW).eval()
     bb = {"name": "dual_latent_unet", "kwargs": HEALTH_KW}
     model = DownstreamModel(bb, "cls", 2, ["T1w", "FLAIR"], mode="linear", pretext_features=True)
     report = load_pretrained(model, pre.state_dict(), None)
-    kept = sorted(k for k in model.state_dict() if "health_head" in k)
-    assert kept == sorted(f"backbone.health_head.pool.{i}.{p}" for i in range(3) for p in ("weight", "bias"))
+    kept = {k for k in model.state_dict() if "health_head" in k}
+    assert kept == {f"backbone.{k}" for k in pre.state_dict() if k.startswith("health_head.")}
     assert report["initialised"] == []  # every kept tensor came from the pretrained run
+    with torch.no_grad():  # standardisation statistics that are not the identity, as a trained head's are
+        pre.health_head.norm.mean.normal_()
+        pre.health_head.norm.var.uniform_(0.5, 2.0)
+    load_pretrained(model, pre.state_dict(), None)
+    model.train()
+    model.features(torch.randn(2, 2, 16, 16, 16), torch.ones(2, 2, dtype=torch.bool))
+    assert torch.equal(model.backbone.health_head.norm.mean, pre.health_head.norm.mean)  # never updated downstream
     model.eval()
     x, present = torch.randn(3, 2, 16, 16, 16), torch.tensor([[1, 1], [1, 0], [1, 1]])
     with torch.no_grad():
@@ -159,12 +169,23 @@ def test_pretext_features_are_the_pretrained_health_heads_pooling_of_each_contra
     assert torch.allclose(fused[:, stages], want_stages, atol=1e-6)
     assert len(cols) == 2 * 3 * 3 + 2 and not set(cols[:-2].tolist()) & set(stages.tolist())
     assert fused.shape[1] == len(model.feature_columns("all")) == model.head.in_features
+    with torch.no_grad():  # the pretext classifier on each case's scans as a pretraining pair
+        ids = {c: torch.tensor([contrast_id(c)]) for c in ("T1w", "FLAIR")}
+        logits = []
+        for b in range(3):
+            pair = [x[b : b + 1, 0:1], x[b : b + 1, 1:2] if present[b, 1] else x[b : b + 1, 0:1]]
+            pair_ids = torch.cat([ids["T1w"], ids["FLAIR"] if present[b, 1] else ids["T1w"]])
+            logits.append(pre.health_logits(pre.forward_features(torch.cat(pair)), 2, pair_ids))
+    logit_cols = model.feature_columns("pretext-logit")
+    assert len(logit_cols) == 2 + 2
+    assert torch.allclose(fused[:, logit_cols], torch.cat([torch.cat(logits), present.float()], dim=1), atol=1e-5)
     # without the switch the model drops the head and has no pretext columns
     plain = DownstreamModel(bb, "cls", 2, ["T1w", "FLAIR"], mode="linear")
     assert not any("health_head" in k for k in plain.state_dict())
-    assert plain.head.in_features == fused.shape[1] - 2 * 3 * 3
-    with pytest.raises(ConfigError, match="pretext_features"):
-        plain.feature_columns("pretext")
+    assert plain.head.in_features == fused.shape[1] - 2 * 3 * 3 - 2
+    for kind in ("pretext", "pretext-logit"):
+        with pytest.raises(ConfigError, match="pretext_features"):
+            plain.feature_columns(kind)
     for kwargs in ({"features": [4, 8, 16], "latent": 6}, {**HEALTH_KW, "health_pool": 0}):  # no pooled health head
         with pytest.raises(ConfigError, match="health_pool"):
             DownstreamModel({"name": "dual_latent_unet", "kwargs": kwargs}, "cls", 2, ["T1w"], pretext_features=True)
@@ -621,10 +642,12 @@ def test_closed_form_probe_on_tiled_windows_weighs_only_the_stage_means_and_relo
 
 
 @pytest.mark.slow
-def test_closed_form_probe_on_the_pretext_heads_pooling_through_the_cli(blob_heads, tmp_path, run_cli):
+@pytest.mark.parametrize("kind", ["pretext", "pretext-logit"])
+def test_closed_form_probe_on_the_pretext_heads_pooling_through_the_cli(blob_heads, tmp_path, run_cli, kind):
     """``--set probe_features=pretext`` from a run whose backbone has a pooled health head: the fine-tuned model holds
-    that pooling with the run's weights, the probe weighs only its columns and the flags, reads whether the head is
-    large, and the predictor reloads it and gives back the run's predictions."""
+    that head with the run's weights, the probe weighs only its pooling's columns and the flags, reads whether the
+    head is large, and the predictor reloads it and gives back the run's predictions. ``pretext-logit``: the probe
+    weighs the head's classifier's logits and the flags (a random classifier: no accuracy asked)."""
     from neurofm.infer.predictor import Predictor
     from neurofm.io.checkpoint import WEIGHTS, load_weights, resolve_checkpoint, write_run_folder
 
@@ -635,22 +658,23 @@ def test_closed_form_probe_on_the_pretext_heads_pooling_through_the_cli(blob_hea
     out = tmp_path / "ft"
     code, _, err = run_cli("finetune", "--data", blob_heads, "--task", "cls", "--target", "large", "--from",
                            tmp_path / "pre", "--mode", "linear", "--shots", "16", "--out", out, "--no-tta",
-                           "--no-progress", "--set", "probe_features=pretext")  # fmt: skip
+                           "--no-progress", "--set", f"probe_features={kind}")  # fmt: skip
     assert code == 0, err
     probe = json.loads((out / "summary.json").read_text())["splits"][0]["probe"]
     predictor = Predictor.from_run(out, tta=False)
     model = predictor.model
-    cols = model.feature_columns("pretext")
-    assert probe["features"] == "pretext" and probe["columns"] == len(cols) == 3 * 3 + 1
+    cols = model.feature_columns(kind)
+    assert probe["features"] == kind and probe["columns"] == len(cols) == (3 * 3 + 1 if kind == "pretext" else 2 + 1)
     others = torch.ones(model.head.weight.shape[1], dtype=torch.bool)
     others[cols] = False
     assert model.head.weight[:, others].abs().max() == 0 and model.head.weight[:, cols].abs().max() > 0
     saved = load_weights(resolve_checkpoint(out) / WEIGHTS)
     for k, v in pre.state_dict().items():
-        if k.startswith("health_head.pool."):
-            assert torch.equal(saved[f"backbone.{k}"], v)  # the pretrained pooling, unchanged by the probe
+        if k.startswith("health_head."):
+            assert torch.equal(saved[f"backbone.{k}"], v)  # the pretrained head, unchanged by the probe
     rows = pd.read_csv(out / "predictions.csv")
-    assert (rows["prediction"] == rows["target"]).mean() >= 0.75, rows[["target", "prediction"]]
+    if kind == "pretext":
+        assert (rows["prediction"] == rows["target"]).mean() >= 0.75, rows[["target", "prediction"]]
     key = rows["key"].iloc[0]
     again = predictor.predict({"T1w": np.asarray(Store(blob_heads).read(key, "T1w"), np.float32)}).probs
     assert again.tolist() == pytest.approx(json.loads(rows["prob"].iloc[0]), rel=1e-4)

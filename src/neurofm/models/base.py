@@ -67,6 +67,7 @@ class FeatureDims:
     anatomy: int = 0
     contrast: int = 0
     pretext: int = 0
+    pretext_logits: int = 0  # the kept pretext classifier's outputs per case (Backbone.pretext_logits)
 
     @property
     def pooled(self) -> int:
@@ -121,6 +122,11 @@ class Backbone(nn.Module):
         ``forward_features`` gives its output as ``Features.pretext`` and ``transfer_prefixes`` takes its pretrained
         weights over. A backbone without such a head refuses."""
         raise ConfigError(f"{type(self).__name__} has no pretext head whose pooled features a probe could read")
+
+    def pretext_logits(self, per_scan: torch.Tensor, present: torch.Tensor, contrasts: list[str]) -> torch.Tensor:
+        """A kept pretext classifier's logits per case ``(B, K)`` from each scan's ``Features.pretext`` ``(B, C, P)``
+        (``feature_dims().pretext_logits`` = K > 0 where the backbone has one)."""
+        raise ConfigError(f"{type(self).__name__} has no pretext classifier to read")
 
     @classmethod
     def downstream_kwargs(cls, kwargs: dict[str, Any], n_contrasts: int) -> dict[str, Any]:

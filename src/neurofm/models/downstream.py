@@ -63,7 +63,8 @@ class DownstreamModel(nn.Module):
         pretext_features: (cls/reg) the trunk keeps its pretext head's learned pooling
             (:meth:`~neurofm.models.base.Backbone.keep_pretext_features`, with its pretrained weights) and the fused
             vector holds each scan's pooled vector beside its stage means (``probe_features=pretext`` reads them
-            alone).
+            alone) and, where the head has contrast slots, its classifier's logits of the case
+            (``probe_features=pretext-logit``).
 
     ``freeze_encoder`` (set by the fine-tuning schedule) holds the encoder still for a while in
     ``full`` mode: no gradient is computed for it, as in ``frozen``.
@@ -187,32 +188,41 @@ class DownstreamModel(nn.Module):
         if self.stack:
             return d.pooled
         n_c = len(self.contrasts)
-        return d.anatomy + n_c * (d.contrast + d.pooled + d.pretext + 1)
+        return d.anatomy + n_c * (d.contrast + d.pooled + d.pretext + 1) + d.pretext_logits
 
     def feature_columns(self, kind: str = "all") -> torch.Tensor:
         """Indices of the fused feature vector (:meth:`features`) that ``kind`` names: ``all``; ``stages`` (the
         encoder's stage means and the presence flags, without the anatomy and contrast latents); ``pretext`` (the
-        pretext head's pooled vectors and the presence flags, in a model built with ``pretext_features``).
+        pretext head's pooled vectors and the presence flags, in a model built with ``pretext_features``);
+        ``pretext-logit`` (that head's classifier's logits of the case and the presence flags).
 
         The fused vector is the anatomy latent, then per contrast its contrast latent, stage means and pretext
-        vector, then the presence flags."""
+        vector, then the pretext classifier's logits, then the presence flags."""
         n = self._feature_dim()
         if kind == "all":
             return torch.arange(n)
-        if kind not in ("stages", "pretext"):
-            raise ConfigError(f"feature columns are all, stages or pretext, got {kind!r}")
+        if kind not in ("stages", "pretext", "pretext-logit"):
+            raise ConfigError(f"feature columns are all, stages, pretext or pretext-logit, got {kind!r}")
         d = self.backbone.feature_dims()
-        if kind == "pretext" and not d.pretext:
-            raise ConfigError("pretext columns need a model built with pretext_features (probe_features=pretext)")
+        if kind.startswith("pretext") and not (d.pretext_logits if kind == "pretext-logit" else d.pretext):
+            raise ConfigError(
+                f"{kind} columns need a model built with pretext_features (probe_features={kind}) whose backbone has "
+                "that pretext head"
+            )
         if self.stack:
             return torch.arange(n)  # a stack backbone's fused vector is its stage means
         keep = torch.zeros(n, dtype=torch.bool)
+        n_c = len(self.contrasts)
         per_scan = d.contrast + d.pooled + d.pretext
-        offset, width = (d.contrast, d.pooled) if kind == "stages" else (d.contrast + d.pooled, d.pretext)
-        for i in range(len(self.contrasts)):
-            start = d.anatomy + i * per_scan + offset
-            keep[start : start + width] = True
-        keep[n - len(self.contrasts) :] = True  # the presence flags
+        if kind == "pretext-logit":
+            start = d.anatomy + n_c * per_scan
+            keep[start : start + d.pretext_logits] = True
+        else:
+            offset, width = (d.contrast, d.pooled) if kind == "stages" else (d.contrast + d.pooled, d.pretext)
+            for i in range(n_c):
+                start = d.anatomy + i * per_scan + offset
+                keep[start : start + width] = True
+        keep[n - n_c :] = True  # the presence flags
         return keep.nonzero().squeeze(1)
 
     @property
@@ -262,6 +272,8 @@ class DownstreamModel(nn.Module):
         if f.pretext is not None:
             per_scan.append(f.pretext)
         parts.append(per_contrast(torch.cat(per_scan, dim=1)).flatten(1))
+        if f.pretext is not None and self.backbone.feature_dims().pretext_logits:  # the pretext classifier's reading
+            parts.append(self.backbone.pretext_logits(per_contrast(f.pretext), present, self.contrasts))
         fixed = torch.cat([*parts, w], dim=1)
         return fixed, (per_contrast(self._learned_pool(f)).flatten(1) if use_pool else None)
 

@@ -147,6 +147,10 @@ class RunningStandardise(nn.Module):
                 self.mean.lerp_(x.mean(0), rate)
                 self.var.lerp_((x - self.mean).pow(2).mean(0), rate)
                 self.seen += 1
+        return self.standardise(x)
+
+    def standardise(self, x: torch.Tensor) -> torch.Tensor:
+        """``x`` standardised by the statistics as they stand (no update, in either mode)."""
         return ((x - self.mean) * torch.rsqrt(self.var.clamp_min(1e-12))).clamp(-6.0, 6.0)
 
 
@@ -191,6 +195,23 @@ class PooledHealthHead(nn.Module):
         """``maps``: the encoder stages of ``2B`` scans (the pairs' first scans, then the second); ``ids``: their
         contrast indices, needed with ``slots`` (:func:`pair_slots`). Returns ``(B, classes)``."""
         return self.out(self.norm(_side_by_side(self.pooled(maps), ids, self.slots)))
+
+    def case_logits(self, per_scan: torch.Tensor, present: torch.Tensor, contrasts: list[str]) -> torch.Tensor:
+        """The classifier's logits ``(B, classes)`` for cases of several contrasts: ``per_scan`` ``(B, C, D)`` each
+        case's pooled vectors in ``contrasts``' order, ``present`` ``(B, C)``. Each present scan goes in its contrast's
+        slot (scans of one slot averaged, empty slots zero), as pretraining read a pair (:func:`pair_slots`: a one-scan
+        session read twice fills one slot); the standardisation as it stands, never updated here."""
+        if not self.slots:
+            raise ConfigError("the health classifier's logits per case need contrast slots (model.kwargs.health_slots)")
+        slot = [CONTRASTS.index(c) if c in CONTRASTS else self.slots - 1 for c in contrasts]
+        w = present.to(per_scan.dtype)
+        total = per_scan.new_zeros(per_scan.shape[0], self.slots, per_scan.shape[2])
+        count = per_scan.new_zeros(per_scan.shape[0], self.slots)
+        for i, k in enumerate(slot):  # a fixed loop over the model's contrasts (an exported graph keeps it)
+            total[:, k] = total[:, k] + per_scan[:, i] * w[:, i, None]
+            count[:, k] = count[:, k] + w[:, i]
+        x = (total / count.clamp_min(1.0)[..., None]).flatten(1)
+        return self.out(self.norm.standardise(x) if isinstance(self.norm, RunningStandardise) else x)
 
 
 def _side_by_side(v: torch.Tensor, ids: torch.Tensor | None, slots: int) -> torch.Tensor:
@@ -401,13 +422,20 @@ class DualLatentUNet(Backbone):
 
     def feature_dims(self) -> FeatureDims:
         has_latents = self.subject_head is not None
-        pool = self.health_head.pool if self.pretext_features else ()
+        head = self.health_head if self.pretext_features else None
         return FeatureDims(
             maps=tuple(self.config["features"]),
             anatomy=self.latent if has_latents else 0,
             contrast=self.latent if has_latents else 0,
-            pretext=sum(c.out_channels for c in pool),
+            pretext=sum(c.out_channels for c in head.pool) if head is not None else 0,
+            pretext_logits=head.out.out_features if head is not None and head.slots else 0,
         )
+
+    def pretext_logits(self, per_scan: torch.Tensor, present: torch.Tensor, contrasts: list[str]) -> torch.Tensor:
+        """The kept health classifier's logits per case (:meth:`PooledHealthHead.case_logits`)."""
+        if not self.pretext_features:
+            raise ConfigError("pretext logits need the health head kept (keep_pretext_features)")
+        return self.health_head.case_logits(per_scan, present, contrasts)
 
     def forward_features(self, x: torch.Tensor) -> Features:
         """Encode ``x`` (B, C, X, Y, Z).
@@ -485,9 +513,10 @@ class DualLatentUNet(Backbone):
 
     # ------------------------------------------------------------------ downstream
     def keep_pretext_features(self) -> None:
-        """Keep the health head's learned pooling (:class:`PooledHealthHead`: 1x1x1 convolution, GELU and mean per
-        stage; its standardisation and classifier are dropped) in the cls/reg trunk: ``Features.pretext`` is then
-        each scan's pooled vector, the one the pretext's classifier read in the scan's contrast slot."""
+        """Keep the health head (:class:`PooledHealthHead`: 1x1x1 convolution, GELU and mean per stage, then its
+        standardisation and classifier) in the cls/reg trunk: ``Features.pretext`` is then each scan's pooled vector,
+        the one the pretext's classifier read in the scan's contrast slot, and :meth:`pretext_logits` that
+        classifier's reading of a case (with contrast slots)."""
         if not isinstance(self.health_head, PooledHealthHead):
             raise ConfigError(
                 "pretext features need a health head with learned pooling (model.kwargs.health_pool > 0 in "
@@ -500,8 +529,7 @@ class DualLatentUNet(Backbone):
         self.decoder = None  # the reconstruction decoder (no skips)
         kept = self.health_head if self.pretext_features and task != "seg" else None
         self.adversary = self.contrast_classifier = self.anatomy_projector = self.health_head = None
-        if kept is not None:  # its pooling only: the pretext's standardisation and classifier are its own
-            kept.norm = kept.out = None
+        if kept is not None:  # its pooling, standardisation and classifier (PooledHealthHead.case_logits)
             self.health_head = kept
         elif self.pretext_features:
             raise ConfigError("pretext features are for cls/reg trunks, not segmentation")
@@ -516,4 +544,4 @@ class DualLatentUNet(Backbone):
     def transfer_prefixes(self, task: str) -> tuple[str, ...]:
         if task == "seg":
             return ("encoder.",)
-        return (*self.encoder_prefixes, "health_head.pool.") if self.pretext_features else self.encoder_prefixes
+        return (*self.encoder_prefixes, "health_head.") if self.pretext_features else self.encoder_prefixes

@@ -245,7 +245,7 @@ def train_fold(
         pool=cfg.head_pool,
         pool_latent=cfg.head_pool_latent,
         probe_head=cfg.head_init == "probe",
-        pretext_features=cfg.probe_features == "pretext",
+        pretext_features=cfg.probe_features.startswith("pretext"),
     )
     transfer = load_pretrained(model, weights, src.get("pretrained_contrasts")) if weights is not None else None
     info = _task_info(cs, cfg, patch, stats)

@@ -24,7 +24,7 @@ from neurofm.objectives import ObjectiveConfig, objective_config
 #: beside the head and the head's output layer at zero (docs/finetuning.md)
 HEAD_INITS = ("default", "zero", "probe")
 PROBE_WINDOWS = ("whole", "tiles", "tiles-mean")  # what the closed-form probe reads of a scan
-PROBE_FEATURES = ("all", "stages", "pretext")  # which fused features it weighs
+PROBE_FEATURES = ("all", "stages", "pretext", "pretext-logit")  # which fused features it weighs
 MEMORY_FORMATS = ("auto", "contiguous", "channels_last")
 
 
@@ -188,8 +188,9 @@ class FinetuneConfig(Config):
     probe_windows: str = "whole"
     # closed form: which fused features the probe weighs, all (anatomy and contrast latents, stage means, presence
     # flags), stages (the encoder's stage means and the presence flags, no latents) or pretext (the pretrained health
-    # head's pooled features and the presence flags: the model keeps that head's learned pooling, so the backbone
-    # must have one)
+    # head's pooled features and the presence flags: the model keeps that head, so the backbone must have one) or
+    # pretext-logit (that head's classifier's logits of the case and the presence flags: its zero-shot reading,
+    # calibrated on the labelled cases)
     probe_features: str = "all"
     head_pool: str = "mean"  # cls/reg: the learned pooling's reduction over space, mean or meanmax (docs/finetuning.md)
     head_pool_latent: bool = False  # cls/reg: the learned pooling also reads the anatomy latent map
@@ -251,8 +252,10 @@ class FinetuneConfig(Config):
                 f"probe_windows should be one of {PROBE_WINDOWS} and probe_features one of {PROBE_FEATURES}, got "
                 f"{self.probe_windows!r}, {self.probe_features!r}"
             )
-        if self.probe_features == "pretext" and self.task == "seg":
-            raise ConfigError("probe_features=pretext is for cls/reg: a segmentation decoder reads the encoder's maps")
+        if self.probe_features.startswith("pretext") and self.task == "seg":
+            raise ConfigError(
+                f"probe_features={self.probe_features} is for cls/reg: a segmentation decoder reads the encoder's maps"
+            )
         if not self.seg_fg_weight > 0:
             raise ConfigError(f"seg_fg_weight should be > 0, got {self.seg_fg_weight}")
         if self.seg_fg_weight != 1.0 and self.task != "seg":
