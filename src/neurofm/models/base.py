@@ -13,8 +13,9 @@ A backbone is an ``nn.Module`` subclass of :class:`Backbone` that answers:
 * ``reset_head(task, classes)`` — become a downstream trunk: pretext parts dropped and, for
   ``seg``, a decoder with ``classes`` outputs installed, run by ``forward_head(features)``;
 * ``transfer_prefixes(task)`` — the pretrained keys that trunk takes over;
-* ``keep_pretext_features()`` — (optional) keep a pretext head's learned pooling in the trunk, so that a probe can
-  read what the pretext head read (``Features.pretext``; called before ``reset_head``);
+* ``keep_pretext_features()`` — (optional) keep a pretext head in the trunk, so that a probe can read what the
+  pretext head read (``Features.pretext``) and its classifier's logits of a case (``pretext_logits``); called before
+  ``reset_head``;
 * ``downstream_kwargs(kwargs, n_contrasts)`` — the constructor arguments of that trunk;
 * ``disentangles`` / ``recombine(anatomy_of, contrast_of)`` — a backbone with separate
   anatomy and contrast latents can render one scan's anatomy in another's contrast.
@@ -118,9 +119,9 @@ class Backbone(nn.Module):
         return self.encoder_prefixes
 
     def keep_pretext_features(self) -> None:
-        """Keep the learned pooling of a pretext head through :meth:`reset_head` (a cls/reg trunk), so that
-        ``forward_features`` gives its output as ``Features.pretext`` and ``transfer_prefixes`` takes its pretrained
-        weights over. A backbone without such a head refuses."""
+        """Keep a pretext head through :meth:`reset_head` (a cls/reg trunk), so that ``forward_features`` gives its
+        learned pooling as ``Features.pretext``, :meth:`pretext_logits` its classifier's reading of a case, and
+        ``transfer_prefixes`` takes its pretrained weights over. A backbone without such a head refuses."""
         raise ConfigError(f"{type(self).__name__} has no pretext head whose pooled features a probe could read")
 
     def pretext_logits(self, per_scan: torch.Tensor, present: torch.Tensor, contrasts: list[str]) -> torch.Tensor:
