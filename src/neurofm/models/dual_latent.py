@@ -413,7 +413,7 @@ class DualLatentUNet(Backbone):
                 dim = (self.health_slots or 2) * pooled
                 linear = nn.Linear(dim, health_classes)
                 self.health_head = nn.Sequential(RunningStandardise(dim), linear) if health_norm else linear
-        self.pretext_features = False  # a cls/reg trunk that keeps the health head's pooling (keep_pretext_features)
+        self.pretext_features = False  # a cls/reg trunk that keeps the health head (keep_pretext_features)
         he_init(self)
         # Start the posteriors narrow (sigma ~ 0.08): with unit variance the sampled latents are mostly
         # noise and the decoder learns nothing for hundreds of steps; the KL term widens them as needed.
@@ -449,7 +449,7 @@ class DualLatentUNet(Backbone):
         self.check_input(x)
         skips = self.encoder(x)
         feats = Features(maps=skips, pooled=global_pool(skips))
-        if self.pretext_features:  # the health head's pooled reading of each scan, without its classifier
+        if self.pretext_features:  # the health head's pooled reading of each scan (its classifier reads cases)
             feats.pretext = self.health_head.pooled(skips)
         if self.subject_head is None:  # a segmentation trunk: no latents
             return feats
