@@ -96,8 +96,6 @@ class DownstreamModel(nn.Module):
             raise ConfigError(f"pool should be one of {POOLS}, got {pool!r}")
         if probe_head and (task == "seg" or mode == "linear"):
             raise ConfigError("a probe beside the head is for cls/reg heads trained by steps (mode frozen or full)")
-        if pretext_features and task == "seg":
-            raise ConfigError("pretext features are read by cls/reg heads, not by a segmentation decoder")
         self.config = {
             "backbone": backbone,
             "task": task,

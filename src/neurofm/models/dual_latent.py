@@ -158,17 +158,27 @@ class RunningStandardise(nn.Module):
 HEALTH_SLOTS = len(CONTRASTS) + 1
 
 
+def scan_slots(v: torch.Tensor, ids: torch.Tensor, weight: torch.Tensor, slots: int) -> torch.Tensor:
+    """``v``: ``(B, n, D)``, ``n`` scans per row; ``ids``: ``(B, n)`` each scan's contrast index (-1: another name);
+    ``weight``: ``(B, n)``, 1 for a scan that is there and 0 for one that is not. Returns ``(B, slots * D)``: each
+    scan's vector in its contrast's slot, the scans of one slot averaged, zeros in the slots of contrasts the row lacks
+    (the downstream models' per-contrast fusion), so that a head knows which contrast it reads."""
+    b, n, d = v.shape
+    ids = torch.where(ids < 0, torch.full_like(ids, slots - 1), ids).long()
+    rows = (torch.arange(b, device=v.device)[:, None] * slots + ids).reshape(-1)
+    w = weight.to(v.dtype).reshape(-1)
+    total = v.new_zeros(b * slots, d).index_add(0, rows, v.reshape(b * n, d) * w[:, None])
+    count = v.new_zeros(b * slots).index_add(0, rows, w)
+    return (total / count.clamp_min(1.0)[:, None]).view(b, slots * d)
+
+
 def pair_slots(v: torch.Tensor, ids: torch.Tensor, slots: int) -> torch.Tensor:
     """``v``: ``(2B, D)``, a pair's first scans then its second; ``ids``: ``(2B,)`` each scan's contrast index (-1:
-    another name). Returns ``(B, slots * D)``: each scan's vector in its contrast's slot, zeros in the slots of
-    contrasts the pair lacks (the downstream models' per-contrast fusion), so that the head knows which contrast it
-    reads; a pair of one contrast twice (a session with one scan) gets their mean in that slot."""
+    another name). Returns ``(B, slots * D)``: :func:`scan_slots` of each pair; a pair of one contrast twice (a session
+    with one scan) gets their mean in that slot."""
     half = v.shape[0] // 2
-    ids = torch.where(ids < 0, torch.full_like(ids, slots - 1), ids).long()
-    rows = torch.arange(half, device=v.device).repeat(2) * slots + ids
-    total = v.new_zeros(half * slots, v.shape[1]).index_add(0, rows, v)
-    count = v.new_zeros(half * slots).index_add(0, rows, torch.ones_like(rows, dtype=v.dtype))
-    return (total / count.clamp_min(1.0)[:, None]).view(half, slots * v.shape[1])
+    pairs, pair_ids = v.view(2, half, -1).transpose(0, 1), ids.view(2, half).T
+    return scan_slots(pairs, pair_ids, torch.ones_like(pair_ids, dtype=v.dtype), slots)
 
 
 class PooledHealthHead(nn.Module):
@@ -199,18 +209,12 @@ class PooledHealthHead(nn.Module):
     def case_logits(self, per_scan: torch.Tensor, present: torch.Tensor, contrasts: list[str]) -> torch.Tensor:
         """The classifier's logits ``(B, classes)`` for cases of several contrasts: ``per_scan`` ``(B, C, D)`` each
         case's pooled vectors in ``contrasts``' order, ``present`` ``(B, C)``. Each present scan goes in its contrast's
-        slot (scans of one slot averaged, empty slots zero), as pretraining read a pair (:func:`pair_slots`: a one-scan
-        session read twice fills one slot); the standardisation as it stands, never updated here."""
+        slot (:func:`scan_slots`), as pretraining read a pair (:func:`pair_slots`: a one-scan session read twice fills
+        one slot); the standardisation as it stands, never updated here."""
         if not self.slots:
             raise ConfigError("the health classifier's logits per case need contrast slots (model.kwargs.health_slots)")
-        slot = [CONTRASTS.index(c) if c in CONTRASTS else self.slots - 1 for c in contrasts]
-        w = present.to(per_scan.dtype)
-        total = per_scan.new_zeros(per_scan.shape[0], self.slots, per_scan.shape[2])
-        count = per_scan.new_zeros(per_scan.shape[0], self.slots)
-        for i, k in enumerate(slot):  # a fixed loop over the model's contrasts (an exported graph keeps it)
-            total[:, k] = total[:, k] + per_scan[:, i] * w[:, i, None]
-            count[:, k] = count[:, k] + w[:, i]
-        x = (total / count.clamp_min(1.0)[..., None]).flatten(1)
+        ids = torch.tensor([CONTRASTS.index(c) if c in CONTRASTS else -1 for c in contrasts], device=per_scan.device)
+        x = scan_slots(per_scan, ids.expand(per_scan.shape[0], -1), present, self.slots)
         return self.out(self.norm.standardise(x) if isinstance(self.norm, RunningStandardise) else x)
 
 
