@@ -195,6 +195,27 @@ def test_pretext_features_are_the_pretrained_health_heads_pooling_of_each_contra
         FinetuneConfig(task="seg", target="x", probe_features="pretext")
 
 
+@pytest.mark.parametrize("task", ["cls", "seg"])
+def test_a_trunk_from_scratch_draws_the_same_weights_whatever_pretext_heads_its_architecture_trained(task):
+    """Scratch and the random encoder take a pretrained run's architecture: a pretext head that the trunk drops
+    must not move the random stream, so a run trained with a health head, an adversary or an anatomy projector
+    gives the same scratch as one trained without; a trunk that keeps the health head (pretext_features) builds it."""
+    plain = {"features": [4, 8, 16], "latent": 6}
+    heads = {**HEALTH_KW, "contrast_classes": 5, "anatomy_outputs": 3}
+    built = []
+    for kwargs in (plain, heads):
+        torch.manual_seed(0)
+        built.append(DownstreamModel({"name": "dual_latent_unet", "kwargs": kwargs}, task, 2, ["T1w", "FLAIR"]))
+    a, b = (m.state_dict() for m in built)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert built[1].config["backbone"]["kwargs"] == heads  # the run's architecture as given, for the predictor
+    if task == "cls":
+        torch.manual_seed(0)
+        kept = DownstreamModel({"name": "dual_latent_unet", "kwargs": heads}, task, 2, ["T1w"], pretext_features=True)
+        assert any(k.startswith("backbone.health_head.") for k in kept.state_dict())
+        assert not any(k.startswith(("backbone.adversary.", "backbone.anatomy_projector.")) for k in kept.state_dict())
+
+
 def test_learned_pooling_is_its_1x1x1_convolution_in_either_memory_layout():
     torch.manual_seed(0)
     bb = {"name": "dual_latent_unet", "kwargs": {"features": [4, 8, 16], "latent": 6}}

@@ -16,7 +16,10 @@ A backbone is an ``nn.Module`` subclass of :class:`Backbone` that answers:
 * ``keep_pretext_features()`` — (optional) keep a pretext head in the trunk, so that a probe can read what the
   pretext head read (``Features.pretext``) and its classifier's logits of a case (``pretext_logits``); called before
   ``reset_head``;
-* ``downstream_kwargs(kwargs, n_contrasts)`` — the constructor arguments of that trunk;
+* ``downstream_kwargs(kwargs, n_contrasts, pretext_features)`` — the constructor arguments of that trunk: no
+  pretext head is built that ``reset_head`` would drop, so a trunk built from scratch with a run's architecture
+  draws the same initial weights whatever pretext heads that run trained (``pretext_features`` keeps the one
+  ``keep_pretext_features`` keeps);
 * ``disentangles`` / ``recombine(anatomy_of, contrast_of)`` — a backbone with separate
   anatomy and contrast latents can render one scan's anatomy in another's contrast.
 
@@ -130,8 +133,11 @@ class Backbone(nn.Module):
         raise ConfigError(f"{type(self).__name__} has no pretext classifier to read")
 
     @classmethod
-    def downstream_kwargs(cls, kwargs: dict[str, Any], n_contrasts: int) -> dict[str, Any]:
-        """Constructor arguments of the downstream trunk (pretext heads off, input channels set)."""
+    def downstream_kwargs(
+        cls, kwargs: dict[str, Any], n_contrasts: int, pretext_features: bool = False
+    ) -> dict[str, Any]:
+        """Constructor arguments of the downstream trunk (pretext heads off, input channels set; with
+        ``pretext_features`` the head that :meth:`keep_pretext_features` keeps stays on)."""
         return dict(kwargs)
 
     def check_input(self, x: torch.Tensor) -> None:

@@ -111,7 +111,7 @@ class DownstreamModel(nn.Module):
         }
         self.task, self.n_out, self.contrasts, self.mode, self.pool_kind = task, n_out, list(contrasts), mode, pool
         n_c = len(contrasts)
-        kw = model_class(backbone["name"]).downstream_kwargs(backbone.get("kwargs", {}), n_c)
+        kw = model_class(backbone["name"]).downstream_kwargs(backbone.get("kwargs", {}), n_c, pretext_features)
         self.backbone = bb = create_model(backbone["name"], **kw)
         self.stack = bb.input_mode == "stack"
         self.in_channels = n_c

@@ -516,6 +516,18 @@ class DualLatentUNet(Backbone):
         return self.decode(s, c)
 
     # ------------------------------------------------------------------ downstream
+    @classmethod
+    def downstream_kwargs(
+        cls, kwargs: dict[str, Any], n_contrasts: int, pretext_features: bool = False
+    ) -> dict[str, Any]:
+        """No adversary, contrast classifier or anatomy projector, and no health head unless ``pretext_features``
+        keeps it: a head built only to be dropped by :meth:`reset_head` would move the random stream, and with it
+        the initial weights of a trunk trained from scratch with this architecture."""
+        off = ("contrast_classes", "anatomy_outputs")
+        if not pretext_features:
+            off += ("health_classes", "health_norm", "health_pool", "health_slots")
+        return {k: v for k, v in kwargs.items() if k not in off}
+
     def keep_pretext_features(self) -> None:
         """Keep the health head (:class:`PooledHealthHead`: 1x1x1 convolution, GELU and mean per stage, then its
         standardisation and classifier) in the cls/reg trunk: ``Features.pretext`` is then each scan's pooled vector,

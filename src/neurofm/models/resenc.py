@@ -169,7 +169,9 @@ class ResEncUNet(Backbone):
 
     # ------------------------------------------------------------------ downstream
     @classmethod
-    def downstream_kwargs(cls, kwargs: dict[str, Any], n_contrasts: int) -> dict[str, Any]:
+    def downstream_kwargs(
+        cls, kwargs: dict[str, Any], n_contrasts: int, pretext_features: bool = False
+    ) -> dict[str, Any]:
         # one contrast at a time through the shared encoder (a multi-channel source's stem is adapted)
         return {**kwargs, "in_channels": 1, "anatomy_outputs": 0, "health_classes": 0, "dense_classes": 0}
 

@@ -102,7 +102,9 @@ class ViTAutoEncoder(Backbone):
 
     # ------------------------------------------------------------------ downstream
     @classmethod
-    def downstream_kwargs(cls, kwargs: dict[str, Any], n_contrasts: int) -> dict[str, Any]:
+    def downstream_kwargs(
+        cls, kwargs: dict[str, Any], n_contrasts: int, pretext_features: bool = False
+    ) -> dict[str, Any]:
         return {**kwargs, "in_channels": n_contrasts, "out_channels": n_contrasts}
 
     def reset_head(self, task: str, classes: int) -> None:
