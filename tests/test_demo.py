@@ -80,7 +80,7 @@ def test_demo_pretrained_per_task_and_bad_models_refused(tmp_path, run_cli):
     from neurofm.demo import DEFAULT_MODELS, SHIPPED, DemoConfig, models_by_task, models_text
     from neurofm.pretrained import shipped
 
-    assert set(DEFAULT_MODELS.values()) <= set(shipped()) and DEFAULT_MODELS["cls"] == SHIPPED
+    assert set(DEFAULT_MODELS.values()) <= set(shipped()) and SHIPPED in shipped()
     assert models_by_task(DemoConfig()) == DEFAULT_MODELS
     cfg = DemoConfig(pretrained={"cls": "fomo25-tiny-cnce"})  # the tasks left out keep their default
     assert models_by_task(cfg) == {**DEFAULT_MODELS, "cls": "fomo25-tiny-cnce"}
@@ -111,6 +111,15 @@ def test_demo_fine_tunes_each_task_from_its_own_model(tmp_path, run_cli):
     for arm, steps in (("scratch", 3), ("pretrained-lp-ft", 2), ("pretrained-linear", 2)):  # scratch's own budget
         assert json.loads((out / "finetune" / f"reg-age-{arm}-seed1" / "run.json").read_text())["steps"] == steps
     assert json.loads((out / "finetune" / "cls-healthy-scratch-seed1" / "run.json").read_text())["steps"] == 2
+    # health's probes read the health model through its pretext's classifier, on tiles; scratch trains as always
+    for arm, features, windows in (
+        ("pretrained-linear", "pretext-logit", "tiles"),
+        ("random-linear", "pretext-logit", "tiles"),
+        ("scratch", "all", "whole"),
+    ):
+        ran = json.loads((out / "finetune" / f"cls-healthy-{arm}-seed1" / "run.json").read_text())
+        assert (ran["probe_features"], ran["probe_windows"]) == (features, windows), arm
+    assert f"cls: the probes read {DEFAULT_MODELS['cls']} through its health pretext's own classifier" in said
     summary = json.loads((out / "demo.json").read_text())
     assert summary["pretrained"] == DEFAULT_MODELS and len(set(DEFAULT_MODELS.values())) == 3
     assert {(r["task"], r["model"]) for r in summary["scores"]} == set(DEFAULT_MODELS.items())
@@ -146,13 +155,39 @@ def test_demo_arms_start_the_pretrained_full_fine_tune_from_its_probe_only_where
     assert [a.name for a in demo_arms(cfg, "MODEL", "seg")][0] == "pretrained full"  # segmentation has no head
 
 
-def test_the_demos_probe_read_out_is_per_task_and_reaches_its_probes():
-    from neurofm.demo import DemoConfig, finetune_config
+def test_the_demos_probe_read_out_is_per_task_and_reaches_its_probes_not_scratch():
+    from neurofm.demo import DEFAULT_MODELS, HEALTH_READ_OUT, SHIPPED, DemoConfig, demo_arms, read_out_text
 
-    cfg = DemoConfig(probe={"cls": {"probe_windows": "tiles", "probe_features": "stages"}})
-    cls, reg = finetune_config(cfg, "M", "cls", "healthy"), finetune_config(cfg, "M", "reg", "age")
-    assert (cls.probe_windows, cls.probe_features) == ("tiles", "stages")
-    assert (reg.probe_windows, reg.probe_features) == ("whole", "all")  # a task left out keeps the probe's defaults
+    def settings(cfg, model, task):
+        return {
+            a.name: {k: v for k, v in a.settings.items() if k.startswith("probe_")} for a in demo_arms(cfg, model, task)
+        }
+
+    given = {"probe_windows": "tiles", "probe_features": "stages"}
+    cfg = DemoConfig(probe={"cls": given})
+    cls = settings(cfg, "M", "cls")
+    assert cls == {"pretrained linear": given, "scratch": {}, "random linear": given, "constant": {}}
+    assert all(not s for s in settings(cfg, "M", "reg").values())  # a task left out keeps the probe's defaults
+    cfg.pretrained_head_init = {"cls": "probe"}
+    cfg.modes = {**cfg.modes, "cls": ["linear", "full"]}
+    assert settings(cfg, "M", "cls")["pretrained lp-ft"] == given  # LP-FT starts from that probe
+    # by default each model is read its own way: the health model through its pretext's classifier, for health only
+    default = DemoConfig()
+    health = DEFAULT_MODELS["cls"]
+    assert HEALTH_READ_OUT == {"probe_windows": "tiles", "probe_features": "pretext-logit"}
+    cls = settings(default, health, "cls")
+    assert cls == {
+        "pretrained linear": HEALTH_READ_OUT,
+        "scratch": {},
+        "random linear": HEALTH_READ_OUT,
+        "constant": {},
+    }
+    assert all(not s for s in settings(default, health, "reg").values())  # age is not the pretext's target
+    other = DemoConfig(tasks=[("seg", "lesion"), ("cls", "sex"), ("reg", "age")])
+    assert all(not s for s in settings(other, health, "cls").values())  # nor is sex
+    assert all(not s for s in settings(default, SHIPPED, "cls").values())  # a model without the head: the defaults
+    assert all(not s for s in settings(DemoConfig(probe={}), health, "cls").values())  # probe={}: the defaults
+    assert "health pretext's own classifier" in read_out_text(HEALTH_READ_OUT) and read_out_text({}) == ""
 
 
 def test_scratch_steps_give_the_scratch_arm_alone_its_own_budget(tmp_path, run_cli):

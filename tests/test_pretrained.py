@@ -20,9 +20,9 @@ def test_a_pretrained_model_ships():
 
 
 def test_the_demos_model_ships_and_its_recipe_is_a_preset(run_cli):
-    """neurofm demo fine-tunes shipped models by default (classification and regression from SHIPPED), and
+    """neurofm demo fine-tunes shipped models by default (one per task; SHIPPED is the label-free fallback), and
     --pretrain-steps trains SHIPPED's settings from nothing: the preset resolves to the model and objective the
-    shipped weights were trained with."""
+    shipped weights were trained with. The health model's recipe is a preset too, and its card names its labels."""
     from dataclasses import asdict
 
     from neurofm.demo import RECIPE
@@ -46,7 +46,10 @@ def test_the_demos_model_ships_and_its_recipe_is_a_preset(run_cli):
     said = " ".join(out.replace("│", " ").split())  # rich's box, wrapped
     from neurofm.demo import DEFAULT_MODELS, DemoConfig
 
-    assert f"default: seg {DEFAULT_MODELS['seg']}, cls {DEMO_MODEL}, reg {DEFAULT_MODELS['reg']}." in said, said
+    assert f"default: seg {DEFAULT_MODELS['seg']}, cls {DEFAULT_MODELS['cls']}, reg {DEFAULT_MODELS['reg']}." in said
+    health = json.loads((ROOT / DEFAULT_MODELS["cls"] / "run.json").read_text())
+    assert get_preset(health["preset"]).objective.w_health > 0 and health["model"]["kwargs"]["health_pool"] > 0
+    assert "weak supervision by the pool's metadata" in (ROOT / DEFAULT_MODELS["cls"] / "MODEL_CARD.md").read_text()
     # the fine-tuning budget the help states is the one the demo runs
     cfg = DemoConfig()
     steps, crops = (", ".join(f"{t} {n}" for t, n in d.items()) for d in (cfg.finetune_steps, cfg.finetune_batch))
@@ -71,6 +74,13 @@ CARD = {
         "scripts/make_pretrained.py --work WORK --name fomo25-tiny-cnce",
         "swap check",
         "w_contrast_nce",
+    ),
+    "fomo25-tiny-cmeans-health": (
+        "scripts/make_pretrained.py --work WORK --name fomo25-tiny-cmeans-health",
+        "swap check",
+        "w_health",
+        "weak supervision by the pool's health labels",
+        "probe_features=pretext-logit",
     ),
     "fomo25-tiny-cshift": (
         "scripts/make_pretrained.py --work WORK --name fomo25-tiny-cshift",
@@ -309,12 +319,14 @@ def test_a_model_cards_command_remakes_its_recipe(name):
     run = json.loads((ROOT / name / "run.json").read_text())
     assert run["preset"] == args.preset
     assert run["trainer"]["max_steps"] == args.steps
+    from neurofm.config import split_assignment
+
     for item in args.extra:
-        key, value = item.split("=", 1)
+        key, value = split_assignment(item)  # as the recipe reads --set: YAML, so [T1w,FLAIR] is a list
         node = run
         for part in key.split("."):
             node = node[part]
-        assert str(node).lower() == value.lower(), f"{name}: {key}={node}, the card says {value}"
+        assert node == value or str(node).lower() == str(value).lower(), f"{name}: {key}={node}, the card says {value}"
 
 
 def test_a_card_of_a_model_with_an_eraser_reads_the_anatomy_after_it_and_before_it():

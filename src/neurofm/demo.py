@@ -33,8 +33,14 @@ if TYPE_CHECKING:
 SHIPPED = "fomo25-tiny-cmeans"  # chosen over fomo25-tiny-synth on the demo's 10 seeds (docs/finetuning.md)
 # the model each task fine-tunes by default, each chosen on subjects the choice was not made on: segmentation from
 # fomo25-tiny-cshift, ahead of scratch and of fomo25-tiny-cmeans (experiments/rule_per_task_default.md); brain age
-# from fomo25-tiny-cswap, whose probe reads it better than fomo25-tiny-cmeans's (experiments/rule_age_model.md)
-DEFAULT_MODELS = {"seg": "fomo25-tiny-cshift", "cls": SHIPPED, "reg": "fomo25-tiny-cswap"}
+# from fomo25-tiny-cswap, whose probe reads it better than fomo25-tiny-cmeans's (experiments/rule_age_model.md);
+# health from fomo25-tiny-cmeans-health, read through its health pretext's classifier (HEALTH_READ_OUT), ahead of
+# scratch and of the random encoder on three stores (experiments/rule_health_pretext_logit.md): weak supervision
+# by its pretraining pool's health labels, where fomo25-tiny-cmeans is label-free
+DEFAULT_MODELS = {"seg": "fomo25-tiny-cshift", "cls": "fomo25-tiny-cmeans-health", "reg": "fomo25-tiny-cswap"}
+# the closed-form probe's read-out of a model with a pooled health pretext head, for the pretext's own target: the
+# head's classifier's logits of each case (probe_features=pretext-logit), on 32^3 windows tiled over each scan
+HEALTH_READ_OUT = {"probe_windows": "tiles", "probe_features": "pretext-logit"}
 RECIPE = "fomo25-cmeans-tiny"  # fomo25-tiny-cmeans's recipe (SHIPPED): what pretrain_steps > 0 trains from nothing
 
 
@@ -92,9 +98,10 @@ class DemoConfig:
     # then called "pretrained lp-ft"
     pretrained_head_init: dict[str, str] = field(default_factory=lambda: {"reg": "probe"})
     # per task (cls/reg), the closed-form probe's read-out where it differs from the probe's defaults (the scan
-    # whole, every fused feature): probe_windows, probe_features (docs/finetuning.md); the random encoder is read
-    # the same way
-    probe: dict[str, dict[str, str]] = field(default_factory=dict)
+    # whole, every fused feature): probe_windows, probe_features (docs/finetuning.md). It is the linear arms' (the
+    # random encoder is read the same way) and LP-FT's, not scratch's. None: each model's own (read_out_of): a model
+    # with a pooled health pretext head is read through that head's classifier for its target (HEALTH_READ_OUT)
+    probe: dict[str, dict[str, str]] | None = None
     seeds: int = 3
     floors: bool = True
     contrasts: list[str] = field(default_factory=lambda: ["T1w", "FLAIR"])
@@ -193,6 +200,10 @@ def run_demo(out: str | Path = "neurofm-demo", cfg: DemoConfig | None = None) ->
 
     shots = ", ".join(f"{k} {v}" for k, v in cfg.shots.items())
     t = stage("4/6 fine-tune", f"labelled subjects {shots}; {cfg.seeds} seeds; pretrained, scratch and two floors")
+    read_outs = {task: read_out_text(read_out_of(cfg, models[task], task)) for task, _ in cfg.tasks if task != "seg"}
+    read_outs = {task: text for task, text in read_outs.items() if text}
+    for task, text in read_outs.items():
+        console.print(f"  {task}: the probes read {models[task]} {text}; scratch is trained as always")
     rows = finetune_rows(cfg, models, store, out / "finetune")
     figures.scores_figure(rows, fig_dir / "scores.png", f"labelled subjects: {shots}; mean over {cfg.seeds} seeds")
     figures.difference_figure(rows, fig_dir / "differences.png")
@@ -273,7 +284,8 @@ def run_demo(out: str | Path = "neurofm-demo", cfg: DemoConfig | None = None) ->
             "are paired (same cases, same seed) against scratch; 95 % intervals from a bootstrap over seeds and cases. "
             "Floors: a frozen randomly initialised encoder with the same head, and the constant predictor "
             "(training mean, class frequencies, or background everywhere). "
-            f"Trained on {torch.get_num_threads()} CPU threads of {_machine_text(made_on)}: the values repeat to the "
+            + "".join(f"The {task} probes read {models[task]} {text}. " for task, text in read_outs.items())
+            + f"Trained on {torch.get_num_threads()} CPU threads of {_machine_text(made_on)}: the values repeat to the "
             "last digit on this machine at that count, not at another count (OMP_NUM_THREADS sets it) and not "
             "always on another processor.",
             images=["figures/scores.png", "figures/differences.png"],
@@ -347,8 +359,44 @@ def finetune_config(cfg: DemoConfig, run: str | Path, task: str, target: str) ->
         num_workers=0,
         tta=False,
         seed=cfg.seed,
-        **cfg.probe.get(task, {}),
     )
+
+
+def read_out_of(cfg: DemoConfig, model: str, task: str) -> dict[str, str]:
+    """The closed-form probe's settings for ``task`` read from ``model``: ``cfg.probe``'s where it is set, else the
+    model's own: :data:`HEALTH_READ_OUT` for a cls task whose target is the label a pooled health pretext head of
+    the model was trained on (its run's ``data.health_label``), none otherwise (the probe's defaults)."""
+    if cfg.probe is not None:
+        return dict(cfg.probe.get(task, {}))
+    if task != "cls":
+        return {}
+    from neurofm.errors import CheckpointError
+    from neurofm.io.checkpoint import read_checkpoint
+
+    try:
+        info = read_checkpoint(model)
+    except CheckpointError:  # no such model: the fine-tuning says so
+        return {}
+    kwargs, run = info["model"].get("kwargs", {}), info["run"]
+    label = run.get("data", {}).get("health_label", "healthy")
+    pooled_head = int(kwargs.get("health_classes", 0) or 0) > 0 and int(kwargs.get("health_pool", 0) or 0) > 0
+    return dict(HEALTH_READ_OUT) if pooled_head and dict(cfg.tasks).get(task) == label else {}
+
+
+def read_out_text(read_out: dict[str, str]) -> str:
+    """How a probe reads its model, in words (empty for the probe's defaults)."""
+    if not read_out:
+        return ""
+    parts = []
+    if read_out.get("probe_features") == "pretext-logit":
+        parts.append("through its health pretext's own classifier (its logits of each case, calibrated)")
+    elif read_out.get("probe_features") not in (None, "all"):
+        parts.append(f"on its {read_out['probe_features']} features")
+    if read_out.get("probe_windows") == "tiles":
+        parts.append("on 32^3 windows tiled over each scan")
+    rest = {k: v for k, v in read_out.items() if k not in ("probe_features", "probe_windows")}
+    parts += [f"{k}={v}" for k, v in rest.items()]
+    return ", ".join(parts)
 
 
 def set_lp_ft(cfg: DemoConfig, tasks: list[str]) -> None:
@@ -391,6 +439,15 @@ def demo_arms(cfg: DemoConfig, model: str, task: str) -> list[Arm]:
     from neurofm.analyze import experiments
 
     arms = experiments.standard_arms(model, task, cfg.modes.get(task, ["full"]), cfg.floors)
+    read_out = read_out_of(cfg, model, task) if task != "seg" else {}
+    if read_out:  # the probes (and LP-FT's, from the probe) read the model so; scratch has no probe
+        lpft = cfg.pretrained_head_init.get(task) == "probe"
+        arms = [
+            replace(a, settings={**a.settings, **read_out})
+            if a.mode == "linear" or (lpft and (a.source, a.mode) == (model, "full"))
+            else a
+            for a in arms
+        ]
     if task in cfg.scratch_steps:
         steps = {"steps": int(cfg.scratch_steps[task])}
         arms = [replace(a, settings={**a.settings, **steps}) if a.source == "scratch" else a for a in arms]
