@@ -9,7 +9,8 @@ One command (about two hours on a 2-core CPU at the default 30,000 steps)::
 2. ``neurofm pretrain --preset PRESET`` (``fomo25-tiny`` unless ``--preset``) on it for ``--steps`` steps;
 3. ``neurofm analyze`` (latents, contrast probes, swap check) on a separate evaluation set;
 4. copies the weights and descriptions (no optimizer state, no machine paths) to
-   ``src/neurofm/pretrained/<name>/`` and writes its ``MODEL_CARD.md``.
+   ``src/neurofm/pretrained/<name>/`` and writes its ``MODEL_CARD.md`` (a section of the card it replaces that it does
+   not write itself, such as a model's own results, is kept at the end).
 
 ``--erase`` also fits ``neurofm erase`` on the pool (120 sessions) before step 3, so the analysis reads the anatomy
 vector after the eraser (and before it), and packages ``eraser.safetensors`` with the weights.
@@ -287,6 +288,27 @@ def card_with_analysis(card: str, analysis: dict) -> str:
     return "".join(lines[:start]) + section + "".join(lines[end:])
 
 
+def sections(card: str) -> dict[str, str]:
+    """A card's ``## `` sections by heading line (the text before the first one under ``""``)."""
+    out: dict[str, str] = {}
+    heading = ""
+    for line in card.splitlines(keepends=True):
+        if line.startswith("## "):
+            heading = line.rstrip()
+        out[heading] = out.get(heading, "") + line
+    return out
+
+
+def with_kept_sections(new: str, old: str | None) -> str:
+    """``new`` with every section of ``old`` (the card being replaced) that ``new`` does not write, appended in its
+    order: what was written by hand on a card (a model's own results and read-out) survives a remake."""
+    if not old:
+        return new
+    written = sections(new)
+    kept = [text for heading, text in sections(old).items() if heading and heading not in written]
+    return new.rstrip("\n") + "\n" + "".join("\n" + text.rstrip("\n") + "\n" for text in kept) if kept else new
+
+
 def refresh_analysis(work: Path, args: argparse.Namespace) -> None:
     """The packaged model measured by the current ``neurofm analyze``; its card's other sections are kept."""
     dest = ROOT / "src" / "neurofm" / "pretrained" / args.name
@@ -404,7 +426,9 @@ def main() -> None:
     (stage / "checkpoints" / "last").write_text(ck.name + "\n")
     (stage / "run.json").write_text(json.dumps(run_cfg, indent=2) + "\n")
     meta = json.loads((ck / "meta.json").read_text())
-    (stage / "MODEL_CARD.md").write_text(model_card(args.name, args, run_cfg, meta, analysis, pool_cmd))
+    old_card = dest / "MODEL_CARD.md"
+    card = model_card(args.name, args, run_cfg, meta, analysis, pool_cmd)
+    (stage / "MODEL_CARD.md").write_text(with_kept_sections(card, old_card.read_text() if old_card.is_file() else None))
     write_json(stage / "analysis.json", analysis)
     swap_in(stage, dest)
     size = sum(p.stat().st_size for p in dest.rglob("*") if p.is_file()) / 1e6

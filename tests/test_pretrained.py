@@ -329,6 +329,18 @@ def test_a_model_cards_command_remakes_its_recipe(name):
         assert node == value or str(node).lower() == str(value).lower(), f"{name}: {key}={node}, the card says {value}"
 
 
+def test_a_remade_card_keeps_the_sections_written_by_hand_on_the_card_it_replaces():
+    script = _make_pretrained()
+    new = "# m\n\nintro\n\n## Data\nnew data\n\n## Use\nnew use\n"
+    old = "# m\n\nold intro\n\n## Data\nold data\n\n## Health: how to read it\nby hand\n\n## Notes\nmore\n"
+    remade = script.with_kept_sections(new, old)
+    assert remade.startswith(new.rstrip("\n")) and "old data" not in remade and "old intro" not in remade
+    assert remade.endswith("\n## Health: how to read it\nby hand\n\n## Notes\nmore\n")
+    assert script.with_kept_sections(new, None) == new == script.with_kept_sections(new, new)
+    card = (ROOT / "fomo25-tiny-cmeans-health" / "MODEL_CARD.md").read_text()
+    assert "## Health: what this model is for, and how to read it" in script.sections(card)
+
+
 def test_a_card_of_a_model_with_an_eraser_reads_the_anatomy_after_it_and_before_it():
     script = _make_pretrained()
 
