@@ -104,3 +104,19 @@ def test_film_decoder_renders_the_anatomy_with_the_contrast_codes_scale_and_shif
         DualLatentUNet(contrast_injection="film")
     with pytest.raises(ConfigError, match="contrast_injection"):
         DualLatentUNet(contrast_code="global", contrast_injection="adain")
+
+
+def test_every_backbone_says_its_downstream_trunk_with_or_without_the_kept_pretext_head():
+    """DownstreamModel asks downstream_kwargs(kwargs, n_contrasts, pretext_features=True) of a trunk that keeps a
+    pretext head: every built-in backbone takes the flag, and without it keeps the two-argument call."""
+    import inspect
+
+    from neurofm.models.registry import list_models, model_class
+
+    for name in list_models():
+        cls = model_class(name)
+        if not hasattr(cls, "downstream_kwargs"):
+            continue
+        params = inspect.signature(cls.downstream_kwargs).parameters
+        assert "pretext_features" in params and params["pretext_features"].default is False, name
+        assert isinstance(cls.downstream_kwargs({}, 2), dict), name

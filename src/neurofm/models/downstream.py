@@ -111,7 +111,10 @@ class DownstreamModel(nn.Module):
         }
         self.task, self.n_out, self.contrasts, self.mode, self.pool_kind = task, n_out, list(contrasts), mode, pool
         n_c = len(contrasts)
-        kw = model_class(backbone["name"]).downstream_kwargs(backbone.get("kwargs", {}), n_c, pretext_features)
+        cls = model_class(backbone["name"])
+        # asked only when it is on: a backbone registered from outside with the two-argument form still builds
+        extra = {"pretext_features": True} if pretext_features else {}
+        kw = cls.downstream_kwargs(backbone.get("kwargs", {}), n_c, **extra)
         self.backbone = bb = create_model(backbone["name"], **kw)
         self.stack = bb.input_mode == "stack"
         self.in_channels = n_c

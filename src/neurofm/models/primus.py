@@ -143,7 +143,9 @@ class PrimusBackbone(Backbone):
 
     # ------------------------------------------------------------------ downstream
     @classmethod
-    def downstream_kwargs(cls, kwargs: dict[str, Any], n_contrasts: int) -> dict[str, Any]:
+    def downstream_kwargs(
+        cls, kwargs: dict[str, Any], n_contrasts: int, pretext_features: bool = False
+    ) -> dict[str, Any]:
         return {**kwargs, "in_channels": 1, "out_channels": 1}
 
     def reset_head(self, task: str, classes: int) -> None:
