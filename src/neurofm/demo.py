@@ -365,22 +365,24 @@ def finetune_config(cfg: DemoConfig, run: str | Path, task: str, target: str) ->
 def read_out_of(cfg: DemoConfig, model: str, task: str) -> dict[str, str]:
     """The closed-form probe's settings for ``task`` read from ``model``: ``cfg.probe``'s where it is set, else the
     model's own: :data:`HEALTH_READ_OUT` for a cls task whose target is the label a pooled health pretext head of
-    the model was trained on (its run's ``data.health_label``), none otherwise (the probe's defaults)."""
+    the model was trained on (its run's ``data.health_label``) and whose classifier it can read
+    (``reads_pretext_logits``), none otherwise (the probe's defaults)."""
     if cfg.probe is not None:
         return dict(cfg.probe.get(task, {}))
     if task != "cls":
         return {}
     from neurofm.errors import CheckpointError
     from neurofm.io.checkpoint import read_checkpoint
+    from neurofm.models.registry import model_class
 
     try:
         info = read_checkpoint(model)
     except CheckpointError:  # no such model: the fine-tuning says so
         return {}
-    kwargs, run = info["model"].get("kwargs", {}), info["run"]
-    label = run.get("data", {}).get("health_label", "healthy")
-    pooled_head = int(kwargs.get("health_classes", 0) or 0) > 0 and int(kwargs.get("health_pool", 0) or 0) > 0
-    return dict(HEALTH_READ_OUT) if pooled_head and dict(cfg.tasks).get(task) == label else {}
+    reads = getattr(model_class(info["model"]["name"]), "reads_pretext_logits", None)
+    label = info["run"].get("data", {}).get("health_label", "healthy")
+    has_head = reads is not None and reads(info["model"].get("kwargs", {}))
+    return dict(HEALTH_READ_OUT) if has_head and dict(cfg.tasks).get(task) == label else {}
 
 
 def read_out_text(read_out: dict[str, str]) -> str:

@@ -216,6 +216,23 @@ def test_a_trunk_from_scratch_draws_the_same_weights_whatever_pretext_heads_its_
         assert not any(k.startswith(("backbone.adversary.", "backbone.anatomy_projector.")) for k in kept.state_dict())
 
 
+def test_a_backbone_says_from_its_settings_whether_its_pretext_classifier_can_be_read():
+    """``reads_pretext_logits(kwargs)`` (what the demo's per-model read-out asks) agrees with the model those settings
+    build: a pooled health head with contrast slots has logits per case; without slots or pooling it has none."""
+    from neurofm.models.registry import model_class
+
+    dual = model_class("dual_latent_unet")
+    for kwargs in (HEALTH_KW, {**HEALTH_KW, "health_slots": False}, {**HEALTH_KW, "health_pool": 0}):
+        bb = {"name": "dual_latent_unet", "kwargs": kwargs}
+        reads = dual.reads_pretext_logits(kwargs)
+        if kwargs["health_pool"]:
+            m = DownstreamModel(bb, "cls", 2, ["T1w", "FLAIR"], mode="linear", pretext_features=True)
+            assert reads == (m.backbone.feature_dims().pretext_logits > 0)
+        assert reads == (kwargs is HEALTH_KW)
+    assert not dual.reads_pretext_logits({"features": [4, 8, 16], "latent": 6})
+    assert not model_class("resenc_unet").reads_pretext_logits({"health_classes": 2})
+
+
 def test_learned_pooling_is_its_1x1x1_convolution_in_either_memory_layout():
     torch.manual_seed(0)
     bb = {"name": "dual_latent_unet", "kwargs": {"features": [4, 8, 16], "latent": 6}}

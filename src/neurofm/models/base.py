@@ -16,6 +16,7 @@ A backbone is an ``nn.Module`` subclass of :class:`Backbone` that answers:
 * ``keep_pretext_features()`` — (optional) keep a pretext head in the trunk, so that a probe can read what the
   pretext head read (``Features.pretext``) and its classifier's logits of a case (``pretext_logits``); called before
   ``reset_head``;
+* ``reads_pretext_logits(kwargs)`` — (optional) whether settings build a pretext classifier ``pretext_logits`` reads;
 * ``downstream_kwargs(kwargs, n_contrasts, pretext_features)`` — the constructor arguments of that trunk: no
   pretext head is built that ``reset_head`` would drop, so a trunk built from scratch with a run's architecture
   draws the same initial weights whatever pretext heads that run trained (``pretext_features`` keeps the one
@@ -131,6 +132,12 @@ class Backbone(nn.Module):
         """A kept pretext classifier's logits per case ``(B, K)`` from each scan's ``Features.pretext`` ``(B, C, P)``
         (``feature_dims().pretext_logits`` = K > 0 where the backbone has one)."""
         raise ConfigError(f"{type(self).__name__} has no pretext classifier to read")
+
+    @classmethod
+    def reads_pretext_logits(cls, kwargs: dict[str, Any]) -> bool:
+        """Whether a backbone built from ``kwargs`` has a pretext classifier that :meth:`pretext_logits` can read
+        (``probe_features=pretext-logit``)."""
+        return False
 
     @classmethod
     def downstream_kwargs(

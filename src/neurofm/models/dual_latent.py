@@ -517,6 +517,11 @@ class DualLatentUNet(Backbone):
 
     # ------------------------------------------------------------------ downstream
     @classmethod
+    def reads_pretext_logits(cls, kwargs: dict[str, Any]) -> bool:
+        """A health head with learned pooling and contrast slots (what :meth:`PooledHealthHead.case_logits` reads)."""
+        return all(int(kwargs.get(k, 0) or 0) > 0 for k in ("health_classes", "health_pool", "health_slots"))
+
+    @classmethod
     def downstream_kwargs(
         cls, kwargs: dict[str, Any], n_contrasts: int, pretext_features: bool = False
     ) -> dict[str, Any]:
