@@ -69,8 +69,9 @@ def main() -> None:
     if len(models) != len(args.models) or any(not k or not v for k, v in models.items()):
         raise SystemExit("--models takes distinct NAME=MODEL pairs")
     target = dict(DemoConfig().tasks)[args.task]
-    # the read-out is --probe's alone (not the demo's per-model default, neurofm.demo.read_out_of)
-    demo = DemoConfig(seeds=args.seeds, tasks=[(args.task, target)], seed=args.first_seed, probe={})
+    # the read-out is --probe's alone (not the demo's per-model default, neurofm.demo.read_out_of), and the arms the
+    # probes' (no zero-shot arm: experiments/pretext_head_paired.py reads the classifier on a study's cases)
+    demo = DemoConfig(seeds=args.seeds, tasks=[(args.task, target)], seed=args.first_seed, probe={}, zero_shot=False)
     label = f"{args.task}-{target}"
 
     def rows_of(folder: Path, base: Any, arm: Arm) -> list[list[dict[str, Any]]]:

@@ -76,6 +76,20 @@ def test_demo_shots_are_parsed_per_task_and_bad_ones_refused(tmp_path, run_cli):
         assert not (tmp_path / "d").exists()  # refused before anything is written
 
 
+def test_demo_zero_shot_row_is_on_by_default_and_off_with_its_flag(tmp_path, run_cli, monkeypatch):
+    """``neurofm demo --no-zero-shot`` reaches the demo's settings (the stages themselves are the slow tests')."""
+    import neurofm.demo
+
+    seen = []
+    monkeypatch.setattr(neurofm.demo, "run_demo", lambda out, cfg: seen.append(cfg))
+    for flags, want in (([], True), (["--no-zero-shot"], False)):
+        code, _, err = run_cli("demo", "--out", tmp_path / "d", *flags)
+        assert code == 0, err
+        assert seen[-1].zero_shot is want
+        arms = [a.name for a in neurofm.demo.demo_arms(seen[-1], neurofm.demo.DEFAULT_MODELS["cls"], "cls")]
+        assert ("pretrained zero-shot" in arms) is want
+
+
 def test_demo_pretrained_per_task_and_bad_models_refused(tmp_path, run_cli):
     from neurofm.demo import DEFAULT_MODELS, SHIPPED, DemoConfig, models_by_task, models_text
     from neurofm.pretrained import shipped
@@ -114,12 +128,19 @@ def test_demo_fine_tunes_each_task_from_its_own_model(tmp_path, run_cli):
     # health's probes read the health model through its pretext's classifier, on tiles; scratch trains as always
     for arm, features, windows in (
         ("pretrained-linear", "pretext-logit", "tiles"),
+        ("pretrained-zero-shot", "pretext-logit", "tiles"),
         ("random-linear", "pretext-logit", "tiles"),
         ("scratch", "all", "whole"),
     ):
         ran = json.loads((out / "finetune" / f"cls-healthy-{arm}-seed1" / "run.json").read_text())
         assert (ran["probe_features"], ran["probe_windows"]) == (features, windows), arm
+    zero = json.loads((out / "finetune" / "cls-healthy-pretrained-zero-shot-seed1" / "summary.json").read_text())
+    assert zero["splits"][0]["probe"]["labelled_cases_read"] == 0 and zero["splits"][0]["probe"]["class_map"] == {
+        "0": 1,
+        "1": 0,
+    }  # healthy (1) is the pretext's class 0, a patient (0) its class 1
     assert f"cls: the probes read {DEFAULT_MODELS['cls']} through its health pretext's own classifier" in said
+    assert f"cls: pretrained zero-shot reads {DEFAULT_MODELS['cls']}'s health pretext classifier" in said
     summary = json.loads((out / "demo.json").read_text())
     assert summary["pretrained"] == DEFAULT_MODELS and len(set(DEFAULT_MODELS.values())) == 3
     assert {(r["task"], r["model"]) for r in summary["scores"]} == set(DEFAULT_MODELS.items())
@@ -178,15 +199,23 @@ def test_the_demos_probe_read_out_is_per_task_and_reaches_its_probes_not_scratch
     cls = settings(default, health, "cls")
     assert cls == {
         "pretrained linear": HEALTH_READ_OUT,
+        "pretrained zero-shot": HEALTH_READ_OUT,  # and the classifier read as it is, with no labelled subject
         "scratch": {},
         "random linear": HEALTH_READ_OUT,
         "constant": {},
     }
+    zero = next(a for a in demo_arms(default, health, "cls") if a.name == "pretrained zero-shot")
+    assert (zero.source, zero.mode, zero.settings["linear_fit"]) == (health, "linear", "zero-shot")
+    assert "pretrained zero-shot" not in settings(DemoConfig(zero_shot=False), health, "cls")  # --no-zero-shot
     assert all(not s for s in settings(default, health, "reg").values())  # age is not the pretext's target
     other = DemoConfig(tasks=[("seg", "lesion"), ("cls", "sex"), ("reg", "age")])
     assert all(not s for s in settings(other, health, "cls").values())  # nor is sex
+    assert "pretrained zero-shot" not in settings(other, health, "cls")
     assert all(not s for s in settings(default, SHIPPED, "cls").values())  # a model without the head: the defaults
-    assert all(not s for s in settings(DemoConfig(probe={}), health, "cls").values())  # probe={}: the defaults
+    assert "pretrained zero-shot" not in settings(default, SHIPPED, "cls")
+    # probe={}: the probes' defaults (the zero-shot arm reads the classifier whatever the probes read)
+    bare = settings(DemoConfig(probe={}), health, "cls")
+    assert bare.pop("pretrained zero-shot") == HEALTH_READ_OUT and all(not s for s in bare.values())
     assert "health pretext's own classifier" in read_out_text(HEALTH_READ_OUT) and read_out_text({}) == ""
 
 

@@ -236,8 +236,9 @@ def finetune(
     mode: Annotated[
         str | None,
         typer.Option(
-            help="linear (probe, fitted in closed form; --set linear_fit=sgd: by steps), frozen (encoder frozen) "
-            "or full [the preset's]."
+            help="linear (probe, fitted in closed form; --set linear_fit=sgd: by steps; linear_fit=zero-shot with "
+            "probe_features=pretext-logit: a pretrained health pretext classifier read as it is), frozen (encoder "
+            "frozen) or full [the preset's]."
         ),
     ] = None,
     shots: Annotated[
@@ -718,6 +719,13 @@ def demo(
             "seed (reg: about a minute on 2 cores).",
         ),
     ] = None,
+    zero_shot: Annotated[
+        bool,
+        typer.Option(
+            help="Also read a model with a health pretext classifier (the default health model) by that classifier "
+            "as it is, with no labelled subject: the row 'pretrained zero-shot'."
+        ),
+    ] = True,
 ) -> None:
     """The embedded default end to end, offline, on a CPU (7-15 min on 2 cores): synth -> prepare -> the shipped
     pretrained models -> fine-tune (pretrained, scratch, two floors; paired over seeds) -> analyze -> HTML report."""
@@ -731,6 +739,7 @@ def demo(
         pool_subjects=pool_subjects,
         seeds=seeds,
         spacing=spacing,
+        zero_shot=zero_shot,
     )
     if shots is not None:
         cfg.shots = parse_shots(shots, cfg.shots)

@@ -41,6 +41,11 @@ DEFAULT_MODELS = {"seg": "fomo25-tiny-cshift", "cls": "fomo25-tiny-cmeans-health
 # the closed-form probe's read-out of a model with a pooled health pretext head, for the pretext's own target: the
 # head's classifier's logits of each case (probe_features=pretext-logit), on 32^3 windows tiled over each scan
 HEALTH_READ_OUT = {"probe_windows": "tiles", "probe_features": "pretext-logit"}
+# what the arm "pretrained zero-shot" is, as the demo prints and reports it
+ZERO_SHOT_TEXT = (
+    "pretrained zero-shot reads {model}'s health pretext classifier as its pretraining left it, on the same test "
+    "cases and {patch}^3 tiles, with no labelled subject (the pretraining pool's labels taught it: weak supervision)"
+)
 RECIPE = "fomo25-cmeans-tiny"  # fomo25-tiny-cmeans's recipe (SHIPPED): what pretrain_steps > 0 trains from nothing
 
 
@@ -102,6 +107,10 @@ class DemoConfig:
     # random encoder is read the same way) and LP-FT's, not scratch's. None: each model's own (read_out_of): a model
     # with a pooled health pretext head is read through that head's classifier for its target (HEALTH_READ_OUT)
     probe: dict[str, dict[str, str]] | None = None
+    # cls: a model with a pooled health pretext head for the target (as read_out_of gives it HEALTH_READ_OUT) is also
+    # read zero-shot, its classifier as its pretraining left it, with no labelled subject: the arm "pretrained
+    # zero-shot" (linear_fit=zero-shot; scored on the same test cases as the others)
+    zero_shot: bool = True
     seeds: int = 3
     floors: bool = True
     contrasts: list[str] = field(default_factory=lambda: ["T1w", "FLAIR"])
@@ -204,6 +213,9 @@ def run_demo(out: str | Path = "neurofm-demo", cfg: DemoConfig | None = None) ->
     read_outs = {task: text for task, text in read_outs.items() if text}
     for task, text in read_outs.items():
         console.print(f"  {task}: the probes read {models[task]} {text}; scratch is trained as always")
+    zero_shot = [t for t, _ in cfg.tasks if cfg.zero_shot and reads_health_head(cfg, models[t], t)]
+    for task in zero_shot:
+        console.print(f"  {task}: {ZERO_SHOT_TEXT.format(model=models[task], patch=cfg.patch)}")
     rows = finetune_rows(cfg, models, store, out / "finetune")
     figures.scores_figure(rows, fig_dir / "scores.png", f"labelled subjects: {shots}; mean over {cfg.seeds} seeds")
     figures.difference_figure(rows, fig_dir / "differences.png")
@@ -285,6 +297,7 @@ def run_demo(out: str | Path = "neurofm-demo", cfg: DemoConfig | None = None) ->
             "Floors: a frozen randomly initialised encoder with the same head, and the constant predictor "
             "(training mean, class frequencies, or background everywhere). "
             + "".join(f"The {task} probes read {models[task]} {text}. " for task, text in read_outs.items())
+            + "".join(f"{task}: {ZERO_SHOT_TEXT.format(model=models[task], patch=cfg.patch)}. " for task in zero_shot)
             + f"Trained on {torch.get_num_threads()} CPU threads of {_machine_text(made_on)}: the values repeat to the "
             "last digit on this machine at that count, not at another count (OMP_NUM_THREADS sets it) and not "
             "always on another processor.",
@@ -369,8 +382,14 @@ def read_out_of(cfg: DemoConfig, model: str, task: str) -> dict[str, str]:
     (``reads_pretext_logits``), none otherwise (the probe's defaults)."""
     if cfg.probe is not None:
         return dict(cfg.probe.get(task, {}))
+    return dict(HEALTH_READ_OUT) if reads_health_head(cfg, model, task) else {}
+
+
+def reads_health_head(cfg: DemoConfig, model: str, task: str) -> bool:
+    """Whether ``model`` has a pooled health pretext classifier (``reads_pretext_logits``) for ``task``'s target: a
+    cls task whose target is the label that head was trained on (its run's ``data.health_label``)."""
     if task != "cls":
-        return {}
+        return False
     from neurofm.errors import CheckpointError
     from neurofm.io.checkpoint import read_checkpoint
     from neurofm.models.registry import model_class
@@ -378,11 +397,11 @@ def read_out_of(cfg: DemoConfig, model: str, task: str) -> dict[str, str]:
     try:
         info = read_checkpoint(model)
     except CheckpointError:  # no such model: the fine-tuning says so
-        return {}
+        return False
     reads = getattr(model_class(info["model"]["name"]), "reads_pretext_logits", None)
     label = info["run"].get("data", {}).get("health_label", "healthy")
     has_head = reads is not None and reads(info["model"].get("kwargs", {}))
-    return dict(HEALTH_READ_OUT) if has_head and dict(cfg.tasks).get(task) == label else {}
+    return bool(has_head and dict(cfg.tasks).get(task) == label)
 
 
 def read_out_text(read_out: dict[str, str]) -> str:
@@ -437,8 +456,11 @@ def set_scratch_steps(cfg: DemoConfig, text: str) -> None:
 def demo_arms(cfg: DemoConfig, model: str, task: str) -> list[Arm]:
     """The arms of one task: ``model`` read as ``cfg.modes`` says, scratch (for ``cfg.scratch_steps[task]`` steps
     where given) and (``cfg.floors``) the two floors; with ``cfg.pretrained_head_init`` for the task, the pretrained
-    model fine-tuned in full starts its head that way (``probe``: the arm "pretrained lp-ft")."""
+    model fine-tuned in full starts its head that way (``probe``: the arm "pretrained lp-ft"); with ``cfg.zero_shot``,
+    a model with a pooled health pretext classifier for the target is also read by that classifier as it is (the arm
+    "pretrained zero-shot", after the pretrained arms)."""
     from neurofm.analyze import experiments
+    from neurofm.analyze.experiments import Arm
 
     arms = experiments.standard_arms(model, task, cfg.modes.get(task, ["full"]), cfg.floors)
     read_out = read_out_of(cfg, model, task) if task != "seg" else {}
@@ -450,6 +472,10 @@ def demo_arms(cfg: DemoConfig, model: str, task: str) -> list[Arm]:
             else a
             for a in arms
         ]
+    if cfg.zero_shot and reads_health_head(cfg, model, task):  # beside the probe: the classifier with no label
+        first = next(i for i, a in enumerate(arms) if a.source != model)
+        zero = {**HEALTH_READ_OUT, "linear_fit": "zero-shot"}
+        arms.insert(first, Arm("pretrained zero-shot", model, "linear", zero))
     if task in cfg.scratch_steps:
         steps = {"steps": int(cfg.scratch_steps[task])}
         arms = [replace(a, settings={**a.settings, **steps}) if a.source == "scratch" else a for a in arms]
@@ -626,7 +652,7 @@ def score_text(rows: list[dict[str, Any]]) -> str:
             lines.append(f"  {r['task_label']}: skipped ({r['skipped']})")
             continue
         line = (
-            f"  {r['task_label']:14s} {r['init']:18s} {r['metric']} {r['value']:.3f} "
+            f"  {r['task_label']:14s} {r['init']:20s} {r['metric']} {r['value']:.3f} "
             f"[{r['ci_low']:.3f}, {r['ci_high']:.3f}]"
         )
         if r.get("difference") is not None:

@@ -195,6 +195,47 @@ def test_pretext_features_are_the_pretrained_health_heads_pooling_of_each_contra
         FinetuneConfig(task="seg", target="x", probe_features="pretext")
 
 
+def test_zero_shot_head_outputs_the_pretext_classifiers_logits_mapped_to_the_targets_classes():
+    """``linear_fit=zero-shot``: the head outputs the pooled health classifier's logits of each case as they are, even
+    where they exceed the standardisation's clamp, for ``healthy`` (1 healthy) reversed from the pretext's classes
+    (1 patient) and for another 0/1 label that is the run's ``health_label`` unchanged; a target other than that
+    label, classes other than 0/1, a model without the classifier, and settings that cannot read it are refused."""
+    from neurofm.data.finetune import CaseSet
+    from neurofm.tasks.probe import zero_shot_head
+
+    torch.manual_seed(0)
+    pre = create_model("dual_latent_unet", **HEALTH_KW).eval()
+    with torch.no_grad():  # logits far beyond the clamp of +-6 standardised units
+        pre.health_head.out.weight.mul_(400.0)
+    bb = {"name": "dual_latent_unet", "kwargs": HEALTH_KW}
+    x, present = torch.randn(3, 2, 16, 16, 16), torch.tensor([[1, 1], [1, 0], [1, 1]])
+    for target, label, order in (("healthy", "healthy", [1, 0]), ("patient", "patient", [0, 1])):
+        model = DownstreamModel(bb, "cls", 2, ["T1w", "FLAIR"], mode="linear", pretext_features=True)
+        load_pretrained(model, pre.state_dict(), None)
+        model.eval()
+        done = zero_shot_head(model, CaseSet([], "cls", target, ["T1w", "FLAIR"], [0, 1]), label)
+        assert done["labelled_cases_read"] == 0 and done["class_map"] == {"0": order[0], "1": order[1]}
+        with torch.no_grad():
+            pretext = model.features(x, present)[:, model.feature_columns("pretext-logit")[:2]]
+            out = model(x, present)
+        assert pretext.abs().max() > 6 * 5  # a clamp at 6 standardised units would have cut these
+        assert torch.allclose(out, pretext[:, order], rtol=1e-5, atol=1e-4)
+    cs = CaseSet([], "cls", "healthy", ["T1w", "FLAIR"], [0, 1])
+    with pytest.raises(ConfigError, match="health_label='diagnosis_binary'"):
+        zero_shot_head(model, cs, "diagnosis_binary")
+    with pytest.raises(ConfigError, match="0/1"):
+        zero_shot_head(model, CaseSet([], "cls", "grade", ["T1w"], [0, 1, 2]), "grade")
+    plain = DownstreamModel({"name": "dual_latent_unet", "kwargs": {**HEALTH_KW, "health_slots": False}}, "cls", 2,
+                            ["T1w", "FLAIR"], mode="linear", pretext_features=True)  # fmt: skip
+    with pytest.raises(ConfigError, match="contrast slots"):
+        zero_shot_head(plain, cs, "healthy")
+    for bad in ({"task": "reg"}, {"mode": "frozen"}, {"probe_features": "pretext"}, {"source": "random"}):
+        settings = {"task": "cls", "target": "healthy", "source": "run", "mode": "linear", "linear_fit": "zero-shot",
+                    "probe_features": "pretext-logit", **bad}  # fmt: skip
+        with pytest.raises(ConfigError, match="zero-shot"):
+            FinetuneConfig(**settings)
+
+
 @pytest.mark.parametrize("task", ["cls", "seg"])
 def test_a_trunk_from_scratch_draws_the_same_weights_whatever_pretext_heads_its_architecture_trained(task):
     """Scratch and the random encoder take a pretrained run's architecture: a pretext head that the trunk drops
@@ -716,6 +757,50 @@ def test_closed_form_probe_on_the_pretext_heads_pooling_through_the_cli(blob_hea
     key = rows["key"].iloc[0]
     again = predictor.predict({"T1w": np.asarray(Store(blob_heads).read(key, "T1w"), np.float32)}).probs
     assert again.tolist() == pytest.approx(json.loads(rows["prob"].iloc[0]), rel=1e-4)
+
+
+@pytest.mark.slow
+def test_zero_shot_through_the_cli_reads_the_pretext_classifier_on_the_held_out_cases(blob_heads, tmp_path, run_cli):
+    """``--mode linear --set linear_fit=zero-shot probe_features=pretext-logit`` from a run whose health pretext
+    learned ``large`` (its ``data.health_label``): each held-out case's probabilities are the pretrained classifier's
+    on that scan read whole, as pretraining read a one-scan case (the scan twice), computed here from the pretrained
+    network itself; no labelled case changes them (another draw of the labelled subjects gives the same probabilities
+    to the cases both hold out); a target other than the pretext's label is refused by the CLI with the reason."""
+    from neurofm.infer.runtime import global_windows
+    from neurofm.io.checkpoint import write_run_folder
+
+    torch.manual_seed(0)
+    pre = create_model("dual_latent_unet", **HEALTH_KW).eval()
+    model = {"name": "dual_latent_unet", "kwargs": HEALTH_KW}
+    run_cfg = {"model": model, "data": {"patch": 16, "health_label": "large"}}
+    write_run_folder(tmp_path / "pre", pre, run_cfg, {"step": 0})
+    probs = {}
+    for seed in (0, 1):
+        out = tmp_path / f"zs{seed}"
+        code, _, err = run_cli("finetune", "--data", blob_heads, "--task", "cls", "--target", "large", "--from",
+                               tmp_path / "pre", "--mode", "linear", "--shots", "8", "--out", out, "--no-tta",
+                               "--no-progress", "--seed", seed, "--set", "linear_fit=zero-shot",
+                               "--set", "probe_features=pretext-logit")  # fmt: skip
+        assert code == 0, err
+        probe = json.loads((out / "summary.json").read_text())["splits"][0]["probe"]
+        assert probe["linear_fit"] == "zero-shot" and probe["labelled_cases_read"] == 0, probe
+        assert probe["health_label"] == "large" and probe["class_map"] == {"0": 0, "1": 1}
+        rows = pd.read_csv(out / "predictions.csv")
+        probs[seed] = {k: json.loads(p) for k, p in zip(rows["key"], rows["prob"], strict=True)}
+    both = sorted(set(probs[0]) & set(probs[1]))
+    assert both and all(probs[0][k] == pytest.approx(probs[1][k], rel=1e-5) for k in both)
+    ids = torch.tensor([contrast_id("T1w")] * 2)
+    for key in both[:3]:
+        x = np.asarray(Store(blob_heads).read(key, "T1w"), np.float32)[None, None]
+        scan = torch.from_numpy(global_windows(x, 16, int(pre.downsampling)))
+        with torch.no_grad():
+            want = torch.softmax(pre.health_logits(pre.forward_features(torch.cat([scan, scan])), 2, ids), 1)[0]
+        assert probs[0][key] == pytest.approx(want.tolist(), rel=1e-4, abs=1e-6)
+    write_run_folder(tmp_path / "pre-healthy", pre, {**run_cfg, "data": {"patch": 16}}, {"step": 0})  # "healthy"
+    code, _, err = run_cli("finetune", "--data", blob_heads, "--task", "cls", "--target", "large", "--from",
+                           tmp_path / "pre-healthy", "--mode", "linear", "--out", tmp_path / "bad", "--no-progress",
+                           "--set", "linear_fit=zero-shot", "--set", "probe_features=pretext-logit")  # fmt: skip
+    assert code != 0 and "health_label='healthy'" in err and "'large'" in err, err
 
 
 @pytest.mark.slow

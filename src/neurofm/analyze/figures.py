@@ -119,7 +119,7 @@ def scores_figure(rows: list[dict], png: str | Path, title: str = "pretrained vs
             "constant": "whitesmoke",
         }
         ax.bar(x, vals, yerr=err, capsize=4, edgecolor="k", color=[colours.get(r["init"], "tab:green") for r in sub])
-        ax.set_xticks(x, [r["init"] for r in sub], fontsize=8)
+        ax.set_xticks(x, [r["init"] for r in sub], fontsize=8, rotation=30, ha="right")
         ax.set_title(f"{t}\n{sub[0]['metric']}", fontsize=9)
     fig.suptitle(title, fontsize=10)
     return save_figure(fig, png)

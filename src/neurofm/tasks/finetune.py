@@ -38,7 +38,7 @@ from neurofm.io.checkpoint import STATE, count_parameters, latest_checkpoint, re
 from neurofm.models.downstream import DownstreamModel, load_pretrained
 from neurofm.models.registry import model_from_checkpoint
 from neurofm.store import Store
-from neurofm.tasks.probe import fit_linear_probe
+from neurofm.tasks.probe import fit_linear_probe, zero_shot_head
 from neurofm.train.callbacks import ExactResume, Preemption, RunCheckpoint
 from neurofm.train.config import FinetuneConfig
 from neurofm.train.memory import is_oom, oom_error, probe
@@ -65,6 +65,8 @@ def backbone_from(cfg: FinetuneConfig) -> tuple[dict[str, Any], dict[str, torch.
         "checkpoint": info["folder"],
         "pretrained_contrasts": pre.get("contrasts"),
         "preset": info["run"].get("preset"),
+        # the label a health pretext of the run learned (1 patient), which zero-shot maps to the target's classes
+        "health_label": info["run"].get("data", {}).get("health_label", "healthy"),
     }
     spec = info["model"]
     # the rebuilt model's state dict names every tensor under each of its names (a DNA decoder also holds
@@ -249,7 +251,7 @@ def train_fold(
     )
     transfer = load_pretrained(model, weights, src.get("pretrained_contrasts")) if weights is not None else None
     info = _task_info(cs, cfg, patch, stats)
-    closed = cfg.mode == "linear" and cfg.linear_fit == "closed"
+    closed = cfg.mode == "linear" and cfg.linear_fit in ("closed", "zero-shot")  # no gradient steps
     fixed = getattr(model.backbone, "fixed_size", None)
     if cfg.whole_scan and fixed is not None:
         raise ConfigError(f"{backbone['name']} takes a fixed {fixed}^3 cube, not whole scans")
@@ -378,8 +380,13 @@ def _closed_probe(
     run_cfg: dict[str, Any],
     transfer: dict[str, Any] | None,
 ) -> tuple[Predictor | None, dict[str, Any]]:
-    """The linear head fitted in closed form (:mod:`neurofm.tasks.probe`), saved as a step-0 checkpoint."""
-    probe = _fit_probe(model, data, cfg, cs, train, info)
+    """The linear head fitted in closed form (:mod:`neurofm.tasks.probe`), or set to read the pretext classifier as
+    it is (``linear_fit=zero-shot``, no labelled case read), saved as a step-0 checkpoint."""
+    if cfg.linear_fit == "zero-shot":
+        label = (run_cfg.get("pretrained") or {}).get("health_label", "healthy")
+        probe = zero_shot_head(model, cs, label)
+    else:
+        probe = _fit_probe(model, data, cfg, cs, train, info)
     done = {**_fold_facts(model, train, test, transfer), "probe": probe}
     if process_rank() != 0:
         return None, done

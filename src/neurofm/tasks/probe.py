@@ -165,3 +165,54 @@ def _every_fold_has_each_class(y: np.ndarray, groups: np.ndarray, splitter: Any)
         return all(set(y[tr].tolist()) == classes for tr, _ in splitter.split(y, y, groups))
     except ValueError:  # scikit-learn refuses a split it cannot stratify
         return False
+
+
+#: the scale zero-shot gives the pretext classifier's logit columns: the standardised features are clamped to
+#: +-6, which a logit divided by this never reaches, and the head multiplies it back
+ZERO_SHOT_SCALE = 1e3
+
+
+def pretext_class_map(target: str, classes: list[Any], health_label: str) -> list[int]:
+    """For each class of ``target`` (``classes``, in the head's order), the class of the health pretext that reads
+    it: the pretext learned ``health_label``'s cases as 0 healthy, 1 patient (:func:`~neurofm.data.pretrain.
+    health_target`), so ``healthy`` (1 healthy) is its reverse and another 0/1 label (1 patient) is itself."""
+    if target != health_label:
+        raise ConfigError(
+            f"zero-shot reads the pretext classifier for the label its pretraining pool gave it, "
+            f"data.health_label={health_label!r}; the target here is {target!r}"
+        )
+    if not set(classes) <= {0, 1}:
+        raise ConfigError(f"zero-shot maps 0/1 classes to the pretext's healthy/patient; {target!r} has {classes}")
+    return [1 - int(v) if target == "healthy" else int(v) for v in classes]
+
+
+@torch.no_grad()
+def zero_shot_head(model: Any, cs: CaseSet, health_label: str, head: torch.nn.Linear | None = None) -> dict[str, Any]:
+    """Set ``head`` (default ``model.head``, reading the standardised fused features) to output the health pretext
+    classifier's logits of each case as they are, each of ``cs``'s classes taking the logit of the pretext class
+    that reads it (:func:`pretext_class_map`): the classifier its pretraining taught, read with no labelled case.
+    The logit columns are standardised by zero mean and a fixed scale, not by any case; returns what was done."""
+    d = model.backbone.feature_dims()
+    if not d.pretext_logits:
+        raise ConfigError(
+            "zero-shot needs a model built with pretext_features whose backbone has a pooled health classifier with "
+            "contrast slots (probe_features=pretext-logit)"
+        )
+    mapping = pretext_class_map(cs.target, list(cs.classes), health_label)
+    if max(mapping) >= d.pretext_logits:
+        raise ConfigError(f"the pretext classifier has {d.pretext_logits} classes; zero-shot maps to {mapping}")
+    logits = model.feature_columns("pretext-logit")[: d.pretext_logits]  # the logits, then the presence flags
+    head = model.head if head is None else head
+    model.feature_mean[logits] = 0.0
+    model.feature_std[logits] = ZERO_SHOT_SCALE
+    head.weight.zero_()
+    head.bias.zero_()
+    for k, p in enumerate(mapping):
+        head.weight[k, logits[p]] = ZERO_SHOT_SCALE
+    return {
+        "linear_fit": "zero-shot",
+        "features": "pretext-logit",
+        "health_label": health_label,
+        "class_map": {str(v): p for v, p in zip(cs.classes, mapping, strict=True)},
+        "labelled_cases_read": 0,
+    }

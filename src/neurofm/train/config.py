@@ -24,6 +24,9 @@ from neurofm.objectives import ObjectiveConfig, objective_config
 #: beside the head and the head's output layer at zero (docs/finetuning.md)
 HEAD_INITS = ("default", "zero", "probe")
 PROBE_WINDOWS = ("whole", "tiles", "tiles-mean")  # what the closed-form probe reads of a scan
+# --mode linear: fitted in closed form, by gradient steps, or not at all (zero-shot: the pretrained model's own health
+# pretext classifier read as it is, for the label its pretraining pool gave it; no labelled case is used)
+LINEAR_FITS = ("closed", "sgd", "zero-shot")
 PROBE_FEATURES = ("all", "stages", "pretext", "pretext-logit")  # which fused features it weighs
 MEMORY_FORMATS = ("auto", "contiguous", "channels_last")
 
@@ -180,7 +183,10 @@ class FinetuneConfig(Config):
     fg_p: float = 0.33
     # seg: the cross-entropy weight of every foreground class against background's 1 (docs/finetuning.md)
     seg_fg_weight: float = 1.0
-    linear_fit: str = "closed"  # --mode linear: closed form (ridge / logistic, CV penalty) or sgd (docs/finetuning.md)
+    # --mode linear: closed form (ridge / logistic, CV penalty), sgd, or zero-shot (cls: the head outputs the pretrained
+    # health pretext classifier's logits of the case as they are, its classes mapped to the target's; needs
+    # probe_features=pretext-logit and a target that is the pretraining run's data.health_label; docs/finetuning.md)
+    linear_fit: str = "closed"
     linear_penalty: str = "1se"  # closed form: the cross-validated penalty, by the one-standard-error rule or the best
     # closed form: what the probe reads of each scan, the scan whole (one window) or patch-size windows tiled without
     # overlap, each window a row of the fit (tiles) or their features averaged into one row per scan (tiles-mean); the
@@ -242,10 +248,23 @@ class FinetuneConfig(Config):
                 "head_init=probe (LP-FT) starts a cls/reg head trained by steps (--mode frozen or full) from a "
                 f"closed-form probe; got task {self.task!r}, mode {self.mode!r} (--mode linear is the probe alone)"
             )
-        if self.linear_fit not in ("closed", "sgd") or self.linear_penalty not in ("1se", "best"):
+        if self.linear_fit not in LINEAR_FITS or self.linear_penalty not in ("1se", "best"):
             raise ConfigError(
-                f"linear_fit should be closed or sgd and linear_penalty 1se or best, got {self.linear_fit!r}, "
+                f"linear_fit should be one of {LINEAR_FITS} and linear_penalty 1se or best, got {self.linear_fit!r}, "
                 f"{self.linear_penalty!r}"
+            )
+        if self.linear_fit == "zero-shot" and (
+            self.task != "cls" or self.mode != "linear" or self.probe_features != "pretext-logit"
+        ):
+            raise ConfigError(
+                "linear_fit=zero-shot reads a pretrained health pretext classifier as it is: it takes --task cls, "
+                f"--mode linear and probe_features=pretext-logit, got task {self.task!r}, mode {self.mode!r}, "
+                f"probe_features {self.probe_features!r}"
+            )
+        if self.linear_fit == "zero-shot" and self.source in ("scratch", "random"):
+            raise ConfigError(
+                f"linear_fit=zero-shot reads a pretrained model's own pretext classifier; --from {self.source} has no "
+                "trained one (name a pretrained run or shipped model)"
             )
         if self.probe_windows not in PROBE_WINDOWS or self.probe_features not in PROBE_FEATURES:
             raise ConfigError(
