@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
+from typing import Any
 
 from neurofm.demo import (
     DemoConfig,
@@ -77,6 +78,13 @@ def main() -> None:
         "--pretrained-head-init",
         help="per task, how the head of the pretrained model fine-tuned in full starts, e.g. reg=probe (LP-FT)",
     )
+    ap.add_argument(
+        "--pair",
+        action="append",
+        default=[],
+        help="also A - B of two arms of each task, paired on the same seeds and cases, as the rows name them, e.g. "
+        "'pretrained zero-shot,pretrained linear' (repeatable)",
+    )
     args = ap.parse_args()
     tasks = [(t, target) for t, target in DemoConfig().tasks if t in args.tasks]
     demo = DemoConfig(seeds=args.seeds, tasks=tasks, seed=args.first_seed)
@@ -111,6 +119,10 @@ def main() -> None:
     demo.floors = not args.no_floors
     rows = finetune_rows(demo, models_by_task(demo), args.data, args.out, progress=False)
     print(score_text(rows))
+    pairs = arm_pairs(rows, args.pair, args.out, demo)
+    for p in pairs:
+        interval = f"[{p['difference_low']:+.3f}, {p['difference_high']:+.3f}]"
+        print(f"  {p['task_label']}: {p['a']} - {p['b']} {p['difference']:+.3f} {interval}, ahead on {p['ahead']}")
     shots = f"-shots-{args.shots.replace('=', '').replace(',', '-')}" if args.shots else ""
     first = f"-from-{args.first_seed}" if args.first_seed else ""
     aug = f"-{args.augment}" if args.augment else ""
@@ -122,7 +134,42 @@ def main() -> None:
     aug += f"-head-{args.head_init}" if args.head_init else ""
     aug += f"-pretrained-head-{args.pretrained_head_init.replace('=', '')}" if args.pretrained_head_init else ""
     name = f"results-{'-'.join(args.tasks)}-{args.seeds}{first}{shots}{aug}.json"
-    write_json(args.out / name, {"command": " ".join(["python", *sys.argv]), "rows": to_jsonable(rows)})
+    record = {"command": " ".join(["python", *sys.argv]), "rows": to_jsonable(rows)}
+    if pairs:
+        record["pairs"] = to_jsonable(pairs)
+    write_json(args.out / name, record)
+
+
+def arm_pairs(rows: list[dict[str, Any]], pairs: list[str], out: Path, demo: DemoConfig) -> list[dict[str, Any]]:
+    """``"A,B"``: arm A - arm B of each task that has both, paired seed by seed on the cases both runs scored
+    (their ``predictions.csv``, where the demo's runs are: ``out/<task>-<target>-<arm>-seed<S>``)."""
+    from neurofm.analyze.experiments import read_predictions
+    from neurofm.evaluate.metrics import paired_seeds
+
+    done = []
+    for pair in pairs:
+        a, b = (name.strip() for name in pair.split(","))
+        per_task = {t: {r["init"] for r in rows if r["task_label"] == t} for t in {r["task_label"] for r in rows}}
+        if not any({a, b} <= arms for arms in per_task.values()):
+            raise SystemExit(f"--pair {pair!r}: no task has both arms; they are {sorted({r['init'] for r in rows})}")
+        for label in dict.fromkeys(r["task_label"] for r in rows):
+            arms = {r["init"] for r in rows if r["task_label"] == label}
+            if not {a, b} <= arms:
+                continue
+            task = label.split("-")[0]
+
+            def runs(arm: str, label: str = label) -> list[list[dict[str, Any]]]:
+                seeds = range(demo.seed, demo.seed + demo.seeds)
+                folder = f"{label}-{arm.replace(' ', '-')}-seed{{}}"
+                return [read_predictions(out / folder.format(s) / "predictions.csv") for s in seeds]
+
+            res = paired_seeds(task, runs(a), runs(b))
+            per_seed = res.get("difference_per_seed", [])
+            better = (lambda d: d < 0) if task == "reg" else (lambda d: d > 0)
+            keep = ("difference", "difference_low", "difference_high", "difference_per_seed")
+            done.append({"task_label": label, "a": a, "b": b, **{k: res[k] for k in keep if k in res},
+                         "ahead": sum(better(d) for d in per_seed)})  # fmt: skip
+    return done
 
 
 if __name__ == "__main__":
