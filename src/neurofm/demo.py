@@ -1,4 +1,5 @@
-"""``neurofm demo``: the embedded default end to end, offline, on a 2-core CPU in 7-15 minutes.
+"""``neurofm demo``: the embedded default end to end, offline, on a 2-core CPU in 7-15 minutes (AVX-512 kernels; about
+28 with AVX2 kernels, README).
 
 1. synth — synthetic subjects on the real ICBM 2009c / CerebrA anatomy (2 mm, 3 sites);
 2. prepare — RAS, 4 mm (so a 32³ crop holds most of a brain), crop, z-score, blosc2 store;

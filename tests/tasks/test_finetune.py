@@ -766,6 +766,7 @@ def test_zero_shot_through_the_cli_reads_the_pretext_classifier_on_the_held_out_
     on that scan read whole, as pretraining read a one-scan case (the scan twice), computed here from the pretrained
     network itself; no labelled case changes them (another draw of the labelled subjects gives the same probabilities
     to the cases both hold out); a target other than the pretext's label is refused by the CLI with the reason."""
+    from neurofm.infer.predictor import Predictor
     from neurofm.infer.runtime import global_windows
     from neurofm.io.checkpoint import write_run_folder
 
@@ -796,6 +797,11 @@ def test_zero_shot_through_the_cli_reads_the_pretext_classifier_on_the_held_out_
         with torch.no_grad():
             want = torch.softmax(pre.health_logits(pre.forward_features(torch.cat([scan, scan])), 2, ids), 1)[0]
         assert probs[0][key] == pytest.approx(want.tolist(), rel=1e-4, abs=1e-6)
+    # the run is an ordinary checkpoint: the predictor reloads it (the standardisation's fixed scale included)
+    again = Predictor.from_run(tmp_path / "zs0", tta=False).predict(
+        {"T1w": np.asarray(Store(blob_heads).read(both[0], "T1w"), np.float32)}
+    )
+    assert again.probs.tolist() == pytest.approx(probs[0][both[0]], rel=1e-4, abs=1e-6)
     write_run_folder(tmp_path / "pre-healthy", pre, {**run_cfg, "data": {"patch": 16}}, {"step": 0})  # "healthy"
     code, _, err = run_cli("finetune", "--data", blob_heads, "--task", "cls", "--target", "large", "--from",
                            tmp_path / "pre-healthy", "--mode", "linear", "--out", tmp_path / "bad", "--no-progress",
