@@ -17,6 +17,8 @@ it reuses the demo's finished runs (their settings are compared first) and adds 
     python experiments/demo_seeds.py --data STORE --out DIR --tasks reg --modes reg=linear+full --seeds 10
     python experiments/demo_seeds.py --data STORE --out DIR --tasks reg --steps reg=100 --scratch-steps reg=300 \
         --seeds 10   # scratch given three times the pretrained model's steps
+    python experiments/demo_seeds.py --data STORE --out DIR --tasks cls --seeds 10 \
+        --pair "pretrained zero-shot,pretrained linear"   # also that difference, paired
     python experiments/demo_seeds.py --data STORE --out DIR --tasks reg --modes reg=linear+full \
         --pretrained-head-init reg=probe --seeds 10   # the pretrained model fine-tuned in full from its probe
 
