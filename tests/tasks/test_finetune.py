@@ -229,7 +229,8 @@ def test_zero_shot_head_outputs_the_pretext_classifiers_logits_mapped_to_the_tar
                             ["T1w", "FLAIR"], mode="linear", pretext_features=True)  # fmt: skip
     with pytest.raises(ConfigError, match="contrast slots"):
         zero_shot_head(plain, cs, "healthy")
-    for bad in ({"task": "reg"}, {"mode": "frozen"}, {"probe_features": "pretext"}, {"source": "random"}):
+    for bad in ({"task": "reg"}, {"mode": "frozen"}, {"probe_features": "pretext"}, {"source": "random"},
+                {"calibration": 0.25}):  # fmt: skip
         settings = {"task": "cls", "target": "healthy", "source": "run", "mode": "linear", "linear_fit": "zero-shot",
                     "probe_features": "pretext-logit", **bad}  # fmt: skip
         with pytest.raises(ConfigError, match="zero-shot"):

@@ -261,6 +261,11 @@ class FinetuneConfig(Config):
                 f"--mode linear and probe_features=pretext-logit, got task {self.task!r}, mode {self.mode!r}, "
                 f"probe_features {self.probe_features!r}"
             )
+        if self.linear_fit == "zero-shot" and self.calibration > 0:
+            raise ConfigError(
+                "linear_fit=zero-shot reads no labelled case; calibration fits a temperature on labelled ones "
+                f"(calibration={self.calibration}): leave it at 0"
+            )
         if self.linear_fit == "zero-shot" and self.source in ("scratch", "random"):
             raise ConfigError(
                 f"linear_fit=zero-shot reads a pretrained model's own pretext classifier; --from {self.source} has no "
