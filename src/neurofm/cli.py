@@ -727,7 +727,7 @@ def demo(
         ),
     ] = True,
 ) -> None:
-    """The embedded default end to end, offline, on a CPU (7-15 min on 2 AVX-512 cores, about 28 on 2 AVX2 cores):
+    """The embedded default end to end, offline, on a CPU (7-15 min on 2 cores with AVX-512, about 28 with AVX2):
     synth -> prepare -> the shipped pretrained models -> fine-tune (pretrained, scratch, two floors; paired over
     seeds) -> analyze -> HTML report."""
     from neurofm.demo import parse_per_task, parse_shots, run_demo, set_lp_ft, set_scratch_steps
