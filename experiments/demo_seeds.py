@@ -121,7 +121,7 @@ def main() -> None:
     demo.floors = not args.no_floors
     rows = finetune_rows(demo, models_by_task(demo), args.data, args.out, progress=False)
     print(score_text(rows))
-    pairs = arm_pairs(rows, args.pair, args.out, demo)
+    pairs = arm_pairs(demo, models_by_task(demo), args.data, args.out, args.pair)
     for p in pairs:
         interval = f"[{p['difference_low']:+.3f}, {p['difference_high']:+.3f}]"
         print(f"  {p['task_label']}: {p['a']} - {p['b']} {p['difference']:+.3f} {interval}, ahead on {p['ahead']}")
@@ -142,35 +142,34 @@ def main() -> None:
     write_json(args.out / name, record)
 
 
-def arm_pairs(rows: list[dict[str, Any]], pairs: list[str], out: Path, demo: DemoConfig) -> list[dict[str, Any]]:
-    """``"A,B"``: arm A - arm B of each task that has both, paired seed by seed on the cases both runs scored
-    (their ``predictions.csv``, where the demo's runs are: ``out/<task>-<target>-<arm>-seed<S>``)."""
-    from neurofm.analyze.experiments import read_predictions
+def arm_pairs(
+    demo: DemoConfig, models: dict[str, str], data: Path, out: Path, pairs: list[str]
+) -> list[dict[str, Any]]:
+    """``"A,B"``: arm A - arm B of each task that has both, paired seed by seed on the same cases: the finished runs of
+    the study just made, read back as the study reads them (``arm_seed_rows``, the arms and settings of
+    ``finetune_rows``)."""
+    from neurofm.analyze.experiments import arm_seed_rows
+    from neurofm.demo import demo_arms, finetune_config
     from neurofm.evaluate.metrics import paired_seeds
 
     done = []
     for pair in pairs:
         a, b = (name.strip() for name in pair.split(","))
-        per_task = {t: {r["init"] for r in rows if r["task_label"] == t} for t in {r["task_label"] for r in rows}}
-        if not any({a, b} <= arms for arms in per_task.values()):
-            raise SystemExit(f"--pair {pair!r}: no task has both arms; they are {sorted({r['init'] for r in rows})}")
-        for label in dict.fromkeys(r["task_label"] for r in rows):
-            arms = {r["init"] for r in rows if r["task_label"] == label}
-            if not {a, b} <= arms:
+        found = []
+        for task, target in demo.tasks:
+            arms = {arm.name: arm for arm in demo_arms(demo, models[task], task)}
+            found += list(arms)
+            if a not in arms or b not in arms:
                 continue
-            task = label.split("-")[0]
-
-            def runs(arm: str, label: str = label) -> list[list[dict[str, Any]]]:
-                seeds = range(demo.seed, demo.seed + demo.seeds)
-                folder = f"{label}-{arm.replace(' ', '-')}-seed{{}}"
-                return [read_predictions(out / folder.format(s) / "predictions.csv") for s in seeds]
-
-            res = paired_seeds(task, runs(a), runs(b))
-            per_seed = res.get("difference_per_seed", [])
+            base, label = finetune_config(demo, models[task], task, target), f"{task}-{target}"
+            runs = [arm_seed_rows(data, out, base, arms[n], demo.seeds, label, redo_stale=True) for n in (a, b)]
+            res = paired_seeds(task, *runs)
             better = (lambda d: d < 0) if task == "reg" else (lambda d: d > 0)
             keep = ("difference", "difference_low", "difference_high", "difference_per_seed")
-            done.append({"task_label": label, "a": a, "b": b, **{k: res[k] for k in keep if k in res},
-                         "ahead": sum(better(d) for d in per_seed)})  # fmt: skip
+            done.append({"task_label": label, "a": a, "b": b, **{k: res[k] for k in keep},
+                         "ahead": sum(better(d) for d in res["difference_per_seed"])})  # fmt: skip
+        if not any(r["a"] == a and r["b"] == b for r in done):
+            raise SystemExit(f"--pair {pair!r}: no task has both arms; they are {sorted(set(found))}")
     return done
 
 

@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from neurofm.data.finetune import CaseSet
+from neurofm.data.pretrain import health_target
 from neurofm.data.sampling import stack_contrasts
 from neurofm.errors import ConfigError
 from neurofm.infer.runtime import FLIPS, flip, global_windows
@@ -183,12 +184,12 @@ def pretext_class_map(target: str, classes: list[Any], health_label: str) -> lis
         )
     if not set(classes) <= {0, 1}:
         raise ConfigError(f"zero-shot maps 0/1 classes to the pretext's healthy/patient; {target!r} has {classes}")
-    return [1 - int(v) if target == "healthy" else int(v) for v in classes]
+    return [health_target({target: int(v)}, health_label) for v in classes]  # as pretraining labelled such a case
 
 
 @torch.no_grad()
-def zero_shot_head(model: Any, cs: CaseSet, health_label: str, head: torch.nn.Linear | None = None) -> dict[str, Any]:
-    """Set ``head`` (default ``model.head``, reading the standardised fused features) to output the health pretext
+def zero_shot_head(model: Any, cs: CaseSet, health_label: str) -> dict[str, Any]:
+    """Set ``model.head`` (a linear layer reading the standardised fused features) to output the health pretext
     classifier's logits of each case as they are, each of ``cs``'s classes taking the logit of the pretext class
     that reads it (:func:`pretext_class_map`): the classifier its pretraining taught, read with no labelled case.
     The logit columns are standardised by zero mean and a fixed scale, not by any case; returns what was done."""
@@ -202,7 +203,7 @@ def zero_shot_head(model: Any, cs: CaseSet, health_label: str, head: torch.nn.Li
     if max(mapping) >= d.pretext_logits:
         raise ConfigError(f"the pretext classifier has {d.pretext_logits} classes; zero-shot maps to {mapping}")
     logits = model.feature_columns("pretext-logit")[: d.pretext_logits]  # the logits, then the presence flags
-    head = model.head if head is None else head
+    head = model.head
     model.feature_mean[logits] = 0.0
     model.feature_std[logits] = ZERO_SHOT_SCALE
     head.weight.zero_()
