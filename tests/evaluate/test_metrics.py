@@ -58,7 +58,16 @@ def test_regression_metrics_known_answers():
     m = regression_metrics(np.array([10.0, 20.0, 30.0, 40.0]), np.array([12.0, 18.0, 33.0, 37.0]))
     assert m["mae"] == pytest.approx(2.5)
     assert m["rmse"] == pytest.approx(np.sqrt((4 + 4 + 9 + 9) / 4))
-    assert m["pearson_r"] == pytest.approx(np.corrcoef([10, 20, 30, 40], [12, 18, 33, 37])[0, 1])
+    d, e = np.array([-15.0, -5, 5, 15]), np.array([-13.0, -7, 8, 12])  # both centred: r = d.e / |d| |e|
+    assert m["pearson_r"] == pytest.approx(d @ e / np.sqrt((d @ d) * (e @ e)))
+    from scipy.stats import pearsonr
+
+    rng = np.random.default_rng(0)
+    for n in (3, 5, 40):
+        a, b = rng.normal(size=n), rng.normal(size=n)
+        assert regression_metrics(a, a * 0.3 + b)["pearson_r"] == pytest.approx(pearsonr(a, a * 0.3 + b)[0], abs=1e-12)
+    assert np.isnan(regression_metrics(np.ones(5), np.arange(5.0))["pearson_r"])  # a constant prediction
+    assert np.isnan(regression_metrics(np.array([1.0, 2.0]), np.array([2.0, 1.0]))["pearson_r"])  # two cases
 
 
 def test_bootstrap_interval_brackets_the_estimate():
@@ -114,3 +123,38 @@ def test_binary_auroc_matches_sklearn_with_ties_and_is_nan_with_one_class():
         if 0 < y.sum() < len(y):
             assert binary_auroc(y, score) == pytest.approx(roc_auc_score(y, score), abs=1e-12)
     assert np.isnan(binary_auroc(np.ones(4, int), np.arange(4.0)))
+
+
+@pytest.mark.parametrize("k", [2, 3])
+def test_the_bootstrap_resampler_gives_the_libraries_metrics_on_every_resample(k):
+    """``classification_resampler`` counts instead of calling scikit-learn and torchmetrics a thousand times: on
+    random and degenerate resamples (one class, a class absent), with ties (the constant predictor's 0.5s) and
+    confidences on ECE's bin edges, each metric is theirs."""
+    import warnings
+
+    from neurofm.evaluate.metrics import classification_resampler
+
+    rng = np.random.default_rng(k)
+    n = 24
+    for trial in range(12):
+        logits = rng.normal(size=(n, k)) * (trial % 3)  # trial 0, 3, ...: every case the same, a tie
+        prob = np.exp(logits) / np.exp(logits).sum(1, keepdims=True)
+        if trial == 1:
+            prob = np.eye(k)[rng.integers(0, k, n)] * 0.6 + 0.4 / k  # confidences on the bins' edges
+        y = rng.integers(0, k, n)
+        fast = classification_resampler(prob, y)
+        draws = [np.arange(n), rng.integers(0, n, n), rng.integers(0, 3, n), np.flatnonzero(y == y[0])]
+        for idx in draws:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # one class only: scikit-learn warns, AUROC is NaN
+                want = classification_metrics(prob[idx], y[idx])
+            got = fast(idx)
+            assert set(got) == set(want)
+            for m in ("accuracy", "balanced_accuracy", "f1"):
+                assert got[m] == want[m], (m, trial)
+            assert got["ece"] == pytest.approx(want["ece"], abs=1e-6)
+            assert got["auroc"] == pytest.approx(want["auroc"], abs=1e-12, nan_ok=True)
+    not_prob = np.array([[2.0, -1.0], [0.5, 0.5]])  # logits: read by the libraries as they read them
+    assert classification_resampler(not_prob, np.array([0, 1]))(np.arange(2)) == classification_metrics(
+        not_prob, np.array([0, 1])
+    )
