@@ -10,12 +10,16 @@ setup:
 demo: setup
 	$(BIN)/neurofm demo $(ARGS)
 
+# Tests run in one worker process per core (pytest-xdist, at most 4), each worker on its share of the cores'
+# threads (tests/conftest.py); a long test is taken up by whichever worker is free.
+PYTEST := $(BIN)/python -m pytest -q -n auto --maxprocesses 4 --dist worksteal
+
 test: setup
 	$(BIN)/ruff check src tests benchmarks scripts experiments
-	$(BIN)/python -m pytest -q --durations=15 $(ARGS)
+	$(PYTEST) --durations=15 $(ARGS)
 
 test-fast: setup
-	$(BIN)/python -m pytest -q -m "not slow" $(ARGS)
+	$(PYTEST) -m "not slow" $(ARGS)
 
 lint: setup
 	$(BIN)/ruff check src tests benchmarks scripts experiments

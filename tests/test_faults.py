@@ -165,23 +165,23 @@ def _wait_for_step(proc: subprocess.Popen, at_least: int, timeout: float = 240) 
 
 
 @pytest.mark.slow
-def test_sigterm_writes_a_checkpoint_at_the_current_step_and_resume_finishes(tiny_store, tmp_path):
+def test_sigterm_writes_a_checkpoint_at_the_current_step_and_resume_finishes(store_4mm, tmp_path):
     run = tmp_path / "run"
-    args = ["pretrain", "--preset", "fomo25-tiny", "--data", tiny_store, "--out", run, "--max-steps", "60"]
+    args = ["pretrain", "--preset", "fomo25-tiny", "--data", store_4mm, "--out", run, "--max-steps", "40"]
     proc = _start([*args, "--set", "trainer.checkpoint_every=1000", "--progress"])  # no periodic checkpoint
-    _wait_for_step(proc, 9)
+    _wait_for_step(proc, 6)
     proc.send_signal(signal.SIGTERM)
     err = proc.stderr.read()
     assert proc.wait(timeout=120) == 128 + signal.SIGTERM, err
     assert "stopped by SIGTERM at step" in err and "--resume" in err and "Traceback" not in err
     ck = latest_checkpoint(run)
     step = checkpoint_step(ck)
-    assert 9 <= step < 60 and read_checkpoint(run)["meta"]["step"] == step
+    assert 6 <= step < 40 and read_checkpoint(run)["meta"]["step"] == step
     assert not (run / ".lock").exists()  # released on the way out
     proc = _start(["pretrain", "--out", run, "--resume", "--no-progress"])
     err = proc.stderr.read()
     assert proc.wait(timeout=300) == 0, err
-    assert checkpoint_step(latest_checkpoint(run)) == 60  # the same final step as an uninterrupted run
+    assert checkpoint_step(latest_checkpoint(run)) == 40  # the same final step as an uninterrupted run
 
 
 @pytest.mark.slow
@@ -193,24 +193,24 @@ def test_sigusr1_under_slurm_requeues_and_finetune_resumes(store_4mm, tmp_path):
     env = {"SLURM_JOB_ID": "4242", "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}"}
     out = tmp_path / "ft"
     args = ["finetune", "--data", store_4mm, "--task", "cls", "--target", "healthy", "--from", "scratch"]
-    args += ["--arch", "fomo25-tiny", "--shots", "3", "--steps", "50", "--workers", "0", "--no-tta", "--out", out]
+    args += ["--arch", "fomo25-tiny", "--shots", "3", "--steps", "30", "--workers", "0", "--no-tta", "--out", out]
     args += ["--bootstrap", "20"]
     proc = _start([*args, "--progress"], env)
-    _wait_for_step(proc, 10)
+    _wait_for_step(proc, 6)
     proc.send_signal(signal.SIGUSR1)
     err = proc.stderr.read()
     assert proc.wait(timeout=120) == 128 + signal.SIGUSR1, err
     assert "stopped by SIGUSR1" in err and "Traceback" not in err
     assert (tmp_path / "scontrol.log").read_text().split() == ["requeue", "4242"]
     step = checkpoint_step(latest_checkpoint(out))
-    assert 10 <= step < 50
+    assert 6 <= step < 30
     proc = _start([*args, "--no-progress"])  # without --resume: refused, nothing lost
     err = proc.stderr.read()
     assert proc.wait(timeout=120) == 2 and "--resume" in err
     proc = _start([*args, "--no-progress", "--resume"])
     err = proc.stderr.read()
     assert proc.wait(timeout=300) == 0, err
-    assert checkpoint_step(latest_checkpoint(out)) == 50 and (out / "summary.json").is_file()
+    assert checkpoint_step(latest_checkpoint(out)) == 30 and (out / "summary.json").is_file()
 
 
 def test_out_of_memory_names_the_batch_and_what_fits(tiny_store, tmp_path, run_cli, monkeypatch):

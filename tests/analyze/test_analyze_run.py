@@ -19,7 +19,7 @@ def test_analyze_latents_ablation_label_efficiency_and_fomo(store_4mm, pretraine
         compare={"mae": str(pretrained_4mm)},
         tasks=[("cls", "healthy")],
         label_efficiency=("reg", "age"),
-        shots=[2, 4, 99],
+        shots=[2, 99],  # 99: more than the store holds, left out
         fomo=True,
         train_sites=["site-0", "site-1"],
         fomo_scale=0.2,
@@ -39,7 +39,7 @@ def test_analyze_latents_ablation_label_efficiency_and_fomo(store_4mm, pretraine
     # every table: the arms, scratch as the reference, and the two floors
     assert [r["init"] for r in res["ablation"]] == ["recipe", "mae", "scratch", "random frozen", "constant"]
     arms = ["pretrained full", "scratch", "random frozen", "constant"]
-    assert [(r["init"], r["x"]) for r in res["label_efficiency"]] == [(a, n) for n in (2, 4) for a in arms]
+    assert [(r["init"], r["x"]) for r in res["label_efficiency"]] == [(a, 2) for a in arms]
     for r in res["label_efficiency"]:  # paired over the two seeds, with an interval of the difference
         assert r["seeds"] == 2 and len(r["per_seed"]) == 2
         if r["init"] != "scratch":

@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import shutil
+
 import nibabel as nib
 import numpy as np
 import pandas as pd
@@ -122,13 +124,18 @@ def test_cli_predict_on_a_dataset_folder(store_4mm, pretrained_4mm, tmp_path, ru
         tta=False,
     )
     finetune(store_4mm, tmp_path / "ft", cfg, progress=False)
-    bids = store_4mm.parent / "bids"
+    # a BIDS dataset of two of the store's subjects (each raw head's brain is extracted: seconds per session)
+    bids = tmp_path / "bids"
+    bids.mkdir()
+    shutil.copy(store_4mm.parent / "bids" / "dataset_description.json", bids)
+    for sub in ("sub-001", "sub-002"):
+        shutil.copytree(store_4mm.parent / "bids" / sub, bids / sub)
     code, _, err = run_cli(
         "predict", tmp_path / "ft", str(bids), "--out", tmp_path / "pred", "--no-tta", "--no-progress"
     )
     assert code == 0, err
     table = pd.read_csv(tmp_path / "pred" / "predictions.tsv", sep="\t")  # a BIDS dataset: a BIDS derivative
-    assert len(table) == 12 and set(table["prediction"]) <= {0, 1}
+    assert len(table) == 4 and set(table["prediction"]) <= {0, 1}  # two subjects, two sessions each
     assert (tmp_path / "pred" / "dataset_description.json").is_file()
     assert np.allclose(table["p_0"] + table["p_1"], 1.0)
     seg = tmp_path / "seg"

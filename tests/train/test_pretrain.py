@@ -357,17 +357,18 @@ _RUNNING_STATE = [
 @pytest.mark.parametrize(
     ("preset", "extra"), [("fomo25-tiny", []), ("fomo25-cmeans-tiny", _RUNNING_STATE)], ids=["plain", "running-state"]
 )
-def test_a_resumed_run_trains_exactly_as_an_uninterrupted_one(tiny_store, tmp_path, preset, extra):
+def test_a_resumed_run_trains_exactly_as_an_uninterrupted_one(store_4mm, tmp_path, preset, extra):
     """Crops, augmentation, masks and noise after a resume are the ones the run would have drawn, and the
     objective's running estimates are the ones it had: the weights at the end are the same tensors, whether the run
-    stopped at an epoch's end (8) or inside one (6; the only stop with the running estimates)."""
+    stopped at an epoch's end (8) or inside one (6; the only stop with the running estimates). On the 4 mm store:
+    the critic encodes whole scans, an eighth of the voxels of a 2 mm one."""
     sets = ["trainer.max_steps=12", "trainer.checkpoint_every=2", "data.steps_per_epoch=4", "data.num_workers=0"]
     sets += ["trainer.keep_checkpoints=20", *extra]
     whole = tmp_path / "whole"
-    pretrain(tiny_store, whole, preset, overrides=sets, progress=False)
+    pretrain(store_4mm, whole, preset, overrides=sets, progress=False)
     for stop in (8, 6) if not extra else (6,):  # the critic's encodings of whole scans are slow: one stop
         parted = tmp_path / f"parted-{stop}"
-        pretrain(tiny_store, parted, preset, overrides=sets, progress=False, callbacks=[_StopAt(stop)])
+        pretrain(store_4mm, parted, preset, overrides=sets, progress=False, callbacks=[_StopAt(stop)])
         assert latest_checkpoint(parted).name == f"step-{stop:07d}"
         if extra:  # the checkpoint holds a fitted critic and the statistics, so the resume has something to restore
             saved = torch.load(latest_checkpoint(parted) / STATE, map_location="cpu", weights_only=True)
