@@ -14,7 +14,8 @@
 5. analyze — anatomy-latent similarity, contrast probes and the swap check, of each model used;
 6. report — HTML with the figures and the tables.
 
-Every stage reuses its output if it is already there, so an interrupted demo resumes.
+The stages that synthesise, prepare, pretrain and fine-tune reuse their output if it is already there, so an
+interrupted demo resumes; the latent analysis and the report are made again.
 """
 
 from __future__ import annotations
