@@ -29,6 +29,7 @@ CPU = {
     "raw": ["--resolution", "2"],
     "embed": [],
     "memory_format": [],
+    "bootstrap": [],
 }
 GPU = {
     **CPU,
@@ -127,6 +128,14 @@ def summary_md(results: dict[str, dict]) -> str:
                 "memory layout",
                 r["case"],
                 f"contiguous / channels-last {r['contiguous_over_channels_last']:.2f}x (auto: {r['auto']})",
+            )
+    if "bootstrap" in results:
+        for r in results["bootstrap"]["rows"]:
+            row(
+                "bootstrap",
+                f"{r['task']}, {r['cases']} cases",
+                f"the libraries per resample / neurofm's counting {r['libraries_over_neurofm']:.0f}x "
+                f"(bounds differ by at most {r['max_abs_bound_difference']:.1e})",
             )
     if "flops" in results:
         r = results["flops"]

@@ -576,7 +576,7 @@ def analyze(
 # run_all.py's, in its order
 BENCHMARKS = (
     *("store", "prepare", "synth", "loader", "train", "infer", "flops", "export", "raw", "embed"),
-    "memory_format",
+    *("memory_format", "bootstrap"),
 )
 
 
