@@ -30,6 +30,7 @@ CPU = {
     "embed": [],
     "memory_format": [],
     "bootstrap": [],
+    "parallel_runs": [],
 }
 GPU = {
     **CPU,
@@ -128,6 +129,14 @@ def summary_md(results: dict[str, dict]) -> str:
                 "memory layout",
                 r["case"],
                 f"contiguous / channels-last {r['contiguous_over_channels_last']:.2f}x (auto: {r['auto']})",
+            )
+    if "parallel_runs" in results:
+        for r in results["parallel_runs"]["rows"]:
+            row(
+                "parallel runs",
+                f"the demo's {r['task']} step ({r['crops']} crops): {r['jobs']} processes on {r['threads_each']} "
+                f"thread(s) each against one on {r['threads']}",
+                f"{r['together_over_one_process']:.2f}x the steps per second",
             )
     if "bootstrap" in results:
         for r in results["bootstrap"]["rows"]:

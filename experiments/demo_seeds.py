@@ -87,9 +87,16 @@ def main() -> None:
         help="also A - B of two arms of each task, paired on the same seeds and cases, as the rows name them, e.g. "
         "'pretrained zero-shot,pretrained linear' (repeatable)",
     )
+    ap.add_argument(
+        "--jobs",
+        type=int,
+        default=0,
+        help="fine-tuning runs at once, each in a worker process on this process's threads / jobs (1: one after "
+        "another, on all of them; default 0: the demo's auto, one single-threaded run per CPU thread)",
+    )
     args = ap.parse_args()
     tasks = [(t, target) for t, target in DemoConfig().tasks if t in args.tasks]
-    demo = DemoConfig(seeds=args.seeds, tasks=tasks, seed=args.first_seed)
+    demo = DemoConfig(seeds=args.seeds, tasks=tasks, seed=args.first_seed, jobs=args.jobs)
     if args.pretrained:
         demo.pretrained = parse_per_task(args.pretrained, models_by_task(demo), str, "--pretrained")
     if args.shots:
@@ -149,9 +156,10 @@ def arm_pairs(
     the study just made, read back as the study reads them (``arm_seed_rows``, the arms and settings of
     ``finetune_rows``)."""
     from neurofm.analyze.experiments import arm_seed_rows
-    from neurofm.demo import demo_arms, finetune_config
+    from neurofm.demo import demo_arms, finetune_config, run_jobs
     from neurofm.evaluate.metrics import paired_seeds
 
+    threads = run_jobs(demo.jobs)[1]  # the threads finetune_rows trained the runs on
     done = []
     for pair in pairs:
         a, b = (name.strip() for name in pair.split(","))
@@ -162,7 +170,10 @@ def arm_pairs(
             if a not in arms or b not in arms:
                 continue
             base, label = finetune_config(demo, models[task], task, target), f"{task}-{target}"
-            runs = [arm_seed_rows(data, out, base, arms[n], demo.seeds, label, redo_stale=True) for n in (a, b)]
+            runs = [
+                arm_seed_rows(data, out, base, arms[n], demo.seeds, label, redo_stale=True, threads=threads)
+                for n in (a, b)
+            ]
             res = paired_seeds(task, *runs)
             better = (lambda d: d < 0) if task == "reg" else (lambda d: d > 0)
             keep = ("difference", "difference_low", "difference_high", "difference_per_seed")

@@ -14,6 +14,7 @@ def test_demo_end_to_end_tiny(tmp_path, run_cli):
     args = ["demo", "--out", tmp_path / "demo", "--subjects", "6", "--sessions", "1", "--pretrain-steps", "4"]
     args += ["--pool-subjects", "3"]
     args += ["--finetune-steps", "2", "--shots", "seg=2,cls=3,reg=3", "--seeds", "2"]
+    args += ["--jobs", "2"]  # the fine-tuning runs two at once, in worker processes
     code, _, said = run_cli(*args)
     assert code == 0, said
     page = tmp_path / "demo" / "report.html"
@@ -35,8 +36,12 @@ def test_demo_end_to_end_tiny(tmp_path, run_cli):
     demo = {p.name for p in (tmp_path / "demo" / "bids").glob("sub-*")}
     assert len(pool) == 3 and len(demo) == 6 and not pool & demo
     summary = json.loads((tmp_path / "demo" / "demo.json").read_text())
-    assert summary["threads"] == torch.get_num_threads()  # the values repeat at this count
-    assert f"Trained on {torch.get_num_threads()} CPU threads of " in html
+    each = max(1, torch.get_num_threads() // 2)
+    assert summary["threads"] == each and summary["jobs"] == 2  # the values repeat at this count
+    assert f"Each run trained on {each} CPU thread(s) of " in html and ", 2 runs at once" in html
+    assert "fine-tuning runs 2 at once" in said and "] seg-lesion-scratch-seed1 (" in said
+    runs = list((tmp_path / "demo" / "finetune").glob("*/run.json"))
+    assert len(runs) >= 16 and {json.loads(r.read_text())["threads"] for r in runs} == {each}
     assert summary["machine"]["cpu_capability"] == torch.backends.cpu.get_cpu_capability()
     assert f"({summary['machine']['cpu_capability']} kernels" in html
     arms = {(r["task"], r["init"]) for r in summary["scores"]}
@@ -55,9 +60,11 @@ def test_demo_end_to_end_tiny(tmp_path, run_cli):
             assert r["difference_low"] <= r["difference"] <= r["difference_high"]
     # a second run reuses every finished stage
     made = {p: p.stat().st_mtime_ns for p in (tmp_path / "demo").glob("*bids/participants.tsv")}
+    made.update({p: p.stat().st_mtime_ns for p in runs})
     code, _, said = run_cli(*args)
     assert code == 0 and said.rstrip().endswith(str(page.resolve()))
-    assert len(made) == 2 and all(p.stat().st_mtime_ns == t for p, t in made.items())
+    assert len(made) == 2 + len(runs) and all(p.stat().st_mtime_ns == t for p, t in made.items())
+    assert "fine-tuning runs 2 at once" in said and "] seg-lesion" not in said  # nothing trained again
 
 
 def test_demo_shots_are_parsed_per_task_and_bad_ones_refused(tmp_path, run_cli):
@@ -266,3 +273,27 @@ def test_demo_lp_ft_is_age_by_default_and_the_option_sets_exactly_its_tasks(tmp_
     code, _, err = run_cli("demo", "--out", tmp_path / "d", "--lp-ft", "seg")
     assert code == 2 and "--lp-ft takes cls and reg" in err and "Traceback" not in err
     assert not (tmp_path / "d").exists()
+
+
+def test_demo_jobs_share_out_the_threads_and_auto_runs_one_single_threaded_run_per_thread(monkeypatch, run_cli):
+    from neurofm import demo
+    from neurofm.demo import run_jobs
+
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 4)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    gib = 1024**3
+    pages = {"SC_PAGE_SIZE": 4096, "SC_PHYS_PAGES": 64 * gib // 4096}
+    monkeypatch.setattr(demo.os, "sysconf", lambda name: pages[name])
+    assert run_jobs(1) == (1, None)  # one after another, on this process's threads
+    assert run_jobs(2) == (2, 2) and run_jobs(3) == (3, 1) and run_jobs(8) == (8, 1)
+    assert run_jobs(0) == (4, 1)  # auto: one run per thread
+    pages["SC_PHYS_PAGES"] = 6 * gib // 4096
+    assert run_jobs(0) == (3, 1)  # ... at most one per 2 GiB of memory
+    pages["SC_PHYS_PAGES"] = 1 * gib // 4096
+    assert run_jobs(0) == (1, None)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert run_jobs(0) == (1, None)  # one at a time on a GPU
+    with pytest.raises(ConfigError, match="jobs should be 0"):
+        run_jobs(-1)
+    code, _, said = run_cli("demo", "--jobs", "-1")
+    assert code == 2 and "--jobs" in said

@@ -576,7 +576,7 @@ def analyze(
 # run_all.py's, in its order
 BENCHMARKS = (
     *("store", "prepare", "synth", "loader", "train", "infer", "flops", "export", "raw", "embed"),
-    *("memory_format", "bootstrap"),
+    *("memory_format", "bootstrap", "parallel_runs"),
 )
 
 
@@ -726,6 +726,15 @@ def demo(
             "as it is, with no labelled subject: the row 'pretrained zero-shot'."
         ),
     ] = True,
+    jobs: Annotated[
+        int,
+        typer.Option(
+            help="Fine-tuning runs trained at once, each in a worker process on the CPU threads / jobs (1: one after "
+            "another, on every thread). 0: one single-threaded run per CPU thread (one at a time on a GPU). The runs' "
+            "numbers move with their threads at float rounding, so a finished run made otherwise is trained again.",
+            min=0,
+        ),
+    ] = 0,
 ) -> None:
     """The embedded default end to end, offline, on a CPU (7-15 min on 2 cores with AVX-512, about 28 with AVX2):
     synth -> prepare -> the shipped pretrained models -> fine-tune (pretrained, scratch, two floors; paired over
@@ -741,6 +750,7 @@ def demo(
         seeds=seeds,
         spacing=spacing,
         zero_shot=zero_shot,
+        jobs=jobs,
     )
     if shots is not None:
         cfg.shots = parse_shots(shots, cfg.shots)

@@ -20,6 +20,7 @@ interrupted demo resumes; the latent analysis and the report are made again.
 
 from __future__ import annotations
 
+import os
 import shutil
 import time
 from dataclasses import dataclass, field, replace
@@ -121,6 +122,12 @@ class DemoConfig:
     )
     latent_sessions: int = 40
     seed: int = 0
+    # fine-tuning runs trained at once, each in a worker process on this process's CPU threads / jobs (1: one after
+    # another here, on all of them). 0: auto, one single-threaded run per CPU thread (torch.get_num_threads(); at
+    # most one per 2 GiB of memory) on a CPU, one at a time on a GPU. A 32^3 run of the tiny models does not keep two
+    # threads busy: two single-threaded runs at once trained 1.36x the steps per second of one on two threads (2
+    # AVX2 cores, benchmarks/bench_parallel_runs.py)
+    jobs: int = 0
 
 
 def _check(cfg: DemoConfig) -> None:
@@ -244,6 +251,8 @@ def run_demo(out: str | Path = "neurofm-demo", cfg: DemoConfig | None = None) ->
 
     t = stage("6/6 report", "HTML with figures and tables")
     made_on = machine()
+    jobs, threads = run_jobs(cfg.jobs)
+    run_threads = threads or torch.get_num_threads()
     times["report"] = time.time() - t
     times["total"] = time.time() - t_all
     pre_text = (
@@ -300,9 +309,10 @@ def run_demo(out: str | Path = "neurofm-demo", cfg: DemoConfig | None = None) ->
             "(training mean, class frequencies, or background everywhere). "
             + "".join(f"The {task} probes read {models[task]} {text}. " for task, text in read_outs.items())
             + "".join(f"{task}: {ZERO_SHOT_TEXT.format(model=models[task], patch=cfg.patch)}. " for task in zero_shot)
-            + f"Trained on {torch.get_num_threads()} CPU threads of {_machine_text(made_on)}: the values repeat to the "
-            "last digit on this machine at that count, not at another count (OMP_NUM_THREADS sets it) and not "
-            "always on another processor.",
+            + f"Each run trained on {run_threads} CPU thread(s) of {_machine_text(made_on)}"
+            + (f", {jobs} runs at once" if jobs > 1 else "")
+            + ": the values repeat to the last digit on this machine at that count, not at another count "
+            "(--jobs and OMP_NUM_THREADS set it) and not always on another processor.",
             images=["figures/scores.png", "figures/differences.png"],
             tables=[scores],
         ),
@@ -319,7 +329,8 @@ def run_demo(out: str | Path = "neurofm-demo", cfg: DemoConfig | None = None) ->
                 "scores": rows,
                 "latent": {m: {"latent": drop_values(a["latent"]), "swap": a["swap"]} for m, a in analyses.items()},
                 "times": times,
-                "threads": torch.get_num_threads(),
+                "threads": run_threads,
+                "jobs": jobs,
                 "machine": made_on,
             }
         ),
@@ -502,19 +513,51 @@ def finetune_rows(
     """The demo's fine-tuning rows: per task of ``cfg.tasks``, the pretrained model (``run``: one for every task,
     or per task) read as ``cfg.modes`` says, scratch and the two floors (both with that model's architecture),
     paired over ``cfg.seeds`` seeds; a finished run in ``out`` is reused when its settings and the code that made
-    it match (others are trained again)."""
+    it match (others are trained again). With ``cfg.jobs`` other than 1 (:func:`run_jobs`), every task's runs are
+    trained first, that many at once in worker processes, the longest first."""
     from neurofm.analyze import experiments
 
-    rows = []
+    studies = []
     for task, target in cfg.tasks:
-        model = run[task] if isinstance(run, dict) else run
-        arms = demo_arms(cfg, str(model), task)
-        task_cfg = finetune_config(cfg, model, task, target)
+        model = str(run[task] if isinstance(run, dict) else run)
+        studies.append((model, finetune_config(cfg, model, task, target), demo_arms(cfg, model, task)))
+    jobs, threads = run_jobs(cfg.jobs)
+    if jobs > 1:
+        runs = []
+        for _, task_cfg, arms in studies:
+            runs += experiments.study_runs(out, task_cfg, arms, cfg.seeds, f"{task_cfg.task}-{task_cfg.target}")
+        console = Console(stderr=True, soft_wrap=True)
+        if progress:
+            console.print(f"  fine-tuning runs {jobs} at once, on {threads} CPU thread(s) each")
+        log = (lambda line: console.print(f"  {line}")) if progress else None
+        experiments.train_runs(store, runs, jobs, threads, redo_stale=True, log=log)
+    rows = []
+    for model, task_cfg, arms in studies:
+        label = f"{task_cfg.task}-{task_cfg.target}"
         task_rows = experiments.paired_study(
-            store, out, task_cfg, arms, cfg.seeds, f"{task}-{target}", progress=progress, redo_stale=True
+            store, out, task_cfg, arms, cfg.seeds, label, progress=progress, redo_stale=True, threads=threads
         )
-        rows += [{**r, "model": str(model)} for r in task_rows]
+        rows += [{**r, "model": model} for r in task_rows]
     return rows
+
+
+def run_jobs(jobs: int) -> tuple[int, int | None]:
+    """(fine-tuning runs at once, CPU threads of each; None: this process's) for ``DemoConfig.jobs`` (0: auto)."""
+    import torch
+
+    from neurofm.errors import ConfigError
+
+    if jobs < 0:
+        raise ConfigError(f"jobs should be 0 (auto) or more, got {jobs}")
+    total = torch.get_num_threads()
+    if jobs == 0:
+        if torch.cuda.is_available():
+            return 1, None
+        memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        jobs = max(1, min(total, memory // (2 * 1024**3)))
+    if jobs == 1:
+        return 1, None
+    return jobs, max(1, total // jobs)
 
 
 def parse_shots(text: str, default: dict[str, int]) -> dict[str, int]:

@@ -3,6 +3,7 @@ from __future__ import annotations
 import json
 from dataclasses import replace
 
+import numpy as np
 import pytest
 import torch
 
@@ -237,3 +238,40 @@ def test_the_score_table_names_each_tasks_model_and_counts_only_when_it_has_them
     assert [r["model"] for r in table] == ["a", "", "b", ""]  # the pretrained rows name their model, by its folder
     curve = score_table([_row("seg-lesion", "pretrained full", "/runs/a", x) for x in (2, 4)])
     assert [r["labelled subjects"] for r in curve] == [2, 4] and curve[0]["95% CI"] == "[0.4, 0.6]"
+
+
+def test_runs_trained_in_worker_processes_equal_runs_trained_here_and_a_failure_keeps_the_rest(
+    store_4mm, tmp_path, monkeypatch
+):
+    from neurofm.analyze import experiments
+    from neurofm.analyze.experiments import Arm, paired_study, study_runs, train_runs
+    from neurofm.errors import NeurofmError
+    from neurofm.evaluate.scoring import read_predictions
+    from neurofm.train.config import FinetuneConfig
+
+    base = FinetuneConfig(
+        task="reg", target="age", source="scratch", arch="fomo25-tiny", shots=4, batch_size=2, seed=3, **FT
+    )
+    arms = [Arm("scratch", "scratch"), Arm("constant", "constant", "")]
+    runs = study_runs(tmp_path / "pool", base, arms, 1, "reg-age")
+    assert [(f.name, c.seed) for f, c in runs] == [("reg-age-scratch-seed3", 3)]  # the constant trains nothing
+    bad = (tmp_path / "pool" / "too-many", replace(base, shots=99))
+    with pytest.raises(NeurofmError, match=r"(?s)1 of 2 fine-tuning runs failed.*too-many: ConfigError: --shots"):
+        train_runs(store_4mm, [bad, *runs], jobs=2, threads=1)
+    (folder, cfg), here = runs[0], tmp_path / "here" / runs[0][0].name
+    assert (folder / "summary.json").is_file() and not (bad[0] / "summary.json").exists()
+    assert json.loads((folder / "run.json").read_text())["threads"] == 1
+    # the same run trained in this process on one thread: the same predictions, to the last digit
+    before = torch.get_num_threads()
+    assert train_runs(store_4mm, [(here, cfg)], jobs=1, threads=1) == 1
+    assert torch.get_num_threads() == before  # this process's threads are given back
+    made = [r["prediction"] for r in read_predictions(folder / "predictions.csv")]
+    assert made == [r["prediction"] for r in read_predictions(here / "predictions.csv")] and len(made) >= 2
+    # finished on one thread: kept by another call and read by the study, nothing trained again
+    assert train_runs(store_4mm, runs, jobs=2, threads=1) == 0
+    trained = []
+    monkeypatch.setattr(experiments, "finetune", lambda *a, **k: trained.append(a))
+    rows = paired_study(store_4mm, tmp_path / "pool", base, arms, 1, "reg-age", threads=1)
+    assert not trained and rows[0]["per_seed"][0] == pytest.approx(
+        float(np.mean([abs(r["prediction"] - r["target"]) for r in read_predictions(here / "predictions.csv")]))
+    )

@@ -18,7 +18,14 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import multiprocessing
+import os
 import shutil
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures.process import BrokenProcessPool
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -27,7 +34,7 @@ import numpy as np
 import torch
 
 from neurofm.data.finetune import Case, build_cases
-from neurofm.errors import ConfigError, StoreError
+from neurofm.errors import ConfigError, NeurofmError, StoreError
 from neurofm.evaluate.metrics import HEADLINE, paired_seeds, per_site
 from neurofm.evaluate.scoring import constant_rows, read_predictions
 from neurofm.store import Store
@@ -85,7 +92,7 @@ def run_config(folder: Path) -> FinetuneConfig:
     return FinetuneConfig(**{k: v for k, v in done.items() if k in names})
 
 
-def stale_settings(folder: Path, cfg: FinetuneConfig) -> list[str]:
+def stale_settings(folder: Path, cfg: FinetuneConfig, threads: int | None = None) -> list[str]:
     """The settings in which the finished run in ``folder`` differs from ``cfg`` (empty: it is this run).
 
     A setting the run's ``run.json`` does not record (written before the setting existed) counts as its
@@ -94,7 +101,9 @@ def stale_settings(folder: Path, cfg: FinetuneConfig) -> list[str]:
     same numbers under other code. So is one trained with another number of CPU threads (``threads``; set
     ``OMP_NUM_THREADS``): sums split over other threads round differently, and on a few labelled subjects
     that can change the result, not only its last digits (2 subjects, seed 4: Dice 0.085 on 1 thread,
-    0.000 on 2); and one trained with another ``trainer.memory_format`` (the layout rounds otherwise)."""
+    0.000 on 2); and one trained with another ``trainer.memory_format`` (the layout rounds otherwise).
+
+    ``threads``: the CPU threads the run is wanted on (default: this process's, ``torch.get_num_threads()``)."""
     done = _finished_run(folder)
     stale = []
     for f in dataclasses.fields(cfg):
@@ -108,7 +117,7 @@ def stale_settings(folder: Path, cfg: FinetuneConfig) -> list[str]:
             stale.append(f.name)
     if done.get("code") != code_fingerprint():
         stale.append("code")
-    if done.get("threads") != torch.get_num_threads():
+    if done.get("threads") != (threads or torch.get_num_threads()):
         stale.append("threads")
     # the memory layout moves the numbers at float rounding too (trainer.memory_format; the other trainer settings
     # do not change what a run computes)
@@ -117,36 +126,154 @@ def stale_settings(folder: Path, cfg: FinetuneConfig) -> list[str]:
     return stale
 
 
-def _threads_hint(folder: Path) -> str:
+def _threads_hint(folder: Path, threads: int | None = None) -> str:
     made = _finished_run(folder).get("threads")
     if made is None:
         return "; threads: its run.json does not record them"
+    if threads:
+        return f"; threads: made on {made} CPU threads, wanted on {threads}"
     now = torch.get_num_threads()
     return f"; threads: made on {made} CPU threads, this process has {now} (OMP_NUM_THREADS={made} reuses it)"
 
 
+def _clear_stale(folder: Path, cfg: FinetuneConfig, redo_stale: bool, threads: int | None = None) -> bool:
+    """Whether ``folder`` holds a finished run of ``cfg`` (on ``threads``); one made otherwise is refused, or with
+    ``redo_stale`` removed."""
+    if not (folder / "summary.json").is_file():
+        return False
+    stale = stale_settings(folder, cfg, threads)
+    if stale and not redo_stale:
+        raise ConfigError(
+            f"{folder} holds a finished run with other settings ({', '.join(stale)}"
+            f"{'; code: made by other neurofm code' if 'code' in stale else ''}"
+            f"{_threads_hint(folder, threads) if 'threads' in stale else ''}): remove it, or choose another output "
+            "folder"
+        )
+    if stale:
+        shutil.rmtree(folder)
+    return not stale
+
+
 def arm_rows(
-    data: str | Path, folder: Path, cfg: FinetuneConfig, progress: bool = False, redo_stale: bool = False
+    data: str | Path,
+    folder: Path,
+    cfg: FinetuneConfig,
+    progress: bool = False,
+    redo_stale: bool = False,
+    threads: int | None = None,
 ) -> list[dict[str, Any]]:
     """The held-out per-case rows of one arm and seed.
 
     A finished fine-tuning run in ``folder`` is reused (an interrupted study resumes) when its settings are
-    ``cfg``'s; one made with other settings is refused, or with ``redo_stale`` removed and trained again."""
+    ``cfg``'s; one made with other settings is refused, or with ``redo_stale`` removed and trained again.
+    ``threads``: the CPU threads its run was made on by :func:`train_runs` (default: this process's, which
+    trains a missing run here)."""
     if cfg.source == "constant":
         return constant_rows(Store(data), cfg)
-    if (folder / "summary.json").is_file():
-        stale = stale_settings(folder, cfg)
-        if stale and not redo_stale:
-            raise ConfigError(
-                f"{folder} holds a finished run with other settings ({', '.join(stale)}"
-                f"{'; code: made by other neurofm code' if 'code' in stale else ''}"
-                f"{_threads_hint(folder) if 'threads' in stale else ''}): remove it, or choose another output folder"
-            )
-        if stale:
-            shutil.rmtree(folder)
-    if not (folder / "summary.json").is_file():
-        finetune(data, folder, cfg, progress=progress)
+    if not _clear_stale(folder, cfg, redo_stale, threads):
+        with cpu_threads(threads):
+            finetune(data, folder, cfg, progress=progress)
     return read_predictions(folder / "predictions.csv")
+
+
+@contextmanager
+def cpu_threads(n: int | None) -> Iterator[None]:
+    """PyTorch's CPU threads and the BLAS and OpenMP pools' at ``n`` inside (None: as they are)."""
+    if not n:
+        yield
+        return
+    from threadpoolctl import threadpool_limits
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        with threadpool_limits(n):
+            yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def _run_cost(cfg: FinetuneConfig) -> float:
+    """A rough relative cost of a fine-tuning run, to start the longest first: crops trained (a segmentation crop
+    about 1.5 a classification or regression one's, with its decoder and whole-scan evaluation); closed-form
+    probes none."""
+    if cfg.mode == "linear" and cfg.linear_fit in ("closed", "zero-shot"):
+        return 0.0
+    return cfg.steps * cfg.batch_size * (1.5 if cfg.task == "seg" else 1.0)
+
+
+def _start_worker(threads: int) -> None:
+    os.environ["OMP_NUM_THREADS"] = str(threads)  # for anything started from the worker
+    torch.set_num_threads(threads)
+    from threadpoolctl import threadpool_limits
+
+    threadpool_limits(threads)  # NumPy's BLAS too: kept for the worker's life
+
+
+def _train_in_worker(data: str, folder: Path, cfg: FinetuneConfig) -> float:
+    t = time.time()
+    finetune(data, folder, cfg, progress=False)
+    return time.time() - t
+
+
+def train_runs(
+    data: str | Path,
+    runs: list[tuple[Path, FinetuneConfig]],
+    jobs: int = 1,
+    threads: int | None = None,
+    redo_stale: bool = False,
+    progress: bool = False,
+    log: Callable[[str], None] | None = None,
+) -> int:
+    """Train the runs (folder, settings; :func:`study_runs`) that are not finished yet, ``jobs`` at a time, each on
+    ``threads`` CPU threads (None: this process's); returns how many were trained.
+
+    A finished run is kept when its settings, code and threads match (:func:`arm_rows`: with ``redo_stale`` one that
+    does not is trained again, else refused). With ``jobs`` > 1 each run trains in a worker process of its own
+    (spawned, so nothing of this process's threads or state is shared), the longest first; a run trained so gives
+    the same numbers as one trained here on the same threads, since a run's result depends on its settings, code,
+    threads and processor only. A run that fails does not stop the others: the failures are raised together at the
+    end, each with its folder, and the runs that finished are kept (a rerun trains only the failed ones). ``log``
+    gets a line per run trained."""
+    if jobs > 1 and not threads:
+        threads = max(1, torch.get_num_threads() // jobs)
+    todo = [
+        (Path(f), c) for f, c in runs if c.source != "constant" and not _clear_stale(Path(f), c, redo_stale, threads)
+    ]
+    todo.sort(key=lambda r: -_run_cost(r[1]))
+    say = log or (lambda _: None)
+    if jobs <= 1 or len(todo) <= 1:
+        for i, (folder, cfg) in enumerate(todo):
+            t = time.time()
+            with cpu_threads(threads):
+                finetune(data, folder, cfg, progress=progress)
+            say(f"[{i + 1}/{len(todo)}] {folder.name} ({time.time() - t:.0f} s)")
+        return len(todo)
+    failed: list[str] = []
+    pool = ProcessPoolExecutor(
+        max_workers=min(jobs, len(todo)),
+        mp_context=multiprocessing.get_context("spawn"),
+        initializer=_start_worker,
+        initargs=(threads,),
+    )
+    with pool:
+        futures = {pool.submit(_train_in_worker, str(data), f, c): f for f, c in todo}
+        for i, fut in enumerate(as_completed(futures)):
+            folder = futures[fut]
+            try:
+                say(f"[{i + 1}/{len(todo)}] {folder.name} ({fut.result():.0f} s)")
+            except Exception as e:  # noqa: BLE001 - every failure is reported with its run below
+                why = f"{type(e).__name__}: {e}"
+                if isinstance(e, BrokenProcessPool):  # not the run's own error: its process was killed
+                    why = "its worker process ended abruptly (killed, for instance for memory; try fewer --jobs)"
+                failed.append(f"{folder}: {why}")
+                say(f"[{i + 1}/{len(todo)}] {folder.name} FAILED: {why}")
+    if failed:
+        raise NeurofmError(
+            f"{len(failed)} of {len(todo)} fine-tuning runs failed (the others finished and are kept):\n  "
+            + "\n  ".join(failed)
+        )
+    return len(todo)
 
 
 def arm_seed_rows(
@@ -158,6 +285,7 @@ def arm_seed_rows(
     label: str,
     progress: bool = False,
     redo_stale: bool = False,
+    threads: int | None = None,
 ) -> list[list[dict[str, Any]]]:
     """One arm on seeds ``base.seed .. base.seed + seeds - 1``: each seed's per-case rows (:func:`arm_rows`).
 
@@ -166,11 +294,24 @@ def arm_seed_rows(
     """
     runs = []
     for seed in range(seeds):
-        cfg = replace(base, **{**arm.settings, "source": arm.source, "mode": arm.mode or "full"})
-        cfg = replace(cfg, seed=base.seed + seed, bootstrap=50)
-        folder = Path(out) / f"{label}-{arm.name.replace(' ', '-')}-seed{cfg.seed}"
-        runs.append(arm_rows(data, folder, cfg, progress, redo_stale))
+        folder, cfg = seed_run(out, base, arm, seed, label)
+        runs.append(arm_rows(data, folder, cfg, progress, redo_stale, threads))
     return runs
+
+
+def seed_run(out: str | Path, base: FinetuneConfig, arm: Arm, seed: int, label: str) -> tuple[Path, FinetuneConfig]:
+    """The folder and settings of ``arm``'s run on seed ``base.seed + seed`` (see :func:`arm_seed_rows`)."""
+    cfg = replace(base, **{**arm.settings, "source": arm.source, "mode": arm.mode or "full"})
+    cfg = replace(cfg, seed=base.seed + seed, bootstrap=50)
+    return Path(out) / f"{label}-{arm.name.replace(' ', '-')}-seed{cfg.seed}", cfg
+
+
+def study_runs(
+    out: str | Path, base: FinetuneConfig, arms: list[Arm], seeds: int, label: str
+) -> list[tuple[Path, FinetuneConfig]]:
+    """The fine-tuning runs (folder, settings) of :func:`paired_study` with these arguments: every arm but the
+    constant predictor, on every seed."""
+    return [seed_run(out, base, arm, s, label) for arm in arms if arm.source != "constant" for s in range(seeds)]
 
 
 def paired_study(
@@ -184,14 +325,18 @@ def paired_study(
     x: Any = None,
     progress: bool = False,
     redo_stale: bool = False,
+    threads: int | None = None,
 ) -> list[dict[str, Any]]:
     """Every arm on seeds ``base.seed .. base.seed + seeds - 1``; one result row per arm (see module docstring).
 
     Scratch and pretrained arms share ``base.arch`` as their architecture; pass the pretrained run
     folder there to compare the same network with and without pretraining. Finished runs in ``out`` are
-    reused when their settings match (:func:`arm_rows`; ``redo_stale`` retrains those that do not).
+    reused when their settings match (:func:`arm_rows`; ``redo_stale`` retrains those that do not). ``threads``:
+    the runs were trained beforehand on that many CPU threads each (:func:`study_runs`, :func:`train_runs`).
     """
-    per_arm = {arm.name: arm_seed_rows(data, out, base, arm, seeds, label, progress, redo_stale) for arm in arms}
+    per_arm = {
+        arm.name: arm_seed_rows(data, out, base, arm, seeds, label, progress, redo_stale, threads) for arm in arms
+    }
     ref = per_arm.get(reference)
     rows = []
     for arm in arms:
