@@ -736,7 +736,7 @@ def demo(
         ),
     ] = 0,
 ) -> None:
-    """The embedded default end to end, offline, on a CPU (7-15 min on 2 cores with AVX-512, about 28 with AVX2):
+    """The embedded default end to end, offline, on a CPU (7-15 min on 2 cores with AVX-512, about 25 with AVX2):
     synth -> prepare -> the shipped pretrained models -> fine-tune (pretrained, scratch, two floors; paired over
     seeds) -> analyze -> HTML report."""
     from neurofm.demo import parse_per_task, parse_shots, run_demo, set_lp_ft, set_scratch_steps

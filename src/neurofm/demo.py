@@ -1,5 +1,5 @@
 """``neurofm demo``: the embedded default end to end, offline, on a 2-core CPU in 7-15 minutes (AVX-512 kernels; about
-28 with AVX2 kernels, README).
+25 with AVX2 kernels, README).
 
 1. synth — synthetic subjects on the real ICBM 2009c / CerebrA anatomy (2 mm, 3 sites);
 2. prepare — RAS, 4 mm (so a 32³ crop holds most of a brain), crop, z-score, blosc2 store;
@@ -124,9 +124,9 @@ class DemoConfig:
     seed: int = 0
     # fine-tuning runs trained at once, each in a worker process on this process's CPU threads / jobs (1: one after
     # another here, on all of them). 0: auto, one single-threaded run per CPU thread (torch.get_num_threads(); at
-    # most one per 2 GiB of memory) on a CPU, one at a time on a GPU. A 32^3 run of the tiny models does not keep two
-    # threads busy: two single-threaded runs at once trained 1.36x the steps per second of one on two threads (2
-    # AVX2 cores, benchmarks/bench_parallel_runs.py)
+    # most one per 2 GiB of memory) on a CPU, one at a time on a GPU. A run of the tiny models does not keep two threads
+    # busy: on 2 AVX2 cores the demo's fine-tuning took 21.5 min as two single-threaded runs at once against 28.3 one
+    # after another on two threads (1.32x; a training step alone 0.99-1.32x, benchmarks/bench_parallel_runs.py)
     jobs: int = 0
 
 
