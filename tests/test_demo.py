@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import pytest
 import torch
@@ -10,11 +11,12 @@ from neurofm.errors import ConfigError
 
 @pytest.mark.slow
 def test_demo_end_to_end_tiny(tmp_path, run_cli):
+    from neurofm.demo import run_jobs
+
     # --pretrain-steps > 0: the demo's "from nothing" path (a separate pool, pretrained here); through the CLI
     args = ["demo", "--out", tmp_path / "demo", "--subjects", "6", "--sessions", "1", "--pretrain-steps", "4"]
     args += ["--pool-subjects", "3"]
     args += ["--finetune-steps", "2", "--shots", "seg=2,cls=3,reg=3", "--seeds", "2"]
-    args += ["--jobs", "2"]  # the fine-tuning runs two at once, in worker processes
     code, _, said = run_cli(*args)
     assert code == 0, said
     page = tmp_path / "demo" / "report.html"
@@ -36,10 +38,10 @@ def test_demo_end_to_end_tiny(tmp_path, run_cli):
     demo = {p.name for p in (tmp_path / "demo" / "bids").glob("sub-*")}
     assert len(pool) == 3 and len(demo) == 6 and not pool & demo
     summary = json.loads((tmp_path / "demo" / "demo.json").read_text())
-    each = max(1, torch.get_num_threads() // 2)
-    assert summary["threads"] == each and summary["jobs"] == 2  # the values repeat at this count
-    assert f"Each run trained on {each} CPU thread(s) of " in html and ", 2 runs at once" in html
-    assert "fine-tuning runs 2 at once" in said and "] seg-lesion-scratch-seed1 (" in said
+    jobs, each = run_jobs(0)  # auto: one single-threaded run per thread (1 in the suite's 1-thread workers)
+    each = each or torch.get_num_threads()
+    assert summary["threads"] == each and summary["jobs"] == jobs  # the values repeat at this count
+    assert f"Each run trained on {each} CPU thread(s) of " in html
     runs = list((tmp_path / "demo" / "finetune").glob("*/run.json"))
     assert len(runs) >= 16 and {json.loads(r.read_text())["threads"] for r in runs} == {each}
     assert summary["machine"]["cpu_capability"] == torch.backends.cpu.get_cpu_capability()
@@ -63,8 +65,7 @@ def test_demo_end_to_end_tiny(tmp_path, run_cli):
     made.update({p: p.stat().st_mtime_ns for p in runs})
     code, _, said = run_cli(*args)
     assert code == 0 and said.rstrip().endswith(str(page.resolve()))
-    assert len(made) == 2 + len(runs) and all(p.stat().st_mtime_ns == t for p, t in made.items())
-    assert "fine-tuning runs 2 at once" in said and "] seg-lesion" not in said  # nothing trained again
+    assert len(made) == 2 + len(runs) and all(p.stat().st_mtime_ns == t for p, t in made.items())  # none again
 
 
 def test_demo_shots_are_parsed_per_task_and_bad_ones_refused(tmp_path, run_cli):
@@ -295,5 +296,37 @@ def test_demo_jobs_share_out_the_threads_and_auto_runs_one_single_threaded_run_p
     assert run_jobs(0) == (1, None)  # one at a time on a GPU
     with pytest.raises(ConfigError, match="jobs should be 0"):
         run_jobs(-1)
-    code, _, said = run_cli("demo", "--jobs", "-1")
-    assert code == 2 and "--jobs" in said
+
+
+def test_demo_jobs_reach_the_demo_and_its_runs_train_in_one_pool_on_the_threads_the_study_reads(
+    tmp_path, run_cli, monkeypatch
+):
+    from neurofm import demo
+    from neurofm.analyze import experiments
+
+    seen = []
+    monkeypatch.setattr(demo, "run_demo", lambda out, cfg: seen.append(cfg))
+    assert run_cli("demo", "--out", tmp_path / "d", "--jobs", "3")[0] == 0 and seen[-1].jobs == 3
+    assert run_cli("demo", "--out", tmp_path / "d")[0] == 0 and seen[-1].jobs == 0  # auto
+    monkeypatch.undo()
+    code, _, err = run_cli("demo", "--out", tmp_path / "d", "--jobs", "-1")
+    assert code == 2 and "--jobs should be 0 (auto) or more" in err and "Traceback" not in err
+    assert not (tmp_path / "d").exists()  # refused before anything is written
+    # the demo's fine-tuning: every task's runs in one pool, then each task's study reads them on those threads
+    pooled, studied = [], []
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 4)
+    monkeypatch.setattr(experiments, "train_runs", lambda *a, **k: pooled.append((a, k)))
+    monkeypatch.setattr(experiments, "paired_study", lambda *a, **k: studied.append(k["threads"]) or [])
+    cfg = demo.DemoConfig(jobs=2, seeds=2)
+    demo.finetune_rows(cfg, demo.DEFAULT_MODELS, tmp_path / "store", tmp_path / "ft", progress=False)
+    (store, runs, jobs, threads), kw = pooled[0]
+    assert len(pooled) == 1 and (jobs, threads) == (2, 2) and kw["redo_stale"] and studied == [2, 2, 2]
+    names = sorted(f.name for f, _ in runs)
+    assert names[0] == "cls-healthy-pretrained-linear-seed0" and "reg-age-scratch-seed1" in names
+    arms = sum(
+        len([a for a in demo.demo_arms(cfg, m, t) if a.source != "constant"]) for t, m in demo.DEFAULT_MODELS.items()
+    )
+    assert len(runs) == 2 * arms and {c.seed for _, c in runs} == {0, 1}  # no constant: it trains nothing
+    studied.clear()
+    demo.finetune_rows(replace(cfg, jobs=1), demo.DEFAULT_MODELS, tmp_path / "store", tmp_path / "ft", progress=False)
+    assert len(pooled) == 1 and studied == [None, None, None]  # --jobs 1: each study trains its own runs here

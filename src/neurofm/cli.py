@@ -732,7 +732,6 @@ def demo(
             help="Fine-tuning runs trained at once, each in a worker process on the CPU threads / jobs (1: one after "
             "another, on every thread). 0: one single-threaded run per CPU thread (one at a time on a GPU). The runs' "
             "numbers move with their threads at float rounding, so a finished run made otherwise is trained again.",
-            min=0,
         ),
     ] = 0,
 ) -> None:

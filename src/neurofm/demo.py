@@ -135,6 +135,7 @@ def _check(cfg: DemoConfig) -> None:
     from neurofm.errors import ConfigError
     from neurofm.io.checkpoint import resolve_checkpoint
 
+    run_jobs(cfg.jobs)  # a negative --jobs
     need = max(cfg.shots.values()) + 2
     if cfg.subjects < need:
         shots = ", ".join(f"{t} {n}" for t, n in cfg.shots.items())
@@ -548,7 +549,7 @@ def run_jobs(jobs: int) -> tuple[int, int | None]:
     from neurofm.errors import ConfigError
 
     if jobs < 0:
-        raise ConfigError(f"jobs should be 0 (auto) or more, got {jobs}")
+        raise ConfigError(f"--jobs should be 0 (auto) or more, got {jobs}")
     total = torch.get_num_threads()
     if jobs == 0:
         if torch.cuda.is_available():
