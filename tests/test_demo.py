@@ -126,13 +126,13 @@ def test_demo_fine_tunes_each_task_from_its_own_model(tmp_path, run_cli):
     from neurofm.demo import DEFAULT_MODELS
 
     out = tmp_path / "demo"
-    args = ["demo", "--out", out, "--subjects", "6", "--sessions", "1", "--finetune-steps", "2", "--seeds", "2"]
+    args = ["demo", "--out", out, "--subjects", "6", "--sessions", "1", "--finetune-steps", "2", "--seeds", "1"]
     args += ["--shots", "seg=2,cls=3,reg=3", "--scratch-steps", "reg=3"]
     code, _, said = run_cli(*args)
     assert code == 0, said
     for arm, steps in (("scratch", 3), ("pretrained-lp-ft", 2), ("pretrained-linear", 2)):  # scratch's own budget
-        assert json.loads((out / "finetune" / f"reg-age-{arm}-seed1" / "run.json").read_text())["steps"] == steps
-    assert json.loads((out / "finetune" / "cls-healthy-scratch-seed1" / "run.json").read_text())["steps"] == 2
+        assert json.loads((out / "finetune" / f"reg-age-{arm}-seed0" / "run.json").read_text())["steps"] == steps
+    assert json.loads((out / "finetune" / "cls-healthy-scratch-seed0" / "run.json").read_text())["steps"] == 2
     # health's probes read the health model through its pretext's classifier, on tiles; scratch trains as always
     for arm, features, windows in (
         ("pretrained-linear", "pretext-logit", "tiles"),
@@ -140,9 +140,9 @@ def test_demo_fine_tunes_each_task_from_its_own_model(tmp_path, run_cli):
         ("random-linear", "pretext-logit", "tiles"),
         ("scratch", "all", "whole"),
     ):
-        ran = json.loads((out / "finetune" / f"cls-healthy-{arm}-seed1" / "run.json").read_text())
+        ran = json.loads((out / "finetune" / f"cls-healthy-{arm}-seed0" / "run.json").read_text())
         assert (ran["probe_features"], ran["probe_windows"]) == (features, windows), arm
-    zero = json.loads((out / "finetune" / "cls-healthy-pretrained-zero-shot-seed1" / "summary.json").read_text())
+    zero = json.loads((out / "finetune" / "cls-healthy-pretrained-zero-shot-seed0" / "summary.json").read_text())
     assert zero["splits"][0]["probe"]["labelled_cases_read"] == 0 and zero["splits"][0]["probe"]["class_map"] == {
         "0": 1,
         "1": 0,
